@@ -1,0 +1,151 @@
+//! Local trading days: which day a UTC instant belongs to, and when that day ends.
+//!
+//! Day `d` (a calendar date) ends at the local wall time `(d + 1) 00:00 − shift`,
+//! where `shift = (24 h − rollover) mod 24 h`; so with a 17:00 rollover Sunday 17:00
+//! opens Monday's day. The end is the first UTC instant whose local wall time is at
+//! or after that time (the end of a DST gap, the first instant of a DST fold), which
+//! keeps days monotone in time.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
+use chrono_tz::Tz;
+
+/// Days from 0001-01-01 (chrono's CE day 1) to 1970-01-01.
+const UNIX_EPOCH_CE_DAYS: i32 = 719_163;
+
+/// Maps instants to local trading days for one time zone and rollover.
+#[derive(Clone, Copy, Debug)]
+pub struct DayClock {
+    tz: Tz,
+    shift_minutes: i64,
+}
+
+impl DayClock {
+    /// A clock for an IANA zone name and a rollover in minutes after local midnight.
+    ///
+    /// # Panics
+    /// If `timezone` is not a zone name; rule sets are validated before this.
+    #[must_use]
+    pub fn new(timezone: &str, rollover_minutes: u16) -> Self {
+        let tz = Tz::from_str(timezone).expect("time zone validated with the rule set");
+        Self {
+            tz,
+            shift_minutes: (1440 - i64::from(rollover_minutes)) % 1440,
+        }
+    }
+
+    /// The day (days since 1970-01-01) of the instant `ts_us` (UTC microseconds) and
+    /// the UTC instant at which that day ends.
+    #[must_use]
+    pub fn locate(&self, ts_us: i64) -> (i32, i64) {
+        let utc = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
+        let local = utc.with_timezone(&self.tz).naive_local();
+        let shifted = local + Duration::minutes(self.shift_minutes);
+        let mut day = shifted.date().num_days_from_ce() - UNIX_EPOCH_CE_DAYS;
+        // The wall-clock guess is off by one at most in a DST fold or gap.
+        loop {
+            let end = self.day_end(day);
+            if ts_us >= end {
+                day += 1;
+            } else if ts_us < self.day_end(day - 1) {
+                day -= 1;
+            } else {
+                return (day, end);
+            }
+        }
+    }
+
+    /// The UTC instant (microseconds) at which day `day` ends.
+    #[must_use]
+    pub fn day_end(&self, day: i32) -> i64 {
+        let date =
+            NaiveDate::from_num_days_from_ce_opt(day + 1 + UNIX_EPOCH_CE_DAYS).unwrap_or_default();
+        let wall =
+            date.and_hms_opt(0, 0, 0).unwrap_or_default() - Duration::minutes(self.shift_minutes);
+        self.first_instant_at_or_after(wall)
+    }
+
+    fn first_instant_at_or_after(&self, wall: NaiveDateTime) -> i64 {
+        match self.tz.from_local_datetime(&wall) {
+            LocalResult::Single(t) => t.timestamp_micros(),
+            LocalResult::Ambiguous(a, b) => a.timestamp_micros().min(b.timestamp_micros()),
+            LocalResult::None => {
+                // Inside a DST gap: the first valid wall minute after it is the
+                // transition instant itself.
+                for minutes in 1..=2 * 1440 {
+                    match self
+                        .tz
+                        .from_local_datetime(&(wall + Duration::minutes(minutes)))
+                    {
+                        LocalResult::Single(t) => return t.timestamp_micros(),
+                        LocalResult::Ambiguous(a, b) => {
+                            return a.timestamp_micros().min(b.timestamp_micros())
+                        }
+                        LocalResult::None => {}
+                    }
+                }
+                wall.and_utc().timestamp_micros()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
+    }
+
+    fn day(s: &str) -> i32 {
+        NaiveDate::from_str(s).unwrap().num_days_from_ce() - UNIX_EPOCH_CE_DAYS
+    }
+
+    #[test]
+    fn utc_midnight_days() {
+        let c = DayClock::new("UTC", 0);
+        assert_eq!(
+            c.locate(us("2026-01-05T23:59:59Z")),
+            (day("2026-01-05"), us("2026-01-06T00:00:00Z"))
+        );
+        assert_eq!(c.locate(us("2026-01-06T00:00:00Z")).0, day("2026-01-06"));
+    }
+
+    #[test]
+    fn rollover_names_the_day_it_ends_on() {
+        // 17:00 New York: Sunday 17:00 opens Monday's day.
+        let c = DayClock::new("America/New_York", 17 * 60);
+        assert_eq!(c.locate(us("2026-01-04T22:00:00Z")).0, day("2026-01-05")); // Sun 17:00 EST
+        assert_eq!(c.locate(us("2026-01-04T21:59:59Z")).0, day("2026-01-04"));
+        assert_eq!(c.locate(us("2026-01-05T21:59:59Z")).0, day("2026-01-05")); // Mon 16:59:59
+    }
+
+    #[test]
+    fn dst_spring_forward_gap_rollover() {
+        // Europe/Prague jumps 02:00 → 03:00 on 2026-03-29; a 02:30 rollover falls in
+        // the gap, so the day ends at the transition, 01:00 UTC.
+        let c = DayClock::new("Europe/Prague", 150);
+        assert_eq!(c.day_end(day("2026-03-29")), us("2026-03-29T01:00:00Z"));
+    }
+
+    #[test]
+    fn dst_fold_rollover_is_monotone() {
+        // 2026-10-25 Prague: 03:00 CEST → 02:00 CET; 02:30 happens twice, the first
+        // (00:30 UTC) ends the day and the second stays in the new day.
+        let c = DayClock::new("Europe/Prague", 150);
+        assert_eq!(c.day_end(day("2026-10-25")), us("2026-10-25T00:30:00Z"));
+        assert_eq!(c.locate(us("2026-10-25T01:10:00Z")).0, day("2026-10-26"));
+        assert_eq!(c.locate(us("2026-10-25T00:29:59Z")).0, day("2026-10-25"));
+    }
+
+    #[test]
+    fn midnight_days_across_dst() {
+        let c = DayClock::new("Europe/Prague", 0);
+        assert_eq!(
+            c.locate(us("2026-03-28T23:00:00Z")),
+            (day("2026-03-29"), us("2026-03-29T22:00:00Z"))
+        );
+    }
+}

@@ -1,0 +1,768 @@
+//! The evaluator: per-phase state in a dense `Vec`, ticks judged in batches.
+
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RuleError, RuleResult};
+use crate::rules::calendar::DayClock;
+use crate::rules::config::{
+    DailyLossAction, DailyLossBase, DailyReference, RuleSet, TotalLossMode,
+};
+use crate::rules::output::{BatchOutput, BreachRow, DailyRow, TransitionRow};
+
+/// Round to the cent, half to even, in binary64 (`rules.md`, definitions).
+#[inline]
+#[must_use]
+pub fn cent(x: f64) -> f64 {
+    (x * 100.0).round_ties_even() / 100.0
+}
+
+/// A phase's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Being judged.
+    Active,
+    /// Reached its target with every condition met.
+    Passed,
+    /// Broke a critical rule.
+    Failed,
+}
+
+impl Status {
+    /// The status name used in every output.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Passed => "passed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The rules a breach can be of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rule {
+    /// `max_days` exceeded.
+    TimeLimit,
+    /// Equity below the overall floor.
+    MaxLoss,
+    /// Equity below the daily floor.
+    DailyLoss,
+    /// Overall loss at or past the warning level.
+    MaxLossWarning,
+    /// Daily loss at or past the warning level.
+    DailyLossWarning,
+}
+
+impl Rule {
+    /// The rule name used in every output.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TimeLimit => "time_limit",
+            Self::MaxLoss => "max_loss",
+            Self::DailyLoss => "daily_loss",
+            Self::MaxLossWarning => "max_loss_warning",
+            Self::DailyLossWarning => "daily_loss_warning",
+        }
+    }
+
+    /// `critical` or `warning`.
+    #[must_use]
+    pub fn severity(self) -> &'static str {
+        match self {
+            Self::MaxLossWarning | Self::DailyLossWarning => "warning",
+            _ => "critical",
+        }
+    }
+}
+
+/// What a breach did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// The phase failed.
+    PhaseFailed,
+    /// The day is locked; the phase goes on.
+    TradingPaused,
+    /// Only a notification.
+    Notify,
+}
+
+impl Action {
+    /// The action name used in every output.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PhaseFailed => "phase_failed",
+            Self::TradingPaused => "trading_paused",
+            Self::Notify => "notify",
+        }
+    }
+}
+
+/// Identity of a registered phase.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSpec {
+    /// Trading account login.
+    pub account_id: i64,
+    /// The challenge the phase belongs to.
+    pub challenge_id: String,
+    /// Position of the phase in its program.
+    pub phase_index: i32,
+    /// Phase start, UTC microseconds; earlier ticks are late.
+    pub started_at_us: i64,
+    /// The phase's rules.
+    pub rules: RuleSet,
+}
+
+/// A warning that has fired and is not yet resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpenWarning {
+    seq: u32,
+    threshold: f64,
+    actual: f64,
+    ts: i64,
+}
+
+/// Mutable per-phase state: everything a restart needs to continue exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhaseState {
+    /// Current status.
+    pub status: Status,
+    /// When the phase passed or failed.
+    pub status_ts: Option<i64>,
+    /// Ticks evaluated.
+    pub ticks: u64,
+    /// Late ticks and ticks before the phase start.
+    pub late_ticks: u64,
+    last_ts: i64,
+    /// Last evaluated equity.
+    pub equity: f64,
+    /// Last evaluated balance.
+    pub balance: f64,
+    /// Current local day (days since 1970-01-01).
+    pub day: i32,
+    next_boundary: i64,
+    /// The current day's snapshot equity.
+    pub daily_start_equity: f64,
+    /// The current day's snapshot balance.
+    pub daily_start_balance: f64,
+    day_min_equity: f64,
+    day_counted: bool,
+    day_paused: bool,
+    daily_warning_fired: bool,
+    day_dirty: bool,
+    /// High-water mark.
+    pub hwm: f64,
+    /// Trading days so far.
+    pub trading_days: u32,
+    best_closed_day: f64,
+    breach_seq: u32,
+    max_warning: Option<OpenWarning>,
+    daily_warning: Option<OpenWarning>,
+}
+
+impl OpenWarning {
+    pub(crate) fn parts(&self) -> (u32, f64, f64, i64) {
+        (self.seq, self.threshold, self.actual, self.ts)
+    }
+}
+
+impl PhaseState {
+    /// Lowest evaluated equity of the current day.
+    #[must_use]
+    pub fn day_min_equity(&self) -> f64 {
+        self.day_min_equity
+    }
+
+    /// Timestamp of the last evaluated tick.
+    #[must_use]
+    pub fn last_ts(&self) -> i64 {
+        self.last_ts
+    }
+
+    /// Whether the daily rule rests for the rest of the current day.
+    #[must_use]
+    pub fn day_paused(&self) -> bool {
+        self.day_paused
+    }
+
+    fn new(initial_balance: f64) -> Self {
+        Self {
+            status: Status::Active,
+            status_ts: None,
+            ticks: 0,
+            late_ticks: 0,
+            last_ts: i64::MIN,
+            equity: f64::NAN,
+            balance: f64::NAN,
+            day: 0,
+            next_boundary: i64::MIN,
+            daily_start_equity: f64::NAN,
+            daily_start_balance: f64::NAN,
+            day_min_equity: f64::NAN,
+            day_counted: false,
+            day_paused: false,
+            daily_warning_fired: false,
+            day_dirty: false,
+            hwm: initial_balance,
+            trading_days: 0,
+            best_closed_day: f64::NEG_INFINITY,
+            breach_seq: 0,
+            max_warning: None,
+            daily_warning: None,
+        }
+    }
+
+    /// Whether any tick has been evaluated.
+    #[must_use]
+    pub fn has_ticks(&self) -> bool {
+        self.ticks > 0
+    }
+}
+
+/// Values derived once from the rules at registration.
+#[derive(Clone, Debug)]
+struct Derived {
+    clock: DayClock,
+    target: Option<f64>,
+    overall_limit: Option<f64>,
+    deadline: Option<i64>,
+}
+
+impl Derived {
+    fn new(spec: &PhaseSpec) -> Self {
+        let r = &spec.rules;
+        Self {
+            clock: DayClock::new(&r.timezone, r.day_rollover_minutes),
+            target: r.profit_target.map(|p| cent(r.initial_balance * (1.0 + p))),
+            overall_limit: r.max_total_loss.map(|m| m * r.initial_balance),
+            deadline: r.max_days.map(|d| {
+                spec.started_at_us
+                    .saturating_add(i64::from(d) * 86_400_000_000)
+            }),
+        }
+    }
+}
+
+/// One registered phase.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    /// Who and what is judged.
+    pub spec: PhaseSpec,
+    /// Where the judging stands.
+    pub state: PhaseState,
+    derived: Derived,
+    touched_epoch: u64,
+}
+
+/// Levels of the current tick, shared by the rules and the metrics.
+pub struct Levels {
+    /// Daily reference `D`.
+    pub daily_reference: f64,
+    /// Daily limit `L_d`, when the daily rule is set.
+    pub daily_limit: Option<f64>,
+    /// Overall reference `R_m`.
+    pub overall_reference: f64,
+    /// Overall limit `L_m`, when the overall rule is set.
+    pub overall_limit: Option<f64>,
+}
+
+impl Phase {
+    fn new(spec: PhaseSpec, state: PhaseState) -> Self {
+        let derived = Derived::new(&spec);
+        Self {
+            spec,
+            state,
+            derived,
+            touched_epoch: 0,
+        }
+    }
+
+    /// The target level `T`, rounded to the cent.
+    #[must_use]
+    pub fn target(&self) -> Option<f64> {
+        self.derived.target
+    }
+
+    /// The levels of the current state.
+    #[must_use]
+    pub fn levels(&self) -> Levels {
+        let r = &self.spec.rules;
+        let s = &self.state;
+        let d = match r.daily_reference {
+            DailyReference::DayStartEquity => s.daily_start_equity,
+            DailyReference::DayStartBalance => s.daily_start_balance,
+            DailyReference::DayStartMax => s.daily_start_equity.max(s.daily_start_balance),
+        };
+        let daily_limit = r.max_daily_loss.map(|m| {
+            m * match r.daily_loss_base {
+                DailyLossBase::InitialBalance => r.initial_balance,
+                DailyLossBase::DayStart => d,
+            }
+        });
+        let overall_limit = self.derived.overall_limit;
+        let overall_reference = match (r.total_loss_mode, overall_limit) {
+            (TotalLossMode::Static, _) | (_, None) => r.initial_balance,
+            (_, Some(lm)) => s.hwm.min(r.initial_balance + lm),
+        };
+        Levels {
+            daily_reference: d,
+            daily_limit,
+            overall_reference,
+            overall_limit,
+        }
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.state.breach_seq += 1;
+        self.state.breach_seq
+    }
+
+    /// Judge one tick that passed the skip checks (`rules.md` steps 2 to 5).
+    fn evaluate(&mut self, slot: u32, ts: i64, equity: f64, balance: f64, out: &mut BatchOutput) {
+        let rules = &self.spec.rules;
+        let initial_balance = rules.initial_balance;
+        let st = &mut self.state;
+        let previous_balance = if st.ticks == 0 {
+            initial_balance
+        } else {
+            st.balance
+        };
+
+        // Step 2: day boundary.
+        if st.ticks == 0 || ts >= st.next_boundary {
+            let (day, end) = self.derived.clock.locate(ts);
+            if st.ticks > 0 {
+                if st.day_dirty {
+                    out.daily.push(DailyRow::of(slot, st.day, st));
+                }
+                st.best_closed_day = st.best_closed_day.max(st.equity - st.daily_start_equity);
+                if rules.total_loss_mode == TotalLossMode::TrailingEod {
+                    st.hwm = st.hwm.max(st.equity);
+                }
+            }
+            st.day = day;
+            st.next_boundary = end;
+            st.daily_start_equity = equity;
+            st.daily_start_balance = balance;
+            st.day_min_equity = equity;
+            st.day_counted = false;
+            st.day_paused = false;
+            st.daily_warning_fired = false;
+        }
+        if rules.total_loss_mode == TotalLossMode::Trailing {
+            st.hwm = st.hwm.max(equity);
+        }
+        if !st.day_counted && (balance != previous_balance || equity != balance) {
+            st.day_counted = true;
+            st.trading_days += 1;
+        }
+        st.ticks += 1;
+        st.last_ts = ts;
+        st.equity = equity;
+        st.balance = balance;
+        st.day_min_equity = st.day_min_equity.min(equity);
+        st.day_dirty = true;
+
+        // Step 3: critical rules.
+        let lv = self.levels();
+        let rules = &self.spec.rules;
+        let mut critical: [(Rule, f64, f64); 3] = [(Rule::TimeLimit, 0.0, 0.0); 3];
+        let mut n = 0;
+        if let Some(deadline) = self.derived.deadline {
+            if ts > deadline {
+                let days = (ts - self.spec.started_at_us) as f64 / 86_400_000_000.0;
+                critical[n] = (
+                    Rule::TimeLimit,
+                    f64::from(rules.max_days.unwrap_or(0)),
+                    days,
+                );
+                n += 1;
+            }
+        }
+        if let Some(lm) = lv.overall_limit {
+            if equity < cent(lv.overall_reference - lm) {
+                critical[n] = (Rule::MaxLoss, lm, lv.overall_reference - equity);
+                n += 1;
+            }
+        }
+        if let Some(ld) = lv.daily_limit {
+            if !self.state.day_paused && equity < cent(lv.daily_reference - ld) {
+                critical[n] = (Rule::DailyLoss, ld, lv.daily_reference - equity);
+                n += 1;
+            }
+        }
+        let mut paused_now = false;
+        if n > 0 {
+            if n == 1
+                && critical[0].0 == Rule::DailyLoss
+                && rules.daily_loss_action == DailyLossAction::Pause
+            {
+                let (rule, threshold, actual) = critical[0];
+                let seq = self.next_seq();
+                out.breaches.push(BreachRow::new(
+                    slot,
+                    seq,
+                    rule,
+                    threshold,
+                    actual,
+                    Action::TradingPaused,
+                    ts,
+                ));
+                self.state.day_paused = true;
+                paused_now = true;
+            } else {
+                for &(rule, threshold, actual) in &critical[..n] {
+                    let seq = self.next_seq();
+                    out.breaches.push(BreachRow::new(
+                        slot,
+                        seq,
+                        rule,
+                        threshold,
+                        actual,
+                        Action::PhaseFailed,
+                        ts,
+                    ));
+                }
+                self.state.status = Status::Failed;
+                self.state.status_ts = Some(ts);
+                out.transitions.push(TransitionRow {
+                    slot,
+                    status: Status::Failed,
+                    ts,
+                });
+                return;
+            }
+        }
+
+        // Step 4: warnings.
+        if let (Some(wl), false) = (self.spec.rules.warning_level, paused_now) {
+            if let Some(lm) = lv.overall_limit {
+                let level = cent(lv.overall_reference - wl * lm);
+                if let Some(w) = self.state.max_warning {
+                    if equity > level {
+                        out.breaches
+                            .push(BreachRow::resolved(slot, Rule::MaxLossWarning, &w, ts));
+                        self.state.max_warning = None;
+                    }
+                }
+                if self.state.max_warning.is_none() && equity <= level {
+                    let w = OpenWarning {
+                        seq: self.next_seq(),
+                        threshold: wl * lm,
+                        actual: lv.overall_reference - equity,
+                        ts,
+                    };
+                    out.breaches.push(BreachRow::new(
+                        slot,
+                        w.seq,
+                        Rule::MaxLossWarning,
+                        w.threshold,
+                        w.actual,
+                        Action::Notify,
+                        ts,
+                    ));
+                    self.state.max_warning = Some(w);
+                }
+            }
+            if let (Some(ld), false) = (lv.daily_limit, self.state.day_paused) {
+                let level = cent(lv.daily_reference - wl * ld);
+                if let Some(w) = self.state.daily_warning {
+                    if equity > level {
+                        out.breaches.push(BreachRow::resolved(
+                            slot,
+                            Rule::DailyLossWarning,
+                            &w,
+                            ts,
+                        ));
+                        self.state.daily_warning = None;
+                    }
+                }
+                if self.state.daily_warning.is_none()
+                    && !self.state.daily_warning_fired
+                    && equity <= level
+                {
+                    let w = OpenWarning {
+                        seq: self.next_seq(),
+                        threshold: wl * ld,
+                        actual: lv.daily_reference - equity,
+                        ts,
+                    };
+                    out.breaches.push(BreachRow::new(
+                        slot,
+                        w.seq,
+                        Rule::DailyLossWarning,
+                        w.threshold,
+                        w.actual,
+                        Action::Notify,
+                        ts,
+                    ));
+                    self.state.daily_warning = Some(w);
+                    self.state.daily_warning_fired = true;
+                }
+            }
+        }
+
+        // Step 5: pass.
+        if let Some(target) = self.derived.target {
+            let rules = &self.spec.rules;
+            let st = &mut self.state;
+            if balance >= target && equity >= target && st.trading_days >= rules.min_trading_days {
+                let consistent = rules.max_best_day_share.is_none_or(|share| {
+                    let best = st.best_closed_day.max(equity - st.daily_start_equity);
+                    cent(best) <= cent(share * (equity - rules.initial_balance))
+                });
+                if consistent {
+                    st.status = Status::Passed;
+                    st.status_ts = Some(ts);
+                    out.transitions.push(TransitionRow {
+                        slot,
+                        status: Status::Passed,
+                        ts,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The best day's profit so far, the current day included.
+    #[must_use]
+    pub fn best_day_profit(&self) -> f64 {
+        let s = &self.state;
+        s.best_closed_day.max(s.equity - s.daily_start_equity)
+    }
+}
+
+/// Borrowed tick columns of equal length.
+#[derive(Clone, Copy, Debug)]
+pub struct TickColumns<'a> {
+    /// Trading account logins.
+    pub account_id: &'a [i64],
+    /// UTC microseconds.
+    pub ts: &'a [i64],
+    /// Equity.
+    pub equity: &'a [f64],
+    /// Balance.
+    pub balance: &'a [f64],
+}
+
+/// Tick counts of one `process` call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickCounts {
+    /// Ticks judged by a phase.
+    pub evaluated: u64,
+    /// Ticks older than their account's last tick, or before its phase start.
+    pub late: u64,
+    /// Ticks of accounts without a registered phase.
+    pub unknown: u64,
+    /// Ticks of phases that already passed or failed.
+    pub inactive: u64,
+    /// Ticks whose equity or balance is NaN or infinite.
+    pub invalid: u64,
+}
+
+/// The rules engine: every registered phase, judged tick by tick.
+#[derive(Debug, Default)]
+pub struct Engine {
+    index: HashMap<i64, u32>,
+    phases: Vec<Phase>,
+    epoch: u64,
+}
+
+/// The serialized form of an [`Engine`].
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    phases: Vec<(PhaseSpec, PhaseState)>,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"PSENG\x00\x01\x00";
+
+impl Engine {
+    /// An engine with no phases.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of registered phases.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.phases.len()
+    }
+
+    /// Whether no phase is registered.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.phases.is_empty()
+    }
+
+    /// Whether `account_id` has a registered phase.
+    #[must_use]
+    pub fn contains(&self, account_id: i64) -> bool {
+        self.index.contains_key(&account_id)
+    }
+
+    /// Every registered phase, in registration order (removals swap the last one in).
+    #[must_use]
+    pub fn phases(&self) -> &[Phase] {
+        &self.phases
+    }
+
+    /// Start judging a phase.
+    ///
+    /// # Errors
+    /// [`RuleError::DuplicateAccount`] if the account already has a phase.
+    pub fn register(&mut self, spec: PhaseSpec) -> RuleResult<()> {
+        if self.index.contains_key(&spec.account_id) {
+            return Err(RuleError::DuplicateAccount(spec.account_id));
+        }
+        let state = PhaseState::new(spec.rules.initial_balance);
+        self.insert(spec, state);
+        Ok(())
+    }
+
+    fn insert(&mut self, spec: PhaseSpec, state: PhaseState) {
+        let slot = u32::try_from(self.phases.len()).expect("fewer than 2^32 phases");
+        self.index.insert(spec.account_id, slot);
+        self.phases.push(Phase::new(spec, state));
+    }
+
+    /// Forget a phase; `false` if the account had none.
+    pub fn remove(&mut self, account_id: i64) -> bool {
+        let Some(slot) = self.index.remove(&account_id) else {
+            return false;
+        };
+        self.phases.swap_remove(slot as usize);
+        if let Some(moved) = self.phases.get(slot as usize) {
+            self.index.insert(moved.spec.account_id, slot);
+        }
+        true
+    }
+
+    /// Judge ticks given as columns of equal length, in order within an account.
+    ///
+    /// # Errors
+    /// [`RuleError::BadBatch`] if the columns differ in length.
+    fn process(
+        &mut self,
+        account_id: &[i64],
+        ts: &[i64],
+        equity: &[f64],
+        balance: &[f64],
+        out: &mut BatchOutput,
+    ) -> RuleResult<()> {
+        let n = account_id.len();
+        if ts.len() != n || equity.len() != n || balance.len() != n {
+            return Err(RuleError::BadBatch("columns differ in length".to_owned()));
+        }
+        let epoch = self.epoch;
+        let mut last_account = None;
+        let mut last_slot = 0u32;
+        for i in 0..n {
+            let (acc, t, eq, bal) = (account_id[i], ts[i], equity[i], balance[i]);
+            if !(eq.is_finite() && bal.is_finite()) {
+                out.counts.invalid += 1;
+                continue;
+            }
+            let slot = if last_account == Some(acc) {
+                last_slot
+            } else if let Some(&slot) = self.index.get(&acc) {
+                last_account = Some(acc);
+                last_slot = slot;
+                slot
+            } else {
+                out.counts.unknown += 1;
+                continue;
+            };
+            let phase = &mut self.phases[slot as usize];
+            if phase.state.status != Status::Active {
+                out.counts.inactive += 1;
+                continue;
+            }
+            if t < phase.spec.started_at_us || t < phase.state.last_ts {
+                phase.state.late_ticks += 1;
+                out.counts.late += 1;
+                continue;
+            }
+            if phase.touched_epoch != epoch {
+                phase.touched_epoch = epoch;
+                out.touched.push(slot);
+            }
+            out.counts.evaluated += 1;
+            phase.evaluate(slot, t, eq, bal, out);
+        }
+        Ok(())
+    }
+
+    /// Judge one batch given as chunks of columns (e.g. the record batches of one
+    /// Arrow table): the chunks are one batch for the outputs.
+    ///
+    /// # Errors
+    /// [`RuleError::BadBatch`] if a chunk's columns differ in length.
+    pub fn run(&mut self, chunks: &[TickColumns<'_>]) -> RuleResult<BatchOutput> {
+        self.epoch += 1;
+        let mut out = BatchOutput::default();
+        for c in chunks {
+            self.process(c.account_id, c.ts, c.equity, c.balance, &mut out)?;
+        }
+        self.finish(&mut out);
+        Ok(out)
+    }
+
+    /// Finish a batch: the open day of every touched phase goes into `daily`.
+    fn finish(&mut self, out: &mut BatchOutput) {
+        for &slot in &out.touched {
+            let st = &mut self.phases[slot as usize].state;
+            if st.day_dirty {
+                out.daily.push(DailyRow::of(slot, st.day, st));
+                st.day_dirty = false;
+            }
+        }
+    }
+
+    /// Serialize every phase and its state.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<u8> {
+        let snap = Snapshot {
+            phases: self
+                .phases
+                .iter()
+                .map(|p| (p.spec.clone(), p.state.clone()))
+                .collect(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bincode::serialize_into(&mut bytes, &snap).expect("in-memory serialization");
+        bytes
+    }
+
+    /// Rebuild an engine from [`Engine::snapshot`] bytes.
+    ///
+    /// # Errors
+    /// [`RuleError::BadSnapshot`] if the bytes are not a snapshot of this version.
+    pub fn restore(bytes: &[u8]) -> RuleResult<Self> {
+        let body = bytes
+            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+            .ok_or_else(|| {
+                RuleError::BadSnapshot("not a prop-stream engine snapshot (v1)".to_owned())
+            })?;
+        let snap: Snapshot =
+            bincode::deserialize(body).map_err(|e| RuleError::BadSnapshot(e.to_string()))?;
+        let mut engine = Self::new();
+        for (spec, state) in snap.phases {
+            // Rules were validated when first registered; validate again in case the
+            // bytes were tampered with or written by another build.
+            let rules = RuleSet::from_pairs(spec.rules.to_pairs())
+                .map_err(|e| RuleError::BadSnapshot(e.to_string()))?;
+            if engine.contains(spec.account_id) {
+                return Err(RuleError::BadSnapshot(format!(
+                    "account {} twice",
+                    spec.account_id
+                )));
+            }
+            engine.insert(PhaseSpec { rules, ..spec }, state);
+        }
+        Ok(engine)
+    }
+}

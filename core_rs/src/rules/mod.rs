@@ -1,0 +1,7 @@
+//! The engine: plain Rust types, no Python.
+
+pub mod calendar;
+pub mod config;
+pub mod engine;
+pub mod input;
+pub mod output;

@@ -1,0 +1,93 @@
+"""Type stub for the Rust rules engine (hand-written; checked by stubtest)."""
+
+from typing import Any, Final, final
+
+import pyarrow as pa
+
+__version__: Final[str]
+__all__ = [
+    "BatchResult",
+    "ChallengeRules",
+    "Evaluator",
+    "PropStreamError",
+    "RuleConfigError",
+    "SnapshotError",
+    "TickBatchError",
+    "__version__",
+    "rule_defaults",
+]
+
+class PropStreamError(Exception):
+    """Root of every prop-stream error."""
+
+class RuleConfigError(PropStreamError):
+    """A rule set or phase registration is invalid; ``field`` names the culprit."""
+
+    field: str
+
+class TickBatchError(PropStreamError):
+    """A tick batch does not have the engine's schema."""
+
+class SnapshotError(PropStreamError):
+    """Snapshot bytes can't be restored."""
+
+@final
+class ChallengeRules:
+    """A validated rule set (``rules.md``), built from a mapping of rule names."""
+
+    def __new__(cls, rules: dict[str, Any]) -> ChallengeRules: ...
+    def to_dict(self) -> dict[str, object]:
+        """Every rule with its value, defaults filled in."""
+
+def rule_defaults() -> dict[str, object]:
+    """The defaults of every rule but ``initial_balance``."""
+
+@final
+class BatchResult:
+    """What one ``Evaluator.process`` call produced, as pyarrow tables."""
+
+    @property
+    def breaches(self) -> pa.Table:
+        """Breaches and warning resolutions (upserts by account_id, breach_seq)."""
+    @property
+    def metrics(self) -> pa.Table:
+        """The latest metric of every phase that evaluated a tick."""
+    @property
+    def daily(self) -> pa.Table:
+        """Daily snapshot rows touched (upserts by account_id, day)."""
+    @property
+    def transitions(self) -> pa.Table:
+        """Phases that passed or failed."""
+    @property
+    def counts(self) -> dict[str, int]:
+        """evaluated, late, unknown, inactive and invalid tick counts."""
+
+@final
+class Evaluator:
+    """The rules engine: registered phases judged on Arrow batches of ticks."""
+
+    def __new__(cls) -> Evaluator: ...
+    def __len__(self) -> int: ...
+    def contains(self, account_id: int) -> bool:
+        """Whether the account has a registered phase."""
+    def register(
+        self,
+        account_id: int,
+        *,
+        challenge_id: str,
+        phase_index: int,
+        started_at_us: int,
+        rules: ChallengeRules,
+    ) -> None:
+        """Start judging a phase; RuleConfigError if the account is taken."""
+    def remove(self, account_id: int) -> bool:
+        """Forget a phase; False if the account had none."""
+    def process(self, ticks: Any) -> BatchResult:
+        """Judge an Arrow stream of ticks; releases the GIL while it works."""
+    def phases(self) -> pa.Table:
+        """The state of every registered phase."""
+    def snapshot(self) -> bytes:
+        """The whole engine state as bytes."""
+    @staticmethod
+    def restore(data: bytes) -> Evaluator:
+        """Rebuild an evaluator from ``snapshot()`` bytes."""

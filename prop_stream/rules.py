@@ -1,0 +1,256 @@
+"""The Python face of the Rust rules engine.
+
+This is the only module that imports :mod:`prop_stream._core` (with
+``exceptions.py``). It normalizes tick batches to the engine's Arrow schema and turns
+the engine's Arrow outputs into polars frames.
+
+Examples:
+    >>> from datetime import datetime, UTC
+    >>> engine = RuleEngine()
+    >>> engine.register(PhaseSpec(
+    ...     account_id=1001, challenge_id="c-1", phase_index=0,
+    ...     started_at=datetime(2026, 1, 5, tzinfo=UTC),
+    ...     rules={"initial_balance": 100_000, "max_total_loss": 0.1}))
+    >>> ticks = pl.DataFrame({"account_id": [1001],
+    ...     "ts": [datetime(2026, 1, 5, 9, tzinfo=UTC)],
+    ...     "equity": [95_000.0], "balance": [100_000.0]})
+    >>> engine.process(ticks).counts.evaluated
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import polars as pl
+import pyarrow as pa
+
+from prop_stream import _core
+from prop_stream.exceptions import TickBatchError
+
+__version__: Final[str] = _core.__version__
+
+#: Columns that identify a breach across calls: later rows for the same key win.
+BREACH_KEY: Final = ("account_id", "breach_seq")
+#: Columns that identify a daily snapshot row.
+DAILY_KEY: Final = ("account_id", "day")
+
+TICK_SCHEMA: Final = {
+    "account_id": pl.Int64,
+    "ts": pl.Datetime("us", "UTC"),
+    "equity": pl.Float64,
+    "balance": pl.Float64,
+}
+
+RULE_DEFAULTS: Final[dict[str, object]] = dict(_core.rule_defaults())
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseSpec:
+    """One challenge phase to judge: its trading account, identity and rules.
+
+    Attributes:
+        account_id: The phase's trading account login.
+        challenge_id: The challenge it belongs to.
+        phase_index: Position of the phase in its program (0-based).
+        started_at: When the phase started; earlier ticks are late.
+        rules: Rule names of ``rules.md`` to values; omitted rules take defaults.
+    """
+
+    account_id: int
+    challenge_id: str
+    phase_index: int
+    started_at: datetime
+    rules: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TickCounts:
+    """How the ticks of one call were handled.
+
+    Attributes:
+        evaluated: Ticks judged by a phase.
+        late: Ticks older than their account's last tick or its phase start.
+        unknown: Ticks for accounts with no registered phase.
+        inactive: Ticks for phases that had already passed or failed.
+        invalid: Ticks whose equity or balance is NaN or infinite.
+    """
+
+    evaluated: int
+    late: int
+    unknown: int
+    inactive: int
+    invalid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Everything one ``process`` call produced.
+
+    ``breaches`` (key :data:`BREACH_KEY`) and ``daily`` (key :data:`DAILY_KEY`) are
+    upserts: a later row for the same key replaces an earlier one. ``metrics`` has
+    the latest state of every phase that evaluated a tick; ``transitions`` the phases
+    that passed or failed.
+    """
+
+    breaches: pl.DataFrame
+    metrics: pl.DataFrame
+    daily: pl.DataFrame
+    transitions: pl.DataFrame
+    counts: TickCounts
+
+
+def _to_micros(value: datetime) -> int:
+    if value.tzinfo is None:
+        msg = "started_at must be timezone-aware"
+        raise ValueError(msg)
+    delta = value.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def validate_rules(rules: Mapping[str, Any]) -> dict[str, object]:
+    """Validate a rule set and return it with every default filled in.
+
+    Args:
+        rules: Rule names of ``rules.md`` to values.
+
+    Returns:
+        The complete rule set.
+
+    Raises:
+        RuleConfigError: A rule is unknown or has a bad value; ``field`` names it.
+    """
+    return dict(_core.ChallengeRules(dict(rules)).to_dict())
+
+
+def normalize_ticks(ticks: Any) -> pa.Table:
+    """Cast a tick batch to the engine's schema.
+
+    Args:
+        ticks: A polars DataFrame, a pyarrow Table/RecordBatch, or anything with
+            ``__arrow_c_stream__``, holding ``account_id, ts, equity, balance``.
+            ``ts`` may be a datetime (naive means UTC) or epoch milliseconds.
+
+    Returns:
+        A pyarrow table with exactly the four tick columns.
+
+    Raises:
+        TickBatchError: A column is missing, has nulls or can't be cast.
+    """
+    frame = ticks if isinstance(ticks, pl.DataFrame) else pl.DataFrame(ticks)
+    missing = [name for name in TICK_SCHEMA if name not in frame.columns]
+    if missing:
+        raise TickBatchError(f"tick batch is missing column(s): {', '.join(missing)}")
+    exprs = []
+    for name, dtype in TICK_SCHEMA.items():
+        column = pl.col(name)
+        current = frame.schema[name]
+        if name == "ts":
+            if current.is_integer():
+                column = pl.from_epoch(column, time_unit="ms")
+            elif isinstance(current, pl.Datetime) and current.time_zone is None:
+                column = column.dt.replace_time_zone("UTC")
+            elif not isinstance(current, pl.Datetime):
+                raise TickBatchError(f"column ts has type {current}, not a timestamp")
+        exprs.append(column.cast(dtype).alias(name))
+    try:
+        out = frame.select(exprs)
+    except pl.exceptions.PolarsError as exc:
+        raise TickBatchError(f"tick batch can't be cast: {exc}") from exc
+    nulls = [
+        name for name, n in zip(out.columns, out.null_count().row(0), strict=True) if n
+    ]
+    if nulls:
+        raise TickBatchError(f"tick batch has nulls in column(s): {', '.join(nulls)}")
+    return out.to_arrow()
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
+    return frame
+
+
+class RuleEngine:
+    """Judges challenge phases on batches of equity ticks.
+
+    Thin wrapper over the Rust ``Evaluator``: phases are registered and removed at
+    run time, ticks go in as Arrow batches, results come out as polars frames, and
+    the whole state can be snapshotted to bytes and restored.
+    """
+
+    __slots__ = ("_ev",)
+
+    def __init__(self, _evaluator: _core.Evaluator | None = None) -> None:
+        self._ev = _evaluator if _evaluator is not None else _core.Evaluator()
+
+    def __len__(self) -> int:
+        return len(self._ev)
+
+    def __contains__(self, account_id: object) -> bool:
+        return isinstance(account_id, int) and self._ev.contains(account_id)
+
+    def register(self, spec: PhaseSpec) -> None:
+        """Start judging a phase.
+
+        Raises:
+            RuleConfigError: The rules are invalid or the account is taken.
+        """
+        self._ev.register(
+            spec.account_id,
+            challenge_id=spec.challenge_id,
+            phase_index=spec.phase_index,
+            started_at_us=_to_micros(spec.started_at),
+            rules=_core.ChallengeRules(dict(spec.rules)),
+        )
+
+    def remove(self, account_id: int) -> bool:
+        """Forget a phase and its state; False if the account was not registered."""
+        return self._ev.remove(account_id)
+
+    def process(self, ticks: Any) -> Evaluation:
+        """Evaluate one batch of ticks (see :func:`normalize_ticks` for inputs).
+
+        Within an account ticks are taken in the order given; the GIL is released
+        while the engine works.
+        """
+        table = normalize_ticks(ticks)
+        return self.process_arrow(table)
+
+    def process_arrow(self, table: Any) -> Evaluation:
+        """Evaluate a batch already in the engine's exact Arrow schema."""
+        out = self._ev.process(table)
+        c = out.counts
+        return Evaluation(
+            breaches=_frame(out.breaches),
+            metrics=_frame(out.metrics),
+            daily=_frame(out.daily),
+            transitions=_frame(out.transitions),
+            counts=TickCounts(
+                evaluated=c["evaluated"],
+                late=c["late"],
+                unknown=c["unknown"],
+                inactive=c["inactive"],
+                invalid=c["invalid"],
+            ),
+        )
+
+    def phases(self) -> pl.DataFrame:
+        """The state of every registered phase, one row each."""
+        return _frame(self._ev.phases())
+
+    def snapshot(self) -> bytes:
+        """Serialize the whole engine state."""
+        return self._ev.snapshot()
+
+    @classmethod
+    def restore(cls, data: bytes) -> RuleEngine:
+        """Rebuild an engine from :meth:`snapshot` bytes.
+
+        Raises:
+            SnapshotError: The bytes are not a snapshot of this engine version.
+        """
+        return cls(_core.Evaluator.restore(data))

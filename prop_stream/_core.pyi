@@ -1,6 +1,6 @@
 """Type stub for the Rust rules engine (hand-written; checked by stubtest)."""
 
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 import pyarrow as pa
 
@@ -66,7 +66,10 @@ class BatchResult:
 class Evaluator:
     """The rules engine: registered phases judged on Arrow batches of ticks."""
 
-    def __new__(cls) -> Evaluator: ...
+    def __new__(
+        cls, *, grouping: Literal["auto", "always", "never"] = "auto"
+    ) -> Evaluator:
+        """An evaluator with no phases; ``grouping`` only changes speed."""
     def __len__(self) -> int: ...
     def contains(self, account_id: int) -> bool:
         """Whether the account has a registered phase."""
@@ -89,5 +92,7 @@ class Evaluator:
     def snapshot(self) -> bytes:
         """The whole engine state as bytes."""
     @staticmethod
-    def restore(data: bytes) -> Evaluator:
+    def restore(
+        data: bytes, *, grouping: Literal["auto", "always", "never"] = "auto"
+    ) -> Evaluator:
         """Rebuild an evaluator from ``snapshot()`` bytes."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -32,6 +32,8 @@ from prop_stream import _core
 from prop_stream.exceptions import TickBatchError
 
 __version__: Final[str] = _core.__version__
+
+Grouping = Literal["auto", "always", "never"]
 
 #: Columns that identify a breach across calls: later rows for the same key win.
 BREACH_KEY: Final = ("account_id", "breach_seq")
@@ -184,8 +186,22 @@ class RuleEngine:
 
     __slots__ = ("_ev",)
 
-    def __init__(self, _evaluator: _core.Evaluator | None = None) -> None:
-        self._ev = _evaluator if _evaluator is not None else _core.Evaluator()
+    def __init__(
+        self,
+        *,
+        grouping: Grouping = "auto",
+        _evaluator: _core.Evaluator | None = None,
+    ) -> None:
+        """Create an engine with no phases.
+
+        Args:
+            grouping: Whether a batch is grouped by phase before it is judged
+                (``auto`` decides by the number of phases). Outputs are identical
+                either way; tests use ``always``/``never`` to prove it.
+        """
+        self._ev = (
+            _evaluator if _evaluator is not None else _core.Evaluator(grouping=grouping)
+        )
 
     def __len__(self) -> int:
         return len(self._ev)
@@ -247,10 +263,10 @@ class RuleEngine:
         return self._ev.snapshot()
 
     @classmethod
-    def restore(cls, data: bytes) -> RuleEngine:
+    def restore(cls, data: bytes, *, grouping: Grouping = "auto") -> RuleEngine:
         """Rebuild an engine from :meth:`snapshot` bytes.
 
         Raises:
             SnapshotError: The bytes are not a snapshot of this engine version.
         """
-        return cls(_core.Evaluator.restore(data))
+        return cls(_evaluator=_core.Evaluator.restore(data, grouping=grouping))

@@ -9,7 +9,7 @@ use pyo3_arrow::PyTable;
 
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
-use crate::rules::engine::{Engine, PhaseSpec, TickColumns};
+use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
 use crate::rules::input::tick_columns;
 use crate::rules::output;
 
@@ -165,6 +165,17 @@ fn to_pyarrow(py: Python<'_>, batch: RecordBatch) -> PyResult<Py<PyAny>> {
         .unbind())
 }
 
+fn parse_grouping(name: &str) -> PyResult<Grouping> {
+    match name {
+        "auto" => Ok(Grouping::Auto),
+        "always" => Ok(Grouping::Always),
+        "never" => Ok(Grouping::Never),
+        other => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "grouping must be auto | always | never, got {other:?}"
+        ))),
+    }
+}
+
 /// The rules engine: registered phases judged on Arrow batches of ticks.
 #[pyclass(module = "prop_stream._core")]
 pub struct Evaluator {
@@ -174,10 +185,11 @@ pub struct Evaluator {
 #[pymethods]
 impl Evaluator {
     #[new]
-    fn new() -> Self {
-        Self {
-            engine: Engine::new(),
-        }
+    #[pyo3(signature = (*, grouping = "auto"))]
+    fn new(grouping: &str) -> PyResult<Self> {
+        Ok(Self {
+            engine: Engine::with_grouping(parse_grouping(grouping)?),
+        })
     }
 
     fn __len__(&self) -> usize {
@@ -261,8 +273,10 @@ impl Evaluator {
 
     /// Rebuild an evaluator from `snapshot()` bytes.
     #[staticmethod]
-    fn restore(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
-        let engine = Engine::restore(data).map_err(|e| to_py(py, e))?;
+    #[pyo3(signature = (data, *, grouping = "auto"))]
+    fn restore(py: Python<'_>, data: &[u8], grouping: &str) -> PyResult<Self> {
+        let grouping = parse_grouping(grouping)?;
+        let engine = Engine::restore(data, grouping).map_err(|e| to_py(py, e))?;
         Ok(Self { engine })
     }
 }

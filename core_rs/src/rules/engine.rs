@@ -315,6 +315,34 @@ impl Phase {
         }
     }
 
+    /// The skip checks of `rules.md` step 1, then [`Phase::evaluate`].
+    #[inline]
+    fn accept(
+        &mut self,
+        slot: u32,
+        epoch: u64,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        if self.state.status != Status::Active {
+            out.counts.inactive += 1;
+            return;
+        }
+        if t < self.spec.started_at_us || t < self.state.last_ts {
+            self.state.late_ticks += 1;
+            out.counts.late += 1;
+            return;
+        }
+        if self.touched_epoch != epoch {
+            self.touched_epoch = epoch;
+            out.touched.push(slot);
+        }
+        out.counts.evaluated += 1;
+        self.evaluate(slot, t, equity, balance, out);
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.state.breach_seq += 1;
         self.state.breach_seq
@@ -563,12 +591,44 @@ pub struct TickCounts {
     pub invalid: u64,
 }
 
+/// Whether `process` groups a chunk's ticks by phase before judging them. The
+/// outputs are the same either way; only speed differs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Grouping {
+    /// Group when the phases' state no longer fits in cache and the chunk touches
+    /// enough of them to be worth a sort.
+    #[default]
+    Auto,
+    /// Always group.
+    Always,
+    /// Never group: judge ticks in arrival order.
+    Never,
+}
+
+impl Grouping {
+    /// Above this many registered phases their state spills out of the L2 cache.
+    const AUTO_MIN_PHASES: usize = 4096;
+
+    fn applies(self, phases: usize, touched: usize) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => phases >= Self::AUTO_MIN_PHASES && touched >= Self::AUTO_MIN_PHASES / 4,
+        }
+    }
+}
+
 /// The rules engine: every registered phase, judged tick by tick.
 #[derive(Debug, Default)]
 pub struct Engine {
     index: HashMap<i64, u32>,
     phases: Vec<Phase>,
     epoch: u64,
+    grouping: Grouping,
+    // Buffers reused across batches by `process`.
+    scratch_slots: Vec<u32>,
+    scratch_counts: Vec<u32>,
+    scratch_ticks: Vec<(i64, f64, f64)>,
 }
 
 /// The serialized form of an [`Engine`].
@@ -577,6 +637,9 @@ struct Snapshot {
     phases: Vec<(PhaseSpec, PhaseState)>,
 }
 
+/// Slot of a tick that no phase takes (unknown account or invalid values).
+const NONE: u32 = u32::MAX;
+
 const SNAPSHOT_MAGIC: &[u8; 8] = b"PSENG\x00\x01\x00";
 
 impl Engine {
@@ -584,6 +647,16 @@ impl Engine {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An engine with no phases and a fixed grouping policy (tests use it to prove
+    /// both paths give the same outputs).
+    #[must_use]
+    pub fn with_grouping(grouping: Grouping) -> Self {
+        Self {
+            grouping,
+            ..Self::default()
+        }
     }
 
     /// Number of registered phases.
@@ -643,56 +716,103 @@ impl Engine {
 
     /// Judge ticks given as columns of equal length, in order within an account.
     ///
-    /// # Errors
-    /// [`RuleError::BadBatch`] if the columns differ in length.
-    fn process(
-        &mut self,
-        account_id: &[i64],
-        ts: &[i64],
-        equity: &[f64],
-        balance: &[f64],
-        out: &mut BatchOutput,
-    ) -> RuleResult<()> {
-        let n = account_id.len();
-        if ts.len() != n || equity.len() != n || balance.len() != n {
+    /// The ticks are first grouped by phase with a stable counting sort over the
+    /// phases they touch, so each phase's state is loaded once per chunk instead of
+    /// once per tick: with many accounts interleaved in time, the per-tick random
+    /// access to phase state is what costs, not the rules.
+    fn process(&mut self, c: &TickColumns<'_>, out: &mut BatchOutput) -> RuleResult<()> {
+        let n = c.account_id.len();
+        if c.ts.len() != n || c.equity.len() != n || c.balance.len() != n {
             return Err(RuleError::BadBatch("columns differ in length".to_owned()));
         }
-        let epoch = self.epoch;
+        if u32::try_from(n).is_err() {
+            return Err(RuleError::BadBatch(
+                "more than 2^32 ticks in one chunk".to_owned(),
+            ));
+        }
+        let mut slot_of = std::mem::take(&mut self.scratch_slots);
+        slot_of.clear();
+        slot_of.reserve(n);
+        let mut counts = std::mem::take(&mut self.scratch_counts);
+        counts.resize(self.phases.len(), 0);
+        let mut groups: Vec<u32> = Vec::new();
         let mut last_account = None;
-        let mut last_slot = 0u32;
+        let mut last_slot = NONE;
         for i in 0..n {
-            let (acc, t, eq, bal) = (account_id[i], ts[i], equity[i], balance[i]);
-            if !(eq.is_finite() && bal.is_finite()) {
+            let acc = c.account_id[i];
+            if !(c.equity[i].is_finite() && c.balance[i].is_finite()) {
                 out.counts.invalid += 1;
+                slot_of.push(NONE);
                 continue;
             }
             let slot = if last_account == Some(acc) {
                 last_slot
-            } else if let Some(&slot) = self.index.get(&acc) {
-                last_account = Some(acc);
-                last_slot = slot;
-                slot
             } else {
-                out.counts.unknown += 1;
-                continue;
+                last_account = Some(acc);
+                last_slot = self.index.get(&acc).copied().unwrap_or(NONE);
+                last_slot
             };
-            let phase = &mut self.phases[slot as usize];
-            if phase.state.status != Status::Active {
-                out.counts.inactive += 1;
-                continue;
+            if slot == NONE {
+                out.counts.unknown += 1;
+            } else {
+                let k = &mut counts[slot as usize];
+                if *k == 0 {
+                    groups.push(slot);
+                }
+                *k += 1;
             }
-            if t < phase.spec.started_at_us || t < phase.state.last_ts {
-                phase.state.late_ticks += 1;
-                out.counts.late += 1;
-                continue;
-            }
-            if phase.touched_epoch != epoch {
-                phase.touched_epoch = epoch;
-                out.touched.push(slot);
-            }
-            out.counts.evaluated += 1;
-            phase.evaluate(slot, t, eq, bal, out);
+            slot_of.push(slot);
         }
+        let epoch = self.epoch;
+        if self.grouping.applies(self.phases.len(), groups.len()) {
+            // Exclusive prefix sums turn counts into each group's write position.
+            let mut total = 0u32;
+            for &g in &groups {
+                let k = counts[g as usize];
+                counts[g as usize] = total;
+                total += k;
+            }
+            // Scatter the ticks themselves (not their indices) so that judging a
+            // group reads one contiguous run.
+            let mut grouped = std::mem::take(&mut self.scratch_ticks);
+            grouped.clear();
+            grouped.resize(total as usize, (0, 0.0, 0.0));
+            for (i, &slot) in slot_of.iter().enumerate() {
+                if slot != NONE {
+                    let pos = &mut counts[slot as usize];
+                    grouped[*pos as usize] = (c.ts[i], c.equity[i], c.balance[i]);
+                    *pos += 1;
+                }
+            }
+            let mut start = 0usize;
+            for &slot in &groups {
+                let end = counts[slot as usize] as usize;
+                counts[slot as usize] = 0;
+                let phase = &mut self.phases[slot as usize];
+                for &(t, eq, bal) in &grouped[start..end] {
+                    phase.accept(slot, epoch, t, eq, bal, out);
+                }
+                start = end;
+            }
+        } else {
+            for &g in &groups {
+                counts[g as usize] = 0;
+            }
+            for (i, &slot) in slot_of.iter().enumerate() {
+                if slot != NONE {
+                    self.phases[slot as usize].accept(
+                        slot,
+                        epoch,
+                        c.ts[i],
+                        c.equity[i],
+                        c.balance[i],
+                        out,
+                    );
+                }
+            }
+        }
+        self.scratch_slots = slot_of;
+        self.scratch_counts = counts;
         Ok(())
     }
 
@@ -705,7 +825,7 @@ impl Engine {
         self.epoch += 1;
         let mut out = BatchOutput::default();
         for c in chunks {
-            self.process(c.account_id, c.ts, c.equity, c.balance, &mut out)?;
+            self.process(c, &mut out)?;
         }
         self.finish(&mut out);
         Ok(out)
@@ -741,7 +861,7 @@ impl Engine {
     ///
     /// # Errors
     /// [`RuleError::BadSnapshot`] if the bytes are not a snapshot of this version.
-    pub fn restore(bytes: &[u8]) -> RuleResult<Self> {
+    pub fn restore(bytes: &[u8], grouping: Grouping) -> RuleResult<Self> {
         let body = bytes
             .strip_prefix(SNAPSHOT_MAGIC.as_slice())
             .ok_or_else(|| {
@@ -749,7 +869,7 @@ impl Engine {
             })?;
         let snap: Snapshot =
             bincode::deserialize(body).map_err(|e| RuleError::BadSnapshot(e.to_string()))?;
-        let mut engine = Self::new();
+        let mut engine = Self::with_grouping(grouping);
         for (spec, state) in snap.phases {
             // Rules were validated when first registered; validate again in case the
             // bytes were tampered with or written by another build.

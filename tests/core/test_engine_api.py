@@ -1,0 +1,201 @@
+"""The engine's Python API: registration, batches, grouping paths, snapshots."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from prop_stream import (
+    BREACH_KEY,
+    DAILY_KEY,
+    PhaseSpec,
+    RuleConfigError,
+    RuleEngine,
+    SnapshotError,
+    TickBatchError,
+    validate_rules,
+)
+
+START = datetime(2026, 3, 27, tzinfo=UTC)
+RULES = {
+    "initial_balance": 10_000,
+    "profit_target": 0.08,
+    "max_daily_loss": 0.04,
+    "daily_loss_action": "pause",
+    "max_total_loss": 0.08,
+    "total_loss_mode": "trailing_eod",
+    "warning_level": 0.5,
+    "min_trading_days": 2,
+    "timezone": "Europe/Prague",
+    "day_rollover": "02:30",
+}
+
+
+def _engine(accounts: int, grouping: str = "auto") -> RuleEngine:
+    engine = RuleEngine(grouping=grouping)  # type: ignore[arg-type]  # tests pass str
+    for a in range(accounts):
+        engine.register(PhaseSpec(a, f"c-{a}", 0, START, RULES))
+    return engine
+
+
+def _stream(accounts: int, n: int, seed: int) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(0, accounts + 2, n)  # two unknown accounts
+    ts = np.sort(rng.integers(0, 4 * 86_400_000_000, n))
+    # A few out-of-order ticks make late ones.
+    ts[rng.integers(0, n, n // 50)] -= 3_600_000_000
+    equity = 10_000 + rng.normal(0, 1, n).cumsum() * 15
+    balance = np.where(rng.random(n) < 0.3, equity, 10_000.0)
+    return pl.DataFrame(
+        {
+            "account_id": acc,
+            "ts": pl.Series(ts + int(START.timestamp() * 1e6)).cast(
+                pl.Datetime("us", "UTC")
+            ),
+            "equity": equity,
+            "balance": balance,
+        }
+    )
+
+
+def _final(engine: RuleEngine, frames: list[pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    outs = [engine.process(f) for f in frames]
+    breaches = pl.concat([o.breaches for o in outs]).unique(
+        subset=list(BREACH_KEY), keep="last", maintain_order=True
+    )
+    daily = pl.concat([o.daily for o in outs]).unique(
+        subset=list(DAILY_KEY), keep="last", maintain_order=True
+    )
+    return {
+        "breaches": breaches.sort(BREACH_KEY),
+        "daily": daily.sort(DAILY_KEY),
+        "transitions": pl.concat([o.transitions for o in outs]).sort("account_id"),
+        "phases": engine.phases().sort("account_id"),
+    }
+
+
+@pytest.mark.parametrize("accounts", [3, 5000])
+def test_engine_grouping_paths_agree(accounts: int) -> None:
+    ticks = _stream(accounts, 60_000, seed=accounts)
+    batches = [ticks.slice(i, 7_000) for i in range(0, ticks.height, 7_000)]
+    grouped = _final(_engine(accounts, "always"), batches)
+    direct = _final(_engine(accounts, "never"), batches)
+    assert grouped["breaches"].height > 0
+    for name, frame in grouped.items():
+        assert frame.equals(direct[name]), name
+
+
+def test_engine_snapshot_restore_continues_exactly() -> None:
+    ticks = _stream(50, 20_000, seed=3)
+    head, tail = ticks.slice(0, 9_000), ticks.slice(9_000)
+    whole = _engine(50)
+    expected = _final(whole, [head, tail])
+    first = _engine(50)
+    first_part = _final(first, [head])
+    restored = RuleEngine.restore(first.snapshot())
+    second_part = _final(restored, [tail])
+    breaches = (
+        pl.concat([first_part["breaches"], second_part["breaches"]])
+        .unique(subset=list(BREACH_KEY), keep="last", maintain_order=True)
+        .sort(BREACH_KEY)
+    )
+    assert breaches.equals(expected["breaches"])
+    assert second_part["phases"].equals(expected["phases"])
+
+
+def test_engine_register_twice_is_refused() -> None:
+    engine = _engine(1)
+    with pytest.raises(RuleConfigError) as info:
+        engine.register(PhaseSpec(0, "other", 0, START, RULES))
+    assert info.value.field == "account_id"
+
+
+def test_engine_remove_forgets_phase() -> None:
+    engine = _engine(3)
+    assert engine.remove(1)
+    assert not engine.remove(1)
+    assert 1 not in engine
+    assert len(engine) == 2
+    out = engine.process(_stream(3, 300, seed=1))
+    assert set(out.metrics["account_id"]) <= {0, 2}
+    # The account can hold a new phase afterwards.
+    engine.register(PhaseSpec(1, "c-new", 1, START, RULES))
+    assert 1 in engine
+
+
+def test_engine_rejects_bad_snapshot() -> None:
+    with pytest.raises(SnapshotError):
+        RuleEngine.restore(b"not a snapshot")
+    data = _engine(2).snapshot()
+    with pytest.raises(SnapshotError):
+        RuleEngine.restore(data[:-3])
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pl.DataFrame({"account_id": [1], "ts": [START]}), "equity"),
+        (
+            pl.DataFrame(
+                {"account_id": [1], "ts": [START], "equity": [None], "balance": [1.0]},
+                schema_overrides={"equity": pl.Float64},
+            ),
+            "nulls",
+        ),
+        (
+            pl.DataFrame(
+                {"account_id": [1], "ts": ["x"], "equity": [1.0], "balance": [1.0]}
+            ),
+            "ts",
+        ),
+    ],
+)
+def test_engine_bad_batch_names_column(frame: pl.DataFrame, message: str) -> None:
+    with pytest.raises(TickBatchError, match=message):
+        _engine(1).process(frame)
+
+
+def test_engine_counts_invalid_and_unknown_ticks() -> None:
+    engine = _engine(1)
+    ts = [START + timedelta(hours=h) for h in range(4)]
+    out = engine.process(
+        pl.DataFrame(
+            {
+                "account_id": [0, 0, 99, 0],
+                "ts": ts,
+                "equity": [10_000.0, float("nan"), 1.0, float("inf")],
+                "balance": [10_000.0, 10_000.0, 1.0, 10_000.0],
+            }
+        )
+    )
+    assert (out.counts.evaluated, out.counts.invalid, out.counts.unknown) == (1, 2, 1)
+
+
+def test_engine_epoch_millis_and_naive_ts_are_utc() -> None:
+    ms = int(START.timestamp() * 1000) + 3_600_000
+    a = _engine(1).process(
+        pl.DataFrame(
+            {"account_id": [0], "ts": [ms], "equity": [9_000.0], "balance": [1e4]}
+        )
+    )
+    b = _engine(1).process(
+        pl.DataFrame(
+            {
+                "account_id": [0],
+                "ts": [START.replace(tzinfo=None) + timedelta(hours=1)],
+                "equity": [9_000.0],
+                "balance": [1e4],
+            }
+        )
+    )
+    assert a.metrics.equals(b.metrics)
+
+
+def test_validate_rules_fills_defaults() -> None:
+    rules = validate_rules({"initial_balance": 5_000})
+    assert rules["total_loss_mode"] == "static"
+    assert rules["day_rollover"] == "00:00"
+    assert rules["profit_target"] is None

@@ -40,11 +40,11 @@ BREACH_KEY: Final = ("account_id", "breach_seq")
 #: Columns that identify a daily snapshot row.
 DAILY_KEY: Final = ("account_id", "day")
 
-TICK_SCHEMA: Final = {
-    "account_id": pl.Int64,
+TICK_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "account_id": pl.Int64(),
     "ts": pl.Datetime("us", "UTC"),
-    "equity": pl.Float64,
-    "balance": pl.Float64,
+    "equity": pl.Float64(),
+    "balance": pl.Float64(),
 }
 
 RULE_DEFAULTS: Final[dict[str, object]] = dict(_core.rule_defaults())

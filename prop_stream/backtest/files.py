@@ -1,0 +1,534 @@
+"""Read the backtest's input files: the rules file and the tick files.
+
+Everything here either returns clean, typed data or raises
+:class:`~prop_stream.exceptions.InputFileError` with a one-line message that names
+the file and, where it can, the account, field, column and row. Nothing here
+evaluates a tick.
+
+Tick files are read lazily with polars. Each file becomes a
+:class:`polars.LazyFrame` with exactly the engine's tick columns
+(:data:`prop_stream.rules.TICK_SCHEMA`); values that can't be converted become
+nulls there, and :func:`check_ticks` / :func:`diagnose_tick_file` turn them into a
+precise error before the run starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import polars as pl
+
+from prop_stream.exceptions import InputFileError, RuleConfigError
+from prop_stream.rules import TICK_SCHEMA, PhaseSpec, validate_rules
+
+TickFormat = Literal["parquet", "csv"]
+
+#: The columns a tick file must have (others are ignored).
+TICK_COLUMNS: Final = tuple(TICK_SCHEMA)
+
+_SUFFIXES: Final[Mapping[str, TickFormat]] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+}
+_ACCOUNT_KEYS: Final = frozenset(
+    {"account_id", "challenge_id", "phase_index", "started_at", "rules"}
+)
+_TOP_KEYS: Final = frozenset({"accounts"})
+_I64_MIN: Final = -(2**63)
+_I64_MAX: Final = 2**63 - 1
+
+# ISO 8601 shapes accepted in text columns, after the normalization in
+# `_parse_ts_text` (T separator, `Z` spelled `+00:00`). `%.f` also accepts a
+# missing fraction; `%#z` accepts `+01`, `+0100` and `+01:00`.
+_TS_AWARE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M%#z")
+_TS_NAIVE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
+
+_EXPECTED: Final = {
+    "account_id": "a 64-bit integer",
+    "ts": "a timestamp (ISO 8601 with Z, an offset or none for UTC, or epoch ms)",
+    "equity": "a number",
+    "balance": "a number",
+}
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def read_rules(path: str | Path) -> list[PhaseSpec]:
+    """Read and validate a ``RULES.json`` file.
+
+    The file is an object with one key, ``accounts``: a non-empty list of objects
+    with ``account_id`` (int), ``challenge_id`` (non-empty string), ``phase_index``
+    (int >= 0, default 0), ``started_at`` (ISO 8601 with ``Z`` or an offset) and
+    ``rules`` (rule names of ``rules.md``; omitted rules take their defaults).
+
+    Args:
+        path: The rules file.
+
+    Returns:
+        One phase per account, in file order.
+
+    Raises:
+        InputFileError: The file is missing, not JSON, or invalid; the message names
+            the account and the field, e.g.
+            ``account 1001: rules.profit_target: must be a ratio in (0, 1), got 1.5``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(f"rules file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputFileError(f"rules file is a directory: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: can't read rules file: {exc}") from exc
+    try:
+        doc = json.loads(
+            text,
+            object_pairs_hook=_refuse_duplicate_keys,
+            parse_constant=_refuse_constant,
+        )
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from exc
+    except ValueError as exc:
+        raise InputFileError(f"{path}: not valid JSON: {exc}") from exc
+    try:
+        return parse_rules(doc)
+    except InputFileError as exc:
+        raise InputFileError(f"{path}: {exc}") from exc
+
+
+def parse_rules(doc: object) -> list[PhaseSpec]:
+    """Validate a decoded rules document (see :func:`read_rules`).
+
+    Args:
+        doc: The decoded JSON value.
+
+    Returns:
+        One phase per account, in document order.
+
+    Raises:
+        InputFileError: The document is invalid; the message names the account and
+            the field.
+    """
+    if not isinstance(doc, dict):
+        raise InputFileError(
+            f'must be a JSON object with an "accounts" list, got {_kind(doc)}'
+        )
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise InputFileError(f"unknown top-level key(s): {', '.join(unknown)}")
+    if "accounts" not in doc:
+        raise InputFileError('missing top-level key "accounts"')
+    accounts = doc["accounts"]
+    if not isinstance(accounts, list):
+        raise InputFileError(f"accounts: must be a list, got {_kind(accounts)}")
+    if not accounts:
+        raise InputFileError("accounts: must list at least one account")
+    specs: list[PhaseSpec] = []
+    seen: dict[int, int] = {}
+    for index, entry in enumerate(accounts):
+        spec = _parse_account(index, entry)
+        if spec.account_id in seen:
+            raise InputFileError(
+                f"account {spec.account_id}: listed twice "
+                f"(accounts[{seen[spec.account_id]}] and accounts[{index}])"
+            )
+        seen[spec.account_id] = index
+        specs.append(spec)
+    return specs
+
+
+def _parse_account(index: int, entry: object) -> PhaseSpec:
+    where = f"accounts[{index}]"
+    if not isinstance(entry, dict):
+        raise InputFileError(f"{where}: must be an object, got {_kind(entry)}")
+    if "account_id" not in entry:
+        raise InputFileError(f"{where}: account_id: required")
+    account_id = entry["account_id"]
+    if not _is_int(account_id) or not _I64_MIN <= account_id <= _I64_MAX:
+        raise InputFileError(
+            f"{where}: account_id: must be a 64-bit integer, got {account_id!r}"
+        )
+    where = f"account {account_id}"
+    unknown = sorted(set(entry) - _ACCOUNT_KEYS)
+    if unknown:
+        raise InputFileError(f"{where}: unknown key(s): {', '.join(unknown)}")
+    for key in ("challenge_id", "started_at", "rules"):
+        if key not in entry:
+            raise InputFileError(f"{where}: {key}: required")
+
+    challenge_id = entry["challenge_id"]
+    if not isinstance(challenge_id, str) or not challenge_id:
+        raise InputFileError(
+            f"{where}: challenge_id: must be a non-empty string, got {challenge_id!r}"
+        )
+    phase_index = entry.get("phase_index", 0)
+    if not _is_int(phase_index) or not 0 <= phase_index <= _I64_MAX:
+        raise InputFileError(
+            f"{where}: phase_index: must be an integer >= 0, got {phase_index!r}"
+        )
+    started_at = _parse_started_at(where, entry["started_at"])
+
+    rules = entry["rules"]
+    if not isinstance(rules, dict):
+        raise InputFileError(f"{where}: rules: must be an object, got {_kind(rules)}")
+    try:
+        validate_rules(rules)
+    except RuleConfigError as exc:
+        raise InputFileError(f"{where}: {_rule_error_message(exc)}") from exc
+    return PhaseSpec(
+        account_id=account_id,
+        challenge_id=challenge_id,
+        phase_index=phase_index,
+        started_at=started_at,
+        rules=rules,
+    )
+
+
+def _parse_started_at(where: str, value: object) -> datetime:
+    bad = (
+        f"{where}: started_at: must be an ISO 8601 timestamp with a Z or an offset "
+        f"(e.g. 2026-01-05T00:00:00Z), got {value!r}"
+    )
+    if not isinstance(value, str):
+        raise InputFileError(bad)
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InputFileError(bad) from None
+    # A naive start is refused rather than taken as UTC: a rules file is written by
+    # hand, and a phase start an hour off moves every day boundary check.
+    if parsed.tzinfo is None or "T" not in value.upper():
+        raise InputFileError(bad)
+    return parsed
+
+
+def _rule_error_message(exc: RuleConfigError) -> str:
+    field = getattr(exc, "field", None)
+    message = str(exc).strip()
+    if not field:
+        return f"rules: {message}"
+    for prefix in (f"rules.{field}", str(field)):
+        if message.startswith(prefix):
+            message = message[len(prefix) :].lstrip(" :")
+            break
+    return f"rules.{field}: {message}"
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- ticks
+
+
+@dataclass(frozen=True, slots=True)
+class TickFile:
+    """One tick input file.
+
+    Attributes:
+        path: The file.
+        format: ``parquet`` or ``csv``, from its suffix.
+        index: Its position among the run's files; ties in ``ts`` keep this order.
+    """
+
+    path: Path
+    format: TickFormat
+    index: int
+
+    def scan_raw(self) -> pl.LazyFrame:
+        """The file as polars reads it (CSV: every column as text)."""
+        if self.format == "csv":
+            return pl.scan_csv(self.path, infer_schema=False)
+        return pl.scan_parquet(self.path, hive_partitioning=False)
+
+    def position(self, row: int) -> str:
+        """Name a 0-based data row the way an editor shows it."""
+        if self.format == "csv":
+            return f"line {row + 2}"  # line 1 is the header
+        return f"row {row + 1}"
+
+
+def resolve_tick_files(spec: str | Path) -> list[TickFile]:
+    """Expand ``--ticks`` into the files to read, in a stable order.
+
+    ``spec`` is a Parquet or CSV file, a directory (searched recursively for
+    ``*.parquet``, ``*.pq`` and ``*.csv``, skipping names that start with ``.`` or
+    ``_``) or a glob (``ticks/*.csv``, ``data/**/*.parquet``). Files are sorted by
+    path, so "file order" is path order.
+
+    Args:
+        spec: The ``--ticks`` argument.
+
+    Returns:
+        The files with their formats.
+
+    Raises:
+        InputFileError: Nothing matches, or a file has an unknown suffix.
+    """
+    text = str(spec)
+    path = Path(text)
+    paths: list[Path]
+    if path.is_dir():
+        paths = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in _SUFFIXES and _visible(p, path) and p.is_file()
+        )
+        if not paths:
+            raise InputFileError(f"no .parquet or .csv files in directory {path}")
+    elif path.is_file():
+        paths = [path]
+    elif glob.has_magic(text):
+        paths = sorted(Path(p) for p in glob.glob(text, recursive=True))
+        paths = [p for p in paths if p.is_file()]
+        if not paths:
+            raise InputFileError(f"no tick files match {text!r}")
+    else:
+        raise InputFileError(f"ticks file not found: {path}")
+    files = []
+    for index, p in enumerate(paths):
+        fmt = _SUFFIXES.get(p.suffix.lower())
+        if fmt is None:
+            raise InputFileError(
+                f"{p}: unknown tick file type {p.suffix!r}; use .parquet or .csv"
+            )
+        files.append(TickFile(path=p, format=fmt, index=index))
+    return files
+
+
+def _visible(path: Path, root: Path) -> bool:
+    # Skips dot files and the `_SUCCESS`/`_metadata` markers Spark and others write.
+    return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+
+
+def scan_ticks(file: TickFile) -> pl.LazyFrame:
+    """Scan one tick file as the engine's four columns.
+
+    Values that can't be converted (and missing ones) are null in the result;
+    :func:`check_ticks` finds them, :func:`diagnose_tick_file` explains them.
+
+    Args:
+        file: The file to scan.
+
+    Returns:
+        A lazy frame with ``account_id`` (Int64), ``ts`` (Datetime us UTC),
+        ``equity`` and ``balance`` (Float64).
+
+    Raises:
+        InputFileError: The file can't be opened, lacks a column, or a column has
+            a type that can't hold the field.
+    """
+    raw = file.scan_raw()
+    return raw.select(_tick_exprs(file, raw))
+
+
+def _tick_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
+    try:
+        schema = raw.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputFileError(
+            f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
+        ) from exc
+    missing = [name for name in TICK_COLUMNS if name not in schema]
+    if missing:
+        raise InputFileError(
+            f"{file.path}: missing column(s): {', '.join(missing)} "
+            f"(a tick file needs {', '.join(TICK_COLUMNS)})"
+        )
+    return [_convert(file, name, schema[name]).alias(name) for name in TICK_COLUMNS]
+
+
+def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
+    col = pl.col(name)
+    if dtype == pl.String:
+        text = col.str.strip_chars()
+        if name == "ts":
+            return _parse_ts_text(text)
+        return text.cast(pl.Int64 if name == "account_id" else pl.Float64, strict=False)
+    if name == "ts":
+        if isinstance(dtype, pl.Datetime):
+            utc = (
+                col.dt.replace_time_zone("UTC")
+                if dtype.time_zone is None
+                else col.dt.convert_time_zone("UTC")
+            )
+            return utc.dt.cast_time_unit("us")
+        if dtype.is_integer():
+            return _from_epoch_ms(col)
+    elif name == "account_id":
+        if dtype.is_integer():
+            return col.cast(pl.Int64, strict=False)
+    elif dtype.is_numeric():
+        return col.cast(pl.Float64, strict=False)
+    expected = {
+        "account_id": "an integer",
+        "ts": "a timestamp or epoch milliseconds",
+    }.get(name, "a number")
+    raise InputFileError(
+        f"{file.path}: column {name}: has type {dtype}, expected {expected}"
+    )
+
+
+def _from_epoch_ms(col: pl.Expr) -> pl.Expr:
+    return pl.from_epoch(
+        col.cast(pl.Int64, strict=False), time_unit="ms"
+    ).dt.replace_time_zone("UTC")
+
+
+def _parse_ts_text(text: pl.Expr) -> pl.Expr:
+    """ISO 8601 (``Z``, an offset, or naive meaning UTC) or integer epoch ms."""
+    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ tT]", "${1}T").str.replace(
+        r"[zZ]$", "+00:00"
+    )
+    aware = pl.coalesce(
+        iso.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False)
+        for fmt in _TS_AWARE_FORMATS
+    )
+    naive = pl.coalesce(
+        iso.str.to_datetime(fmt, time_unit="us", strict=False)
+        for fmt in _TS_NAIVE_FORMATS
+    ).dt.replace_time_zone("UTC")
+    return (
+        pl.when(text.str.contains(r"^[+-]?\d+$"))
+        .then(_from_epoch_ms(text))
+        .when(iso.str.contains(r"[+-]\d{2}(:?\d{2})?$"))
+        .then(aware)
+        .otherwise(naive)
+    )
+
+
+def check_ticks(frame: pl.DataFrame | pl.LazyFrame) -> bool:
+    """Whether converted ticks are all usable (no nulls, finite equity/balance).
+
+    Args:
+        frame: Ticks as :func:`scan_ticks` returns them (extra columns ignored).
+
+    Returns:
+        True when every row can go to the engine.
+    """
+    query = frame.lazy().select(
+        *(pl.col(name).null_count().alias(f"{name}_nulls") for name in TICK_COLUMNS),
+        *(
+            (~pl.col(name).is_finite()).sum().alias(f"{name}_nonfinite")
+            for name in ("equity", "balance")
+        ),
+    )
+    return not any(query.collect().row(0))
+
+
+def diagnose_tick_file(file: TickFile) -> None:
+    """Raise the error for the first bad value in a file, if it has one.
+
+    This is the slow path, run only once :func:`check_ticks` has failed: it reads
+    the file again with a row index to name the column, row and value.
+
+    Args:
+        file: The file to inspect.
+
+    Raises:
+        InputFileError: For the first bad row (lowest row, then column order).
+    """
+    raw = file.scan_raw()
+    converted = _tick_exprs(file, raw)
+    try:
+        frame = (
+            raw.select(*(pl.col(n).alias(f"raw_{n}") for n in TICK_COLUMNS), *converted)
+            .with_row_index("_row")
+            .filter(
+                pl.any_horizontal(
+                    *(pl.col(n).is_null() for n in TICK_COLUMNS),
+                    *(~pl.col(n).is_finite() for n in ("equity", "balance")),
+                )
+            )
+            .head(1)
+            .collect()
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise InputFileError(f"{file.path}: can't read: {_first_line(exc)}") from exc
+    if frame.height == 0:
+        return
+    row = frame.row(0, named=True)
+    for name in TICK_COLUMNS:
+        where = f"{file.path}: column {name}, {file.position(row['_row'])}"
+        raw_value, value = row[f"raw_{name}"], row[name]
+        if raw_value is None:
+            raise InputFileError(f"{where}: missing value")
+        if value is None:
+            raise InputFileError(
+                f"{where}: can't read {str(raw_value)!r} as {_EXPECTED[name]}"
+            )
+        if name in ("equity", "balance") and not math.isfinite(value):
+            raise InputFileError(f"{where}: {value} is not a finite number")
+
+
+def raise_first_bad_file(files: Iterable[TickFile]) -> None:
+    """Diagnose files in order and raise the first file's first error.
+
+    Args:
+        files: The run's tick files.
+
+    Raises:
+        InputFileError: For the first bad value found.
+    """
+    for file in files:
+        diagnose_tick_file(file)
+
+
+def count_rows(files: Iterable[TickFile]) -> int:
+    """Count the rows of the tick files (Parquet: from metadata).
+
+    Args:
+        files: The run's tick files.
+
+    Returns:
+        The total number of data rows.
+
+    Raises:
+        InputFileError: A file can't be read.
+    """
+    total = 0
+    for file in files:
+        try:
+            total += int(file.scan_raw().select(pl.len()).collect().item())
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputFileError(
+                f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
+            ) from exc
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -340,6 +340,14 @@ impl Phase {
             out.touched.push(slot);
         }
         out.counts.evaluated += 1;
+        let st = &mut self.state;
+        if t == st.last_ts && equity == st.equity && balance == st.balance {
+            // An exact duplicate changes nothing (rules.md step 1). Judging it again
+            // could: a tick that paused the day skipped the warnings, its twin
+            // would not.
+            st.ticks += 1;
+            return;
+        }
         self.evaluate(slot, t, equity, balance, out);
     }
 

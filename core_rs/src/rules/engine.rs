@@ -14,7 +14,51 @@ use crate::rules::output::{BatchOutput, BreachRow, DailyRow, TransitionRow};
 #[inline]
 #[must_use]
 pub fn cent(x: f64) -> f64 {
-    (x * 100.0).round_ties_even() / 100.0
+    round_ties_even(x * 100.0) / 100.0
+}
+
+/// `f64::round_ties_even` without the libm call it becomes on baseline x86-64: for
+/// `|y| < 2^52`, adding and subtracting `2^52` (with `y`'s sign) rounds to the nearest
+/// integer, ties to even, in IEEE default rounding; larger values are integers
+/// already. Unlike `rint`, a negative value that rounds to zero gives `+0.0`, as
+/// Python's `round` does.
+#[inline]
+fn round_ties_even(y: f64) -> f64 {
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    if y.abs() < TWO_52 {
+        let c = TWO_52.copysign(y);
+        (y + c) - c
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod round_tests {
+    use super::{cent, round_ties_even};
+
+    #[test]
+    fn round_ties_even_matches_std() {
+        let cases = [
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.499_999_999_999_999_94,
+            1e15 + 0.5,
+            4.5e15,
+            -7.5,
+            123_456.5,
+        ];
+        for y in cases {
+            assert_eq!(round_ties_even(y), y.round_ties_even(), "{y}");
+        }
+        assert_eq!(cent(100_000.0 * 1.1), 110_000.0);
+        assert_eq!(cent(0.125), 0.12);
+        assert_eq!(cent(0.135), 0.14);
+    }
 }
 
 /// A phase's status.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -16,6 +19,7 @@ from prop_stream import (
     RuleEngine,
     SnapshotError,
     TickBatchError,
+    normalize_ticks,
     validate_rules,
 )
 
@@ -199,3 +203,74 @@ def test_validate_rules_fills_defaults() -> None:
     assert rules["total_loss_mode"] == "static"
     assert rules["day_rollover"] == "00:00"
     assert rules["profit_target"] is None
+
+
+def test_engine_releases_the_gil_while_judging() -> None:
+    # While one thread is inside the engine, another Python thread keeps running.
+    # With the GIL held it could not record a single step inside that window.
+    n = 8_000_000
+    rng = np.random.default_rng(5)
+    table = normalize_ticks(
+        pl.DataFrame(
+            {
+                "account_id": np.zeros(n, dtype=np.int64),
+                "ts": pl.Series(
+                    np.arange(n) * 1000 + int(START.timestamp() * 1e6)
+                ).cast(pl.Datetime("us", "UTC")),
+                "equity": 10_000 + rng.normal(0, 1, n),
+                "balance": np.full(n, 10_000.0),
+            }
+        )
+    )
+    engine = RuleEngine()
+    engine.register(PhaseSpec(0, "c", 0, START, {"initial_balance": 10_000}))
+    window: list[float] = []
+    steps: list[float] = []
+    started = threading.Event()
+
+    def judge() -> None:
+        started.set()
+        window.append(time.perf_counter())
+        engine.process_arrow(table)
+        window.append(time.perf_counter())
+
+    worker = threading.Thread(target=judge)
+    worker.start()
+    started.wait()
+    while worker.is_alive():
+        steps.append(time.perf_counter())
+    worker.join()
+    assert gil_free_share(window[0], window[1], steps) > 0.5
+
+
+def gil_free_share(start: float, end: float, steps: list[float]) -> float:
+    """Share of [start, end] with no gap longer than half of it in `steps`.
+
+    A call that holds the GIL leaves one gap as long as itself in the other thread's
+    steps; one that releases it leaves only scheduling gaps.
+    """
+    points = [start, *(t for t in steps if start < t < end), end]
+    longest = max(b - a for a, b in itertools.pairwise(points))
+    return 1 - longest / (end - start)
+
+
+def test_gil_free_share_detects_a_gil_holding_call() -> None:
+    # sorted() of floats runs in C without releasing the GIL: the check must fail.
+    data = [float(i % 7919) for i in range(2_000_000)]
+    window: list[float] = []
+    steps: list[float] = []
+    started = threading.Event()
+
+    def hold() -> None:
+        started.set()
+        window.append(time.perf_counter())
+        sorted(data)
+        window.append(time.perf_counter())
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    started.wait()
+    while worker.is_alive():
+        steps.append(time.perf_counter())
+    worker.join()
+    assert gil_free_share(window[0], window[1], steps) < 0.5

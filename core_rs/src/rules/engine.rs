@@ -395,6 +395,56 @@ impl Phase {
         self.evaluate(slot, t, equity, balance, out);
     }
 
+    /// One warning of `rules.md` step 4: resolve the open one if equity is back above
+    /// `level`, then fire a new one if none is open, `may_fire` allows it and equity
+    /// is at or below `level`. Returns whether one fired.
+    fn warning(
+        &mut self,
+        slot: u32,
+        rule: Rule,
+        level: f64,
+        threshold: f64,
+        actual: f64,
+        may_fire: bool,
+        equity: f64,
+        ts: i64,
+        out: &mut BatchOutput,
+    ) -> bool {
+        let st = &mut self.state;
+        let open = if rule == Rule::DailyLossWarning {
+            &mut st.daily_warning
+        } else {
+            &mut st.max_warning
+        };
+        if let Some(w) = *open {
+            if equity > level {
+                out.breaches.push(BreachRow::resolved(slot, rule, &w, ts));
+                *open = None;
+            }
+        }
+        if open.is_some() || !may_fire || equity > level {
+            return false;
+        }
+        st.breach_seq += 1;
+        let w = OpenWarning {
+            seq: st.breach_seq,
+            threshold,
+            actual,
+            ts,
+        };
+        out.breaches.push(BreachRow::new(
+            slot,
+            w.seq,
+            rule,
+            threshold,
+            actual,
+            Action::Notify,
+            ts,
+        ));
+        *open = Some(w);
+        true
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.state.breach_seq += 1;
         self.state.breach_seq
@@ -521,65 +571,34 @@ impl Phase {
         if let (Some(wl), false) = (self.spec.rules.warning_level, paused_now) {
             if let Some(lm) = lv.overall_limit {
                 let level = cent(lv.overall_reference - wl * lm);
-                if let Some(w) = self.state.max_warning {
-                    if equity > level {
-                        out.breaches
-                            .push(BreachRow::resolved(slot, Rule::MaxLossWarning, &w, ts));
-                        self.state.max_warning = None;
-                    }
-                }
-                if self.state.max_warning.is_none() && equity <= level {
-                    let w = OpenWarning {
-                        seq: self.next_seq(),
-                        threshold: wl * lm,
-                        actual: lv.overall_reference - equity,
-                        ts,
-                    };
-                    out.breaches.push(BreachRow::new(
-                        slot,
-                        w.seq,
-                        Rule::MaxLossWarning,
-                        w.threshold,
-                        w.actual,
-                        Action::Notify,
-                        ts,
-                    ));
-                    self.state.max_warning = Some(w);
-                }
+                let actual = lv.overall_reference - equity;
+                self.warning(
+                    slot,
+                    Rule::MaxLossWarning,
+                    level,
+                    wl * lm,
+                    actual,
+                    true,
+                    equity,
+                    ts,
+                    out,
+                );
             }
             if let (Some(ld), false) = (lv.daily_limit, self.state.day_paused) {
                 let level = cent(lv.daily_reference - wl * ld);
-                if let Some(w) = self.state.daily_warning {
-                    if equity > level {
-                        out.breaches.push(BreachRow::resolved(
-                            slot,
-                            Rule::DailyLossWarning,
-                            &w,
-                            ts,
-                        ));
-                        self.state.daily_warning = None;
-                    }
-                }
-                if self.state.daily_warning.is_none()
-                    && !self.state.daily_warning_fired
-                    && equity <= level
-                {
-                    let w = OpenWarning {
-                        seq: self.next_seq(),
-                        threshold: wl * ld,
-                        actual: lv.daily_reference - equity,
-                        ts,
-                    };
-                    out.breaches.push(BreachRow::new(
-                        slot,
-                        w.seq,
-                        Rule::DailyLossWarning,
-                        w.threshold,
-                        w.actual,
-                        Action::Notify,
-                        ts,
-                    ));
-                    self.state.daily_warning = Some(w);
+                let actual = lv.daily_reference - equity;
+                let may_fire = !self.state.daily_warning_fired;
+                if self.warning(
+                    slot,
+                    Rule::DailyLossWarning,
+                    level,
+                    wl * ld,
+                    actual,
+                    may_fire,
+                    equity,
+                    ts,
+                    out,
+                ) {
                     self.state.daily_warning_fired = true;
                 }
             }

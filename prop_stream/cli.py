@@ -6,6 +6,9 @@ Each subcommand is a ``_add_<name>`` function that declares its arguments and a
 
 Examples:
     $ prop-stream backtest --rules RULES.json --ticks ticks/ --out results/
+    $ prop-stream init --db prop.duckdb --demo
+    $ prop-stream session alice@example.com --db prop.duckdb
+    $ prop-stream export --db prop.duckdb --out export/
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Final
 
@@ -22,6 +26,10 @@ from prop_stream.backtest import (
     run_backtest,
 )
 from prop_stream.exceptions import PropStreamError
+from prop_stream.store.access import export_database, issue_session
+from prop_stream.store.init import init_database
+from prop_stream.store.requests import DEFAULT_TIMEOUT_S
+from prop_stream.store.sessions import DEFAULT_SESSION_TTL
 
 PROG: Final = "prop-stream"
 EXIT_OK: Final = 0
@@ -69,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         title="commands", dest="command", required=True, metavar="COMMAND"
     )
     _add_backtest(commands)
+    _add_init(commands)
+    _add_session(commands)
+    _add_export(commands)
     return parser
 
 
@@ -146,6 +157,123 @@ def _run_backtest(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "init",
+        help="create or migrate the service's database",
+        description=(
+            "Create the DuckDB file or migrate it to the latest schema; running it "
+            "again is a no-op. --demo adds the demo reference data once."
+        ),
+    )
+    _add_db(parser)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="add demo account groups, programs, customers and challenges",
+    )
+    parser.set_defaults(handler=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    result = init_database(args.db, demo=args.demo)
+    applied = (
+        f"applied migration(s) {', '.join(map(str, result.applied))}"
+        if result.applied
+        else "already up to date"
+    )
+    demo = ""
+    if args.demo:
+        demo = "; demo data added" if result.seeded else "; demo data already there"
+    print(
+        f"{PROG}: init: {result.path} at schema version {result.version} "
+        f"({applied}){demo}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _add_session(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = commands.add_parser(
+        "session",
+        help="print a new session token for a customer",
+        description=(
+            "Issue a session token for the customer with this e-mail address and "
+            "print it on stdout, and nothing else. Works while the service runs "
+            "(the service issues it)."
+        ),
+    )
+    parser.add_argument("email", metavar="EMAIL", help="the customer's e-mail")
+    _add_db(parser)
+    parser.add_argument(
+        "--ttl-hours",
+        type=_positive_int,
+        default=int(DEFAULT_SESSION_TTL.total_seconds() // 3600),
+        metavar="H",
+        help="hours until the session expires (default: %(default)s)",
+    )
+    _add_timeout(parser)
+    parser.set_defaults(handler=_run_session)
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    token = issue_session(
+        args.db,
+        args.email,
+        ttl=timedelta(hours=args.ttl_hours),
+        timeout_s=args.timeout,
+    )
+    print(token)
+    return EXIT_OK
+
+
+def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export metric history, breaches and daily snapshots to Parquet",
+        description=(
+            "Write metric_history, breaches and prop_daily_snapshots as Parquet "
+            "under DIR/<table>/day=YYYY-MM-DD/. Works while the service runs (the "
+            "service exports them)."
+        ),
+    )
+    _add_db(parser)
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="output directory"
+    )
+    _add_timeout(parser)
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    result = export_database(args.db, args.out, timeout_s=args.timeout)
+    rows = ", ".join(f"{_count(n, 'row')} of {t}" for t, n in result.rows.items())
+    via = " (through the running service)" if result.via_service else ""
+    print(f"{PROG}: export: {rows}; wrote {result.out_dir}{via}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db", required=True, type=Path, metavar="PATH", help="the DuckDB file"
+    )
+
+
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=(
+            "seconds to wait for a running service that holds the database "
+            "(default: %(default)s)"
+        ),
+    )
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,391 @@
+"""The evaluator loop: ticks in, rules judged, results committed.
+
+Each batch: poll the source → ``RuleEngine.process`` → one sink flush (outputs,
+phase transitions and the source position in one transaction) → the in-memory
+latest metrics. Every ``checkpoint_every`` batches, and at start and at a graceful
+stop, the flush also carries an engine checkpoint (its snapshot and the position
+after the batch).
+
+**Restart.** :meth:`EvaluatorLoop.start` restores the newest checkpoint and moves
+the source back to its position; the batches after it are replayed, and since
+every output is an upsert keyed by the engine's identities, the replay changes
+nothing that was committed (``docs/store.md``, "Checkpoints and replay"). Phases
+activated in the store since the checkpoint are registered, phases cancelled since
+are removed.
+
+**Threads.** :meth:`run` blocks; ``serve`` runs it in a background thread beside
+the web server. :meth:`register_phase` and :meth:`remove_phase` may be called from
+any thread: they take effect between batches. :meth:`stop` (or the ``stop`` event
+given to :meth:`run`) lets the current batch finish and commit, writes a checkpoint
+and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import polars as pl
+
+from prop_stream.evaluator.metrics import LatestMetrics
+from prop_stream.evaluator.sources import TickSource
+from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
+from prop_stream.sinks.base import BaseSink
+from prop_stream.store.db import Connection, query_frame
+from prop_stream.store.lifecycle import active_phase_specs, phase_spec_by_account
+from prop_stream.store.progress import (
+    EngineCheckpoint,
+    Position,
+    latest_checkpoint,
+    load_position,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two calls of the between-batch hooks.
+DEFAULT_HOOK_INTERVAL_S: Final = 1.0
+
+
+@dataclass(slots=True)
+class LoopStats:
+    """Counters of a loop since it started.
+
+    Attributes:
+        batches: Batches committed (empty polls are not batches).
+        ticks: Ticks polled.
+        evaluated: Ticks judged.
+        late: Late ticks skipped.
+        unknown: Ticks for accounts without a registered phase.
+        inactive: Ticks for phases that had ended.
+        invalid: Ticks with NaN or infinite values.
+        breach_rows: Breach rows written (new breaches and resolutions).
+        transitions: Phase transitions applied.
+        checkpoints: Engine checkpoints written.
+        restored_from: The checkpoint id the loop started from, if any.
+        batch_seq: Batches processed over the loop's whole history.
+    """
+
+    batches: int = 0
+    ticks: int = 0
+    evaluated: int = 0
+    late: int = 0
+    unknown: int = 0
+    inactive: int = 0
+    invalid: int = 0
+    breach_rows: int = 0
+    transitions: int = 0
+    checkpoints: int = 0
+    restored_from: int | None = None
+    batch_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Register:
+    spec: PhaseSpec
+
+
+@dataclass(frozen=True, slots=True)
+class _Remove:
+    account_id: int
+
+
+class EvaluatorLoop:
+    """Runs the rules engine over a tick source into a sink.
+
+    Args:
+        conn: A store connection (or cursor) for this loop's reads; the sink has
+            its own.
+        source: Where ticks come from.
+        sink: Where outputs go; its flush is the batch's transaction.
+        max_batch_records: Most ticks asked of the source per poll.
+        poll_timeout_s: Longest wait of a poll.
+        checkpoint_every: Batches between engine checkpoints.
+        metrics: The in-memory latest metrics to keep current (a new one if None).
+        hooks: Called between batches, at most every ``hook_interval_s`` seconds
+            (e.g. serving export requests); an exception in one is logged.
+        hook_interval_s: See ``hooks``.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        source: TickSource,
+        sink: BaseSink,
+        *,
+        max_batch_records: int = 100_000,
+        poll_timeout_s: float = 0.5,
+        checkpoint_every: int = 100,
+        metrics: LatestMetrics | None = None,
+        hooks: Sequence[Callable[[], object]] = (),
+        hook_interval_s: float = DEFAULT_HOOK_INTERVAL_S,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        self._conn = conn
+        self._source = source
+        self._sink = sink
+        self._max_records = max_batch_records
+        self._timeout = poll_timeout_s
+        self._checkpoint_every = checkpoint_every
+        self._hooks = tuple(hooks)
+        self._hook_interval = hook_interval_s
+        self._next_hooks = 0.0
+        self.metrics = metrics if metrics is not None else LatestMetrics()
+        self.stats = LoopStats()
+        self._engine = RuleEngine()
+        self._ops: queue.SimpleQueue[_Register | _Remove] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._started = False
+        self._since_checkpoint = 0
+        #: Set once the loop has restored its state and is taking batches.
+        self.ready = threading.Event()
+        #: The exception that ended :meth:`run`, if one did.
+        self.error: BaseException | None = None
+
+    @property
+    def engine(self) -> RuleEngine:
+        """The engine (read it only from the loop's thread or when stopped)."""
+        return self._engine
+
+    # ------------------------------------------------------------ thread-safe API
+
+    def register_phase(self, spec: PhaseSpec) -> None:
+        """Start judging a phase from the next batch on; thread-safe.
+
+        Call it after the transaction that made the phase active in the store
+        has committed (a restart registers it from the store then).
+
+        Args:
+            spec: The phase, as :func:`~prop_stream.store.lifecycle.phase_spec`
+                reads it.
+        """
+        self._source.track(spec)
+        self._ops.put(_Register(spec))
+
+    def remove_phase(self, account_id: int) -> None:
+        """Stop judging a phase from the next batch on; thread-safe."""
+        self._ops.put(_Remove(account_id))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish its batch, checkpoint and return."""
+        self._stop.set()
+        self._source.close()
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Restore the newest checkpoint (or load the active phases) once.
+
+        A fresh start writes a checkpoint at once, so a restart always has one.
+        """
+        if self._started:
+            return
+        self._sink.setup()
+        checkpoint = latest_checkpoint(self._conn, source=self._source.name)
+        active = {spec.account_id: spec for spec in active_phase_specs(self._conn)}
+        if checkpoint is not None:
+            self._engine = RuleEngine.restore(checkpoint.snapshot)
+            self._source.seek(checkpoint.position)
+            self.stats.batch_seq = checkpoint.batch_seq
+            self.stats.restored_from = checkpoint.id
+            self._reconcile(active)
+        else:
+            self._engine = RuleEngine()
+            for spec in active.values():
+                self._register(spec)
+            self._source.seek(load_position(self._conn, source=self._source.name))
+        self.metrics.load(self._conn)
+        self._started = True
+        if checkpoint is None:
+            self._sink.flush(checkpoint=self._checkpoint(self._source_position()))
+            self.stats.checkpoints += 1
+        logger.info(
+            "evaluator started: %d phases, source %s at %s%s",
+            len(self._engine),
+            self._source.name,
+            dict(self._source.position()),
+            f", from checkpoint {checkpoint.id}" if checkpoint else "",
+        )
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        max_batches: int | None = None,
+        checkpoint_on_exit: bool = True,
+    ) -> LoopStats:
+        """Process batches until stopped.
+
+        Args:
+            stop: Ends the loop when set (besides :meth:`stop`).
+            max_batches: Return after this many batches (tests, replays).
+            checkpoint_on_exit: Write a checkpoint when returning normally.
+
+        Returns:
+            The loop's counters.
+        """
+        try:
+            self.start()
+            self.ready.set()
+            done = 0
+            while not self._stop.is_set() and not (stop is not None and stop.is_set()):
+                if max_batches is not None and done >= max_batches:
+                    break
+                if self.run_once():
+                    done += 1
+                self._run_hooks()
+            if checkpoint_on_exit:
+                self.checkpoint()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.ready.clear()
+        return self.stats
+
+    def run_once(self) -> bool:
+        """Poll one batch and commit it.
+
+        Returns:
+            Whether a batch with ticks was processed.
+        """
+        self.start()
+        self._apply_ops()
+        ticks, position = self._source.poll(self._max_records, self._timeout)
+        # Phases registered while the poll waited may own ticks in this batch.
+        self._apply_ops()
+        if not ticks.height:
+            return False
+        evaluation = self._engine.process(ticks)
+        self.stats.batch_seq += 1
+        self._since_checkpoint += 1
+        checkpoint = None
+        if self._since_checkpoint >= self._checkpoint_every:
+            checkpoint = self._checkpoint(position)
+        self._sink.add(evaluation, position=position)
+        self._sink.flush(checkpoint=checkpoint)
+        self._committed(evaluation, ticks.height, checkpoint is not None)
+        return True
+
+    def checkpoint(self) -> None:
+        """Commit an engine checkpoint at the source's current position now."""
+        self.start()
+        self._sink.flush(checkpoint=self._checkpoint(self._source_position()))
+        self.stats.checkpoints += 1
+        self._since_checkpoint = 0
+
+    # ----------------------------------------------------------------- internals
+
+    def _source_position(self) -> Position:
+        self._source.start()
+        return self._source.position()
+
+    def _checkpoint(self, position: Position) -> EngineCheckpoint:
+        self._since_checkpoint = 0
+        return EngineCheckpoint(
+            source=self._source.name,
+            position=dict(position),
+            batch_seq=self.stats.batch_seq,
+            engine_version=__version__,
+            snapshot=self._engine.snapshot(),
+            created_at=datetime.now(UTC),
+        )
+
+    def _committed(self, evaluation: Evaluation, ticks: int, checkpoint: bool) -> None:
+        stats = self.stats
+        counts = evaluation.counts
+        stats.batches += 1
+        stats.ticks += ticks
+        stats.evaluated += counts.evaluated
+        stats.late += counts.late
+        stats.unknown += counts.unknown
+        stats.inactive += counts.inactive
+        stats.invalid += counts.invalid
+        stats.breach_rows += evaluation.breaches.height
+        stats.transitions += evaluation.transitions.height
+        stats.checkpoints += int(checkpoint)
+        self.metrics.update(evaluation.metrics)
+        # An ended phase ignores every later tick; dropping it keeps the engine
+        # (and its checkpoints) to the live phases. A replay from an older
+        # checkpoint still has it and ends it again at the same tick.
+        for account_id in evaluation.transitions["account_id"].to_list():
+            self._engine.remove(int(account_id))
+            self._source.untrack(int(account_id))
+
+    def _register(self, spec: PhaseSpec) -> None:
+        self._engine.register(spec)
+        self._source.track(spec)
+
+    def _apply_ops(self) -> None:
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(op, _Register):
+                if op.spec.account_id in self._engine:
+                    logger.warning(
+                        "account %d already has a phase; registration ignored",
+                        op.spec.account_id,
+                    )
+                    continue
+                self._register(op.spec)
+            else:
+                self._engine.remove(op.account_id)
+                self._source.untrack(op.account_id)
+                self.metrics.forget(op.account_id)
+
+    def _reconcile(self, active: dict[int, PhaseSpec]) -> None:
+        """Align a restored engine with the store's phases."""
+        engine_phases = self._engine.phases()
+        statuses = _phase_statuses(self._conn, engine_phases)
+        for row in engine_phases.iter_rows(named=True):
+            account_id = int(row["account_id"])
+            stored = statuses.get(account_id)
+            if stored in (None, "cancelled", "pending"):
+                # Cancelled (or gone) since the checkpoint: judge it no more.
+                self._engine.remove(account_id)
+                continue
+            if row["status"] == "active":
+                spec = active.get(account_id)
+                if spec is None:
+                    # Passed or failed in the store after the checkpoint: the
+                    # replay ends it again; the source must still simulate it.
+                    spec = phase_spec_by_account(self._conn, account_id=account_id)
+                self._source.track(spec)
+        for account_id, spec in active.items():
+            if account_id not in self._engine:
+                self._register(spec)
+
+    def _run_hooks(self) -> None:
+        if not self._hooks:
+            return
+        now = time.monotonic()
+        if now < self._next_hooks:
+            return
+        self._next_hooks = now + self._hook_interval
+        for hook in self._hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("between-batch hook %r failed", hook)
+
+
+def _phase_statuses(conn: Connection, phases: pl.DataFrame) -> dict[int, str]:
+    if not phases.height:
+        return {}
+    frame = query_frame(
+        conn,
+        "SELECT account_id, status FROM challenge_phases "
+        "WHERE account_id IN (SELECT unnest(?))",
+        [phases["account_id"].to_list()],
+    )
+    return dict(
+        zip(frame["account_id"].to_list(), frame["status"].to_list(), strict=True)
+    )

@@ -1,0 +1,93 @@
+"""Where the evaluator's ticks come from: the :class:`TickSource` interface.
+
+A source hands out batches of ticks in the engine's schema with the position after
+each batch, and can be moved back to a position it handed out (a restart replays
+from the last engine checkpoint). Sources that make up ticks for the phases being
+judged (the demo simulator) also hear about phases coming and going; others ignore
+that.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Final
+
+import polars as pl
+
+from prop_stream.rules import TICK_SCHEMA, PhaseSpec
+from prop_stream.store.progress import Position
+
+#: An empty batch in the engine's schema.
+EMPTY_TICKS: Final = pl.DataFrame(schema=TICK_SCHEMA)
+
+
+class TickSource(ABC):
+    """A stream of equity ticks with replayable positions."""
+
+    #: The name positions and checkpoints are saved under.
+    name: str = "source"
+
+    @abstractmethod
+    def poll(self, max_records: int, timeout: float) -> tuple[pl.DataFrame, Position]:
+        """Wait up to ``timeout`` seconds for up to ``max_records`` ticks.
+
+        Args:
+            max_records: Most ticks to return.
+            timeout: Longest wait, in seconds.
+
+        Returns:
+            The ticks (possibly none) in the engine's schema, in delivery order,
+            and the position after them.
+        """
+
+    @abstractmethod
+    def seek(self, position: Position) -> None:
+        """Resume from a position :meth:`poll` returned earlier.
+
+        An empty position means the source's own start.
+        """
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Fix where a fresh source begins (called before its first checkpoint)."""
+
+    @abstractmethod
+    def position(self) -> Position:
+        """The position of the next tick :meth:`poll` would return."""
+
+    def track(self, spec: PhaseSpec) -> None:  # noqa: B027 - optional hook
+        """A phase is being judged from now on (the demo simulates its account).
+
+        Called before the phase's first batch; thread-safe.
+        """
+
+    def untrack(self, account_id: int) -> None:  # noqa: B027 - optional hook
+        """A phase is no longer judged; thread-safe."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the source's resources."""
+
+
+class NoneSource(TickSource):
+    """No ticks at all: the service runs its API and jobs but judges nothing."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+
+    def poll(self, max_records: int, timeout: float) -> tuple[pl.DataFrame, Position]:
+        """Wait ``timeout`` seconds (or until :meth:`close`) and return no ticks."""
+        self._wake.wait(timeout)
+        return EMPTY_TICKS, {}
+
+    def seek(self, position: Position) -> None:
+        """Nothing to move."""
+
+    def position(self) -> Position:
+        """Always empty."""
+        return {}
+
+    def close(self) -> None:
+        """Wake a waiting poll."""
+        self._wake.set()

@@ -1,0 +1,280 @@
+"""The service's sink: one DuckDB transaction per flush.
+
+A flush writes, in one transaction, every batch added since the last one:
+
+- ``breaches``: upsert by ``(account_id, breach_seq)``; ``resolved`` only ever goes
+  from false to true, so a replayed batch never reopens a resolved warning;
+- ``prop_daily_snapshots``: upsert by ``(account_id, day)``;
+- ``metrics_latest``: upsert by ``account_id``, only by a row at least as new;
+- ``metric_history``: insert by ``(account_id, ts)``, ignoring rows already there;
+- the phase transitions (:func:`prop_stream.store.lifecycle.apply_transition`);
+- the source position after the last batch, and an engine checkpoint if given.
+
+Everything is keyed by the engine's identities, so writing the same
+:class:`~prop_stream.rules.Evaluation` twice leaves the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import duckdb
+import polars as pl
+
+from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
+from prop_stream.sinks.base import BaseSink
+from prop_stream.sinks.exceptions import SinkError
+from prop_stream.store.db import Connection, transaction
+from prop_stream.store.lifecycle import apply_transition
+from prop_stream.store.migrations import LATEST_VERSION, current_version
+from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint
+from prop_stream.store.progress import save_position as _save_position
+
+#: The engine's metric columns, in the order of ``metrics_latest``.
+METRIC_COLUMNS: Final = (
+    "account_id",
+    "challenge_id",
+    "phase_index",
+    "ts",
+    "status",
+    "day",
+    "equity",
+    "balance",
+    "profit",
+    "daily_start_equity",
+    "daily_start_balance",
+    "daily_pnl",
+    "daily_loss_limit",
+    "daily_floor",
+    "daily_room",
+    "daily_paused",
+    "max_loss_limit",
+    "overall_floor",
+    "overall_room",
+    "hwm",
+    "trading_days",
+    "days_elapsed",
+    "best_day_profit",
+    "profit_target_level",
+    "profit_progress",
+    "trading_days_progress",
+)
+BREACH_COLUMNS: Final = (
+    "account_id",
+    "challenge_id",
+    "phase_index",
+    "breach_seq",
+    "rule",
+    "severity",
+    "threshold",
+    "actual",
+    "action",
+    "ts",
+    "resolved",
+    "resolved_ts",
+)
+DAILY_COLUMNS: Final = (
+    "account_id",
+    "day",
+    "challenge_id",
+    "phase_index",
+    "daily_start_equity",
+    "daily_start_balance",
+    "min_equity",
+    "close_equity",
+)
+
+
+def _select(columns: Sequence[str], relation: str) -> str:
+    exprs = [
+        "CAST(challenge_id AS BIGINT)" if name == "challenge_id" else name
+        for name in columns
+    ]
+    # Column and relation names are this module's constants, never input.
+    return f"SELECT {', '.join(exprs)} FROM {relation}"  # noqa: S608
+
+
+_METRIC_UPDATES: Final = ", ".join(
+    f"{name} = excluded.{name}" for name in METRIC_COLUMNS if name != "account_id"
+)
+_UPSERT_BREACHES: Final = (
+    f"INSERT INTO breaches ({', '.join(BREACH_COLUMNS)}) "
+    f"{_select(BREACH_COLUMNS, '_sink_breaches')} "
+    "ON CONFLICT (account_id, breach_seq) DO UPDATE SET "
+    "resolved = breaches.resolved OR excluded.resolved, "
+    "resolved_ts = coalesce(breaches.resolved_ts, excluded.resolved_ts)"
+)
+_UPSERT_DAILY: Final = (
+    f"INSERT INTO prop_daily_snapshots ({', '.join(DAILY_COLUMNS)}) "
+    f"{_select(DAILY_COLUMNS, '_sink_daily')} "
+    "ON CONFLICT (account_id, day) DO UPDATE SET "
+    + ", ".join(
+        f"{name} = excluded.{name}"
+        for name in DAILY_COLUMNS
+        if name not in ("account_id", "day")
+    )
+)
+_UPSERT_LATEST: Final = (
+    f"INSERT INTO metrics_latest ({', '.join(METRIC_COLUMNS)}) "
+    f"{_select(METRIC_COLUMNS, '_sink_latest')} "
+    f"ON CONFLICT (account_id) DO UPDATE SET {_METRIC_UPDATES} "
+    "WHERE excluded.ts >= metrics_latest.ts"
+)
+_INSERT_HISTORY: Final = (
+    f"INSERT INTO metric_history ({', '.join(METRIC_COLUMNS)}) "
+    f"{_select(METRIC_COLUMNS, '_sink_history')} "
+    "ON CONFLICT (account_id, ts) DO NOTHING"
+)
+
+
+class DuckDBSink(BaseSink):
+    """Writes the engine's outputs to the store, one transaction per flush.
+
+    Args:
+        conn: A connection (or cursor) of the store, used only by this sink.
+        source: The tick source's name, under which positions are saved.
+        checkpoints_kept: Engine checkpoints kept per source.
+    """
+
+    def __init__(
+        self, conn: Connection, *, source: str, checkpoints_kept: int = 3
+    ) -> None:
+        self._conn = conn
+        self._source = source
+        self._keep = checkpoints_kept
+        self._pending: list[Evaluation] = []
+        self._position: Position | None = None
+
+    @property
+    def source(self) -> str:
+        """The source whose positions this sink saves."""
+        return self._source
+
+    def setup(self) -> None:
+        """Check that the database has the schema this code writes.
+
+        Raises:
+            SinkError: The database is not migrated to the latest version.
+        """
+        version = current_version(self._conn)
+        if version != LATEST_VERSION:
+            raise SinkError(
+                f"database schema is at version {version}, this code needs "
+                f"{LATEST_VERSION}: run prop-stream init --db PATH"
+            )
+
+    def add(self, evaluation: Evaluation, *, position: Position) -> None:
+        """Buffer one batch's outputs and the position after it."""
+        self._pending.append(evaluation)
+        self._position = dict(position)
+
+    def flush(self, *, checkpoint: EngineCheckpoint | None = None) -> None:
+        """Commit the buffered batches, the position and a checkpoint together.
+
+        Raises:
+            SinkError: The transaction failed and was rolled back; the buffer is
+                kept.
+        """
+        if not self._pending and checkpoint is None and self._position is None:
+            return
+        frames = _merge(self._pending)
+        conn = self._conn
+        try:
+            with transaction(conn):
+                for name, frame in frames.items():
+                    if frame.height:
+                        _write(conn, name, frame)
+                for row in frames["transitions"].iter_rows(named=True):
+                    apply_transition(
+                        conn,
+                        challenge_id=int(row["challenge_id"]),
+                        phase_index=int(row["phase_index"]),
+                        status=str(row["status"]),
+                        ts=row["ts"],
+                    )
+                position = self._position
+                if checkpoint is not None:
+                    position = checkpoint.position
+                if position is not None:
+                    _save_position(conn, source=self._source, position=position)
+                if checkpoint is not None:
+                    save_checkpoint(conn, checkpoint=checkpoint, keep=self._keep)
+        except duckdb.Error as exc:
+            raise SinkError(f"could not commit a batch to DuckDB: {exc}") from exc
+        self._pending.clear()
+        self._position = None
+
+
+_STATEMENTS: Final = {
+    "breaches": _UPSERT_BREACHES,
+    "daily": _UPSERT_DAILY,
+    "latest": _UPSERT_LATEST,
+    "history": _INSERT_HISTORY,
+}
+
+
+def _write(conn: Connection, name: str, frame: pl.DataFrame) -> None:
+    if name not in _STATEMENTS:
+        return
+    view = f"_sink_{name}"
+    conn.register(view, frame.to_arrow())
+    try:
+        conn.execute(_STATEMENTS[name])
+    finally:
+        conn.unregister(view)
+
+
+def _merge(evaluations: Sequence[Evaluation]) -> dict[str, pl.DataFrame]:
+    """The buffered batches as one set of rows per table, in commit order."""
+
+    def cat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        frames = [f for f in frames if f.height]
+        if not frames:
+            return pl.DataFrame()
+        return pl.concat(frames, how="vertical_relaxed")
+
+    breaches = cat([e.breaches for e in evaluations])
+    daily = cat([e.daily for e in evaluations])
+    metrics = cat([e.metrics for e in evaluations])
+    transitions = cat([e.transitions for e in evaluations])
+    if breaches.height:
+        breaches = _merge_breaches(breaches)
+    if daily.height:
+        daily = daily.unique(list(DAILY_KEY), keep="last", maintain_order=True)
+        daily = daily.join(
+            metrics.select("account_id", "challenge_id", "phase_index").unique(
+                "account_id", keep="last"
+            ),
+            on="account_id",
+            how="left",
+        )
+    latest = history = metrics
+    if metrics.height:
+        latest = metrics.unique("account_id", keep="last", maintain_order=True)
+        history = metrics.unique(["account_id", "ts"], keep="first")
+    if not transitions.height:
+        transitions = pl.DataFrame(
+            schema={
+                "challenge_id": pl.String,
+                "phase_index": pl.Int32,
+                "status": pl.String,
+                "ts": pl.Datetime("us", "UTC"),
+            }
+        )
+    return {
+        "breaches": breaches,
+        "daily": daily,
+        "latest": latest,
+        "history": history,
+        "transitions": transitions,
+    }
+
+
+def _merge_breaches(breaches: pl.DataFrame) -> pl.DataFrame:
+    # The last row of a key carries its latest state; `resolved` never goes back.
+    return breaches.group_by(list(BREACH_KEY), maintain_order=True).agg(
+        pl.all().exclude("resolved", "resolved_ts").last(),
+        pl.col("resolved").any(),
+        pl.col("resolved_ts").drop_nulls().first(),
+    )

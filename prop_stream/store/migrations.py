@@ -1,0 +1,395 @@
+"""Versioned schema migrations of the service's DuckDB file.
+
+Each :class:`Migration` is a numbered list of SQL statements. :func:`migrate` applies
+the ones a database lacks, each in its own transaction together with its row in
+``schema_migrations``, so a crash leaves the database at one version or the next,
+and running it again is a no-op. Never edit a released migration: add one.
+
+Conventions (``docs/store.md`` documents every table and view):
+
+- money in the ledger is ``DECIMAL(18,2)``; the engine's equity figures ``DOUBLE``;
+- timestamps are ``TIMESTAMPTZ`` (UTC); days are ``DATE`` (the phase's local day);
+- the engine's outputs (breaches, daily snapshots, metrics) carry no foreign keys:
+  they are written at tick rate, and their keys come from the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from prop_stream.store.db import Connection, transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version.
+
+    Attributes:
+        version: Its number, 1, 2, ... in order.
+        name: What it does, in a few words.
+        statements: The SQL it runs, in order.
+    """
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_METRIC_COLUMNS: Final = """
+    account_id BIGINT NOT NULL,
+    challenge_id BIGINT NOT NULL,
+    phase_index INTEGER NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    status VARCHAR NOT NULL,
+    day DATE NOT NULL,
+    equity DOUBLE NOT NULL,
+    balance DOUBLE NOT NULL,
+    profit DOUBLE NOT NULL,
+    daily_start_equity DOUBLE NOT NULL,
+    daily_start_balance DOUBLE NOT NULL,
+    daily_pnl DOUBLE NOT NULL,
+    daily_loss_limit DOUBLE,
+    daily_floor DOUBLE,
+    daily_room DOUBLE,
+    daily_paused BOOLEAN NOT NULL,
+    max_loss_limit DOUBLE,
+    overall_floor DOUBLE,
+    overall_room DOUBLE,
+    hwm DOUBLE NOT NULL,
+    trading_days INTEGER NOT NULL,
+    days_elapsed INTEGER NOT NULL,
+    best_day_profit DOUBLE NOT NULL,
+    profit_target_level DOUBLE,
+    profit_progress DOUBLE,
+    trading_days_progress DOUBLE NOT NULL
+"""
+
+_V1: Final = (
+    # ---------------------------------------------------------- reference data
+    """
+    CREATE TABLE account_groups (
+        name VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL CHECK (kind IN ('DEMO', 'REAL')),
+        currency VARCHAR NOT NULL CHECK (length(currency) = 3),
+        leverage INTEGER NOT NULL CHECK (leverage > 0)
+    )
+    """,
+    "CREATE SEQUENCE customers_id_seq START 1",
+    """
+    CREATE TABLE customers (
+        id BIGINT PRIMARY KEY DEFAULT nextval('customers_id_seq'),
+        email VARCHAR NOT NULL UNIQUE,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE TABLE sessions (
+        token_hash VARCHAR PRIMARY KEY,
+        customer_id BIGINT NOT NULL REFERENCES customers (id),
+        created_at TIMESTAMPTZ NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+    "CREATE SEQUENCE trading_accounts_login_seq START 5000001",
+    """
+    CREATE TABLE trading_accounts (
+        account_id BIGINT PRIMARY KEY
+            DEFAULT nextval('trading_accounts_login_seq'),
+        customer_id BIGINT NOT NULL REFERENCES customers (id),
+        account_group VARCHAR NOT NULL REFERENCES account_groups (name),
+        currency VARCHAR NOT NULL CHECK (length(currency) = 3),
+        balance DECIMAL(18, 2) NOT NULL DEFAULT 0,
+        enabled BOOLEAN NOT NULL DEFAULT true,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+    "CREATE SEQUENCE programs_id_seq START 1",
+    """
+    CREATE TABLE programs (
+        id BIGINT PRIMARY KEY DEFAULT nextval('programs_id_seq'),
+        name VARCHAR NOT NULL,
+        description VARCHAR NOT NULL DEFAULT '',
+        price DECIMAL(18, 2) NOT NULL CHECK (price >= 0),
+        currency VARCHAR NOT NULL CHECK (length(currency) = 3),
+        active BOOLEAN NOT NULL DEFAULT true,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE TABLE program_phases (
+        program_id BIGINT NOT NULL REFERENCES programs (id),
+        phase_index INTEGER NOT NULL CHECK (phase_index >= 0),
+        name VARCHAR NOT NULL,
+        phase_type SMALLINT NOT NULL CHECK (phase_type IN (0, 1)),
+        account_group VARCHAR NOT NULL REFERENCES account_groups (name),
+        rules JSON NOT NULL,
+        profit_split DECIMAL(5, 4)
+            CHECK (profit_split IS NULL OR (profit_split > 0 AND profit_split <= 1)),
+        PRIMARY KEY (program_id, phase_index)
+    )
+    """,
+    # ------------------------------------------------ purchases and challenges
+    """
+    CREATE TABLE purchase_statuses (
+        status SMALLINT PRIMARY KEY,
+        name VARCHAR NOT NULL UNIQUE
+    )
+    """,
+    """
+    INSERT INTO purchase_statuses VALUES
+        (0, 'pending'), (1, 'paid'), (2, 'account_created'), (3, 'active'),
+        (4, 'failed'), (5, 'refunded')
+    """,
+    "CREATE SEQUENCE purchases_id_seq START 1",
+    """
+    CREATE TABLE purchases (
+        id BIGINT PRIMARY KEY DEFAULT nextval('purchases_id_seq'),
+        customer_id BIGINT NOT NULL REFERENCES customers (id),
+        program_id BIGINT NOT NULL REFERENCES programs (id),
+        payer_account_id BIGINT NOT NULL REFERENCES trading_accounts (account_id),
+        status SMALLINT NOT NULL DEFAULT 0 CHECK (status BETWEEN 0 AND 5),
+        price DECIMAL(18, 2) NOT NULL,
+        currency VARCHAR NOT NULL,
+        idempotency_key VARCHAR,
+        request_hash VARCHAR,
+        failure_reason VARCHAR,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        UNIQUE (customer_id, idempotency_key)
+    )
+    """,
+    """
+    CREATE TABLE challenge_statuses (
+        status SMALLINT PRIMARY KEY,
+        name VARCHAR NOT NULL UNIQUE
+    )
+    """,
+    """
+    INSERT INTO challenge_statuses VALUES
+        (0, 'pending'), (1, 'active'), (2, 'passed'), (3, 'failed'), (4, 'cancelled')
+    """,
+    "CREATE SEQUENCE challenges_id_seq START 1",
+    """
+    CREATE TABLE challenges (
+        id BIGINT PRIMARY KEY DEFAULT nextval('challenges_id_seq'),
+        customer_id BIGINT NOT NULL REFERENCES customers (id),
+        program_id BIGINT NOT NULL REFERENCES programs (id),
+        purchase_id BIGINT REFERENCES purchases (id),
+        status SMALLINT NOT NULL DEFAULT 0 CHECK (status BETWEEN 0 AND 4),
+        current_phase_index INTEGER NOT NULL DEFAULT 0,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        ended_at TIMESTAMPTZ
+    )
+    """,
+    """
+    CREATE TABLE challenge_phases (
+        challenge_id BIGINT NOT NULL REFERENCES challenges (id),
+        phase_index INTEGER NOT NULL,
+        name VARCHAR NOT NULL,
+        phase_type SMALLINT NOT NULL CHECK (phase_type IN (0, 1)),
+        account_group VARCHAR NOT NULL,
+        account_id BIGINT UNIQUE,
+        status VARCHAR NOT NULL DEFAULT 'pending' CHECK (
+            status IN ('pending', 'active', 'passed', 'failed', 'cancelled')
+        ),
+        started_at TIMESTAMPTZ,
+        ended_at TIMESTAMPTZ,
+        rules JSON NOT NULL,
+        profit_split DECIMAL(5, 4),
+        PRIMARY KEY (challenge_id, phase_index)
+    )
+    """,
+    # ------------------------------------------------------- engine outputs
+    """
+    CREATE TABLE prop_daily_snapshots (
+        account_id BIGINT NOT NULL,
+        day DATE NOT NULL,
+        challenge_id BIGINT NOT NULL,
+        phase_index INTEGER NOT NULL,
+        daily_start_equity DOUBLE NOT NULL,
+        daily_start_balance DOUBLE NOT NULL,
+        min_equity DOUBLE NOT NULL,
+        close_equity DOUBLE NOT NULL,
+        PRIMARY KEY (account_id, day)
+    )
+    """,
+    f"""
+    CREATE TABLE metrics_latest (
+        {_METRIC_COLUMNS},
+        PRIMARY KEY (account_id)
+    )
+    """,
+    f"""
+    CREATE TABLE metric_history (
+        {_METRIC_COLUMNS},
+        PRIMARY KEY (account_id, ts)
+    )
+    """,
+    "CREATE SEQUENCE breaches_id_seq START 1",
+    """
+    CREATE TABLE breaches (
+        id BIGINT NOT NULL DEFAULT nextval('breaches_id_seq'),
+        account_id BIGINT NOT NULL,
+        challenge_id BIGINT NOT NULL,
+        phase_index INTEGER NOT NULL,
+        breach_seq BIGINT NOT NULL,
+        rule VARCHAR NOT NULL,
+        severity VARCHAR NOT NULL CHECK (severity IN ('warning', 'critical')),
+        threshold DOUBLE NOT NULL,
+        actual DOUBLE NOT NULL,
+        action VARCHAR NOT NULL
+            CHECK (action IN ('phase_failed', 'trading_paused', 'notify')),
+        ts TIMESTAMPTZ NOT NULL,
+        resolved BOOLEAN NOT NULL,
+        resolved_ts TIMESTAMPTZ,
+        PRIMARY KEY (account_id, breach_seq)
+    )
+    """,
+    # ------------------------------------------------------ stream progress
+    """
+    CREATE TABLE source_offsets (
+        source VARCHAR NOT NULL,
+        "partition" VARCHAR NOT NULL,
+        next_offset BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (source, "partition")
+    )
+    """,
+    "CREATE SEQUENCE engine_checkpoints_id_seq START 1",
+    """
+    CREATE TABLE engine_checkpoints (
+        id BIGINT PRIMARY KEY DEFAULT nextval('engine_checkpoints_id_seq'),
+        source VARCHAR NOT NULL,
+        position JSON NOT NULL,
+        batch_seq BIGINT NOT NULL,
+        engine_version VARCHAR NOT NULL,
+        snapshot BLOB NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+)
+
+_V2_VIEWS: Final = (
+    """
+    CREATE VIEW risk_breaches_by_day_rule AS
+    SELECT
+        CAST(ts AS DATE) AS day,
+        rule,
+        severity,
+        count(*) AS breaches,
+        count(*) FILTER (WHERE resolved) AS resolved,
+        count(DISTINCT account_id) AS accounts,
+        count(DISTINCT challenge_id) AS challenges
+    FROM breaches
+    GROUP BY ALL
+    """,
+    """
+    CREATE VIEW risk_challenges_by_status AS
+    SELECT
+        p.id AS program_id,
+        p.name AS program_name,
+        c.status,
+        s.name AS status_name,
+        count(*) AS challenges
+    FROM challenges AS c
+    JOIN challenge_statuses AS s ON s.status = c.status
+    JOIN programs AS p ON p.id = c.program_id
+    GROUP BY ALL
+    """,
+    """
+    CREATE VIEW risk_phases_near_floor AS
+    SELECT
+        m.account_id,
+        m.challenge_id,
+        m.phase_index,
+        ph.name AS phase_name,
+        c.customer_id,
+        m.ts,
+        m.equity,
+        m.daily_floor,
+        m.daily_room,
+        m.daily_loss_limit,
+        m.daily_room / m.daily_loss_limit AS daily_room_share,
+        m.overall_floor,
+        m.overall_room,
+        m.max_loss_limit,
+        m.overall_room / m.max_loss_limit AS overall_room_share,
+        coalesce(m.daily_room < 0.2 * m.daily_loss_limit, false) AS near_daily_floor,
+        coalesce(m.overall_room < 0.2 * m.max_loss_limit, false)
+            AS near_overall_floor
+    FROM metrics_latest AS m
+    JOIN challenge_phases AS ph
+        ON ph.challenge_id = m.challenge_id AND ph.phase_index = m.phase_index
+    JOIN challenges AS c ON c.id = m.challenge_id
+    WHERE ph.status = 'active'
+        AND (
+            m.daily_room < 0.2 * m.daily_loss_limit
+            OR m.overall_room < 0.2 * m.max_loss_limit
+        )
+    """,
+)
+
+#: Every migration, in order. Append only.
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
+    Migration(2, "risk_* views", _V2_VIEWS),
+)
+
+_LEDGER: Final = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version INTEGER PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+"""
+
+
+def current_version(conn: Connection) -> int:
+    """The highest migration applied to a database (0 for an empty one).
+
+    Args:
+        conn: An open connection.
+
+    Returns:
+        The schema version.
+    """
+    exists = conn.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = 'schema_migrations' AND table_schema = 'main'"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def migrate(conn: Connection) -> list[int]:
+    """Bring a database up to the latest schema.
+
+    Args:
+        conn: An open read-write connection, not in a transaction.
+
+    Returns:
+        The versions applied now, in order (empty when it was up to date).
+    """
+    conn.execute(_LEDGER)
+    done = current_version(conn)
+    applied: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version <= done:
+            continue
+        with transaction(conn):
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                [migration.version, migration.name],
+            )
+        applied.append(migration.version)
+    return applied
+
+
+#: The schema version this code expects.
+LATEST_VERSION: Final = MIGRATIONS[-1].version

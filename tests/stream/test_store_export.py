@@ -1,0 +1,213 @@
+"""Parquet export, and operator commands while a service process holds the file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from prop_stream.cli import main
+from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
+from prop_stream.sinks import DuckDBSink
+from prop_stream.store import (
+    DatabaseLockedError,
+    connect,
+    cursor,
+    customer_id_by_email,
+    init_database,
+    query_frame,
+    session_customer,
+)
+from prop_stream.store.access import export_database
+
+START = datetime(2026, 1, 5, tzinfo=UTC)
+DEMO = DemoConfig(
+    seed=3, rate=5 / 60, batch_ms=20 * 60_000, realtime=False, epoch=START
+)
+
+#: A service process: the evaluator loop with operator requests, until SIGTERM.
+SERVICE = textwrap.dedent(
+    """
+    import signal, sys
+    from pathlib import Path
+    from prop_stream.config import StreamSettings
+    from prop_stream.evaluator import build_loop
+    from prop_stream.store import connect
+
+    settings = StreamSettings(
+        db=Path(sys.argv[1]), source="demo", demo_batch_ms=100,
+        demo_rate=200, poll_timeout_s=0.05, checkpoint_every=20,
+    )
+    conn = connect(settings.db)
+    loop = build_loop(settings, conn)
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    loop.start()
+    print("ready", flush=True)
+    loop.run()
+    conn.close()
+    print("stopped", flush=True)
+    """
+)
+
+
+def _run_demo(path: Path, batches: int) -> None:
+    conn = connect(path)
+    source = DemoSource(DEMO)
+    loop = EvaluatorLoop(cursor(conn), source, DuckDBSink(cursor(conn), source="demo"))
+    loop.run(max_batches=batches)
+    conn.close()
+
+
+@pytest.fixture
+def demo_db(tmp_path: Path) -> Path:
+    path = tmp_path / "prop.duckdb"
+    init_database(path, demo=True, now=START)
+    _run_demo(path, 90)
+    return path
+
+
+def test_export_writes_parquet_partitioned_by_day(
+    demo_db: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    result = export_database(demo_db, out)
+    assert not result.via_service
+    conn = connect(demo_db, read_only=True)
+    for table, day in [
+        ("metric_history", "day"),
+        ("prop_daily_snapshots", "day"),
+        ("breaches", "CAST(ts AS DATE)"),
+    ]:
+        stored = query_frame(conn, f"SELECT *, {day} AS _day FROM {table}")  # noqa: S608 - constants
+        assert result.rows[table] == stored.height > 0
+        parts = sorted(p.name for p in (out / table).iterdir())
+        assert parts == sorted(
+            f"day={d}" for d in stored["_day"].unique().cast(pl.String)
+        )
+        exported = pl.read_parquet(out / table, hive_partitioning=True)
+        key = ["account_id", "ts" if table != "prop_daily_snapshots" else "day"]
+        expected = stored.drop("_day")
+        if table == "breaches":
+            expected = expected.with_columns(day=pl.col("ts").cast(pl.Date))
+        assert (
+            exported.select(expected.columns)
+            .sort(key)
+            .equals(expected.sort(key), null_equal=True)
+        ), table
+    conn.close()
+
+
+def test_export_again_replaces_partitions(demo_db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    export_database(demo_db, out)
+    _run_demo(demo_db, 30)
+    second = export_database(demo_db, out)
+    exported = pl.read_parquet(out / "metric_history", hive_partitioning=True)
+    assert exported.height == second.rows["metric_history"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_export_cli_reports_rows(
+    demo_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "export"
+    assert main(["export", "--db", str(demo_db), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "of metric_history" in err
+    assert str(out) in err
+
+
+def test_export_cli_without_database_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["export", "--db", str(tmp_path / "x.duckdb"), "--out", "o"])
+    assert code == 2
+    assert "database not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    path = tmp_path / "served.duckdb"
+    init_database(path, demo=True)
+    proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own script
+        [sys.executable, "-c", SERVICE, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    try:
+        yield path, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+def test_export_while_the_service_runs_goes_through_it(
+    service: tuple[Path, subprocess.Popen[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, _ = service
+    with pytest.raises(DatabaseLockedError):
+        connect(path, read_only=True)
+    out = tmp_path / "live-export"
+    assert (
+        main(["export", "--db", str(path), "--out", str(out), "--timeout", "30"]) == 0
+    )
+    assert "through the running service" in capsys.readouterr().err
+    history = pl.read_parquet(out / "metric_history", hive_partitioning=True)
+    assert history.height > 0
+    assert set(history["account_id"]) <= set(range(5_000_000, 6_000_000))
+
+
+def test_session_while_the_service_runs_goes_through_it(
+    service: tuple[Path, subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, proc = service
+    assert main(["session", "bob@example.com", "--db", str(path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert main(["session", "nobody@example.com", "--db", str(path)]) == 2
+    assert "nobody@example.com" in capsys.readouterr().err
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    conn = connect(path)
+    bob = customer_id_by_email(conn, email="bob@example.com")
+    assert session_customer(conn, token=token) == bob
+    spool = Path(f"{path.resolve()}.requests")
+    assert not [p for p in spool.iterdir() if p.suffix in (".json", ".result")]
+    conn.close()
+
+
+def test_service_stops_gracefully_on_sigterm(
+    service: tuple[Path, subprocess.Popen[str]],
+) -> None:
+    path, proc = service
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert proc.stdout is not None
+    assert proc.stdout.read().strip() == "stopped"
+    conn = connect(path, read_only=True)
+    row = conn.execute(
+        "SELECT c.position, o.n FROM (SELECT position FROM engine_checkpoints "
+        "ORDER BY id DESC LIMIT 1) c, (SELECT count(*) n FROM source_offsets) o"
+    ).fetchone()
+    conn.close()
+    assert row is not None
+    assert row[1] == 3  # batch, epoch_us, tick_us

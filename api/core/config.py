@@ -1,0 +1,60 @@
+"""Settings of the HTTP API.
+
+:class:`ApiSettings` is read from ``PROP_STREAM_API_`` variables through
+:func:`get_settings`, a cached dependency; tests and ``serve`` override it with
+``app.dependency_overrides[get_settings]`` or pass settings to
+:func:`api.main.create_app`. There is no module-level instance.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+
+class ApiSettings(BaseSettings):
+    """How the API runs.
+
+    Attributes:
+        db: The DuckDB file, opened in the lifespan when the app is not handed a
+            connection (``serve`` hands it the service's).
+        environment: ``development``, ``test`` or ``production``.
+        session_cache_ttl_s: How long a looked-up session is trusted from memory
+            before the database is asked again (never past its expiry). A deleted
+            session keeps working for at most this long on a running server.
+        session_negative_ttl_s: How long an unknown token is remembered as
+            unknown (bounds the database lookups a flood of bad tokens causes).
+        session_cache_size: Most sessions (known and unknown) kept in memory.
+        cache_sync_interval_s: Seconds between two checks of the store for
+            challenges changed by writers that don't refresh the runtime cache
+            themselves (0 turns the check off).
+        docs: Serve the OpenAPI document and ``/docs``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROP_STREAM_API_", frozen=True, extra="forbid"
+    )
+
+    db: Path = Path("prop-stream.duckdb")
+    environment: Environment = "development"
+    session_cache_ttl_s: float = Field(default=60.0, ge=0)
+    session_negative_ttl_s: float = Field(default=5.0, ge=0)
+    session_cache_size: int = Field(default=100_000, gt=0)
+    cache_sync_interval_s: float = Field(default=2.0, ge=0)
+    docs: bool = True
+
+
+@lru_cache
+def get_settings() -> ApiSettings:
+    """The API settings from the environment, read once.
+
+    Returns:
+        The settings.
+    """
+    return ApiSettings()

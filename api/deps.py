@@ -1,0 +1,123 @@
+"""Dependencies of the routes, as ``Annotated`` aliases.
+
+- :data:`SettingsDep`: the :class:`~api.core.config.ApiSettings`;
+- :data:`SessionDep`: a store cursor borrowed for the request (DuckDB);
+- :data:`CurrentTrader`: the id of the customer whose bearer token came with the
+  request (401 otherwise);
+- :data:`CacheDep`: the in-memory :class:`~api.cache.RuntimeCache`.
+
+The hot routes use only async dependencies (no thread-pool hop) and never the
+database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+from starlette.requests import HTTPConnection
+
+from api.cache import RuntimeCache
+from api.core.config import ApiSettings, get_settings
+from api.core.security import SessionCache, bearer_token, lookup_session
+from api.db import Database
+from api.errors import unauthorized
+from prop_stream.store import Connection
+
+
+@dataclass(slots=True)
+class AppState:
+    """What the lifespan builds and the dependencies hand out.
+
+    Attributes:
+        db: The store's cursor pool.
+        cache: The runtime read model.
+        sessions: The session cache.
+        evaluator_ready: Whether the evaluator loop runs (None: no evaluator in
+            this process).
+    """
+
+    db: Database
+    cache: RuntimeCache
+    sessions: SessionCache
+    evaluator_ready: Callable[[], bool] | None
+
+
+def get_state(request: HTTPConnection) -> AppState:
+    """The app's runtime state.
+
+    Raises:
+        RuntimeError: The lifespan has not run.
+    """
+    state: AppState | None = getattr(request.app.state, "runtime", None)
+    if state is None:
+        raise RuntimeError("the API's lifespan has not run")
+    return state
+
+
+class _Bearer(HTTPBearer):
+    """``Authorization: Bearer``, declared in OpenAPI; returns the raw token."""
+
+    async def __call__(self, request: HTTPConnection) -> str | None:  # type: ignore[override]  # the token, not a credentials model
+        return bearer_token(request.headers.get("authorization"))
+
+
+_bearer = _Bearer(
+    auto_error=False, description="a session token: prop-stream session EMAIL"
+)
+
+
+async def get_current_trader(
+    request: Request, token: Annotated[str | None, Depends(_bearer)]
+) -> int:
+    """The customer of the request's session.
+
+    Args:
+        request: The request.
+        token: The bearer token, if the header had one.
+
+    Returns:
+        The customer's id.
+
+    Raises:
+        ApiError: 401 without a token, with a malformed header, or with an unknown
+            or expired session.
+    """
+    if token is None:
+        if request.headers.get("authorization"):
+            raise unauthorized("malformed Authorization header; use 'Bearer <token>'")
+        raise unauthorized("missing bearer token")
+    state = get_state(request)
+
+    def lookup(token_hash: str) -> tuple[int, float] | None:
+        with state.db.cursor() as conn:
+            return lookup_session(conn, token_hash=token_hash)
+
+    customer = state.sessions.customer(token, lookup=lookup)
+    if customer is None:
+        raise unauthorized("invalid or expired session")
+    return customer
+
+
+def get_db(request: Request) -> Iterator[Connection]:
+    """A store cursor for one request (sync routes only: DuckDB blocks).
+
+    Yields:
+        The cursor; it goes back to the pool after the response.
+    """
+    with get_state(request).db.cursor() as conn:
+        yield conn
+
+
+async def get_cache(request: Request) -> RuntimeCache:
+    """The runtime read model."""
+    return get_state(request).cache
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+SessionDep = Annotated[Connection, Depends(get_db)]
+CurrentTrader = Annotated[int, Depends(get_current_trader)]
+CacheDep = Annotated[RuntimeCache, Depends(get_cache)]

@@ -1,0 +1,138 @@
+"""The FastAPI application: :func:`create_app` and its lifespan.
+
+Examples:
+    Serve the API alone on a database made by ``prop-stream init --demo``::
+
+        PROP_STREAM_API_DB=demo.duckdb uvicorn --factory api.main:create_app
+
+    ``prop-stream serve`` builds it with the service's connection, the evaluator
+    loop's latest metrics and its readiness::
+
+        app = create_app(
+            settings=settings,
+            conn=conn,
+            metrics=loop.metrics,
+            evaluator_ready=loop.ready.is_set,
+        )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.cache import RuntimeCache
+from api.core.config import ApiSettings, get_settings
+from api.core.security import SessionCache
+from api.db import Database
+from api.deps import AppState
+from api.routes import challenges, health, programs, runtime
+from prop_stream.evaluator import LatestMetrics
+from prop_stream.store import Connection, connect
+
+logger = logging.getLogger(__name__)
+
+TITLE = "prop-stream"
+
+
+def create_app(
+    *,
+    settings: ApiSettings | None = None,
+    conn: Connection | None = None,
+    metrics: LatestMetrics | None = None,
+    evaluator_ready: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """Build the API.
+
+    Long-lived resources are made in the lifespan, not here: the database is
+    opened (unless ``conn`` is given), the runtime cache loaded, and a task keeps
+    the cache in sync with the store.
+
+    Args:
+        settings: The settings (default: :func:`get_settings`, from the
+            environment); they also override the ``get_settings`` dependency.
+        conn: An open store connection to use (``serve`` passes the service's);
+            the API borrows cursors from it and never closes it. Without one the
+            lifespan opens ``settings.db`` and closes it at shutdown.
+        metrics: The latest metrics an evaluator loop keeps current
+            (``EvaluatorLoop.metrics``). Without one the API loads its own from
+            ``metrics_latest`` at start-up.
+        evaluator_ready: Whether the evaluator runs, for ``/readyz`` (e.g.
+            ``loop.ready.is_set``); None when this process runs no evaluator.
+
+    Returns:
+        The application.
+    """
+
+    def current_settings() -> ApiSettings:
+        return settings if settings is not None else get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config = current_settings()
+        owned = conn is None
+        db = Database(conn if conn is not None else connect(config.db), owned=owned)
+        latest = metrics
+        if latest is None:
+            latest = LatestMetrics()
+            with db.cursor() as cur:
+                latest.load(cur)
+        cache = RuntimeCache(db, latest)
+        loaded = cache.load()
+        app.state.runtime = AppState(
+            db=db,
+            cache=cache,
+            sessions=SessionCache(
+                ttl_s=config.session_cache_ttl_s,
+                negative_ttl_s=config.session_negative_ttl_s,
+                max_size=config.session_cache_size,
+            ),
+            evaluator_ready=evaluator_ready,
+        )
+        logger.info(
+            "api: %d challenges, %d latest metrics in memory", loaded, len(latest)
+        )
+        sync = asyncio.create_task(_sync_forever(cache, config.cache_sync_interval_s))
+        try:
+            yield
+        finally:
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync
+            app.state.runtime = None
+            db.close()
+
+    config = current_settings()
+    app = FastAPI(
+        title=TITLE,
+        summary="Runtime endpoints of prop-trading challenges for the terminal.",
+        lifespan=lifespan,
+        docs_url="/docs" if config.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if config.docs else None,
+    )
+    if settings is not None:
+        app.dependency_overrides[get_settings] = current_settings
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(programs.router)
+    app.include_router(challenges.router)
+    app.include_router(runtime.router)
+    return app
+
+
+async def _sync_forever(cache: RuntimeCache, interval: float) -> None:
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(cache.sync)
+        except Exception:
+            logger.exception("api: runtime cache sync failed")

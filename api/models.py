@@ -1,0 +1,261 @@
+"""Response and query models of the API (``XPublic``, ``XsPublic``, ``XQuery``).
+
+The hot routes encode their bodies themselves (:mod:`api.serialize`); these models
+describe the same JSON in the OpenAPI document at ``/docs`` and validate query
+strings. Money fields are decimal strings, timestamps ISO 8601 UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Largest page size (``api.md``).
+MAX_LIMIT = 500
+#: Page size when none is asked for.
+DEFAULT_LIMIT = 50
+#: Largest id or offset accepted (DuckDB BIGINT).
+MAX_INT64 = 2**63 - 1
+
+ChallengeStatusName = Literal["pending", "active", "passed", "failed", "cancelled"]
+PhaseStatus = Literal["pending", "active", "passed", "failed", "cancelled"]
+RuleName = Literal[
+    "time_limit", "max_loss", "daily_loss", "max_loss_warning", "daily_loss_warning"
+]
+Severity = Literal["warning", "critical"]
+Money = str
+
+
+# ------------------------------------------------------------------- queries
+
+
+class PageQuery(BaseModel):
+    """``limit`` and ``offset`` of a list; unknown query parameters are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="page size")
+    offset: int = Field(0, ge=0, le=MAX_INT64, description="items skipped")
+
+
+class NoQuery(BaseModel):
+    """A route that takes no query parameters refuses every one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChallengesQuery(PageQuery):
+    """Query of ``GET /prop/challenges``."""
+
+    status: ChallengeStatusName | None = Field(
+        None, description="only challenges with this status name"
+    )
+
+
+class MetricsQuery(PageQuery):
+    """Query of ``GET /prop/challenges/{id}/metrics``."""
+
+    from_: datetime | None = Field(
+        None,
+        alias="from",
+        description="only metrics at or after this time (ISO 8601)",
+    )
+    to: datetime | None = Field(
+        None, description="only metrics before this time (ISO 8601)"
+    )
+    phase_index: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class BreachesQuery(PageQuery):
+    """Query of ``GET /prop/challenges/{id}/breaches``."""
+
+    phase_index: int | None = Field(None, ge=0, le=2**31 - 1)
+    rule: RuleName | None = None
+    severity: Severity | None = None
+
+
+# ----------------------------------------------------------------- responses
+
+
+class ErrorBody(BaseModel):
+    """The inside of every error response."""
+
+    code: str = Field(description="stable code, e.g. not_found")
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorPublic(BaseModel):
+    """The one error shape: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorBody
+
+
+class ProgramPhasePublic(BaseModel):
+    """A phase of a program."""
+
+    phase_index: int
+    name: str
+    phase_type: int = Field(description="0 evaluation, 1 funded")
+    account_group: str
+    rules: dict[str, Any] = Field(description="rule names of rules.md")
+    profit_split: str | None = Field(description="funded phase only; '0.8' is 80%")
+
+
+class ProgramPublic(BaseModel):
+    """A program with its phases and the computed ``profit_split``."""
+
+    id: int
+    name: str
+    description: str
+    price: Money
+    currency: str
+    active: bool
+    profit_split: str | None = Field(
+        description="read from the funded phase; null if there is none"
+    )
+    phases: list[ProgramPhasePublic]
+
+
+class ProgramsPublic(BaseModel):
+    """A page of programs."""
+
+    items: list[ProgramPublic]
+    total_count: int
+    has_more: bool
+
+
+class MetricPublic(BaseModel):
+    """A phase's metric after one tick (rules.md "Outputs")."""
+
+    ts: datetime
+    day: str
+    status: PhaseStatus
+    equity: Money
+    balance: Money
+    profit: Money
+    daily_start_equity: Money
+    daily_start_balance: Money
+    daily_pnl: Money
+    daily_loss_limit: Money | None
+    daily_floor: Money | None
+    daily_room: Money | None
+    max_loss_limit: Money | None
+    overall_floor: Money | None
+    overall_room: Money | None
+    hwm: Money
+    best_day_profit: Money
+    profit_target_level: Money | None
+    daily_paused: bool
+    trading_days: int
+    days_elapsed: int
+    profit_progress: float | None
+    trading_days_progress: float
+
+
+class MetricHistoryPublic(MetricPublic):
+    """One metric of a challenge's history."""
+
+    phase_index: int
+    account_id: int
+
+
+class MetricsPublic(BaseModel):
+    """A page of metric history, newest first."""
+
+    items: list[MetricHistoryPublic]
+    total_count: int
+    has_more: bool
+
+
+class ProgressPublic(BaseModel):
+    """Profit and trading-days progress, daily and overall room left."""
+
+    profit_progress: float | None = Field(description="0..1; null without a target")
+    trading_days_progress: float
+    trading_days: int
+    min_trading_days: int
+    profit: Money
+    profit_target_level: Money | None
+    daily_room: Money | None
+    daily_loss_limit: Money | None
+    overall_room: Money | None
+    max_loss_limit: Money | None
+    days_elapsed: int | None
+    max_days: int | None
+
+
+class ChallengePhasePublic(BaseModel):
+    """A runtime phase of a challenge."""
+
+    phase_index: int
+    name: str
+    phase_type: int
+    account_group: str
+    status: PhaseStatus
+    account_id: int | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    profit_split: str | None
+    rules: dict[str, Any]
+    latest_metric: MetricPublic | None
+    progress: ProgressPublic
+
+
+class ChallengePublic(BaseModel):
+    """A challenge with every runtime phase."""
+
+    id: int
+    program_id: int
+    program_name: str
+    purchase_id: int | None
+    status: int
+    status_name: ChallengeStatusName
+    created_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+    current_phase_index: int
+    phases: list[ChallengePhasePublic]
+
+
+class ChallengesPublic(BaseModel):
+    """A page of challenges, newest first."""
+
+    items: list[ChallengePublic]
+    total_count: int
+    has_more: bool
+
+
+class BreachPublic(BaseModel):
+    """A breach of a rule (rules.md "Outputs")."""
+
+    id: int
+    challenge_id: int
+    phase_index: int
+    account_id: int
+    breach_seq: int
+    rule: RuleName
+    severity: Severity
+    threshold: str = Field(description="money, or days for time_limit")
+    actual: str = Field(description="money, or days for time_limit")
+    action: Literal["phase_failed", "trading_paused", "notify"]
+    ts: datetime
+    resolved: bool
+    resolved_ts: datetime | None
+
+
+class BreachesPublic(BaseModel):
+    """A page of breaches, newest first."""
+
+    items: list[BreachPublic]
+    total_count: int
+    has_more: bool
+
+
+class HealthPublic(BaseModel):
+    """``/healthz`` and ``/readyz``."""
+
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

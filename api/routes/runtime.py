@@ -1,0 +1,102 @@
+"""The runtime endpoints of a challenge: its state, metric history and breaches.
+
+All need a customer session and answer ``404`` for a challenge that is missing or
+someone else's, with the same body.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import Response
+
+from api import crud
+from api.deps import CacheDep, CurrentTrader, SessionDep
+from api.errors import not_found
+from api.models import (
+    MAX_INT64,
+    BreachesPublic,
+    BreachesQuery,
+    ChallengePublic,
+    MetricsPublic,
+    MetricsQuery,
+    NoQuery,
+)
+from api.routes.responses import ID_ERRORS, json_bytes
+from api.serialize import page
+
+router = APIRouter(prefix="/prop/challenges", tags=["runtime"])
+
+ChallengeId = Annotated[int, Path(ge=1, le=MAX_INT64, description="challenge id")]
+
+
+@router.get("/{challenge_id}", response_model=ChallengePublic, responses=ID_ERRORS)
+async def read_challenge(
+    challenge_id: ChallengeId,
+    trader: CurrentTrader,
+    cache: CacheDep,
+    query: Annotated[NoQuery, Query()],
+) -> Response:
+    """One challenge with every runtime phase, its latest metric and progress.
+
+    Served from memory the evaluator keeps current (no database query).
+    """
+    body = cache.challenge_body(challenge_id, customer_id=trader)
+    if body is None:
+        raise not_found("challenge", challenge_id)
+    return json_bytes(body)
+
+
+@router.get(
+    "/{challenge_id}/metrics", response_model=MetricsPublic, responses=ID_ERRORS
+)
+def list_metrics(
+    challenge_id: ChallengeId,
+    trader: CurrentTrader,
+    cache: CacheDep,
+    session: SessionDep,
+    query: Annotated[MetricsQuery, Query()],
+) -> Response:
+    """The challenge's metric history, newest first.
+
+    ``from`` (inclusive) and ``to`` (exclusive) bound ``ts``; ``phase_index``
+    keeps one phase.
+    """
+    if not cache.owns(challenge_id, customer_id=trader):
+        raise not_found("challenge", challenge_id)
+    items, total = crud.list_metrics(
+        session=session,
+        challenge_id=challenge_id,
+        limit=query.limit,
+        offset=query.offset,
+        from_=query.from_,
+        to=query.to,
+        phase_index=query.phase_index,
+    )
+    return json_bytes(page(items, total=total, offset=query.offset))
+
+
+@router.get(
+    "/{challenge_id}/breaches", response_model=BreachesPublic, responses=ID_ERRORS
+)
+def list_breaches(
+    challenge_id: ChallengeId,
+    trader: CurrentTrader,
+    cache: CacheDep,
+    session: SessionDep,
+    query: Annotated[BreachesQuery, Query()],
+) -> Response:
+    """The challenge's breaches, newest first; filter by phase, rule, severity."""
+    if not cache.owns(challenge_id, customer_id=trader):
+        raise not_found("challenge", challenge_id)
+    items, total = crud.list_breaches(
+        session=session,
+        challenge_id=challenge_id,
+        limit=query.limit,
+        offset=query.offset,
+        phase_index=query.phase_index,
+        rule=query.rule,
+        severity=query.severity,
+    )
+    return json_bytes(page(items, total=total, offset=query.offset))

@@ -1,0 +1,336 @@
+"""Load benchmark of the runtime API: one uvicorn worker, a load generator beside it.
+
+Seeds a DuckDB file (the demo data plus ``--challenges`` more, each judged by the
+real engine once so every first phase has a latest metric), starts
+``uvicorn --factory api.main:create_app`` with one worker on 127.0.0.1, and drives
+``GET /prop/challenges/{id}`` from a second process: ``wrk`` when it is installed
+(``apt-get install wrk``), otherwise a small keep-alive client of our own in
+``--clients`` processes. Everything is bounded in time and on loopback only.
+
+Examples:
+    .venv/bin/python benchmarks/api_load.py --duration 10 --connections 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import cast
+
+import polars as pl
+
+from prop_stream.rules import TICK_SCHEMA, RuleEngine
+from prop_stream.sinks.duckdb_sink import DuckDBSink
+from prop_stream.store import (
+    active_phase_specs,
+    connect,
+    create_customer,
+    create_session,
+    init_database,
+    open_account,
+    start_challenge,
+    transaction,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+
+
+@dataclass
+class Result:
+    """What one run measured."""
+
+    tool: str
+    path: str
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    connections: int
+
+
+def seed(path: Path, challenges: int) -> tuple[str, list[int]]:
+    """Make the database; return a token and the challenge ids its customer owns."""
+    init_database(path, demo=True, now=T0)
+    conn = connect(path)
+    try:
+        with transaction(conn):
+            customer = create_customer(conn, email="load@example.com")
+            owned = []
+            for _ in range(challenges):
+                account = open_account(
+                    conn,
+                    customer_id=customer,
+                    account_group="DEMO",
+                    balance=Decimal(100_000),
+                )
+                owned.append(
+                    start_challenge(
+                        conn,
+                        customer_id=customer,
+                        program_id=1,
+                        account_id=account,
+                        started_at=T0,
+                    )
+                )
+        engine = RuleEngine()
+        specs = active_phase_specs(conn)
+        for spec in specs:
+            engine.register(spec)
+        ticks = pl.DataFrame(
+            [
+                {
+                    "account_id": s.account_id,
+                    "ts": T0 + timedelta(hours=1),
+                    "equity": 100_250.0,
+                    "balance": 100_000.0,
+                }
+                for s in specs
+            ],
+            schema=TICK_SCHEMA,
+        )
+        sink = DuckDBSink(conn, source="bench")
+        sink.setup()
+        sink.add(engine.process(ticks), position={"0": 1})
+        sink.flush()
+        token = create_session(conn, email="load@example.com")
+    finally:
+        conn.close()
+    return token, owned
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start one uvicorn worker and wait until it answers."""
+    env = {**os.environ, "PROP_STREAM_API_DB": str(path)}
+    out = log.open("wb")
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    out.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited: {log.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("uvicorn did not start within 60 s")
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]  # wrk's own format
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url: str, token: str, connections: int, duration: int) -> Result:
+    """Drive the URL with wrk (one thread) and parse its report."""
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    out = subprocess.run(  # noqa: S603 - a fixed command line
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+    sys.stderr.write(out)
+    requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
+    errors = 0
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if match:
+        errors = int(match.group(1))
+    return Result(
+        "wrk",
+        url,
+        requests,
+        requests / rps if rps else 0.0,
+        rps,
+        p50,
+        p99,
+        errors,
+        connections,
+    )
+
+
+def _client(
+    port: int,
+    path: str,
+    token: str,
+    seconds: float,
+    conns: int,
+    queue: mp.Queue[object],
+) -> None:
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    latencies: list[float] = []
+    errors = 0
+    end = time.monotonic() + seconds
+    buffers = [b""] * conns
+    while time.monotonic() < end:
+        # One request in flight per connection, round robin.
+        starts = []
+        for sock in socks:
+            starts.append(time.perf_counter())
+            sock.sendall(request)
+        for i, sock in enumerate(socks):
+            data = buffers[i]
+            while True:
+                head, sep, rest = data.partition(b"\r\n\r\n")
+                if sep:
+                    length = int(
+                        re.search(rb"content-length: (\d+)", head.lower()).group(1)  # type: ignore[union-attr]  # HTTP/1.1 answer
+                    )
+                    if len(rest) >= length:
+                        buffers[i] = rest[length:]
+                        if not head.startswith(b"HTTP/1.1 200"):
+                            errors += 1
+                        break
+                data += sock.recv(65536)
+            latencies.append(time.perf_counter() - starts[i])
+    for sock in socks:
+        sock.close()
+    queue.put((latencies, errors))
+
+
+def run_python(
+    port: int, path: str, token: str, connections: int, duration: int, clients: int
+) -> Result:
+    """Drive the URL with our own keep-alive clients in ``clients`` processes."""
+    queue: mp.Queue[object] = mp.Queue()
+    per = max(1, connections // clients)
+    procs = [
+        mp.Process(target=_client, args=(port, path, token, duration, per, queue))
+        for _ in range(clients)
+    ]
+    start = time.monotonic()
+    for proc in procs:
+        proc.start()
+    latencies: list[float] = []
+    errors = 0
+    for _ in procs:
+        got, errs = cast("tuple[list[float], int]", queue.get(timeout=duration + 60))
+        latencies.extend(got)
+        errors += errs
+    for proc in procs:
+        proc.join(timeout=30)
+    seconds = time.monotonic() - start
+    latencies.sort()
+    n = len(latencies)
+    return Result(
+        "python",
+        path,
+        n,
+        seconds,
+        n / seconds,
+        latencies[n // 2] * 1000 if n else 0.0,
+        latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0,
+        errors,
+        per * clients,
+    )
+
+
+def main(argv: list[str] | None = None) -> Result:
+    """Run the benchmark and print its figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--challenges", type=int, default=2_000)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.duckdb"
+        token, owned = seed(path, args.challenges)
+        port = _free_port()
+        server = start_server(path, port, Path(tmp) / "uvicorn.log")
+        try:
+            url_path = f"/prop/challenges/{owned[len(owned) // 2]}"
+            tool = args.tool
+            if tool == "auto":
+                tool = "wrk" if shutil.which("wrk") else "python"
+            # Warm up: fill the session cache and the encoded body.
+            run_python(port, url_path, token, 1, 1, 1)
+            if tool == "wrk":
+                result = run_wrk(
+                    f"http://127.0.0.1:{port}{url_path}",
+                    token,
+                    args.connections,
+                    args.duration,
+                )
+            else:
+                result = run_python(
+                    port, url_path, token, args.connections, args.duration, args.clients
+                )
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    print(json.dumps(asdict(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The runtime cache follows the evaluator's commits without per-request queries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import api_seed
+import polars as pl
+from api_seed import HOURS, T0, Seeded, TestClient, judge, seed_database
+
+from api.core.config import ApiSettings
+from api.main import create_app
+from prop_stream.evaluator import LatestMetrics
+from prop_stream.rules import TICK_SCHEMA
+from prop_stream.store import (
+    connect,
+    cursor,
+    open_account,
+    start_challenge,
+    transaction,
+)
+
+seeded = api_seed.seeded
+
+
+def test_cache_follows_commits_and_transitions(tmp_path: Path) -> None:
+    fresh = seed_database(tmp_path / "live.duckdb")
+    conn = connect(fresh.path)
+    metrics = LatestMetrics()
+    metrics.load(conn)
+    app = create_app(
+        settings=ApiSettings(db=fresh.path, cache_sync_interval_s=0),
+        conn=conn,
+        metrics=metrics,
+        evaluator_ready=lambda: True,
+    )
+    headers = fresh.headers(fresh.alice)
+    engine = fresh.engine
+    sink_conn = cursor(conn)
+    account = fresh.accounts[1]
+    with TestClient(app) as client:
+        before = client.get("/prop/challenges/1", headers=headers).json()
+        assert before["phases"][0]["latest_metric"]["equity"] == "102500.50"
+
+        # A later tick, committed and then published as the loop does.
+        ts = HOURS[-1] + timedelta(hours=1)
+        ticks = pl.DataFrame(
+            [{"account_id": account, "ts": ts, "equity": 103_000.0, "balance": 1e5}],
+            schema=TICK_SCHEMA,
+        )
+        metrics.update(judge(sink_conn, engine, ticks))
+        moved = client.get("/prop/challenges/1", headers=headers).json()
+        assert moved["phases"][0]["latest_metric"]["equity"] == "103000.00"
+        assert moved["status_name"] == "active"
+
+        # A loss through the overall floor fails the phase and the challenge.
+        ticks = pl.DataFrame(
+            [
+                {
+                    "account_id": account,
+                    "ts": ts + timedelta(minutes=5),
+                    "equity": 89_000.0,
+                    "balance": 1e5,
+                }
+            ],
+            schema=TICK_SCHEMA,
+        )
+        metrics.update(judge(sink_conn, engine, ticks))
+        failed = client.get("/prop/challenges/1", headers=headers).json()
+        assert failed["status_name"] == "failed"
+        assert failed["phases"][0]["status"] == "failed"
+        assert failed["phases"][0]["latest_metric"]["status"] == "failed"
+        listed = client.get(
+            "/prop/challenges", params={"status": "failed"}, headers=headers
+        ).json()
+        assert [c["id"] for c in listed["items"]] == [2, 1]
+        breaches = client.get(
+            "/prop/challenges/1/breaches",
+            params={"severity": "critical"},
+            headers=headers,
+        ).json()
+        assert [b["rule"] for b in breaches["items"]] == ["daily_loss", "max_loss"]
+    sink_conn.close()
+    conn.close()
+
+
+def test_cache_finds_challenges_created_by_another_writer(tmp_path: Path) -> None:
+    fresh = seed_database(tmp_path / "new.duckdb")
+    conn = connect(fresh.path)
+    app = create_app(
+        settings=ApiSettings(db=fresh.path, cache_sync_interval_s=0), conn=conn
+    )
+    headers = fresh.headers(fresh.alice)
+    with TestClient(app) as client:
+        writer = cursor(conn)
+        with transaction(writer):
+            account = open_account(
+                writer, customer_id=1, account_group="DEMO", balance=Decimal(50_000)
+            )
+            new_id = start_challenge(
+                writer,
+                customer_id=1,
+                program_id=2,
+                account_id=account,
+                started_at=T0 + timedelta(days=3),
+            )
+        # By id: a miss asks the store.
+        found = client.get(f"/prop/challenges/{new_id}", headers=headers)
+        assert found.status_code == 200
+        assert found.json()["phases"][0]["account_id"] == account
+        # Bob still gets a 404 for it.
+        other = client.get(
+            f"/prop/challenges/{new_id}", headers=fresh.headers(fresh.bob)
+        )
+        assert other.status_code == 404
+        listed = client.get("/prop/challenges", headers=headers).json()
+        assert listed["items"][0]["id"] == new_id
+
+        # A change the cache wasn't told about is picked up by sync().
+        with transaction(writer):
+            writer.execute("UPDATE challenges SET status = 4 WHERE id = ?", [new_id])
+        app.state.runtime.cache.sync()
+        cancelled = client.get(f"/prop/challenges/{new_id}", headers=headers).json()
+        assert cancelled["status_name"] == "cancelled"
+        writer.close()
+    conn.close()
+
+
+def test_encoded_body_is_reused_until_a_metric_changes(seeded: Seeded) -> None:
+    conn = connect(seeded.path)
+    try:
+        metrics = LatestMetrics()
+        metrics.load(conn)
+        app = create_app(
+            settings=ApiSettings(db=seeded.path, cache_sync_interval_s=0),
+            conn=conn,
+            metrics=metrics,
+        )
+        with TestClient(app) as client:
+            cache = app.state.runtime.cache
+            first = cache.challenge_body(1, customer_id=1)
+            assert first is not None
+            assert cache.challenge_body(1, customer_id=1) is first
+            assert cache.challenge_body(1, customer_id=2) is None
+            row = dict(metrics.get(seeded.accounts[1]) or {})
+            row["ts"] = row["ts"] + timedelta(seconds=1)
+            metrics.update(pl.DataFrame([row]))
+            assert cache.challenge_body(1, customer_id=1) is not first
+            assert client.get("/healthz").status_code == 200
+    finally:
+        conn.close()

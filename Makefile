@@ -15,6 +15,10 @@ install: $(PY) ## Create .venv with the package (Rust core in release mode) and 
 	$(VENV)/bin/maturin develop --release --extras dev --quiet
 	@test -x $(VENV)/bin/prop-stream
 
+.PHONY: run
+run: install ## Run the product: a demo database served with the built-in tick source
+	$(VENV)/bin/prop-stream demo
+
 .PHONY: build-dev
 build-dev: $(PY) ## Build the Rust core in debug mode into .venv (fast compile, slow engine)
 	rm -f prop_stream/_core*.so

@@ -9,6 +9,8 @@ Examples:
     $ prop-stream init --db prop.duckdb --demo
     $ prop-stream session alice@example.com --db prop.duckdb
     $ prop-stream export --db prop.duckdb --out export/
+    $ prop-stream serve --db prop.duckdb --source demo --port 8000
+    $ prop-stream demo
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +28,7 @@ from prop_stream.backtest import (
     DEFAULT_MAX_ROWS_IN_MEMORY,
     run_backtest,
 )
+from prop_stream.config import StreamSettings
 from prop_stream.exceptions import PropStreamError
 from prop_stream.store.access import export_database, issue_session
 from prop_stream.store.init import init_database
@@ -80,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_init(commands)
     _add_session(commands)
     _add_export(commands)
+    _add_serve(commands)
+    _add_demo(commands)
     return parser
 
 
@@ -306,3 +312,113 @@ def _exit_status(exc: SystemExit) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+#: Where ``prop-stream demo`` keeps its database unless told otherwise.
+DEMO_DB: Final = Path("data/prop-stream-demo.duckdb")
+#: The demo customer whose session ``prop-stream demo`` prints.
+DEMO_EMAIL: Final = "alice@example.com"
+
+
+def _add_listen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port to listen on, 0 for a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--demo-rate",
+        type=float,
+        default=None,
+        metavar="TICKS_PER_S",
+        help="ticks per second of the demo source (default: 1000)",
+    )
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="run the service: API, evaluator and job worker in one process",
+        description=(
+            "Serve the HTTP API and run the evaluator loop over the tick source, "
+            "storing results in the DuckDB file (created or migrated first). Logs "
+            "one line when ready; SIGINT/SIGTERM finish the batch, commit and stop."
+        ),
+    )
+    _add_db(parser)
+    _add_listen(parser)
+    parser.add_argument(
+        "--source",
+        choices=("none", "demo", "kafka"),
+        default="none",
+        help="where ticks come from (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kafka-bootstrap", metavar="H:P", help="Kafka bootstrap server (kafka source)"
+    )
+    parser.add_argument(
+        "--topic", default="prop.equity-ticks", help="tick topic (kafka source)"
+    )
+    parser.set_defaults(handler=_run_serve)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="init a demo database and serve it with the built-in tick source",
+        description=(
+            f"Create {DEMO_DB} with the demo data (once), print a session for "
+            f"{DEMO_EMAIL} and serve with the demo tick source."
+        ),
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=DEMO_DB,
+        metavar="PATH",
+        help="the demo database (default: %(default)s)",
+    )
+    _add_listen(parser)
+    parser.set_defaults(handler=_run_demo, source="demo")
+
+
+def _serve(args: argparse.Namespace, *, source: str) -> int:
+    if source == "kafka":
+        _error("the kafka source is not available yet (issue 5); use none or demo")
+        return EXIT_BAD_INPUT
+    server = [
+        ep for ep in entry_points(group="prop_stream.server") if ep.name == "http"
+    ]
+    if not server:
+        _error("the HTTP service (package api) is not installed")
+        return EXIT_FAILURE
+    overrides: dict[str, object] = {"db": args.db, "source": source}
+    if args.demo_rate is not None:
+        overrides["demo_rate"] = args.demo_rate
+    settings = StreamSettings(**overrides)  # type: ignore[arg-type]  # validated
+    run = server[0].load()
+    status: int = run(settings, host=args.host, port=args.port)
+    return status
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    return _serve(args, source=args.source)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    args.db.parent.mkdir(parents=True, exist_ok=True)
+    init_database(args.db, demo=True)
+    token = issue_session(args.db, DEMO_EMAIL)
+    print(
+        f"{PROG}: demo: session for {DEMO_EMAIL}: {token}\n"
+        f"{PROG}: demo: try  curl -H 'Authorization: Bearer {token}' "
+        f"http://{args.host}:{args.port}/prop/challenges",
+        file=sys.stderr,
+    )
+    return _serve(args, source="demo")

@@ -310,10 +310,6 @@ def _exit_status(exc: SystemExit) -> int:
     return EXIT_FAILURE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 #: Where ``prop-stream demo`` keeps its database unless told otherwise.
 DEMO_DB: Final = Path("data/prop-stream-demo.duckdb")
 #: The demo customer whose session ``prop-stream demo`` prints.
@@ -422,3 +418,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return _serve(args, source="demo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Integration tests: a real Kafka broker, real DuckDB files, a real uvicorn."""

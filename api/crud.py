@@ -6,12 +6,23 @@ decimal strings); the hot challenge reads live in :mod:`api.cache` instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
+from api.models import PurchaseCreate, PurchasePreviewCreate
 from api.serialize import iso, metric_public, money, ratio
-from prop_stream.store import Connection
+from prop_stream.rules import PhaseSpec
+from prop_stream.store import (
+    Bought,
+    Connection,
+    NotFoundError,
+    PurchaseRecord,
+    phase_spec,
+    run_in_transaction,
+)
+from prop_stream.store import purchases as store_purchases
 
 _PROGRAM_SQL: Final = """
     SELECT id, name, description, price, currency, active FROM programs
@@ -248,3 +259,237 @@ def list_breaches(
         ) in rows
     ]
     return items, int(total_row[0]) if total_row else 0
+
+
+# ----------------------------------------------------------------- purchases
+
+
+def purchase_public(record: PurchaseRecord) -> dict[str, Any]:
+    """A purchase as JSON, with its lifecycle fields.
+
+    Args:
+        record: The purchase.
+
+    Returns:
+        The ``PurchasePublic`` object.
+    """
+    fields = store_purchases.lifecycle_fields(
+        record.status, record.failure_reason, record.refund_status
+    )
+    return {
+        "id": record.id,
+        "program_id": record.program_id,
+        "program_name": record.program_name,
+        "payer_account_id": record.payer_account_id,
+        "challenge_id": record.challenge_id,
+        "price": money(record.price),
+        "currency": record.currency,
+        "status": record.status,
+        "status_name": fields.status_name,
+        "next_action": fields.next_action,
+        "payment_status": fields.payment_status,
+        "activation_status": fields.activation_status,
+        "failure_reason": fields.failure_reason,
+        "can_retry": fields.can_retry,
+        "can_cancel": fields.can_cancel,
+        "created_at": iso(record.created_at),
+        "updated_at": iso(record.updated_at),
+    }
+
+
+def request_hash(body: PurchaseCreate) -> str:
+    """The hash kept with an ``Idempotency-Key``: the body's canonical JSON."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create_purchase(
+    *,
+    session: Connection,
+    customer_id: int,
+    purchase_in: PurchaseCreate,
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], Bought | None]:
+    """BuyPropChallenge (idempotent per customer and key).
+
+    Args:
+        session: A store cursor, not in a transaction.
+        customer_id: The buyer.
+        purchase_in: The request body.
+        idempotency_key: The ``Idempotency-Key`` header, if any.
+
+    Returns:
+        The purchase as JSON, and what was created (None when the key repeated
+        an earlier request).
+    """
+    purchase_id, bought = store_purchases.purchase_once(
+        session,
+        customer_id=customer_id,
+        program_id=purchase_in.program_id,
+        payer_account_id=purchase_in.payer_account_id,
+        now=datetime.now(UTC),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(purchase_in),
+    )
+    return read_purchase(
+        session=session, customer_id=customer_id, purchase_id=purchase_id
+    ), bought
+
+
+def read_purchase(
+    *, session: Connection, customer_id: int, purchase_id: int
+) -> dict[str, Any]:
+    """One of the customer's purchases as JSON.
+
+    Raises:
+        NotFoundError: Missing or someone else's.
+    """
+    record = store_purchases.get_purchase(
+        session, purchase_id=purchase_id, customer_id=customer_id
+    )
+    if record is None:
+        raise NotFoundError(f"purchase {purchase_id} not found")
+    return purchase_public(record)
+
+
+def list_purchases(
+    *, session: Connection, customer_id: int, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of the customer's purchases, newest first, and the total."""
+    records, total = store_purchases.list_purchases(
+        session, customer_id=customer_id, limit=limit, offset=offset
+    )
+    return [purchase_public(r) for r in records], total
+
+
+def retry_purchase(
+    *, session: Connection, customer_id: int, purchase_id: int
+) -> Bought:
+    """Retry a purchase whose payment failed (new fee job, account, challenge)."""
+    record = store_purchases.get_purchase(
+        session, purchase_id=purchase_id, customer_id=customer_id
+    )
+    if record is None:
+        raise NotFoundError(f"purchase {purchase_id} not found")
+    with store_purchases.payer_lock(record.payer_account_id):
+        return run_in_transaction(
+            session,
+            lambda c: store_purchases.retry_purchase(
+                c,
+                customer_id=customer_id,
+                purchase_id=purchase_id,
+                now=datetime.now(UTC),
+            ),
+        )
+
+
+def cancel_purchase(
+    *, session: Connection, customer_id: int, purchase_id: int
+) -> store_purchases.Cancelled:
+    """Cancel a purchase that allows it."""
+    return run_in_transaction(
+        session,
+        lambda c: store_purchases.cancel_purchase(
+            c, customer_id=customer_id, purchase_id=purchase_id, now=datetime.now(UTC)
+        ),
+    )
+
+
+def first_phase_spec(*, session: Connection, bought: Bought) -> PhaseSpec:
+    """The engine's view of a purchase's first phase (after the commit)."""
+    return phase_spec(session, challenge_id=bought.challenge_id, phase_index=0)
+
+
+def payer_accounts(
+    *, session: Connection, customer_id: int, program_id: int
+) -> dict[str, Any]:
+    """The customer's payer accounts for a program, eligible or with a reason.
+
+    Raises:
+        NotFoundError: No such program.
+    """
+    program = store_purchases.program_info(session, program_id=program_id)
+    checks = store_purchases.payer_accounts(
+        session, customer_id=customer_id, program=program
+    )
+    return {
+        "program_id": program.id,
+        "price": money(program.price),
+        "currency": program.currency,
+        "items": [_payer_public(c) for c in checks],
+    }
+
+
+def _payer_public(check: store_purchases.PayerCheck) -> dict[str, Any]:
+    return {
+        "account_id": check.account_id,
+        "account_group": check.account_group,
+        "kind": check.kind,
+        "currency": check.currency,
+        "balance": money(check.balance),
+        "available": money(check.available),
+        "eligible": check.eligible,
+        "reason": check.reason,
+    }
+
+
+def preview_purchase(
+    *, session: Connection, customer_id: int, preview_in: PurchasePreviewCreate
+) -> dict[str, Any]:
+    """What a purchase would withdraw, open and deposit, and whether it can.
+
+    Raises:
+        NotFoundError: No such program, or a payer that isn't the customer's.
+    """
+    program = store_purchases.program_info(session, program_id=preview_in.program_id)
+    if preview_in.payer_account_id is not None:
+        payer: store_purchases.PayerCheck | None = store_purchases.check_payer(
+            session,
+            customer_id=customer_id,
+            account_id=preview_in.payer_account_id,
+            program=program,
+        )
+    else:
+        checks = store_purchases.payer_accounts(
+            session, customer_id=customer_id, program=program
+        )
+        payer = next((c for c in checks if c.eligible), None)
+    reason: str | None
+    if not program.active:
+        reason = "program_not_available"
+    elif not program.valid:
+        reason = "program_invalid"
+    elif payer is None:
+        reason = "no_eligible_account"
+    else:
+        reason = payer.reason
+    first = program.phases[0].initial_balance if program.phases else None
+    return {
+        "program_id": program.id,
+        "program_name": program.name,
+        "price": money(program.price),
+        "currency": program.currency,
+        "payer_account_id": None if payer is None else payer.account_id,
+        "eligible": reason is None,
+        "reason": reason,
+        "withdrawal": None
+        if payer is None
+        else {
+            "account_id": payer.account_id,
+            "amount": money(program.price),
+            "currency": program.currency,
+            "balance": money(payer.balance),
+            "balance_after": money(payer.balance - program.price),
+        },
+        "initial_balance": money(first) or "0.00",
+        "phases": [
+            {
+                "phase_index": p.phase_index,
+                "name": p.name,
+                "phase_type": p.phase_type,
+                "account_group": p.account_group,
+                "initial_balance": money(p.initial_balance),
+            }
+            for p in program.phases
+        ],
+    }

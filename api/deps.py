@@ -25,7 +25,7 @@ from api.core.config import ApiSettings, get_settings
 from api.core.security import SessionCache, bearer_token, lookup_session
 from api.db import Database
 from api.errors import unauthorized
-from prop_stream.store import Connection
+from prop_stream.store import Connection, PhaseRegistry
 
 
 @dataclass(slots=True)
@@ -38,12 +38,15 @@ class AppState:
         sessions: The session cache.
         evaluator_ready: Whether the evaluator loop runs (None: no evaluator in
             this process).
+        phases: The running engine to register purchased phases with (None: no
+            evaluator in this process; it finds them in the store when it starts).
     """
 
     db: Database
     cache: RuntimeCache
     sessions: SessionCache
     evaluator_ready: Callable[[], bool] | None
+    phases: PhaseRegistry | None = None
 
 
 def get_state(request: HTTPConnection) -> AppState:
@@ -117,7 +120,13 @@ async def get_cache(request: Request) -> RuntimeCache:
     return get_state(request).cache
 
 
+async def get_app_state(request: Request) -> AppState:
+    """The app's runtime state (the engine registry, the cache)."""
+    return get_state(request)
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 SessionDep = Annotated[Connection, Depends(get_db)]
 CurrentTrader = Annotated[int, Depends(get_current_trader)]
 CacheDep = Annotated[RuntimeCache, Depends(get_cache)]
+StateDep = Annotated[AppState, Depends(get_app_state)]

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.serialize import dumps
-from prop_stream.store import DatabaseLockedError, NotFoundError
+from prop_stream.store import DatabaseLockedError, NotFoundError, PurchaseError
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ def validation_details(
         name = _field(loc)
         message = str(err.get("msg", "invalid value"))
         if kind == "extra_forbidden":
-            message = f"unknown query parameter {name!r}"
+            where = "field" if loc and loc[0] == "body" else "query parameter"
+            message = f"unknown {where} {name!r}"
         items.append(
             {
                 "field": name,
@@ -215,6 +216,14 @@ async def _store_not_found(request: Request, exc: Exception) -> Response:
     return error_response(404, "not_found", str(exc))
 
 
+async def _purchase_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PurchaseError)  # noqa: S101 - registered for it
+    details: dict[str, Any] = dict(exc.details)
+    if exc.field is not None:
+        details["field"] = exc.field
+    return error_response(409 if exc.conflict else 400, exc.code, str(exc), details)
+
+
 async def _store_locked(request: Request, exc: Exception) -> Response:
     return error_response(503, "database_locked", str(exc))
 
@@ -234,5 +243,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(NotFoundError, _store_not_found)
+    app.add_exception_handler(PurchaseError, _purchase_error)
     app.add_exception_handler(DatabaseLockedError, _store_locked)
     app.add_exception_handler(Exception, _unexpected)

@@ -32,9 +32,9 @@ from api.core.config import ApiSettings, get_settings
 from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
-from api.routes import challenges, health, programs, runtime
+from api.routes import challenges, health, programs, purchase, runtime
 from prop_stream.evaluator import LatestMetrics
-from prop_stream.store import Connection, connect
+from prop_stream.store import Connection, PhaseRegistry, connect
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def create_app(
     conn: Connection | None = None,
     metrics: LatestMetrics | None = None,
     evaluator_ready: Callable[[], bool] | None = None,
+    phases: PhaseRegistry | None = None,
 ) -> FastAPI:
     """Build the API.
 
@@ -65,6 +66,9 @@ def create_app(
             ``metrics_latest`` at start-up.
         evaluator_ready: Whether the evaluator runs, for ``/readyz`` (e.g.
             ``loop.ready.is_set``); None when this process runs no evaluator.
+        phases: The running engine (``serve`` passes the loop): purchases
+            register their first phase with it after the commit, cancels remove
+            it. None when this process runs no evaluator.
 
     Returns:
         The application.
@@ -94,6 +98,7 @@ def create_app(
                 max_size=config.session_cache_size,
             ),
             evaluator_ready=evaluator_ready,
+            phases=phases,
         )
         logger.info(
             "api: %d challenges, %d latest metrics in memory", loaded, len(latest)
@@ -124,6 +129,8 @@ def create_app(
     app.include_router(programs.router)
     app.include_router(challenges.router)
     app.include_router(runtime.router)
+    app.include_router(purchase.router)
+    app.include_router(purchase.payers_router)
     return app
 
 

@@ -8,7 +8,7 @@ strings. Money fields are decimal strings, timestamps ISO 8601 UTC.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -259,3 +259,132 @@ class HealthPublic(BaseModel):
 
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- purchases
+
+PurchaseStatusName = Literal[
+    "pending", "paid", "account_created", "active", "failed", "refunded"
+]
+PayerReason = Literal["disabled", "not_real", "wrong_currency", "insufficient_balance"]
+Id = Annotated[int, Field(ge=1, le=MAX_INT64)]
+
+
+class PurchaseCreate(BaseModel):
+    """Body of ``POST /prop/purchases`` (BuyPropChallenge)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    program_id: Id = Field(description="the program to buy")
+    payer_account_id: Id = Field(
+        description="the customer's REAL account that pays the fee"
+    )
+
+
+class PurchasePreviewCreate(BaseModel):
+    """Body of ``POST /prop/purchases/preview``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    program_id: Id = Field(description="the program")
+    payer_account_id: Id | None = Field(
+        None, description="the payer to check (default: the first eligible one)"
+    )
+
+
+class PayerAccountsQuery(BaseModel):
+    """Query of ``GET /prop/payer-accounts``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    program_id: int = Field(ge=1, le=MAX_INT64, description="the program to pay for")
+
+
+class PurchasePublic(BaseModel):
+    """A purchase with its lifecycle fields (``docs/api.md``, "Purchases")."""
+
+    id: int
+    program_id: int
+    program_name: str
+    payer_account_id: int
+    challenge_id: int | None = Field(description="its latest challenge")
+    price: Money
+    currency: str
+    status: int = Field(description="0..5, see status_name")
+    status_name: PurchaseStatusName
+    next_action: str = Field(description="what the terminal should do next")
+    payment_status: str
+    activation_status: str
+    failure_reason: str | None = Field(description="stable code, null unless failed")
+    can_retry: bool
+    can_cancel: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class PurchasesPublic(BaseModel):
+    """A page of purchases, newest first."""
+
+    items: list[PurchasePublic]
+    total_count: int
+    has_more: bool
+
+
+class PayerAccountPublic(BaseModel):
+    """One of the customer's accounts, and whether it can pay for the program."""
+
+    account_id: int
+    account_group: str
+    kind: Literal["DEMO", "REAL"]
+    currency: str
+    balance: Money
+    available: Money = Field(description="balance less fees already queued")
+    eligible: bool
+    reason: PayerReason | None
+
+
+class PayerAccountsPublic(BaseModel):
+    """The customer's payer accounts for a program."""
+
+    program_id: int
+    price: Money
+    currency: str
+    items: list[PayerAccountPublic]
+
+
+class WithdrawalPublic(BaseModel):
+    """What a purchase would withdraw."""
+
+    account_id: int
+    amount: Money
+    currency: str
+    balance: Money
+    balance_after: Money
+
+
+class PreviewPhasePublic(BaseModel):
+    """A phase of the program, with the balance its account starts with."""
+
+    phase_index: int
+    name: str
+    phase_type: int
+    account_group: str
+    initial_balance: Money
+
+
+class PurchasePreviewPublic(BaseModel):
+    """``POST /prop/purchases/preview``: what a purchase would do."""
+
+    program_id: int
+    program_name: str
+    price: Money
+    currency: str
+    payer_account_id: int | None
+    eligible: bool
+    reason: str | None = Field(
+        description="why not: a payer reason, no_eligible_account, "
+        "program_not_available, program_invalid"
+    )
+    withdrawal: WithdrawalPublic | None
+    initial_balance: Money = Field(description="the first phase's account")
+    phases: list[PreviewPhasePublic]

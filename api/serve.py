@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import uvicorn
 
@@ -20,7 +20,8 @@ from api.core.config import ApiSettings
 from api.main import create_app
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator.service import build_loop
-from prop_stream.store.db import connect
+from prop_stream.jobs import JobWorker
+from prop_stream.store.db import connect, cursor
 from prop_stream.store.init import init_database
 
 log = logging.getLogger("prop_stream.serve")
@@ -38,10 +39,11 @@ def run(
 ) -> int:
     """Serve until SIGINT or SIGTERM, then stop cleanly.
 
-    The database is created or migrated first. The evaluator loop runs in a thread
-    over its own cursor; uvicorn serves the API on the main thread and turns
-    SIGINT/SIGTERM into a graceful shutdown, after which the loop finishes its
-    batch, commits, checkpoints and stops.
+    The database is created or migrated first. The evaluator loop and the outbox
+    job worker run in threads over their own cursors; uvicorn serves the API on the
+    main thread and turns SIGINT/SIGTERM into a graceful shutdown, after which the
+    loop finishes its batch, commits, checkpoints and stops, and the worker
+    finishes its job.
 
     Args:
         settings: The evaluator's settings (database file, tick source, ...).
@@ -65,6 +67,17 @@ def run(
         conn=conn,
         metrics=loop.metrics,
         evaluator_ready=loop.ready.is_set,
+        phases=loop,
+    )
+
+    def refresh(challenge_ids: Iterable[int]) -> None:
+        runtime = getattr(app.state, "runtime", None)
+        if runtime is not None:
+            runtime.cache.refresh(challenge_ids)
+
+    jobs = JobWorker(cursor(conn), phases=loop, on_change=refresh)
+    jobs_thread = threading.Thread(
+        target=jobs.run, args=(stop,), name="prop-stream-jobs", daemon=True
     )
     server = _Server(
         uvicorn.Config(
@@ -93,6 +106,7 @@ def run(
             stop.wait(0.05)
 
     worker.start()
+    jobs_thread.start()
     ready_thread = threading.Thread(target=say_ready, name="prop-stream-ready")
     ready_thread.start()
     try:
@@ -100,7 +114,9 @@ def run(
     finally:
         stop.set()
         loop.stop()
+        jobs.stop()
         worker.join(STOP_TIMEOUT_S)
+        jobs_thread.join(STOP_TIMEOUT_S)
         ready_thread.join()
         conn.close()
     if loop.error is not None:

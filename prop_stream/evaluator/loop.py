@@ -38,7 +38,11 @@ from prop_stream.evaluator.sources import TickSource
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.base import BaseSink
 from prop_stream.store.db import Connection, query_frame
-from prop_stream.store.lifecycle import active_phase_specs, phase_spec_by_account
+from prop_stream.store.lifecycle import (
+    active_phase_specs,
+    phase_spec_by_account,
+    phase_specs_of,
+)
 from prop_stream.store.progress import (
     EngineCheckpoint,
     Position,
@@ -314,9 +318,24 @@ class EvaluatorLoop:
         # An ended phase ignores every later tick; dropping it keeps the engine
         # (and its checkpoints) to the live phases. A replay from an older
         # checkpoint still has it and ends it again at the same tick.
-        for account_id in evaluation.transitions["account_id"].to_list():
+        transitions = evaluation.transitions
+        for account_id in transitions["account_id"].to_list():
             self._engine.remove(int(account_id))
             self._source.untrack(int(account_id))
+        # A pass opened the challenge's next phase in the same transaction
+        # (lifecycle.advance_phase): judge it from the next batch on.
+        passed = {
+            int(challenge)
+            for challenge, status in zip(
+                transitions["challenge_id"].to_list(),
+                transitions["status"].to_list(),
+                strict=True,
+            )
+            if status == "passed" and str(challenge).isdigit()
+        }
+        for spec in phase_specs_of(self._conn, challenge_ids=sorted(passed)):
+            if spec.account_id not in self._engine:
+                self._register(spec)
 
     def _register(self, spec: PhaseSpec) -> None:
         self._engine.register(spec)

@@ -22,6 +22,7 @@ from prop_stream.store.db import (
     connect,
     cursor,
     query_frame,
+    run_in_transaction,
     transaction,
 )
 from prop_stream.store.exceptions import (
@@ -39,12 +40,16 @@ from prop_stream.store.lifecycle import (
     CHALLENGE_PENDING,
     CHALLENGE_STATUS_NAMES,
     PhaseAdvance,
+    PhaseRegistry,
     active_phase_specs,
     advance_phase,
     apply_transition,
+    cancel_challenge,
     fail_phase,
+    open_phase,
     phase_spec,
     phase_spec_by_account,
+    phase_specs_of,
     start_challenge,
 )
 from prop_stream.store.migrations import LATEST_VERSION, MIGRATIONS, migrate
@@ -53,6 +58,12 @@ from prop_stream.store.progress import (
     Position,
     latest_checkpoint,
     load_position,
+)
+from prop_stream.store.purchases import (
+    PURCHASE_STATUS_NAMES,
+    Bought,
+    PurchaseError,
+    PurchaseRecord,
 )
 from prop_stream.store.sessions import create_session, hash_token, session_customer
 
@@ -67,6 +78,8 @@ __all__ = [
     "FUNDED",
     "LATEST_VERSION",
     "MIGRATIONS",
+    "PURCHASE_STATUS_NAMES",
+    "Bought",
     "Connection",
     "DatabaseLockedError",
     "EngineCheckpoint",
@@ -74,13 +87,17 @@ __all__ = [
     "InvalidProgramError",
     "NotFoundError",
     "PhaseAdvance",
+    "PhaseRegistry",
     "Position",
     "ProgramIn",
     "ProgramPhaseIn",
+    "PurchaseError",
+    "PurchaseRecord",
     "StoreError",
     "active_phase_specs",
     "advance_phase",
     "apply_transition",
+    "cancel_challenge",
     "connect",
     "create_account_group",
     "create_customer",
@@ -95,9 +112,12 @@ __all__ = [
     "load_position",
     "migrate",
     "open_account",
+    "open_phase",
     "phase_spec",
     "phase_spec_by_account",
+    "phase_specs_of",
     "query_frame",
+    "run_in_transaction",
     "session_customer",
     "start_challenge",
     "transaction",

@@ -8,9 +8,12 @@ the service, threads share one database instance through cursors
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import polars as pl
@@ -18,6 +21,11 @@ import polars as pl
 from prop_stream.store.exceptions import DatabaseLockedError
 
 Connection = duckdb.DuckDBPyConnection
+
+T = TypeVar("T")
+
+#: How many times :func:`run_in_transaction` tries a transaction that conflicts.
+DEFAULT_ATTEMPTS = 50
 
 
 def connect(path: str | Path, *, read_only: bool = False) -> Connection:
@@ -83,6 +91,48 @@ def transaction(conn: Connection) -> Iterator[Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether an error is DuckDB refusing a concurrent write (worth retrying).
+
+    DuckDB's concurrency is optimistic: a second transaction that writes a row
+    another open transaction wrote is refused ("Conflict on update"); a commit
+    that would duplicate a key another transaction committed fails too.
+    """
+    return isinstance(exc, duckdb.TransactionException) and (
+        "conflict" in str(exc).lower()
+    )
+
+
+def run_in_transaction(
+    conn: Connection,
+    work: Callable[[Connection], T],
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> T:
+    """Run ``work(conn)`` in a transaction; retry it when DuckDB reports a conflict.
+
+    ``work`` must be safe to run again (everything it wrote was rolled back).
+
+    Args:
+        conn: The connection, not in a transaction.
+        work: The transaction's body.
+        attempts: How many times to try.
+
+    Returns:
+        What ``work`` returned in the attempt that committed.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction(conn):
+                return work(conn)
+        except duckdb.TransactionException as exc:
+            if not is_conflict(exc) or attempt == attempts:
+                raise
+            # Back off a little, with jitter, so the contenders don't meet again.
+            time.sleep(min(0.05, 0.001 * attempt) * (1 + random.random()))  # noqa: S311 - jitter, not crypto
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def query_frame(

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from decimal import Decimal
+from typing import Final, Literal, Protocol
 
 from prop_stream.rules import PhaseSpec, validate_rules
+from prop_stream.store.catalog import open_account
 from prop_stream.store.db import Connection
 from prop_stream.store.exceptions import NotFoundError
+from prop_stream.store.jobs import INITIAL_DEPOSIT, enqueue
 
 #: ``challenges.status`` values (``api.md``).
 CHALLENGE_PENDING: Final = 0
@@ -37,6 +40,20 @@ CHALLENGE_STATUS_NAMES: Final = {
 PhaseStatus = Literal["pending", "active", "passed", "failed", "cancelled"]
 
 
+class PhaseRegistry(Protocol):
+    """What judges running phases: the evaluator loop (``EvaluatorLoop``).
+
+    Both methods are thread-safe and take effect between batches; call them after
+    the transaction that changed the phase has committed.
+    """
+
+    def register_phase(self, spec: PhaseSpec) -> None:
+        """Start judging a phase."""
+
+    def remove_phase(self, account_id: int) -> None:
+        """Stop judging a phase's account."""
+
+
 @dataclass(frozen=True, slots=True)
 class PhaseAdvance:
     """What :func:`advance_phase` did.
@@ -48,6 +65,8 @@ class PhaseAdvance:
         next_phase_index: The phase that comes next, or None after the last one.
         challenge_passed: Whether this pass passed the challenge (it was the last
             evaluation phase).
+        opened_account: The next phase's new account, started now (None when no
+            phase follows, or on a replay).
     """
 
     challenge_id: int
@@ -55,6 +74,7 @@ class PhaseAdvance:
     changed: bool
     next_phase_index: int | None
     challenge_passed: bool
+    opened_account: int | None = None
 
 
 def start_challenge(
@@ -174,11 +194,13 @@ def phase_spec_by_account(conn: Connection, *, account_id: int) -> PhaseSpec:
     Raises:
         NotFoundError: No phase runs on that account.
     """
-    row = conn.execute(
+    rows = conn.execute(
         "SELECT account_id, challenge_id, phase_index, started_at, rules "
         "FROM challenge_phases WHERE account_id = ? AND started_at IS NOT NULL",
         [account_id],
-    ).fetchone()
+    ).fetchall()
+    # fetchall: DuckDB 2.0 refuses the next conn.sql() while a result is unread.
+    row = rows[0] if rows else None
     if row is None:
         raise NotFoundError(f"no started phase runs on account {account_id}")
     return _spec(row)
@@ -239,12 +261,15 @@ def fail_phase(
 def advance_phase(
     conn: Connection, *, challenge_id: int, phase_index: int, ts: datetime
 ) -> PhaseAdvance:
-    """Record that a phase passed, and move the challenge on.
+    """Record that a phase passed, and open the next one.
 
     The phase becomes ``passed``. If it was the last evaluation phase the challenge
     is ``passed`` (and keeps running its funded phase, if it has one). The
-    challenge's ``current_phase_index`` moves to the next phase, which stays
-    ``pending`` with no account until the purchase flow opens one.
+    challenge's ``current_phase_index`` moves to the next phase, which is started
+    at once (:func:`open_phase`): a new account in its group (``DEMO`` for an
+    evaluation phase, ``REAL`` for the funded one), its ``initial_balance``
+    deposit in the outbox, the phase ``active`` from ``ts``. The evaluator loop
+    registers it with the engine after the batch commits.
 
     Args:
         conn: The connection; the sink's transaction.
@@ -255,8 +280,6 @@ def advance_phase(
     Returns:
         What changed and which phase comes next.
     """
-    # TODO(#4): open the next phase's account in its group, enqueue its initial
-    # balance deposit, start it, and register it with the running evaluator.
     row = conn.execute(
         "UPDATE challenge_phases SET status = 'passed', ended_at = ? "
         "WHERE challenge_id = ? AND phase_index = ? AND status = 'active' "
@@ -297,9 +320,126 @@ def advance_phase(
             "WHERE id = ?",
             [next_index, ts, challenge_id],
         )
+    opened = None
+    if next_index is not None:
+        opened = open_phase(
+            conn, challenge_id=challenge_id, phase_index=next_index, started_at=ts
+        )
     return PhaseAdvance(
-        challenge_id, phase_index, True, next_index, challenge_passed=last_evaluation
+        challenge_id,
+        phase_index,
+        True,
+        next_index,
+        challenge_passed=last_evaluation,
+        opened_account=opened,
     )
+
+
+def open_phase(
+    conn: Connection, *, challenge_id: int, phase_index: int, started_at: datetime
+) -> int | None:
+    """Start a pending phase: its account, its initial balance, ``active``.
+
+    The account is opened for the challenge's owner in the phase's group with a
+    zero balance; the phase's ``initial_balance`` (from its rules snapshot) is
+    written to the outbox as an ``initial_deposit`` job, which the job worker
+    credits.
+
+    Args:
+        conn: The connection; the caller's transaction.
+        challenge_id: The challenge.
+        phase_index: The phase to start.
+        started_at: When it starts; earlier ticks are late.
+
+    Returns:
+        The new account, or None when the phase isn't pending (already started,
+        or ended).
+    """
+    row = conn.execute(
+        "SELECT ph.account_group, ph.rules, c.customer_id, c.purchase_id "
+        "FROM challenge_phases AS ph JOIN challenges AS c ON c.id = ph.challenge_id "
+        "WHERE ph.challenge_id = ? AND ph.phase_index = ? AND ph.status = 'pending' "
+        "AND ph.account_id IS NULL",
+        [challenge_id, phase_index],
+    ).fetchone()
+    if row is None:
+        return None
+    group, rules, customer_id, purchase_id = row
+    account_id = open_account(
+        conn, customer_id=int(customer_id), account_group=str(group)
+    )
+    conn.execute(
+        "UPDATE challenge_phases SET account_id = ?, status = 'active', "
+        "started_at = ? WHERE challenge_id = ? AND phase_index = ?",
+        [account_id, started_at, challenge_id, phase_index],
+    )
+    initial = Decimal(str(json.loads(str(rules))["initial_balance"]))
+    enqueue(
+        conn,
+        kind=INITIAL_DEPOSIT,
+        dedupe_key=f"deposit:{challenge_id}:{phase_index}",
+        account_id=account_id,
+        amount=initial,
+        now=started_at,
+        purchase_id=None if purchase_id is None else int(purchase_id),
+        challenge_id=challenge_id,
+        phase_index=phase_index,
+    )
+    return account_id
+
+
+def cancel_challenge(
+    conn: Connection, *, challenge_id: int, now: datetime
+) -> list[int]:
+    """Cancel a challenge and its pending or active phases.
+
+    Args:
+        conn: The connection; the caller's transaction.
+        challenge_id: The challenge.
+        now: When.
+
+    Returns:
+        The accounts of the phases that were active (the engine must drop them).
+    """
+    active = conn.execute(
+        "UPDATE challenge_phases SET status = 'cancelled', "
+        "ended_at = CASE WHEN status = 'active' THEN ? ELSE ended_at END "
+        "WHERE challenge_id = ? AND status IN ('pending', 'active') "
+        "RETURNING account_id",
+        [now, challenge_id],
+    ).fetchall()
+    conn.execute(
+        "UPDATE challenges SET status = ?, ended_at = ?, updated_at = ? "
+        "WHERE id = ? AND status IN (?, ?)",
+        [
+            CHALLENGE_CANCELLED,
+            now,
+            now,
+            challenge_id,
+            CHALLENGE_PENDING,
+            CHALLENGE_ACTIVE,
+        ],
+    )
+    return [int(a) for (a,) in active if a is not None]
+
+
+def phase_specs_of(conn: Connection, *, challenge_ids: list[int]) -> list[PhaseSpec]:
+    """The active phases with an account of some challenges.
+
+    Args:
+        conn: The connection.
+        challenge_ids: The challenges.
+
+    Returns:
+        The phases, ordered by account.
+    """
+    if not challenge_ids:
+        return []
+    rows = conn.execute(
+        _SPEC_QUERY + " AND challenge_id IN (SELECT unnest(?)) ORDER BY account_id",
+        [challenge_ids],
+    ).fetchall()
+    return [_spec(row) for row in rows]
 
 
 def apply_transition(

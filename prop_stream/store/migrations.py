@@ -331,10 +331,50 @@ _V2_VIEWS: Final = (
     """,
 )
 
+_V3_OUTBOX: Final = (
+    # The outbox of the purchase flow: money movements the job worker carries out.
+    # No foreign keys: DuckDB can't ALTER a table that others reference, and jobs
+    # also serve demo challenges without a purchase.
+    "CREATE SEQUENCE jobs_id_seq START 1",
+    """
+    CREATE TABLE jobs (
+        id BIGINT PRIMARY KEY DEFAULT nextval('jobs_id_seq'),
+        kind VARCHAR NOT NULL
+            CHECK (kind IN ('fee_withdrawal', 'initial_deposit', 'refund')),
+        dedupe_key VARCHAR NOT NULL UNIQUE,
+        purchase_id BIGINT,
+        challenge_id BIGINT,
+        phase_index INTEGER,
+        account_id BIGINT NOT NULL,
+        amount DECIMAL(18, 2) NOT NULL CHECK (amount > 0),
+        status VARCHAR NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'done', 'failed', 'cancelled')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error VARCHAR,
+        applied_at TIMESTAMPTZ,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+    # One row per applied job, written in the transaction that moves the money:
+    # the primary key is what makes a job id impossible to apply twice.
+    """
+    CREATE TABLE ledger_entries (
+        job_id BIGINT PRIMARY KEY,
+        account_id BIGINT NOT NULL,
+        amount DECIMAL(18, 2) NOT NULL,
+        kind VARCHAR NOT NULL,
+        purchase_id BIGINT,
+        created_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
     Migration(2, "risk_* views", _V2_VIEWS),
+    Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
 )
 
 _LEDGER: Final = """

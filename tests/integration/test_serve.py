@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -114,3 +115,64 @@ def test_serve_kafka_source_is_refused_until_it_exists(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "kafka" in out.stderr
+
+
+def test_serve_purchase_becomes_a_judged_active_challenge(tmp_path: Path) -> None:
+    # The whole flow through the real service: preview, BuyPropChallenge, the job
+    # worker pays and deposits, and the demo source judges the new phase.
+    db = tmp_path / "svc.duckdb"
+    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
+    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    proc, url = _start(
+        ["serve", "--db", str(db), "--source", "demo", "--port", "0"], tmp_path
+    )
+    try:
+        session = [str(PROP_STREAM), "session", "bob@example.com", "--db", str(db)]
+        token = subprocess.run(  # noqa: S603 - our own command
+            session, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as client:
+            _buy_and_watch(client)
+    finally:
+        assert _stop(proc) == 0
+
+
+def _buy_and_watch(client: httpx.Client) -> None:
+    program = client.get("/prop/programs").json()["items"][0]
+    payers = client.get(
+        "/prop/payer-accounts", params={"program_id": program["id"]}
+    ).json()["items"]
+    payer = next(p for p in payers if p["eligible"])
+    body = {"program_id": program["id"], "payer_account_id": payer["account_id"]}
+    preview = client.post("/prop/purchases/preview", json=body).json()
+    assert preview["eligible"] is True
+    bought = client.post(
+        "/prop/purchases", json=body, headers={"Idempotency-Key": "k-1"}
+    )
+    assert bought.status_code == 201, bought.text
+    purchase = bought.json()
+    again = client.post(
+        "/prop/purchases", json=body, headers={"Idempotency-Key": "k-1"}
+    )
+    assert again.json()["id"] == purchase["id"]
+
+    deadline = time.monotonic() + 60
+    metric = None
+    while time.monotonic() < deadline:
+        state = client.get(f"/prop/purchases/{purchase['id']}").json()
+        challenge_id = state.get("challenge_id")
+        if state["status_name"] == "active" and challenge_id is not None:
+            detail = client.get(f"/prop/challenges/{challenge_id}").json()
+            metric = detail["phases"][0]["latest_metric"]
+            if metric is not None:
+                break
+        time.sleep(0.5)
+    assert metric is not None, state
+    left = client.get(
+        "/prop/payer-accounts", params={"program_id": program["id"]}
+    ).json()["items"]
+    paid = next(p for p in left if p["account_id"] == payer["account_id"])
+    price = Decimal(program["price"])
+    assert Decimal(paid["balance"]) == Decimal(payer["balance"]) - price

@@ -418,30 +418,53 @@ def test_advance_phase_moves_through_a_two_step_challenge(db: Connection) -> Non
         1,
         False,
     )
+    # Issue 4: the pass opens the next phase on a new DEMO account at once.
     assert _state(db, challenge) == (
         CHALLENGE_ACTIVE,
         1,
-        ["passed", "pending", "pending"],
+        ["passed", "active", "pending"],
     )
-    # The purchase flow (issue 4) opens the next account; here we do it by hand.
-    db.execute(
-        "UPDATE challenge_phases SET status = 'active', account_id = 42, "
-        "started_at = ? WHERE challenge_id = ? AND phase_index = 1",
-        [ts, challenge],
-    )
+    assert first.opened_account is not None
+    opened = db.execute(
+        "SELECT a.account_group, a.balance, ph.started_at FROM challenge_phases AS ph "
+        "JOIN trading_accounts AS a ON a.account_id = ph.account_id "
+        "WHERE ph.challenge_id = ? AND ph.phase_index = 1",
+        [challenge],
+    ).fetchone()
+    assert opened == ("DEMO", Decimal("0.00"), ts)
+    deposit = db.execute(
+        "SELECT kind, account_id, amount, status FROM jobs WHERE challenge_id = ? "
+        "AND phase_index = 1",
+        [challenge],
+    ).fetchall()
+    assert deposit == [
+        ("initial_deposit", first.opened_account, Decimal("100000.00"), "pending")
+    ]
     second = advance_phase(db, challenge_id=challenge, phase_index=1, ts=ts)
     assert (second.changed, second.next_phase_index, second.challenge_passed) == (
         True,
         2,
         True,
     )
+    assert second.opened_account is not None
     assert _state(db, challenge) == (
         CHALLENGE_PASSED,
         2,
-        ["passed", "passed", "pending"],
+        ["passed", "passed", "active"],
     )
+    funded = db.execute(
+        "SELECT g.kind FROM trading_accounts AS a JOIN account_groups AS g "
+        "ON g.name = a.account_group WHERE a.account_id = ?",
+        [second.opened_account],
+    ).fetchone()
+    assert funded == ("REAL",)
     ended = db.execute("SELECT ended_at FROM challenges WHERE id = ?", [challenge])
     assert ended.fetchone() == (None,)  # the funded phase keeps it running
+    # A replayed pass opens nothing more.
+    again = advance_phase(db, challenge_id=challenge, phase_index=1, ts=ts)
+    assert (again.changed, again.opened_account) == (False, None)
+    count = db.execute("SELECT count(*) FROM jobs").fetchone()
+    assert count == (2,)
 
 
 def test_advance_phase_of_a_last_phase_passes_and_ends_the_challenge(

@@ -1,0 +1,1139 @@
+"""BuyPropChallenge and the purchase lifecycle (``api.md``, "BuyPropChallenge").
+
+:func:`buy_prop_challenge` runs in the caller's transaction: it validates the payer
+and the program, creates the purchase, writes the fee withdrawal to the outbox,
+opens the first phase's account, writes its initial deposit and creates the active
+challenge. The caller commits, then registers the phase with the running engine.
+
+The job worker moves a purchase on (:func:`apply_job`): ``pending`` → ``paid``
+(the fee was withdrawn) → ``account_created`` (the first phase's balance was
+deposited) → ``active`` (:func:`activate_purchases`). A withdrawal that finds no
+money fails the purchase (``failure_reason``) and cancels its challenge. Every
+purchase object carries lifecycle fields computed by :func:`lifecycle_fields`
+(the table is in ``docs/api.md``).
+
+**Races.** Purchases on one payer account are serialized in the process
+(:func:`payer_lock`: the service is the only process that can open the DuckDB
+file), so each sees the fees the others reserved (pending withdrawals count
+against the balance). The worker's conditional debit is the last word: a balance
+can never go below zero, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+from prop_stream.store.catalog import (
+    ProgramIn,
+    ProgramPhaseIn,
+    open_account,
+    validate_program,
+)
+from prop_stream.store.db import Connection, run_in_transaction
+from prop_stream.store.exceptions import (
+    InvalidProgramError,
+    NotFoundError,
+    StoreError,
+)
+from prop_stream.store.jobs import (
+    FEE_WITHDRAWAL,
+    INITIAL_DEPOSIT,
+    REFUND,
+    Job,
+    JobOutcome,
+    cancel_jobs,
+    credit,
+    debit,
+    enqueue,
+    get_job,
+    is_applied,
+    mark_job,
+    record_withdrawal,
+    updated_rows,
+)
+from prop_stream.store.lifecycle import (
+    CHALLENGE_ACTIVE,
+    CHALLENGE_PASSED,
+    cancel_challenge,
+    start_challenge,
+)
+
+#: ``purchases.status`` values (``api.md``).
+PURCHASE_PENDING: Final = 0
+PURCHASE_PAID: Final = 1
+PURCHASE_ACCOUNT_CREATED: Final = 2
+PURCHASE_ACTIVE: Final = 3
+PURCHASE_FAILED: Final = 4
+PURCHASE_REFUNDED: Final = 5
+
+PURCHASE_STATUS_NAMES: Final = {
+    PURCHASE_PENDING: "pending",
+    PURCHASE_PAID: "paid",
+    PURCHASE_ACCOUNT_CREATED: "account_created",
+    PURCHASE_ACTIVE: "active",
+    PURCHASE_FAILED: "failed",
+    PURCHASE_REFUNDED: "refunded",
+}
+
+#: ``failure_reason`` codes.
+INSUFFICIENT_FUNDS: Final = "insufficient_funds"
+PAYER_DISABLED: Final = "payer_disabled"
+PAYER_UNAVAILABLE: Final = "payer_unavailable"
+CANCELLED: Final = "cancelled"
+#: Failures of the payment, which a retry may fix.
+PAYMENT_FAILURES: Final = frozenset(
+    {INSUFFICIENT_FUNDS, PAYER_DISABLED, PAYER_UNAVAILABLE}
+)
+
+#: Why a payer account can't pay for a program (``GET /prop/payer-accounts``).
+PAYER_REASONS: Final = (
+    "disabled",
+    "not_real",
+    "wrong_currency",
+    "insufficient_balance",
+)
+
+
+class PurchaseError(StoreError):
+    """A purchase, retry or cancel that can't be done.
+
+    Attributes:
+        code: Stable code: ``payer_not_eligible``, ``program_not_available``,
+            ``program_invalid``, ``idempotency_mismatch``, ``idempotency_in_flight``,
+            ``not_retryable``, ``not_cancellable``.
+        field: The request field at fault, if one is.
+        conflict: True for a state conflict (409), False for bad input (400).
+        details: Extra data (e.g. the payer's ``reason``).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        conflict: bool = False,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.conflict = conflict
+        self.details = dict(details or {})
+
+
+# ------------------------------------------------------------------ locks
+
+_locks_guard = threading.Lock()
+_payer_locks: dict[int, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def payer_lock(account_id: int) -> Iterator[None]:
+    """Serialize purchases (and retries) on one payer account in this process.
+
+    Hold it around the whole transaction, so the next purchase's snapshot sees
+    the fee this one reserved.
+    """
+    with _locks_guard:
+        lock = _payer_locks.setdefault(account_id, threading.Lock())
+    with lock:
+        yield
+
+
+# --------------------------------------------------------------- programs
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseInfo:
+    """A program phase as a purchase shows it."""
+
+    phase_index: int
+    name: str
+    phase_type: int
+    account_group: str
+    initial_balance: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramInfo:
+    """What a purchase needs of a program."""
+
+    id: int
+    name: str
+    price: Decimal
+    currency: str
+    active: bool
+    phases: tuple[PhaseInfo, ...]
+    valid: bool
+    invalid_reason: str | None
+
+
+def program_info(conn: Connection, *, program_id: int) -> ProgramInfo:
+    """A program, its phases and whether it can be sold.
+
+    Raises:
+        NotFoundError: No such program.
+    """
+    row = conn.execute(
+        "SELECT id, name, price, currency, active, description FROM programs "
+        "WHERE id = ?",
+        [program_id],
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"program {program_id} not found")
+    phases = conn.execute(
+        "SELECT phase_index, name, phase_type, account_group, rules, profit_split "
+        "FROM program_phases WHERE program_id = ? ORDER BY phase_index",
+        [program_id],
+    ).fetchall()
+    valid, reason = True, None
+    try:
+        validate_program(
+            conn,
+            ProgramIn(
+                name=str(row[1]),
+                price=Decimal(str(row[2])),
+                currency=str(row[3]),
+                description=str(row[5]),
+                phases=tuple(
+                    ProgramPhaseIn(
+                        name=str(name),
+                        phase_type=int(ptype),
+                        account_group=str(group),
+                        rules=json.loads(str(rules)),
+                        profit_split=None if split is None else Decimal(str(split)),
+                    )
+                    for _, name, ptype, group, rules, split in phases
+                ),
+            ),
+        )
+    except InvalidProgramError as exc:
+        valid, reason = False, exc.code
+    return ProgramInfo(
+        id=int(row[0]),
+        name=str(row[1]),
+        price=Decimal(str(row[2])),
+        currency=str(row[3]),
+        active=bool(row[4]),
+        phases=tuple(
+            PhaseInfo(
+                phase_index=int(index),
+                name=str(name),
+                phase_type=int(ptype),
+                account_group=str(group),
+                initial_balance=Decimal(
+                    str(json.loads(str(rules)).get("initial_balance", 0))
+                ).quantize(Decimal("0.01")),
+            )
+            for index, name, ptype, group, rules, _ in phases
+        ),
+        valid=valid,
+        invalid_reason=reason,
+    )
+
+
+def _sellable(program: ProgramInfo) -> None:
+    if not program.active:
+        raise PurchaseError(
+            "program_not_available",
+            f"program {program.id} is not for sale",
+            field="program_id",
+        )
+    if not program.valid:
+        raise PurchaseError(
+            "program_invalid",
+            f"program {program.id} is invalid ({program.invalid_reason})",
+            field="program_id",
+            details={"reason": program.invalid_reason},
+        )
+
+
+# ----------------------------------------------------------------- payers
+
+
+@dataclass(frozen=True, slots=True)
+class PayerCheck:
+    """A customer's account and whether it can pay for a program.
+
+    Attributes:
+        account_id: The login.
+        account_group: Its group.
+        kind: ``DEMO`` or ``REAL``.
+        currency: Its currency.
+        balance: Its balance.
+        available: The balance less the fees already queued against it.
+        enabled: Whether it is enabled.
+        eligible: Whether it can pay.
+        reason: Why not (one of :data:`PAYER_REASONS`), None when eligible.
+    """
+
+    account_id: int
+    account_group: str
+    kind: str
+    currency: str
+    balance: Decimal
+    available: Decimal
+    enabled: bool
+    eligible: bool
+    reason: str | None
+
+
+_PAYER_SQL: Final = """
+    SELECT a.account_id, a.account_group, g.kind, a.currency, a.balance, a.enabled,
+        a.balance - coalesce((
+            SELECT sum(j.amount) FROM jobs AS j
+            WHERE j.account_id = a.account_id AND j.kind = 'fee_withdrawal'
+                AND j.status = 'pending'
+        ), 0) AS available
+    FROM trading_accounts AS a JOIN account_groups AS g ON g.name = a.account_group
+    WHERE a.customer_id = ?
+        AND a.account_id NOT IN (
+            SELECT account_id FROM challenge_phases WHERE account_id IS NOT NULL
+        )
+"""
+
+
+def _check(row: tuple[Any, ...], program: ProgramInfo) -> PayerCheck:
+    account_id, group, kind, currency, balance, enabled, available = row
+    reason = None
+    if not enabled:
+        reason = "disabled"
+    elif kind != "REAL":
+        reason = "not_real"
+    elif currency != program.currency:
+        reason = "wrong_currency"
+    elif Decimal(str(available)) < program.price:
+        reason = "insufficient_balance"
+    return PayerCheck(
+        account_id=int(account_id),
+        account_group=str(group),
+        kind=str(kind),
+        currency=str(currency),
+        balance=Decimal(str(balance)),
+        available=Decimal(str(available)),
+        enabled=bool(enabled),
+        eligible=reason is None,
+        reason=reason,
+    )
+
+
+def payer_accounts(
+    conn: Connection, *, customer_id: int, program: ProgramInfo
+) -> list[PayerCheck]:
+    """The customer's own accounts (not challenge accounts), eligible or not.
+
+    Args:
+        conn: The connection.
+        customer_id: The customer.
+        program: The program to pay for.
+
+    Returns:
+        The accounts by login, each with ``eligible`` and ``reason``.
+    """
+    rows = conn.execute(_PAYER_SQL + " ORDER BY a.account_id", [customer_id]).fetchall()
+    return [_check(r, program) for r in rows]
+
+
+def check_payer(
+    conn: Connection, *, customer_id: int, account_id: int, program: ProgramInfo
+) -> PayerCheck:
+    """One of the customer's accounts, checked against a program.
+
+    Raises:
+        NotFoundError: Not the customer's account (or a challenge account, or
+            none at all): the same answer.
+    """
+    row = conn.execute(
+        _PAYER_SQL + " AND a.account_id = ?", [customer_id, account_id]
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"payer account {account_id} not found")
+    return _check(row, program)
+
+
+def _eligible(check: PayerCheck, *, conflict: bool = False) -> None:
+    if not check.eligible:
+        raise PurchaseError(
+            "payer_not_eligible",
+            f"account {check.account_id} can't pay: {check.reason}",
+            field="payer_account_id",
+            conflict=conflict,
+            details={"reason": check.reason, "account_id": check.account_id},
+        )
+
+
+# ------------------------------------------------------------------ buying
+
+
+@dataclass(frozen=True, slots=True)
+class Bought:
+    """What :func:`buy_prop_challenge` (or a retry) created.
+
+    Attributes:
+        purchase_id: The purchase.
+        challenge_id: The new challenge.
+        account_id: Its first phase's account (register it with the engine).
+    """
+
+    purchase_id: int
+    challenge_id: int
+    account_id: int
+
+
+def find_by_idempotency_key(
+    conn: Connection, *, customer_id: int, key: str, request_hash: str
+) -> int | None:
+    """The purchase a customer made earlier with an ``Idempotency-Key``.
+
+    Returns:
+        Its id, or None when the key is new.
+
+    Raises:
+        PurchaseError: ``idempotency_mismatch``: the key came with another body.
+    """
+    row = conn.execute(
+        "SELECT id, request_hash FROM purchases "
+        "WHERE customer_id = ? AND idempotency_key = ?",
+        [customer_id, key],
+    ).fetchone()
+    if row is None:
+        return None
+    if row[1] != request_hash:
+        raise PurchaseError(
+            "idempotency_mismatch",
+            "this Idempotency-Key was used with another request body",
+            field="Idempotency-Key",
+            conflict=True,
+            details={"purchase_id": int(row[0])},
+        )
+    return int(row[0])
+
+
+def _start(
+    conn: Connection,
+    *,
+    purchase_id: int,
+    attempt: int,
+    customer_id: int,
+    program: ProgramInfo,
+    payer_account_id: int,
+    now: datetime,
+) -> Bought:
+    enqueue(
+        conn,
+        kind=FEE_WITHDRAWAL,
+        dedupe_key=f"fee:{purchase_id}:{attempt}",
+        account_id=payer_account_id,
+        amount=program.price,
+        now=now,
+        purchase_id=purchase_id,
+    )
+    first = program.phases[0]
+    account_id = open_account(
+        conn, customer_id=customer_id, account_group=first.account_group
+    )
+    challenge_id = start_challenge(
+        conn,
+        customer_id=customer_id,
+        program_id=program.id,
+        account_id=account_id,
+        started_at=now,
+        purchase_id=purchase_id,
+    )
+    enqueue(
+        conn,
+        kind=INITIAL_DEPOSIT,
+        dedupe_key=f"deposit:{challenge_id}:0",
+        account_id=account_id,
+        amount=first.initial_balance,
+        now=now,
+        purchase_id=purchase_id,
+        challenge_id=challenge_id,
+        phase_index=0,
+    )
+    return Bought(purchase_id, challenge_id, account_id)
+
+
+def buy_prop_challenge(
+    conn: Connection,
+    *,
+    customer_id: int,
+    program_id: int,
+    payer_account_id: int,
+    now: datetime,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Bought:
+    """BuyPropChallenge, in the caller's transaction (hold :func:`payer_lock`).
+
+    Args:
+        conn: The connection; wrap the call in one transaction.
+        customer_id: The buyer.
+        program_id: The program.
+        payer_account_id: The account that pays the fee.
+        now: The purchase's time; the first phase starts then.
+        idempotency_key: The request's ``Idempotency-Key`` (unique per customer).
+        request_hash: A hash of the request body, kept with the key.
+
+    Returns:
+        The purchase, its challenge and the first phase's account.
+
+    Raises:
+        NotFoundError: No such program, or no such payer account of the customer.
+        PurchaseError: The program can't be sold or the payer can't pay.
+    """
+    program = program_info(conn, program_id=program_id)
+    _sellable(program)
+    _eligible(
+        check_payer(
+            conn, customer_id=customer_id, account_id=payer_account_id, program=program
+        )
+    )
+    row = conn.execute(
+        "INSERT INTO purchases (customer_id, program_id, payer_account_id, status, "
+        "price, currency, idempotency_key, request_hash, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        [
+            customer_id,
+            program_id,
+            payer_account_id,
+            PURCHASE_PENDING,
+            program.price,
+            program.currency,
+            idempotency_key,
+            request_hash,
+            now,
+            now,
+        ],
+    ).fetchone()
+    assert row is not None  # noqa: S101 - INSERT ... RETURNING returns the row
+    return _start(
+        conn,
+        purchase_id=int(row[0]),
+        attempt=1,
+        customer_id=customer_id,
+        program=program,
+        payer_account_id=payer_account_id,
+        now=now,
+    )
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseRecord:
+    """A purchase as the API shows it.
+
+    Attributes:
+        refund_status: The status of its refund job, None without one.
+    """
+
+    id: int
+    customer_id: int
+    program_id: int
+    program_name: str
+    payer_account_id: int
+    challenge_id: int | None
+    status: int
+    price: Decimal
+    currency: str
+    failure_reason: str | None
+    refund_status: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def status_name(self) -> str:
+        """The status's name."""
+        return PURCHASE_STATUS_NAMES[self.status]
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """The UI fields of a purchase (``api.md``, "Purchase lifecycle fields")."""
+
+    status_name: str
+    next_action: str
+    payment_status: str
+    activation_status: str
+    failure_reason: str | None
+    can_retry: bool
+    can_cancel: bool
+
+
+def lifecycle_fields(
+    status: int, failure_reason: str | None, refund_status: str | None = None
+) -> Lifecycle:
+    """The lifecycle fields of a purchase in a state (``docs/api.md`` table).
+
+    Args:
+        status: ``purchases.status``.
+        failure_reason: Its failure reason.
+        refund_status: Its refund job's status, if it has one.
+
+    Returns:
+        The fields.
+    """
+    name = PURCHASE_STATUS_NAMES[status]
+    if status == PURCHASE_PENDING:
+        return Lifecycle(
+            name, "wait_for_payment", "pending", "pending", None, False, True
+        )
+    if status == PURCHASE_PAID:
+        return Lifecycle(
+            name, "wait_for_activation", "paid", "pending", None, False, True
+        )
+    if status == PURCHASE_ACCOUNT_CREATED:
+        return Lifecycle(
+            name, "wait_for_activation", "paid", "account_created", None, False, True
+        )
+    if status == PURCHASE_ACTIVE:
+        return Lifecycle(name, "open_challenge", "paid", "active", None, False, False)
+    if status == PURCHASE_REFUNDED:
+        return Lifecycle(
+            name, "none", "refunded", "cancelled", failure_reason, False, False
+        )
+    # failed
+    if failure_reason in PAYMENT_FAILURES:
+        action = "top_up_and_retry" if failure_reason == INSUFFICIENT_FUNDS else "retry"
+        return Lifecycle(
+            name, action, "failed", "cancelled", failure_reason, True, True
+        )
+    if refund_status is not None:
+        return Lifecycle(
+            name,
+            "wait_for_refund",
+            "refund_pending",
+            "cancelled",
+            failure_reason,
+            False,
+            False,
+        )
+    return Lifecycle(
+        name, "none", "cancelled", "cancelled", failure_reason, False, False
+    )
+
+
+_PURCHASE_SQL: Final = """
+    SELECT p.id, p.customer_id, p.program_id, pr.name, p.payer_account_id,
+        (SELECT max(c.id) FROM challenges AS c WHERE c.purchase_id = p.id),
+        p.status, p.price, p.currency, p.failure_reason,
+        (SELECT max(j.status) FROM jobs AS j
+            WHERE j.purchase_id = p.id AND j.kind = 'refund'),
+        p.created_at, p.updated_at
+    FROM purchases AS p JOIN programs AS pr ON pr.id = p.program_id
+"""
+
+
+def _record(row: tuple[Any, ...]) -> PurchaseRecord:
+    return PurchaseRecord(
+        id=int(row[0]),
+        customer_id=int(row[1]),
+        program_id=int(row[2]),
+        program_name=str(row[3]),
+        payer_account_id=int(row[4]),
+        challenge_id=None if row[5] is None else int(row[5]),
+        status=int(row[6]),
+        price=Decimal(str(row[7])),
+        currency=str(row[8]),
+        failure_reason=row[9],
+        refund_status=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+    )
+
+
+def get_purchase(
+    conn: Connection, *, purchase_id: int, customer_id: int | None = None
+) -> PurchaseRecord | None:
+    """One purchase; None when missing or (with ``customer_id``) someone else's."""
+    sql = _PURCHASE_SQL + " WHERE p.id = ?"
+    params: list[Any] = [purchase_id]
+    if customer_id is not None:
+        sql += " AND p.customer_id = ?"
+        params.append(customer_id)
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else _record(row)
+
+
+def list_purchases(
+    conn: Connection, *, customer_id: int, limit: int, offset: int
+) -> tuple[list[PurchaseRecord], int]:
+    """A page of a customer's purchases, newest first, and their total."""
+    total = conn.execute(
+        "SELECT count(*) FROM purchases WHERE customer_id = ?", [customer_id]
+    ).fetchone()
+    rows = conn.execute(
+        _PURCHASE_SQL + " WHERE p.customer_id = ? "
+        "ORDER BY p.created_at DESC, p.id DESC LIMIT ? OFFSET ?",
+        [customer_id, limit, offset],
+    ).fetchall()
+    return [_record(r) for r in rows], int(total[0]) if total else 0
+
+
+# ------------------------------------------------------------ retry, cancel
+
+
+def _owned(conn: Connection, purchase_id: int, customer_id: int) -> PurchaseRecord:
+    record = get_purchase(conn, purchase_id=purchase_id, customer_id=customer_id)
+    if record is None:
+        raise NotFoundError(f"purchase {purchase_id} not found")
+    return record
+
+
+def _set_status(
+    conn: Connection,
+    purchase_id: int,
+    status: int,
+    now: datetime,
+    *,
+    reason: str | None = None,
+    when: tuple[int, ...] | None = None,
+) -> bool:
+    sql = (
+        "UPDATE purchases SET status = ?, failure_reason = ?, updated_at = ? "
+        "WHERE id = ?"
+    )
+    params: list[Any] = [status, reason, now, purchase_id]
+    if when is not None:
+        sql += " AND status IN (SELECT unnest(?))"
+        params.append(list(when))
+    return updated_rows(conn, sql, params) > 0
+
+
+def _end_challenges(
+    conn: Connection, purchase_id: int, now: datetime
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Cancel a purchase's running challenges; disable their accounts."""
+    ids = [
+        int(c)
+        for (c,) in conn.execute(
+            "SELECT id FROM challenges WHERE purchase_id = ? AND status IN (?, ?)",
+            [purchase_id, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
+        ).fetchall()
+    ]
+    removed: list[int] = []
+    for challenge_id in ids:
+        removed += cancel_challenge(conn, challenge_id=challenge_id, now=now)
+    if removed:
+        conn.execute(
+            "UPDATE trading_accounts SET enabled = false "
+            "WHERE account_id IN (SELECT unnest(?))",
+            [removed],
+        )
+    return tuple(ids), tuple(removed)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """What :func:`cancel_purchase` changed.
+
+    Attributes:
+        challenge_ids: Challenges cancelled (refresh the cache).
+        removed_accounts: Phase accounts the engine must stop judging.
+        refund_job_id: The refund written to the outbox, if the fee was paid.
+    """
+
+    challenge_ids: tuple[int, ...]
+    removed_accounts: tuple[int, ...]
+    refund_job_id: int | None
+
+
+def cancel_purchase(
+    conn: Connection, *, customer_id: int, purchase_id: int, now: datetime
+) -> Cancelled:
+    """Cancel a purchase that allows it (``can_cancel``), in the caller's transaction.
+
+    Before the fee is withdrawn (or after the withdrawal failed) nothing is owed:
+    the jobs are cancelled. After it, a ``refund`` job is written (once per
+    purchase) and the purchase becomes ``refunded`` when the worker applied it.
+    Either way the challenge is cancelled and the purchase ``failed`` with
+    ``failure_reason`` ``cancelled`` until a refund lands.
+
+    Raises:
+        NotFoundError: Not the customer's purchase.
+        PurchaseError: ``not_cancellable`` (409).
+    """
+    record = _owned(conn, purchase_id, customer_id)
+    fields = lifecycle_fields(
+        record.status, record.failure_reason, record.refund_status
+    )
+    if not fields.can_cancel:
+        raise PurchaseError(
+            "not_cancellable",
+            f"purchase {purchase_id} is {record.status_name} and can't be cancelled",
+            conflict=True,
+            details={"status": record.status, "status_name": record.status_name},
+        )
+    cancel_jobs(
+        conn,
+        purchase_id=purchase_id,
+        kinds=(FEE_WITHDRAWAL, INITIAL_DEPOSIT),
+        now=now,
+    )
+    challenges, removed = _end_challenges(conn, purchase_id, now)
+    refund = None
+    if record.status in (PURCHASE_PAID, PURCHASE_ACCOUNT_CREATED):
+        refund = enqueue(
+            conn,
+            kind=REFUND,
+            dedupe_key=f"refund:{purchase_id}",
+            account_id=record.payer_account_id,
+            amount=record.price,
+            now=now,
+            purchase_id=purchase_id,
+        )
+    if not _set_status(
+        conn,
+        purchase_id,
+        PURCHASE_FAILED,
+        now,
+        reason=CANCELLED,
+        when=(record.status,),
+    ):
+        raise PurchaseError(
+            "not_cancellable",
+            f"purchase {purchase_id} changed; try again",
+            conflict=True,
+        )
+    return Cancelled(challenges, removed, refund)
+
+
+def retry_purchase(
+    conn: Connection, *, customer_id: int, purchase_id: int, now: datetime
+) -> Bought:
+    """Retry a purchase whose payment failed (``can_retry``), in the caller's txn.
+
+    A new fee withdrawal, a new first-phase account and a new challenge, as in
+    BuyPropChallenge; the purchase is ``pending`` again. Hold :func:`payer_lock`.
+
+    Raises:
+        NotFoundError: Not the customer's purchase.
+        PurchaseError: ``not_retryable`` (409), or the payer still can't pay
+            (``payer_not_eligible``, 409), or the program is no longer sold.
+    """
+    record = _owned(conn, purchase_id, customer_id)
+    fields = lifecycle_fields(
+        record.status, record.failure_reason, record.refund_status
+    )
+    if not fields.can_retry:
+        raise PurchaseError(
+            "not_retryable",
+            f"purchase {purchase_id} is {record.status_name} and can't be retried",
+            conflict=True,
+            details={"status": record.status, "status_name": record.status_name},
+        )
+    program = program_info(conn, program_id=record.program_id)
+    try:
+        _sellable(program)
+    except PurchaseError as exc:
+        exc.conflict = True
+        raise
+    _eligible(
+        check_payer(
+            conn,
+            customer_id=customer_id,
+            account_id=record.payer_account_id,
+            program=program,
+        ),
+        conflict=True,
+    )
+    attempts = conn.execute(
+        "SELECT count(*) FROM jobs WHERE purchase_id = ? AND kind = ?",
+        [purchase_id, FEE_WITHDRAWAL],
+    ).fetchone()
+    if not _set_status(
+        conn, purchase_id, PURCHASE_PENDING, now, when=(PURCHASE_FAILED,)
+    ):
+        raise PurchaseError(
+            "not_retryable", f"purchase {purchase_id} changed; try again", conflict=True
+        )
+    return _start(
+        conn,
+        purchase_id=purchase_id,
+        attempt=int(attempts[0]) + 1 if attempts else 1,
+        customer_id=customer_id,
+        program=program,
+        payer_account_id=record.payer_account_id,
+        now=now,
+    )
+
+
+# ------------------------------------------------------------- the worker
+
+
+def apply_job(conn: Connection, *, job_id: int, now: datetime) -> JobOutcome:
+    """Carry out one pending outbox job, in the caller's transaction.
+
+    The money movement, its ledger row (keyed by the job id), the job's mark and
+    the purchase's new status commit together or not at all; a job whose ledger
+    row exists is only marked, never applied again.
+
+    Args:
+        conn: The connection; wrap the call in a transaction.
+        job_id: The job.
+        now: The time recorded.
+
+    Returns:
+        What happened.
+
+    Raises:
+        ValueError: A job of an unknown kind.
+    """
+    job = get_job(conn, job_id=job_id)
+    if job is None or job.status != "pending":
+        return JobOutcome(job_id, "skipped")
+    if is_applied(conn, job_id=job_id):
+        mark_job(conn, job_id=job_id, status="done", now=now)
+        return JobOutcome(job_id, "already_applied")
+    if job.kind == FEE_WITHDRAWAL:
+        return _withdraw_fee(conn, job, now)
+    if job.kind == INITIAL_DEPOSIT:
+        return _deposit(conn, job, now)
+    if job.kind == REFUND:
+        if not credit(conn, job=job, now=now):
+            mark_job(conn, job_id=job_id, status="failed", now=now)
+            return JobOutcome(job_id, "failed")
+        mark_job(conn, job_id=job_id, status="done", now=now)
+        if job.purchase_id is not None:
+            _set_status(
+                conn,
+                job.purchase_id,
+                PURCHASE_REFUNDED,
+                now,
+                reason=CANCELLED,
+                when=(PURCHASE_FAILED,),
+            )
+        return JobOutcome(job_id, "applied")
+    raise ValueError(f"unknown job kind {job.kind!r}")
+
+
+def _purchase_status(conn: Connection, purchase_id: int) -> int | None:
+    row = conn.execute(
+        "SELECT status FROM purchases WHERE id = ?", [purchase_id]
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
+    if job.purchase_id is not None and (
+        _purchase_status(conn, job.purchase_id) != PURCHASE_PENDING
+    ):
+        mark_job(conn, job_id=job.id, status="cancelled", now=now)
+        return JobOutcome(job.id, "cancelled")
+    if debit(conn, account_id=job.account_id, amount=job.amount):
+        record_withdrawal(conn, job=job, now=now)
+        if job.purchase_id is not None:
+            _set_status(
+                conn, job.purchase_id, PURCHASE_PAID, now, when=(PURCHASE_PENDING,)
+            )
+        return JobOutcome(job.id, "applied")
+    account = conn.execute(
+        "SELECT enabled FROM trading_accounts WHERE account_id = ?", [job.account_id]
+    ).fetchone()
+    if account is None:
+        reason = PAYER_UNAVAILABLE
+    elif not account[0]:
+        reason = PAYER_DISABLED
+    else:
+        reason = INSUFFICIENT_FUNDS
+    mark_job(conn, job_id=job.id, status="failed", now=now)
+    conn.execute("UPDATE jobs SET last_error = ? WHERE id = ?", [reason, job.id])
+    if job.purchase_id is None:
+        return JobOutcome(job.id, "failed")
+    cancel_jobs(conn, purchase_id=job.purchase_id, kinds=(INITIAL_DEPOSIT,), now=now)
+    challenges, removed = _end_challenges(conn, job.purchase_id, now)
+    _set_status(
+        conn,
+        job.purchase_id,
+        PURCHASE_FAILED,
+        now,
+        reason=reason,
+        when=(PURCHASE_PENDING,),
+    )
+    return JobOutcome(job.id, "failed", challenges, removed)
+
+
+def _deposit(conn: Connection, job: Job, now: datetime) -> JobOutcome:
+    phase = conn.execute(
+        "SELECT status FROM challenge_phases "
+        "WHERE challenge_id = ? AND phase_index = ?",
+        [job.challenge_id, job.phase_index],
+    ).fetchone()
+    if phase is not None and phase[0] == "cancelled":
+        mark_job(conn, job_id=job.id, status="cancelled", now=now)
+        return JobOutcome(job.id, "cancelled")
+    status = (
+        None if job.purchase_id is None else _purchase_status(conn, job.purchase_id)
+    )
+    if status == PURCHASE_PENDING:
+        # The fee comes first: its job is older and the worker takes it next.
+        return JobOutcome(job.id, "deferred")
+    if status in (PURCHASE_FAILED, PURCHASE_REFUNDED):
+        mark_job(conn, job_id=job.id, status="cancelled", now=now)
+        return JobOutcome(job.id, "cancelled")
+    if not credit(conn, job=job, now=now):
+        mark_job(conn, job_id=job.id, status="failed", now=now)
+        return JobOutcome(job.id, "failed")
+    mark_job(conn, job_id=job.id, status="done", now=now)
+    changed: tuple[int, ...] = ()
+    if job.purchase_id is not None and _set_status(
+        conn, job.purchase_id, PURCHASE_ACCOUNT_CREATED, now, when=(PURCHASE_PAID,)
+    ):
+        changed = () if job.challenge_id is None else (job.challenge_id,)
+    return JobOutcome(job.id, "applied", changed)
+
+
+def activate_purchases(conn: Connection, *, now: datetime) -> list[int]:
+    """Move funded purchases whose challenge runs to ``active``.
+
+    Returns:
+        The purchases activated.
+    """
+    rows = conn.execute(
+        "SELECT id FROM purchases WHERE status = ? AND id IN ("
+        "SELECT purchase_id FROM challenges WHERE status IN (?, ?) "
+        "AND purchase_id IS NOT NULL) ORDER BY id",
+        [PURCHASE_ACCOUNT_CREATED, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
+    ).fetchall()
+    for (purchase_id,) in rows:
+        # No RETURNING: challenges reference purchases (see jobs.updated_rows).
+        _set_status(
+            conn,
+            int(purchase_id),
+            PURCHASE_ACTIVE,
+            now,
+            when=(PURCHASE_ACCOUNT_CREATED,),
+        )
+    return [int(r[0]) for r in rows]
+
+
+__all__ = [
+    "CANCELLED",
+    "INSUFFICIENT_FUNDS",
+    "PAYER_DISABLED",
+    "PAYER_REASONS",
+    "PAYER_UNAVAILABLE",
+    "PAYMENT_FAILURES",
+    "PURCHASE_ACCOUNT_CREATED",
+    "PURCHASE_ACTIVE",
+    "PURCHASE_FAILED",
+    "PURCHASE_PAID",
+    "PURCHASE_PENDING",
+    "PURCHASE_REFUNDED",
+    "PURCHASE_STATUS_NAMES",
+    "Bought",
+    "Cancelled",
+    "Lifecycle",
+    "PayerCheck",
+    "PhaseInfo",
+    "ProgramInfo",
+    "PurchaseError",
+    "PurchaseRecord",
+    "activate_purchases",
+    "apply_job",
+    "buy_prop_challenge",
+    "cancel_purchase",
+    "check_payer",
+    "find_by_idempotency_key",
+    "get_purchase",
+    "lifecycle_fields",
+    "list_purchases",
+    "payer_accounts",
+    "payer_lock",
+    "program_info",
+    "purchase_once",
+    "retry_purchase",
+]
+
+
+def purchase_once(
+    conn: Connection,
+    *,
+    customer_id: int,
+    program_id: int,
+    payer_account_id: int,
+    now: datetime,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> tuple[int, Bought | None]:
+    """BuyPropChallenge with its ``Idempotency-Key``, in transactions of its own.
+
+    The same key with the same body answers the first purchase and creates
+    nothing; with another body it is ``idempotency_mismatch``. Concurrent requests
+    with one key never make two purchases: the unique key ``(customer_id,
+    idempotency_key)`` refuses the second commit, and the payer lock makes a
+    same-body retry wait for the first and then find it.
+
+    Args:
+        conn: A connection not in a transaction (e.g. an API request's cursor).
+        customer_id: The buyer.
+        program_id: The program.
+        payer_account_id: The payer account.
+        now: The purchase's time.
+        idempotency_key: The request's key, if any.
+        request_hash: A hash of the request body (compared on a repeat).
+
+    Returns:
+        The purchase's id, and what was created (None for a repeat).
+
+    Raises:
+        NotFoundError: No such program or payer account of the customer.
+        PurchaseError: Not eligible, not for sale, or an idempotency conflict.
+    """
+
+    def existing() -> int | None:
+        if idempotency_key is None:
+            return None
+        return find_by_idempotency_key(
+            conn,
+            customer_id=customer_id,
+            key=idempotency_key,
+            request_hash=request_hash or "",
+        )
+
+    found = existing()
+    if found is not None:
+        return found, None
+    with payer_lock(payer_account_id):
+        found = existing()
+        if found is not None:
+            return found, None
+        try:
+            bought = run_in_transaction(
+                conn,
+                lambda c: buy_prop_challenge(
+                    c,
+                    customer_id=customer_id,
+                    program_id=program_id,
+                    payer_account_id=payer_account_id,
+                    now=now,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                ),
+            )
+        except StoreError:
+            raise
+        except Exception as exc:
+            if idempotency_key is None or "duplicate key" not in str(exc):
+                raise
+            # Another request with this key (another payer) committed first.
+            found = existing()
+            if found is None:
+                raise PurchaseError(
+                    "idempotency_in_flight",
+                    "a request with this Idempotency-Key is in progress",
+                    field="Idempotency-Key",
+                    conflict=True,
+                ) from exc
+            return found, None
+    return bought.purchase_id, bought

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
@@ -86,6 +88,28 @@ def test_idempotency_key_replays_and_conflicts(shop: Shop, client: TestClient) -
     )
     assert bob.status_code == 201
     assert bob.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_concurrent_retries_make_one_purchase(
+    shop: Shop, client: TestClient
+) -> None:
+    # Eight retries of one request race each other: one purchase, one pair of
+    # jobs, and every answer is that purchase (or a 409 while it is in flight).
+    h = shop.headers(shop.alice, "race-1")
+    barrier = threading.Barrier(8)
+
+    def buy(_: int) -> tuple[int, int | None]:
+        barrier.wait()
+        r = client.post("/prop/purchases", json=body(shop), headers=h)
+        return r.status_code, r.json().get("id")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(buy, range(8)))
+    assert {code for code, _ in answers} <= {201, 409}
+    ids = {pid for code, pid in answers if code == 201}
+    assert len(ids) == 1
+    assert shop.sql("SELECT count(*) FROM purchases") == [(1,)]
+    assert shop.sql("SELECT count(*) FROM jobs") == [(2,)]
 
 
 def test_payer_accounts_reasons(shop: Shop, client: TestClient) -> None:

@@ -349,6 +349,76 @@ def test_evaluator_picks_up_a_phase_registered_while_running(tmp_path: Path) -> 
     service.close()
 
 
+EASY_TWO_STEP = ProgramIn(
+    name="easy two-step",
+    price=Decimal("1.00"),
+    currency="USD",
+    phases=(
+        EASY.phases[0],
+        ProgramPhaseIn(
+            name="Funded",
+            phase_type=1,
+            account_group="REAL",
+            rules={"initial_balance": 10_000, "max_total_loss": 0.5},
+            profit_split=Decimal("0.8"),
+        ),
+    ),
+)
+
+
+def test_evaluator_judges_the_next_phase_after_a_pass(tmp_path: Path) -> None:
+    # Passing the evaluation phase opens the funded phase on a REAL account in the
+    # same commit; the loop registers it and the next batches judge it.
+    path = _fresh_db(tmp_path / "prop.duckdb")
+    service = _service(path)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.loop.run, args=(stop,))
+    thread.start()
+    try:
+        service.loop.ready.wait(10)
+        writer = cursor(service.conn)
+        with transaction(writer):
+            program = create_program(writer, program=EASY_TWO_STEP)
+            bob = customer_id_by_email(writer, email="bob@example.com")
+            account = open_account(writer, customer_id=bob, account_group="DEMO")
+            challenge = start_challenge(
+                writer,
+                customer_id=bob,
+                program_id=program,
+                account_id=account,
+                started_at=START + timedelta(hours=1),
+            )
+        service.loop.register_phase(
+            phase_spec(writer, challenge_id=challenge, phase_index=0)
+        )
+
+        def funded_account() -> int | None:
+            row = writer.execute(
+                "SELECT account_id FROM challenge_phases WHERE challenge_id = ? "
+                "AND phase_index = 1 AND status = 'active'",
+                [challenge],
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        _wait(lambda: funded_account() is not None)
+        funded = funded_account()
+        assert funded is not None
+        _wait(lambda: service.loop.metrics.get(funded) is not None)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert service.loop.error is None
+    status = writer.execute(
+        "SELECT status FROM challenges WHERE id = ?", [challenge]
+    ).fetchone()
+    assert status == (2,)  # passed: its last evaluation phase passed
+    group = writer.execute(
+        "SELECT account_group FROM trading_accounts WHERE account_id = ?", [funded]
+    ).fetchone()
+    assert group == ("REAL",)
+    service.close()
+
+
 def test_evaluator_remove_phase_stops_judging_it(tmp_path: Path) -> None:
     path = _fresh_db(tmp_path / "prop.duckdb")
     service = _service(path)

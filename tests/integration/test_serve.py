@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -176,3 +178,78 @@ def _buy_and_watch(client: httpx.Client) -> None:
     paid = next(p for p in left if p["account_id"] == payer["account_id"])
     price = Decimal(program["price"])
     assert Decimal(paid["balance"]) == Decimal(payer["balance"]) - price
+
+
+def test_serve_forty_concurrent_purchases_never_overdraw(tmp_path: Path) -> None:
+    # Bob's payer can afford three fees; forty purchases race for it over HTTP.
+    db = tmp_path / "svc.duckdb"
+    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
+    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    con = duckdb.connect(str(db))
+    try:
+        price_row = con.execute(
+            "SELECT price FROM programs WHERE active ORDER BY id LIMIT 1"
+        ).fetchone()
+        payer_row = con.execute(
+            "SELECT a.account_id FROM trading_accounts a JOIN customers c "
+            "ON c.id = a.customer_id WHERE c.email = 'bob@example.com' "
+            "AND a.account_group = 'REAL' ORDER BY a.account_id LIMIT 1"
+        ).fetchone()
+        assert price_row is not None
+        assert payer_row is not None
+        price, payer = Decimal(price_row[0]), int(payer_row[0])
+        start = price * 3 + Decimal("0.50")
+        con.execute(
+            "UPDATE trading_accounts SET balance = ? WHERE account_id = ?",
+            [start, payer],
+        )
+    finally:
+        con.close()
+    proc, url = _start(["serve", "--db", str(db), "--port", "0"], tmp_path)
+    try:
+        session = [str(PROP_STREAM), "session", "bob@example.com", "--db", str(db)]
+        token = subprocess.run(  # noqa: S603 - our own command
+            session, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        ) as client:
+            program = client.get("/prop/programs").json()["items"][0]
+            body = {"program_id": program["id"], "payer_account_id": payer}
+            barrier = threading.Barrier(40)
+
+            def buy(i: int) -> int:
+                barrier.wait()
+                r = client.post(
+                    "/prop/purchases", json=body, headers={"Idempotency-Key": f"k{i}"}
+                )
+                return r.status_code
+
+            with ThreadPoolExecutor(max_workers=40) as pool:
+                codes = list(pool.map(buy, range(40)))
+            assert codes.count(201) == 3, codes
+            assert all(code < 500 for code in codes), codes
+            # Let the worker carry out every job.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                items = client.get("/prop/purchases").json()["items"]
+                if all(p["payment_status"] != "pending" for p in items):
+                    break
+                time.sleep(0.3)
+    finally:
+        assert _stop(proc) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        balance = con.execute(
+            "SELECT balance FROM trading_accounts WHERE account_id = ?", [payer]
+        ).fetchone()
+        purchases = con.execute("SELECT count(*) FROM purchases").fetchone()
+        jobless = con.execute(
+            "SELECT count(*) FROM purchases p WHERE (SELECT count(*) FROM jobs j "
+            "WHERE j.purchase_id = p.id) < 2"
+        ).fetchone()
+    finally:
+        con.close()
+    assert balance == (start - 3 * price,)  # balanced to the cent, never below 0
+    assert purchases == (3,)
+    assert jobless == (0,)

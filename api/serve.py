@@ -19,7 +19,7 @@ import uvicorn
 from api.core.config import ApiSettings
 from api.main import create_app
 from prop_stream.config import StreamSettings
-from prop_stream.evaluator.service import build_loop
+from prop_stream.evaluator.service import build_loop, build_source
 from prop_stream.jobs import JobWorker
 from prop_stream.store.db import connect, cursor
 from prop_stream.store.init import init_database
@@ -57,7 +57,8 @@ def run(
     """
     init_database(settings.db)
     conn = connect(settings.db)
-    loop = build_loop(settings, conn)
+    source = build_source(settings)
+    loop = build_loop(settings, conn, source=source)
     stop = threading.Event()
     worker = threading.Thread(
         target=loop.run, args=(stop,), name="prop-stream-evaluator", daemon=True
@@ -66,7 +67,8 @@ def run(
         settings=ApiSettings(db=settings.db),
         conn=conn,
         metrics=loop.metrics,
-        evaluator_ready=loop.ready.is_set,
+        # Ready: the loop runs and, for Kafka, the broker answers.
+        evaluator_ready=lambda: loop.ready.is_set() and source.healthy(),
         phases=loop,
     )
 

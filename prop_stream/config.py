@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SourceName = Literal["none", "demo"]
+SourceName = Literal["none", "demo", "kafka"]
 
 
 class StreamSettings(BaseSettings):
@@ -21,7 +21,8 @@ class StreamSettings(BaseSettings):
 
     Attributes:
         db: The DuckDB file the service owns.
-        source: Where ticks come from: ``demo`` (the built-in simulator) or ``none``.
+        source: Where ticks come from: ``demo`` (the built-in simulator),
+            ``kafka`` (the tick topic) or ``none``.
         max_batch_records: Most ticks handed to the engine per batch.
         poll_timeout_s: Longest a poll waits for ticks before the loop looks at its
             stop flag, new phases and export requests again.
@@ -35,6 +36,17 @@ class StreamSettings(BaseSettings):
         demo_batch_ms: Demo time one demo batch spans, in milliseconds.
         demo_realtime: Pace the demo source to the wall clock (off: as fast as the
             loop takes batches; tests and replays).
+        kafka_bootstrap: ``host:port[,host:port...]`` of the Kafka brokers.
+        kafka_topic: The tick topic (``interfaces.md`` section 1).
+        kafka_dlq_topic: The dead-letter topic (None: ``<kafka_topic>.dlq``).
+        kafka_group_id: The consumer group Kafka offsets are published under,
+            for monitoring only (positions live in DuckDB); None publishes none.
+        kafka_fetch_max_bytes: Most bytes of one fetch response.
+        kafka_max_partition_fetch_bytes: Most bytes per partition in one fetch.
+        kafka_fetch_max_wait_ms: Longest the broker holds a fetch for more data.
+        kafka_dlq_unknown_accounts: Send ticks of accounts without a judged
+            phase to the DLQ (reason ``unknown_account``) instead of letting the
+            engine count them (off by default; see docs/kafka.md).
     """
 
     model_config = SettingsConfigDict(
@@ -51,3 +63,16 @@ class StreamSettings(BaseSettings):
     demo_seed: int = 7
     demo_batch_ms: int = Field(default=200, gt=0)
     demo_realtime: bool = True
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    kafka_topic: str = Field(default="prop.equity-ticks", min_length=1)
+    kafka_dlq_topic: str | None = None
+    kafka_group_id: str | None = "prop-stream"
+    kafka_fetch_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    kafka_max_partition_fetch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)
+    kafka_dlq_unknown_accounts: bool = False
+
+    @property
+    def kafka_dlq(self) -> str:
+        """The dead-letter topic: ``kafka_dlq_topic`` or ``<kafka_topic>.dlq``."""
+        return self.kafka_dlq_topic or f"{self.kafka_topic}.dlq"

@@ -13,15 +13,27 @@ Examples:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
 from prop_stream.evaluator.loop import EvaluatorLoop
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.evaluator.sources import NoneSource, TickSource
+from prop_stream.kafka.source import KafkaSource
 from prop_stream.sinks.duckdb_sink import DuckDBSink
 from prop_stream.store.db import Connection, cursor
 from prop_stream.store.requests import serve_requests
+
+
+class KafkaTickSource(KafkaSource, TickSource):
+    """:class:`~prop_stream.kafka.KafkaSource` as the evaluator's tick source.
+
+    The ``kafka`` layer sits below the evaluator and can't subclass
+    :class:`TickSource` itself; every method comes from :class:`KafkaSource`.
+    """
+
+    name = "kafka"
 
 
 def build_source(settings: StreamSettings) -> TickSource:
@@ -31,8 +43,19 @@ def build_source(settings: StreamSettings) -> TickSource:
         settings: The service's settings.
 
     Returns:
-        A :class:`DemoSource` or :class:`NoneSource`.
+        A :class:`DemoSource`, :class:`KafkaTickSource` or :class:`NoneSource`.
     """
+    if settings.source == "kafka":
+        return KafkaTickSource(
+            bootstrap=settings.kafka_bootstrap,
+            topic=settings.kafka_topic,
+            dlq_topic=settings.kafka_dlq,
+            group_id=settings.kafka_group_id,
+            fetch_max_bytes=settings.kafka_fetch_max_bytes,
+            max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            dlq_unknown_accounts=settings.kafka_dlq_unknown_accounts,
+        )
     if settings.source == "demo":
         return DemoSource(
             DemoConfig(
@@ -56,7 +79,9 @@ def build_loop(
 
     The loop, its sink and its request handling each get their own cursor of
     ``conn``; between batches the loop also serves operator requests
-    (``prop-stream export``/``session`` while the service holds the file).
+    (``prop-stream export``/``session`` while the service holds the file) and,
+    for a Kafka source, publishes the committed position to Kafka's group
+    offsets (monitoring only).
 
     Args:
         settings: The service's settings.
@@ -69,6 +94,12 @@ def build_loop(
     """
     source = source if source is not None else build_source(settings)
     requests_conn = cursor(conn)
+    hooks: list[Callable[[], object]] = [
+        functools.partial(serve_requests, requests_conn, settings.db)
+    ]
+    if isinstance(source, KafkaSource):
+        # Hooks run after a batch's commit, so the position is durable by then.
+        hooks.append(source.commit_async)
     return EvaluatorLoop(
         cursor(conn),
         source,
@@ -81,5 +112,5 @@ def build_loop(
         poll_timeout_s=settings.poll_timeout_s,
         checkpoint_every=settings.checkpoint_every,
         metrics=metrics,
-        hooks=(functools.partial(serve_requests, requests_conn, settings.db),),
+        hooks=hooks,
     )

@@ -55,6 +55,10 @@ class TickSource(ABC):
     def position(self) -> Position:
         """The position of the next tick :meth:`poll` would return."""
 
+    def healthy(self) -> bool:
+        """Whether the source can deliver ticks now (``/readyz``); True by default."""
+        return True
+
     def track(self, spec: PhaseSpec) -> None:  # noqa: B027 - optional hook
         """A phase is being judged from now on (the demo simulates its account).
 

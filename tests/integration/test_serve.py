@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import httpx
@@ -108,7 +109,7 @@ def test_demo_prints_a_session_that_reads_challenges(tmp_path: Path) -> None:
         assert _stop(proc) == 0
 
 
-def test_serve_kafka_source_is_refused_until_it_exists(tmp_path: Path) -> None:
+def test_serve_kafka_source_needs_a_bootstrap(tmp_path: Path) -> None:
     out = subprocess.run(  # noqa: S603 - our own command
         [str(PROP_STREAM), "serve", "--db", str(tmp_path / "x.duckdb"), "--source",
          "kafka"],
@@ -116,7 +117,59 @@ def test_serve_kafka_source_is_refused_until_it_exists(tmp_path: Path) -> None:
         text=True,
     )  # fmt: skip
     assert out.returncode == 2
-    assert "kafka" in out.stderr
+    assert "--kafka-bootstrap" in out.stderr
+
+
+def test_serve_kafka_source_judges_produced_ticks(
+    tmp_path: Path, kafka_bootstrap: str, topic_factory: Any
+) -> None:
+    # prop-stream produce replays a tick file to a topic; serve --source kafka
+    # judges it and stores the results.
+    db = tmp_path / "svc.duckdb"
+    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
+    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        row = con.execute(
+            "SELECT account_id, epoch_ms(started_at) FROM challenge_phases "
+            "WHERE status = 'active' ORDER BY account_id LIMIT 1"
+        ).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    account, start_ms = int(row[0]), int(row[1])
+    ticks = tmp_path / "ticks.csv"
+    lines = ["account_id,ts,equity,balance"] + [
+        f"{account},{start_ms + 1000 * (i + 1)},{100_000 + i},100000" for i in range(50)
+    ]
+    ticks.write_text("\n".join(lines) + "\n")
+    topic = topic_factory()
+    produce = [str(PROP_STREAM), "produce", str(ticks), "--kafka-bootstrap",
+               kafka_bootstrap, "--topic", topic]  # fmt: skip
+    subprocess.run(produce, check=True)  # noqa: S603 - our own command
+    proc, url = _start(
+        ["serve", "--db", str(db), "--source", "kafka", "--kafka-bootstrap",
+         kafka_bootstrap, "--topic", topic, "--port", "0"],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        time.sleep(3)
+    finally:
+        assert _stop(proc) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        latest = con.execute(
+            "SELECT equity FROM metrics_latest WHERE account_id = ?", [account]
+        ).fetchone()
+    finally:
+        con.close()
+    assert latest == (100_049.0,)  # the last tick of the file
 
 
 def test_serve_purchase_becomes_a_judged_active_challenge(tmp_path: Path) -> None:

@@ -1,0 +1,113 @@
+"""End-to-end Kafka throughput: topic → KafkaSource → engine → DuckDB.
+
+Produces ``--ticks`` ticks of ``--accounts`` accounts (one phase each, every rule
+on) to a fresh topic in the chosen encoding, then times an evaluator loop over a
+fresh store from the first poll until every partition is read and committed.
+
+Usage: ``.venv/bin/python benchmarks/kafka_e2e.py --bootstrap H:P
+--encoding json|batch --ticks 1000000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from prop_stream.evaluator import EvaluatorLoop
+from prop_stream.evaluator.service import KafkaTickSource
+from prop_stream.kafka import produce_file
+from prop_stream.rules import PhaseSpec
+from prop_stream.sinks import DuckDBSink
+from prop_stream.store import connect, cursor, init_database
+
+RULES = {"max_daily_loss": 0.05, "max_total_loss": 0.1, "profit_target": 0.08}
+
+
+def make_ticks(path: Path, ticks: int, accounts: int) -> Path:
+    rng = np.random.default_rng(3)
+    start = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1000)
+    ids = 1_000_000 + (np.arange(ticks) % accounts)
+    ts = start + np.arange(ticks) * 20  # 50 ticks/ms overall
+    equity = 100_000.0 + rng.normal(0, 50, ticks).cumsum() / np.sqrt(accounts)
+    frame = pl.DataFrame(
+        {"account_id": ids, "ts": ts, "equity": equity, "balance": 100_000.0}
+    ).with_columns(pl.from_epoch("ts", time_unit="ms").dt.replace_time_zone("UTC"))
+    frame.write_parquet(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bootstrap", default="127.0.0.1:19092")
+    parser.add_argument("--encoding", choices=["json", "batch"], default="json")
+    parser.add_argument("--ticks", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=200_000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
+    ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
+    topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
+    admin.create_topics(
+        [
+            NewTopic(
+                topic,
+                args.partitions,
+                1,
+                topic_configs={"max.message.bytes": "8388608"},
+            )
+        ]
+    )
+    t0 = time.perf_counter()
+    produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
+    produced = time.perf_counter() - t0
+
+    db = tmp / "prop.duckdb"
+    init_database(db)
+    conn = connect(db)
+    source = KafkaTickSource(bootstrap=args.bootstrap, topic=topic, group_id=None)
+    loop = EvaluatorLoop(
+        cursor(conn),
+        source,
+        DuckDBSink(cursor(conn), source=source.name),
+        max_batch_records=args.batch,
+        poll_timeout_s=0.5,
+    )
+    for i in range(args.accounts):
+        loop.register_phase(
+            PhaseSpec(
+                account_id=1_000_000 + i,
+                challenge_id=str(i),
+                phase_index=0,
+                started_at=datetime(2026, 1, 1, tzinfo=UTC),
+                rules={**RULES, "initial_balance": 100_000.0},
+            )
+        )
+    loop.start()
+    ends = source.end_offsets()
+    t0 = time.perf_counter()
+    while any(source.position().get(k, 0) < v for k, v in ends.items()):
+        loop.run_once()
+    seconds = time.perf_counter() - t0
+    source.close()
+    conn.close()
+    print(
+        f"{args.encoding}: {args.ticks:,} ticks, {loop.stats.batches} batches, "
+        f"evaluated {loop.stats.evaluated:,}; produce {produced:.1f} s; "
+        f"topic→DuckDB {seconds:.2f} s = {args.ticks / seconds:,.0f} ticks/s"
+    )
+    admin.delete_topics([topic])
+    admin.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""The Kafka tick source against a real broker: replay, restarts, DLQ, duplicates."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+
+from integration.conftest import KafkaBroker, TopicFactory, create_topic
+from prop_stream.backtest import run_backtest
+from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
+from prop_stream.evaluator.service import KafkaTickSource
+from prop_stream.kafka import ARROW_ENCODING, encode_arrow, produce_file
+from prop_stream.rules import PhaseSpec
+from prop_stream.sinks import DuckDBSink
+from prop_stream.store import Connection, connect, cursor, init_database, query_frame
+
+pytestmark = pytest.mark.integration
+
+START = datetime(2026, 1, 5, tzinfo=UTC)
+DEMO = DemoConfig(
+    seed=11, rate=5 / 60, batch_ms=20 * 60_000, realtime=False, epoch=START
+)
+BATCHES = 120
+BATCH_TICKS = 400  # small polls: many batches, so kills land mid-stream
+CHECKPOINT_EVERY = 5
+
+
+def _close_failed_connects() -> None:
+    """Close the sockets kafka-python leaves behind after failed connects.
+
+    While the broker is down, every reconnect attempt leaves an unconnected
+    socket in a reference cycle, unclosed; the ResourceWarning would otherwise
+    fail whichever later test happens to run the garbage collector.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+        for obj in gc.get_objects():
+            if not isinstance(obj, socket.socket) or obj.fileno() < 0:
+                continue
+            try:
+                obj.getpeername()
+                continue  # connected: someone's live socket
+            except OSError:
+                pass
+            if obj.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue  # a server's listening socket
+            obj.close()
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A template database, its phases' ticks and the backtest of them."""
+
+    db: Path
+    ticks: Path
+    backtest: Path
+    accounts: list[int]
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
+    root = tmp_path_factory.mktemp("kafka-replay")
+    db = root / "template.duckdb"
+    init_database(db, demo=True, now=START)
+    conn = connect(db, read_only=True)
+    phases = query_frame(
+        conn,
+        "SELECT account_id, challenge_id, phase_index, started_at, rules "
+        "FROM challenge_phases WHERE status = 'active' ORDER BY account_id",
+    )
+    conn.close()
+    source = DemoSource(DEMO)
+    accounts = []
+    for row in phases.iter_rows(named=True):
+        rules = json.loads(row["rules"])
+        source.track(
+            PhaseSpec(
+                account_id=row["account_id"],
+                challenge_id=str(row["challenge_id"]),
+                phase_index=row["phase_index"],
+                started_at=row["started_at"],
+                rules=rules,
+            )
+        )
+        accounts.append(
+            {
+                "account_id": row["account_id"],
+                "challenge_id": str(row["challenge_id"]),
+                "phase_index": row["phase_index"],
+                "started_at": row["started_at"].isoformat(),
+                "rules": rules,
+            }
+        )
+    ticks = source.dump(root / "ticks.parquet", range(BATCHES))
+    rules_file = root / "rules.json"
+    rules_file.write_text(json.dumps({"accounts": accounts}))
+    run_backtest(rules_file, ticks, root / "backtest")
+    return Replay(db, ticks, root / "backtest", [a["account_id"] for a in accounts])
+
+
+def _copy_db(replay: Replay, path: Path) -> Path:
+    shutil.copy(replay.db, path)
+    return path
+
+
+def _loop(
+    conn: Connection, source: KafkaTickSource, *, batch: int = BATCH_TICKS
+) -> EvaluatorLoop:
+    return EvaluatorLoop(
+        cursor(conn),
+        source,
+        DuckDBSink(cursor(conn), source=source.name, checkpoints_kept=3),
+        max_batch_records=batch,
+        poll_timeout_s=0.2,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
+
+
+def _source(bootstrap: str, topic: str, dlq: str | None = None) -> KafkaTickSource:
+    return KafkaTickSource(
+        bootstrap=bootstrap,
+        topic=topic,
+        dlq_topic=dlq or "no-dlq-expected",
+        dlq_unknown_accounts=dlq is not None,
+        group_id=None,
+        partition_refresh_s=1.0,
+        consumer_config={"request_timeout_ms": 10_000},
+    )
+
+
+def _end_offsets(bootstrap: str, topic: str) -> dict[str, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+    finally:
+        consumer.close()
+    return {f"{tp.topic}:{tp.partition}": int(off) for tp, off in ends.items()}
+
+
+def _drain(
+    loop: EvaluatorLoop,
+    source: KafkaTickSource,
+    ends: dict[str, int],
+    timeout: float = 120.0,
+) -> None:
+    loop.start()
+    deadline = time.monotonic() + timeout
+    while any(source.position().get(k, 0) < v for k, v in ends.items()):
+        assert time.monotonic() < deadline, (source.position(), ends)
+        loop.run_once()
+    loop.checkpoint()
+
+
+def _outputs(conn: Connection) -> dict[str, pl.DataFrame]:
+    queries = {
+        "breaches": "SELECT * EXCLUDE (id) FROM breaches "
+        "ORDER BY account_id, breach_seq",
+        "daily": "SELECT * FROM prop_daily_snapshots ORDER BY account_id, day",
+        "latest": "SELECT * FROM metrics_latest ORDER BY account_id",
+        "challenges": "SELECT id, status, current_phase_index, ended_at "
+        "FROM challenges ORDER BY id",
+        "phases": "SELECT challenge_id, phase_index, status, account_id, ended_at "
+        "FROM challenge_phases ORDER BY challenge_id, phase_index",
+    }
+    return {name: query_frame(conn, sql) for name, sql in queries.items()}
+
+
+def _history_duplicates(conn: Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) - count(DISTINCT (account_id, ts)) FROM metric_history"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _assert_matches_backtest(out: dict[str, pl.DataFrame], backtest: Path) -> None:
+    daily = pl.read_parquet(backtest / "daily.parquet")
+    assert out["daily"].select(daily.columns).equals(daily)
+    breaches = pl.read_parquet(backtest / "breaches.parquet")
+    assert breaches.height > 0
+    stored = (
+        out["breaches"]
+        .with_columns(
+            pl.col("challenge_id").cast(pl.String),
+            pl.col("phase_index").cast(pl.Int64),
+        )
+        .sort(["account_id", "ts", "breach_seq"])
+        .select(breaches.columns)
+    )
+    assert stored.equals(breaches)
+
+
+def _run_clean(
+    replay: Replay, path: Path, bootstrap: str, topic: str
+) -> dict[str, pl.DataFrame]:
+    conn = connect(_copy_db(replay, path))
+    source = _source(bootstrap, topic)
+    loop = _loop(conn, source)
+    try:
+        _drain(loop, source, _end_offsets(bootstrap, topic))
+        out = _outputs(conn)
+        assert _history_duplicates(conn) == 0
+    finally:
+        source.close()
+        conn.close()
+    return out
+
+
+# ------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("encoding", ["json", "batch"])
+def test_kafka_replay_matches_backtest(
+    tmp_path: Path,
+    replay: Replay,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+    encoding: str,
+) -> None:
+    topic = topic_factory(partitions=3)
+    sent = produce_file(
+        replay.ticks,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        encoding="json" if encoding == "json" else "batch",
+        batch_rows=500,
+    )
+    assert sent == pl.read_parquet(replay.ticks).height
+    out = _run_clean(replay, tmp_path / "prop.duckdb", kafka_bootstrap, topic)
+    _assert_matches_backtest(out, replay.backtest)
+    conn = connect(tmp_path / "prop.duckdb", read_only=True)
+    stored = query_frame(
+        conn, "SELECT partition, next_offset FROM source_offsets WHERE source='kafka'"
+    )
+    conn.close()
+    assert dict(stored.iter_rows()) == _end_offsets(kafka_bootstrap, topic)
+
+
+def test_kafka_duplicate_delivery_changes_nothing_but_counters(
+    tmp_path: Path, replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    once = topic_factory(partitions=2)
+    twice = topic_factory(partitions=2)
+    produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=once)
+    for _ in range(2):
+        produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=twice)
+    expected = _run_clean(replay, tmp_path / "once.duckdb", kafka_bootstrap, once)
+
+    conn = connect(_copy_db(replay, tmp_path / "twice.duckdb"))
+    source = _source(kafka_bootstrap, twice)
+    loop = _loop(conn, source)
+    _drain(loop, source, _end_offsets(kafka_bootstrap, twice))
+    got = _outputs(conn)
+    assert _history_duplicates(conn) == 0
+    source.close()
+    conn.close()
+    _close_failed_connects()
+    for name, frame in expected.items():
+        assert got[name].equals(frame), name
+    ticks = pl.read_parquet(replay.ticks).height
+    assert loop.stats.ticks == 2 * ticks
+    # The second copy is older than what each phase has seen: late, or for
+    # phases that ended, unknown to the engine.
+    assert loop.stats.late + loop.stats.unknown + loop.stats.inactive > 0
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from prop_stream.evaluator import EvaluatorLoop
+    from prop_stream.evaluator.service import KafkaTickSource
+    from prop_stream.sinks import DuckDBSink
+    from prop_stream.store import connect, cursor
+
+    db, bootstrap, topic, batch, every = sys.argv[1:6]
+    conn = connect(db)
+    source = KafkaTickSource(bootstrap=bootstrap, topic=topic, group_id=None)
+    loop = EvaluatorLoop(
+        cursor(conn), source, DuckDBSink(cursor(conn), source="kafka"),
+        max_batch_records=int(batch), poll_timeout_s=0.2,
+        checkpoint_every=int(every),
+    )
+    loop.start()
+    print("started", loop.stats.batch_seq, flush=True)
+    while True:
+        if loop.run_once():
+            print(loop.stats.batch_seq, flush=True)
+    """
+)
+
+
+def _run_and_kill(db: Path, bootstrap: str, topic: str, after: int) -> int:
+    """Start a worker, SIGKILL it after ``after`` batches; return its last batch."""
+    proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own script
+        [
+            sys.executable,
+            "-c",
+            _WORKER,
+            str(db),
+            bootstrap,
+            topic,
+            str(BATCH_TICKS),
+            str(CHECKPOINT_EVERY),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout is not None
+    last = -1
+    seen = 0
+    try:
+        for line in proc.stdout:
+            if line.startswith("started"):
+                continue
+            last = int(line)
+            seen += 1
+            if seen >= after:
+                break
+        os.kill(proc.pid, signal.SIGKILL)  # wherever it is, maybe mid-commit
+        proc.wait(30)
+    finally:
+        proc.stdout.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return last
+
+
+def test_kafka_sigkill_restarts_equal_a_clean_run(
+    tmp_path: Path, replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topic = topic_factory(partitions=3)
+    produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=topic)
+    expected = _run_clean(replay, tmp_path / "clean.duckdb", kafka_bootstrap, topic)
+
+    db = _copy_db(replay, tmp_path / "killed.duckdb")
+    rng = random.Random(5)
+    lasts = [
+        _run_and_kill(db, kafka_bootstrap, topic, rng.randint(1, 6)) for _ in range(4)
+    ]
+    assert max(lasts) > 0
+    conn = connect(db)
+    source = _source(kafka_bootstrap, topic)
+    loop = _loop(conn, source)
+    loop.start()
+    assert loop.stats.restored_from is not None
+    _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
+    got = _outputs(conn)
+    assert _history_duplicates(conn) == 0
+    source.close()
+    conn.close()
+    _close_failed_connects()
+    for name, frame in expected.items():
+        assert got[name].equals(frame), name
+    _assert_matches_backtest(got, replay.backtest)
+
+
+def _dlq_records(bootstrap: str, topic: str, count: int) -> list[dict[str, str]]:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    consumer.assign([TopicPartition(topic, 0)])
+    consumer.seek_to_beginning()
+    out: list[dict[str, str]] = []
+    deadline = time.monotonic() + 30
+    while len(out) < count and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            for record in records:
+                headers = {k: v.decode() for k, v in record.headers}
+                headers["value"] = (record.value or b"")[:40].decode("latin-1")
+                out.append(headers)
+    consumer.close()
+    return out
+
+
+def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
+    tmp_path: Path, replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topic = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1)
+    account = replay.accounts[0]
+    good = {"account_id": account, "equity": 100_000.0, "balance": 100_000.0}
+    bad_batch_rows = pl.DataFrame(
+        {
+            "account_id": [account, 999_999],
+            "ts": [datetime(2026, 1, 5, 10, tzinfo=UTC)] * 2,
+            "equity": [1.0, 2.0],
+            "balance": [1.0, 2.0],
+        }
+    )
+    messages: list[tuple[bytes | None, list[tuple[str, bytes]], str | None]] = [
+        (orjson.dumps({**good, "ts": "2026-01-05T09:30:00Z"}), [], None),
+        (b"not json", [], "not_json"),
+        (b"[1, 2]", [], "not_object"),
+        (orjson.dumps({"account_id": account, "ts": 1}), [], "missing_field"),
+        (orjson.dumps({**good, "ts": 1, "equity": "x"}), [], "mistyped_field"),
+        (
+            b'{"account_id": %d, "ts": 1, "equity": NaN, "balance": 1}' % account,
+            [],
+            "not_finite",
+        ),
+        (orjson.dumps({**good, "ts": "yesterday"}), [], "bad_ts"),
+        (
+            orjson.dumps({**good, "account_id": 999_999, "ts": 1767605460000}),
+            [],
+            "unknown_account",
+        ),
+        (b"\x00garbage", [("encoding", ARROW_ENCODING.encode())], "bad_batch"),
+        (b"{}", [("encoding", b"avro")], "unknown_encoding"),
+        (
+            encode_arrow(bad_batch_rows),
+            [("encoding", ARROW_ENCODING.encode())],
+            "unknown_account",
+        ),
+        (orjson.dumps({**good, "ts": 1767605520000, "extra": [1]}), [], None),
+    ]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for value, headers, _ in messages:
+        producer.send(topic, key=str(account).encode(), value=value, headers=headers)
+    producer.flush()
+    producer.close()
+
+    conn = connect(_copy_db(replay, tmp_path / "prop.duckdb"))
+    source = _source(kafka_bootstrap, topic, dlq)
+    loop = _loop(conn, source)
+    _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
+    history = query_frame(
+        conn, "SELECT ts FROM metric_history WHERE account_id = ?", [account]
+    )
+    source.close()
+    conn.close()
+    reasons = [reason for _, _, reason in messages if reason is not None]
+    assert source.stats.ticks == 3  # two JSON ticks and one batch row
+    assert sorted(source.stats.rejected.elements()) == sorted(reasons)
+    dead = _dlq_records(kafka_bootstrap, dlq, len(reasons))
+    assert [d["error"] for d in dead] == reasons
+    offsets = [i for i, (_, _, r) in enumerate(messages) if r is not None]
+    assert [int(d["source.offset"]) for d in dead] == offsets
+    assert {d["source.topic"] for d in dead} == {topic}
+    assert dead[0]["value"] == "not json"
+    assert dead[-1]["rows"] == "1"
+    assert history.height >= 1
+
+
+def test_kafka_broker_restart_mid_replay_is_waited_for(
+    tmp_path: Path,
+    replay: Replay,
+    private_kafka_broker: KafkaBroker,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+) -> None:
+    broker = private_kafka_broker
+    bootstrap = broker.bootstrap
+    topic = "ticks"
+    create_topic(bootstrap, topic, partitions=2)
+    produce_file(replay.ticks, bootstrap=bootstrap, topic=topic)
+    ends = _end_offsets(bootstrap, topic)
+
+    reference = topic_factory(partitions=2)
+    produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=reference)
+    expected = _run_clean(replay, tmp_path / "clean.duckdb", kafka_bootstrap, reference)
+
+    conn = connect(_copy_db(replay, tmp_path / "prop.duckdb"))
+    source = _source(bootstrap, topic)
+    loop = _loop(conn, source, batch=200)
+    loop.start()
+    for _ in range(10):
+        loop.run_once()
+    assert source.healthy()
+    broker.stop()
+    unhealthy = False
+    for _ in range(10):
+        loop.run_once()  # buffered records may still come
+        unhealthy = unhealthy or not source.healthy()
+    assert unhealthy
+    broker.start()
+    _drain(loop, source, ends)
+    deadline = time.monotonic() + 30
+    while not source.healthy():
+        assert time.monotonic() < deadline
+        loop.run_once()
+    got = _outputs(conn)
+    assert _history_duplicates(conn) == 0
+    source.close()
+    conn.close()
+    _close_failed_connects()
+    for name, frame in expected.items():
+        assert got[name].equals(frame), name

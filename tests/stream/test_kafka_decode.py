@@ -1,0 +1,160 @@
+"""Decoding Kafka tick messages without a broker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import polars as pl
+import pytest
+
+from prop_stream.kafka import ARROW_ENCODING, Reason, decode_messages, encode_arrow
+from prop_stream.kafka.decode import JSON_CHUNK, decode_json
+from prop_stream.rules import TICK_SCHEMA
+
+GOOD = {"account_id": 1001, "equity": 100_250.5, "balance": 100_000.0}
+
+
+def _json(**fields: object) -> bytes:
+    return orjson.dumps({**GOOD, "ts": "2026-01-05T09:30:00.125Z", **fields})
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not json", Reason.NOT_JSON),
+        (b"", Reason.NOT_JSON),
+        (None, Reason.NOT_JSON),
+        (b"[1, 2]", Reason.NOT_OBJECT),
+        (b'"text"', Reason.NOT_OBJECT),
+        (orjson.dumps({"account_id": 1001, "ts": 1}), Reason.MISSING_FIELD),
+        (_json(equity=None), Reason.MISSING_FIELD),
+        (_json(equity="1.5"), Reason.MISTYPED_FIELD),
+        (_json(account_id=1.5), Reason.MISTYPED_FIELD),
+        (_json(account_id="1001"), Reason.MISTYPED_FIELD),
+        (
+            b'{"account_id": 99999999999999999999, "ts": 1, "equity": 1, "balance": 1}',
+            Reason.MISTYPED_FIELD,
+        ),
+        (_json(ts=True), Reason.BAD_TS),
+        (_json(ts=1.5), Reason.BAD_TS),
+        (
+            b'{"account_id": 1, "ts": 1, "equity": NaN, "balance": 1}',
+            Reason.NOT_FINITE,
+        ),
+        (
+            b'{"account_id": 1, "ts": 1, "equity": 1, "balance": -Infinity}',
+            Reason.NOT_FINITE,
+        ),
+        (
+            b'{"account_id": 1, "ts": 1, "equity": 1e999, "balance": 1}',
+            Reason.NOT_FINITE,
+        ),
+        (_json(ts="yesterday"), Reason.BAD_TS),
+        (_json(ts="2026-13-45T00:00:00Z"), Reason.BAD_TS),
+    ],
+)
+def test_decode_json_rejects_bad_message_with_reason(
+    value: bytes | None, reason: Reason
+) -> None:
+    decoded = decode_messages([_json(), value, _json(ts=1767605400000)])
+    assert [r.reason for r in decoded.rejections] == [reason]
+    assert decoded.rejections[0].index == 1
+    assert decoded.ticks["message"].to_list() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2026-01-05T09:30:00.125Z", datetime(2026, 1, 5, 9, 30, 0, 125_000, UTC)),
+        ("2026-01-05T10:30:00+01:00", datetime(2026, 1, 5, 9, 30, tzinfo=UTC)),
+        ("2026-01-05T09:30:00", datetime(2026, 1, 5, 9, 30, tzinfo=UTC)),
+        (1767605400125, datetime(2026, 1, 5, 9, 30, 0, 125_000, UTC)),
+    ],
+)
+def test_decode_json_reads_every_ts_form(ts: object, expected: datetime) -> None:
+    decoded = decode_messages([_json(ts=ts, extra={"ignored": [1]})])
+    assert not decoded.rejections
+    assert decoded.ticks.drop("message").schema == pl.Schema(TICK_SCHEMA)
+    assert decoded.ticks["ts"].to_list() == [expected]
+
+
+def test_decode_json_one_bad_value_keeps_the_rest_in_order() -> None:
+    values = [_json(ts=1767605400000 + i, account_id=i) for i in range(JSON_CHUNK + 10)]
+    values[JSON_CHUNK + 3] = b"{broken"
+    values[5] = b"\n"
+    decoded = decode_json(values)
+    assert [r.index for r in decoded.rejections] == [5, JSON_CHUNK + 3]
+    ids = decoded.ticks["account_id"].to_list()
+    assert ids == [i for i in range(JSON_CHUNK + 10) if i not in (5, JSON_CHUNK + 3)]
+    assert decoded.ticks["message"].to_list() == ids
+
+
+def test_decode_unknown_accounts_are_rejected_when_asked() -> None:
+    values = [_json(account_id=1), _json(account_id=2)]
+    decoded = decode_messages(values, known_accounts=pl.Series([2]))
+    assert [(r.index, r.reason) for r in decoded.rejections] == [
+        (0, Reason.UNKNOWN_ACCOUNT)
+    ]
+    assert decode_messages(values).ticks.height == 2
+
+
+def _ticks(n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "account_id": list(range(n)),
+            "ts": [datetime(2026, 1, 5, 9, 30, i, tzinfo=UTC) for i in range(n)],
+            "equity": [float(i) for i in range(n)],
+            "balance": [1.0] * n,
+        },
+        schema=TICK_SCHEMA,
+    )
+
+
+def test_decode_arrow_batch_round_trips() -> None:
+    ticks = _ticks(5)
+    decoded = decode_messages([encode_arrow(ticks)], [ARROW_ENCODING])
+    assert not decoded.rejections
+    assert decoded.ticks.drop("message").equals(ticks)
+
+
+def test_decode_mixed_encodings_keep_message_order() -> None:
+    batch = encode_arrow(_ticks(3))
+    decoded = decode_messages(
+        [_json(account_id=100), batch, _json(account_id=200)],
+        [None, ARROW_ENCODING, "json"],
+    )
+    assert decoded.ticks["account_id"].to_list() == [100, 0, 1, 2, 200]
+    assert decoded.ticks["message"].to_list() == [0, 1, 1, 1, 2]
+
+
+def test_decode_arrow_bad_rows_and_batches_are_rejected() -> None:
+    ticks = _ticks(4).with_columns(
+        pl.when(pl.col("account_id") == 2)
+        .then(float("nan"))
+        .otherwise(pl.col("equity"))
+        .alias("equity")
+    )
+    decoded = decode_messages(
+        [encode_arrow(ticks), b"\x00junk", b"{}"],
+        [ARROW_ENCODING, ARROW_ENCODING, "avro"],
+        known_accounts=pl.Series([0, 1, 2]),
+    )
+    assert decoded.ticks["account_id"].to_list() == [0, 1]
+    got = [(r.index, r.reason, r.rows) for r in decoded.rejections]
+    assert got == [
+        (0, Reason.NOT_FINITE, 1),
+        (0, Reason.UNKNOWN_ACCOUNT, 1),
+        (1, Reason.BAD_BATCH, 1),
+        (2, Reason.UNKNOWN_ENCODING, 1),
+    ]
+    payload = decoded.rejections[1].payload
+    assert payload is not None
+    rows = decode_messages([payload], [ARROW_ENCODING]).ticks
+    assert rows["account_id"].to_list() == [3]
+
+
+def test_decode_arrow_missing_column_is_a_bad_batch() -> None:
+    value = encode_arrow(_ticks(2)).replace(b"balance", b"balanxe")
+    decoded = decode_messages([value], [ARROW_ENCODING])
+    assert [r.reason for r in decoded.rejections] == [Reason.BAD_BATCH]

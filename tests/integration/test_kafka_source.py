@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import shutil
@@ -21,15 +20,15 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
+from demo_backtest import demo_backtest_inputs
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from integration.conftest import KafkaBroker, TopicFactory, create_topic
 from prop_stream.backtest import run_backtest
-from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
+from prop_stream.evaluator import DemoConfig, EvaluatorLoop
 from prop_stream.evaluator.service import KafkaTickSource
 from prop_stream.kafka import ARROW_ENCODING, encode_arrow, produce_file
-from prop_stream.rules import PhaseSpec
 from prop_stream.sinks import DuckDBSink
 from prop_stream.store import Connection, connect, cursor, init_database, query_frame
 
@@ -82,40 +81,11 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
     root = tmp_path_factory.mktemp("kafka-replay")
     db = root / "template.duckdb"
     init_database(db, demo=True, now=START)
-    conn = connect(db, read_only=True)
-    phases = query_frame(
-        conn,
-        "SELECT account_id, challenge_id, phase_index, started_at, rules "
-        "FROM challenge_phases WHERE status = 'active' ORDER BY account_id",
+    rules_file, ticks, accounts = demo_backtest_inputs(
+        db, root, config=DEMO, batches=BATCHES, active_only=True
     )
-    conn.close()
-    source = DemoSource(DEMO)
-    accounts = []
-    for row in phases.iter_rows(named=True):
-        rules = json.loads(row["rules"])
-        source.track(
-            PhaseSpec(
-                account_id=row["account_id"],
-                challenge_id=str(row["challenge_id"]),
-                phase_index=row["phase_index"],
-                started_at=row["started_at"],
-                rules=rules,
-            )
-        )
-        accounts.append(
-            {
-                "account_id": row["account_id"],
-                "challenge_id": str(row["challenge_id"]),
-                "phase_index": row["phase_index"],
-                "started_at": row["started_at"].isoformat(),
-                "rules": rules,
-            }
-        )
-    ticks = source.dump(root / "ticks.parquet", range(BATCHES))
-    rules_file = root / "rules.json"
-    rules_file.write_text(json.dumps({"accounts": accounts}))
     run_backtest(rules_file, ticks, root / "backtest")
-    return Replay(db, ticks, root / "backtest", [a["account_id"] for a in accounts])
+    return Replay(db, ticks, root / "backtest", accounts)
 
 
 def _copy_db(replay: Replay, path: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from demo_backtest import demo_backtest_inputs
 
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import (
@@ -170,38 +170,13 @@ def test_evaluator_restart_from_checkpoint_equals_uninterrupted_run(
 def test_evaluator_demo_run_matches_backtest(
     tmp_path: Path, uninterrupted: Path, expected: dict[str, pl.DataFrame]
 ) -> None:
-    conn = connect(uninterrupted, read_only=True)
-    phases = query_frame(
-        conn,
-        "SELECT account_id, challenge_id, phase_index, started_at, rules "
-        "FROM challenge_phases WHERE account_id IS NOT NULL ORDER BY account_id",
+    rules_file, ticks, _ = demo_backtest_inputs(
+        uninterrupted,
+        tmp_path,
+        config=DEMO,
+        batches=BATCHES,
+        active_only=False,
     )
-    conn.close()
-    source = DemoSource(DEMO)
-    accounts = []
-    for row in phases.iter_rows(named=True):
-        rules = json.loads(row["rules"])
-        source.track(
-            PhaseSpec(
-                account_id=row["account_id"],
-                challenge_id=str(row["challenge_id"]),
-                phase_index=row["phase_index"],
-                started_at=row["started_at"],
-                rules=rules,
-            )
-        )
-        accounts.append(
-            {
-                "account_id": row["account_id"],
-                "challenge_id": str(row["challenge_id"]),
-                "phase_index": row["phase_index"],
-                "started_at": row["started_at"].isoformat(),
-                "rules": rules,
-            }
-        )
-    ticks = source.dump(tmp_path / "ticks.parquet", range(BATCHES))
-    rules_file = tmp_path / "rules.json"
-    rules_file.write_text(json.dumps({"accounts": accounts}))
     run_backtest(rules_file, ticks, tmp_path / "out")
 
     daily = pl.read_parquet(tmp_path / "out" / "daily.parquet")

@@ -1,0 +1,68 @@
+"""Backtest inputs for a demo run: the store's phases as RULES.json, their ticks.
+
+Shared by the tests that prove a streaming run (demo or Kafka) equals what the
+backtest command computes for the same ticks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prop_stream.evaluator import DemoConfig, DemoSource
+from prop_stream.rules import PhaseSpec
+from prop_stream.store import connect, query_frame
+
+
+def demo_backtest_inputs(
+    db: Path, root: Path, *, config: DemoConfig, batches: int, active_only: bool
+) -> tuple[Path, Path, list[int]]:
+    """Write the store's phases as a rules file, and dump their ticks.
+
+    Args:
+        db: The store the phases come from.
+        root: Where ``rules.json`` and ``ticks.parquet`` are written.
+        config: The demo source's configuration.
+        batches: How many demo batches of ticks to dump.
+        active_only: Only active phases (else every phase with an account).
+
+    Returns:
+        The rules file, the ticks file and the account ids, in order.
+    """
+    query = (
+        "SELECT account_id, challenge_id, phase_index, started_at, rules "
+        "FROM challenge_phases WHERE "
+        + ("status = 'active'" if active_only else "account_id IS NOT NULL")
+        + " ORDER BY account_id"
+    )
+    conn = connect(db, read_only=True)
+    try:
+        phases = query_frame(conn, query)
+    finally:
+        conn.close()
+    source = DemoSource(config)
+    accounts = []
+    for row in phases.iter_rows(named=True):
+        rules = json.loads(row["rules"])
+        source.track(
+            PhaseSpec(
+                account_id=row["account_id"],
+                challenge_id=str(row["challenge_id"]),
+                phase_index=row["phase_index"],
+                started_at=row["started_at"],
+                rules=rules,
+            )
+        )
+        accounts.append(
+            {
+                "account_id": row["account_id"],
+                "challenge_id": str(row["challenge_id"]),
+                "phase_index": row["phase_index"],
+                "started_at": row["started_at"].isoformat(),
+                "rules": rules,
+            }
+        )
+    ticks = source.dump(root / "ticks.parquet", range(batches))
+    rules_file = root / "rules.json"
+    rules_file.write_text(json.dumps({"accounts": accounts}))
+    return rules_file, ticks, [int(a["account_id"]) for a in accounts]

@@ -21,7 +21,9 @@ PROP_STREAM = Path(sys.executable).with_name("prop-stream")
 pytestmark = pytest.mark.integration
 
 
-def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+def _start(
+    args: list[str], cwd: Path, printed: list[str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(  # noqa: S603 - our own command
         [str(PROP_STREAM), *args],
         cwd=cwd,
@@ -38,12 +40,26 @@ def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
         if not line:
             break
         lines.append(line)
+        if printed is not None:
+            printed.append(line)
         if "ready on http://" in line:
             url = line.split("ready on ", 1)[1].split()[0]
             return proc, url
     proc.kill()
     proc.communicate()
     pytest.fail(f"no ready line; stderr so far: {''.join(lines)}")
+
+
+def _init_demo(db: Path) -> None:
+    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
+    subprocess.run(init, check=True)  # noqa: S603 - our own command
+
+
+def _session(email: str, db: Path) -> str:
+    command = [str(PROP_STREAM), "session", email, "--db", str(db)]
+    return subprocess.run(  # noqa: S603 - our own command
+        command, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
@@ -54,8 +70,7 @@ def _stop(proc: subprocess.Popen[str]) -> int:
 
 def test_serve_demo_source_stores_moving_metrics(tmp_path: Path) -> None:
     db = tmp_path / "svc.duckdb"
-    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
-    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    _init_demo(db)
     proc, url = _start(
         ["serve", "--db", str(db), "--source", "demo", "--port", "0"], tmp_path
     )
@@ -84,22 +99,11 @@ def test_serve_demo_source_stores_moving_metrics(tmp_path: Path) -> None:
 
 
 def test_demo_prints_a_session_that_reads_challenges(tmp_path: Path) -> None:
-    proc, url = _start(["demo", "--port", "0"], tmp_path)
+    printed: list[str] = []
+    proc, url = _start(["demo", "--port", "0"], tmp_path, printed)
     try:
-        # The session line comes before the ready line; read it back from the DB's
-        # owner instead: issue one through the running service.
-        token = subprocess.run(  # noqa: S603 - our own command
-            [
-                str(PROP_STREAM),
-                "session",
-                "alice@example.com",
-                "--db",
-                str(tmp_path / "data" / "prop-stream-demo.duckdb"),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        session_line = next(line for line in printed if "session for" in line)
+        token = session_line.rsplit(": ", 1)[1].strip()
         resp = httpx.get(
             f"{url}/prop/challenges", headers={"Authorization": f"Bearer {token}"}
         )
@@ -126,8 +130,7 @@ def test_serve_kafka_source_judges_produced_ticks(
     # prop-stream produce replays a tick file to a topic; serve --source kafka
     # judges it and stores the results.
     db = tmp_path / "svc.duckdb"
-    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
-    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    _init_demo(db)
     con = duckdb.connect(str(db), read_only=True)
     try:
         row = con.execute(
@@ -176,16 +179,12 @@ def test_serve_purchase_becomes_a_judged_active_challenge(tmp_path: Path) -> Non
     # The whole flow through the real service: preview, BuyPropChallenge, the job
     # worker pays and deposits, and the demo source judges the new phase.
     db = tmp_path / "svc.duckdb"
-    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
-    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    _init_demo(db)
     proc, url = _start(
         ["serve", "--db", str(db), "--source", "demo", "--port", "0"], tmp_path
     )
     try:
-        session = [str(PROP_STREAM), "session", "bob@example.com", "--db", str(db)]
-        token = subprocess.run(  # noqa: S603 - our own command
-            session, check=True, capture_output=True, text=True
-        ).stdout.strip()
+        token = _session("bob@example.com", db)
         with httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
         ) as client:
@@ -236,8 +235,7 @@ def _buy_and_watch(client: httpx.Client) -> None:
 def test_serve_forty_concurrent_purchases_never_overdraw(tmp_path: Path) -> None:
     # Bob's payer can afford three fees; forty purchases race for it over HTTP.
     db = tmp_path / "svc.duckdb"
-    init = [str(PROP_STREAM), "init", "--db", str(db), "--demo"]
-    subprocess.run(init, check=True)  # noqa: S603 - our own command
+    _init_demo(db)
     con = duckdb.connect(str(db))
     try:
         price_row = con.execute(
@@ -260,10 +258,7 @@ def test_serve_forty_concurrent_purchases_never_overdraw(tmp_path: Path) -> None
         con.close()
     proc, url = _start(["serve", "--db", str(db), "--port", "0"], tmp_path)
     try:
-        session = [str(PROP_STREAM), "session", "bob@example.com", "--db", str(db)]
-        token = subprocess.run(  # noqa: S603 - our own command
-            session, check=True, capture_output=True, text=True
-        ).stdout.strip()
+        token = _session("bob@example.com", db)
         with httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         ) as client:

@@ -20,9 +20,9 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
-from demo_backtest import demo_backtest_inputs
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
+from replay_support import demo_backtest_inputs, stored_outputs
 
 from integration.conftest import KafkaBroker, TopicFactory, create_topic
 from prop_stream.backtest import run_backtest
@@ -142,20 +142,6 @@ def _drain(
     loop.checkpoint()
 
 
-def _outputs(conn: Connection) -> dict[str, pl.DataFrame]:
-    queries = {
-        "breaches": "SELECT * EXCLUDE (id) FROM breaches "
-        "ORDER BY account_id, breach_seq",
-        "daily": "SELECT * FROM prop_daily_snapshots ORDER BY account_id, day",
-        "latest": "SELECT * FROM metrics_latest ORDER BY account_id",
-        "challenges": "SELECT id, status, current_phase_index, ended_at "
-        "FROM challenges ORDER BY id",
-        "phases": "SELECT challenge_id, phase_index, status, account_id, ended_at "
-        "FROM challenge_phases ORDER BY challenge_id, phase_index",
-    }
-    return {name: query_frame(conn, sql) for name, sql in queries.items()}
-
-
 def _history_duplicates(conn: Connection) -> int:
     row = conn.execute(
         "SELECT count(*) - count(DISTINCT (account_id, ts)) FROM metric_history"
@@ -189,7 +175,7 @@ def _run_clean(
     loop = _loop(conn, source)
     try:
         _drain(loop, source, _end_offsets(bootstrap, topic))
-        out = _outputs(conn)
+        out = stored_outputs(conn, history=False)
         assert _history_duplicates(conn) == 0
     finally:
         source.close()
@@ -241,7 +227,7 @@ def test_kafka_duplicate_delivery_changes_nothing_but_counters(
     source = _source(kafka_bootstrap, twice)
     loop = _loop(conn, source)
     _drain(loop, source, _end_offsets(kafka_bootstrap, twice))
-    got = _outputs(conn)
+    got = stored_outputs(conn, history=False)
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
@@ -338,7 +324,7 @@ def test_kafka_sigkill_restarts_equal_a_clean_run(
     loop.start()
     assert loop.stats.restored_from is not None
     _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
-    got = _outputs(conn)
+    got = stored_outputs(conn, history=False)
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
@@ -472,7 +458,7 @@ def test_kafka_broker_restart_mid_replay_is_waited_for(
     while not source.healthy():
         assert time.monotonic() < deadline
         loop.run_once()
-    got = _outputs(conn)
+    got = stored_outputs(conn, history=False)
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from demo_backtest import demo_backtest_inputs
+from replay_support import demo_backtest_inputs, stored_outputs
 
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import (
@@ -85,21 +85,6 @@ def _fresh_db(path: Path) -> Path:
     return path
 
 
-def _outputs(conn: Connection) -> dict[str, pl.DataFrame]:
-    queries = {
-        "breaches": "SELECT * EXCLUDE (id) FROM breaches "
-        "ORDER BY account_id, breach_seq",
-        "daily": "SELECT * FROM prop_daily_snapshots ORDER BY account_id, day",
-        "history": "SELECT * FROM metric_history ORDER BY account_id, ts",
-        "latest": "SELECT * FROM metrics_latest ORDER BY account_id",
-        "challenges": "SELECT id, status, current_phase_index, ended_at "
-        "FROM challenges ORDER BY id",
-        "phases": "SELECT challenge_id, phase_index, status, account_id, ended_at "
-        "FROM challenge_phases ORDER BY challenge_id, phase_index",
-    }
-    return {name: query_frame(conn, sql) for name, sql in queries.items()}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = _fresh_db(tmp_path_factory.mktemp("uninterrupted") / "prop.duckdb")
@@ -113,7 +98,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected(uninterrupted: Path) -> dict[str, pl.DataFrame]:
     conn = connect(uninterrupted, read_only=True)
-    out = _outputs(conn)
+    out = stored_outputs(conn)
     conn.close()
     return out
 
@@ -161,7 +146,7 @@ def test_evaluator_restart_from_checkpoint_equals_uninterrupted_run(
     assert second.loop.stats.restored_from is not None
     second.loop.run(max_batches=BATCHES - restored)
     assert second.loop.stats.batch_seq == BATCHES
-    got = _outputs(second.conn)
+    got = stored_outputs(second.conn)
     second.close()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
@@ -585,7 +570,7 @@ def test_evaluator_sigkill_restart_equals_uninterrupted_run(
     restored = service.loop.stats.batch_seq
     assert restored >= 50
     service.loop.run(max_batches=BATCHES - restored)
-    got = _outputs(service.conn)
+    got = stored_outputs(service.conn)
     service.close()
     for name, frame in expected.items():
         assert got[name].equals(frame), name

@@ -1,7 +1,8 @@
-"""Backtest inputs for a demo run: the store's phases as RULES.json, their ticks.
+"""Helpers for the tests that replay a stream: backtest inputs and stored outputs.
 
 Shared by the tests that prove a streaming run (demo or Kafka) equals what the
-backtest command computes for the same ticks.
+backtest command computes for the same ticks, and that a restarted run stores
+exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
+
 from prop_stream.evaluator import DemoConfig, DemoSource
 from prop_stream.rules import PhaseSpec
-from prop_stream.store import connect, query_frame
+from prop_stream.store import Connection, connect, query_frame
 
 
 def demo_backtest_inputs(
@@ -66,3 +69,32 @@ def demo_backtest_inputs(
     rules_file = root / "rules.json"
     rules_file.write_text(json.dumps({"accounts": accounts}))
     return rules_file, ticks, [int(a["account_id"]) for a in accounts]
+
+
+def stored_outputs(
+    conn: Connection, *, history: bool = True
+) -> dict[str, pl.DataFrame]:
+    """What a run stored, in a stable order, to compare runs with each other.
+
+    Args:
+        conn: The store.
+        history: Include ``metric_history`` (its rows follow batch boundaries, which
+            a replay after a kill need not reproduce).
+
+    Returns:
+        One frame per table: breaches, daily, latest, challenges, phases and
+        (optionally) history.
+    """
+    queries = {
+        "breaches": "SELECT * EXCLUDE (id) FROM breaches "
+        "ORDER BY account_id, breach_seq",
+        "daily": "SELECT * FROM prop_daily_snapshots ORDER BY account_id, day",
+        "latest": "SELECT * FROM metrics_latest ORDER BY account_id",
+        "challenges": "SELECT id, status, current_phase_index, ended_at "
+        "FROM challenges ORDER BY id",
+        "phases": "SELECT challenge_id, phase_index, status, account_id, ended_at "
+        "FROM challenge_phases ORDER BY challenge_id, phase_index",
+    }
+    if history:
+        queries["history"] = "SELECT * FROM metric_history ORDER BY account_id, ts"
+    return {name: query_frame(conn, sql) for name, sql in queries.items()}

@@ -250,9 +250,11 @@ EASY = ProgramIn(
 )
 
 
-def _start_easy_challenge(conn: Connection, started_at: datetime) -> PhaseSpec:
+def _start_easy_challenge(
+    conn: Connection, started_at: datetime, program_in: ProgramIn = EASY
+) -> PhaseSpec:
     with transaction(conn):
-        program = create_program(conn, program=EASY)
+        program = create_program(conn, program=program_in)
         bob = customer_id_by_email(conn, email="bob@example.com")
         account = open_account(conn, customer_id=bob, account_group="DEMO")
         challenge = start_challenge(
@@ -337,20 +339,9 @@ def test_evaluator_judges_the_next_phase_after_a_pass(tmp_path: Path) -> None:
     try:
         service.loop.ready.wait(10)
         writer = cursor(service.conn)
-        with transaction(writer):
-            program = create_program(writer, program=EASY_TWO_STEP)
-            bob = customer_id_by_email(writer, email="bob@example.com")
-            account = open_account(writer, customer_id=bob, account_group="DEMO")
-            challenge = start_challenge(
-                writer,
-                customer_id=bob,
-                program_id=program,
-                account_id=account,
-                started_at=START + timedelta(hours=1),
-            )
-        service.loop.register_phase(
-            phase_spec(writer, challenge_id=challenge, phase_index=0)
-        )
+        spec = _start_easy_challenge(writer, START + timedelta(hours=1), EASY_TWO_STEP)
+        challenge = int(spec.challenge_id)
+        service.loop.register_phase(spec)
 
         def funded_account() -> int | None:
             row = writer.execute(

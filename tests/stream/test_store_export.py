@@ -50,6 +50,9 @@ SERVICE = textwrap.dedent(
     loop = build_loop(settings, conn)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     loop.start()
+    # Announce only once a batch is stored, so an export has something to export.
+    while not loop.run_once():
+        pass
     print("ready", flush=True)
     loop.run()
     conn.close()

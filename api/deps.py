@@ -40,6 +40,7 @@ class AppState:
             this process).
         phases: The running engine to register purchased phases with (None: no
             evaluator in this process; it finds them in the store when it starts).
+        hot_reads: Requests answered by :class:`api.hot.HotReads` (not FastAPI).
     """
 
     db: Database
@@ -47,6 +48,7 @@ class AppState:
     sessions: SessionCache
     evaluator_ready: Callable[[], bool] | None
     phases: PhaseRegistry | None = None
+    hot_reads: int = 0
 
 
 def get_state(request: HTTPConnection) -> AppState:
@@ -125,7 +127,13 @@ async def get_app_state(request: Request) -> AppState:
     return get_state(request)
 
 
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+def get_app_settings(request: HTTPConnection) -> ApiSettings:
+    """The settings the app was built with (``create_app``), else the environment's."""
+    settings: ApiSettings | None = getattr(request.app.state, "settings", None)
+    return settings if settings is not None else get_settings()
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_app_settings)]
 SessionDep = Annotated[Connection, Depends(get_db)]
 CurrentTrader = Annotated[int, Depends(get_current_trader)]
 CacheDep = Annotated[RuntimeCache, Depends(get_cache)]

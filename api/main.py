@@ -32,6 +32,7 @@ from api.core.config import ApiSettings, get_settings
 from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
+from api.hot import HotReads
 from api.routes import challenges, health, programs, purchase, runtime
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import Connection, PhaseRegistry, connect
@@ -48,6 +49,7 @@ def create_app(
     metrics: LatestMetrics | None = None,
     evaluator_ready: Callable[[], bool] | None = None,
     phases: PhaseRegistry | None = None,
+    hot_reads: bool = True,
 ) -> FastAPI:
     """Build the API.
 
@@ -57,7 +59,7 @@ def create_app(
 
     Args:
         settings: The settings (default: :func:`get_settings`, from the
-            environment); they also override the ``get_settings`` dependency.
+            environment); routes read them from ``app.state.settings``.
         conn: An open store connection to use (``serve`` passes the service's);
             the API borrows cursors from it and never closes it. Without one the
             lifespan opens ``settings.db`` and closes it at shutdown.
@@ -69,6 +71,8 @@ def create_app(
         phases: The running engine (``serve`` passes the loop): purchases
             register their first phase with it after the commit, cancels remove
             it. None when this process runs no evaluator.
+        hot_reads: Answer ``GET /prop/challenges/{id}`` from memory ahead of
+            FastAPI when it can (:mod:`api.hot`); off, the route answers all.
 
     Returns:
         The application.
@@ -122,9 +126,15 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if config.docs else None,
     )
-    if settings is not None:
-        app.dependency_overrides[get_settings] = current_settings
+    # Settings live on the app, not in ``dependency_overrides``: any override
+    # makes FastAPI rebuild every dependency's signature on every request, which
+    # halved the hot route's throughput (docs/benchmarks.md, "Runtime API").
+    app.state.settings = config
     errors.install(app)
+    # GET /prop/challenges/{id} answered from memory before FastAPI's routing
+    # (api/hot.py); everything it can't answer goes on unchanged.
+    if hot_reads:
+        app.add_middleware(HotReads)
     app.include_router(health.router)
     app.include_router(programs.router)
     app.include_router(challenges.router)

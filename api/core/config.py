@@ -1,9 +1,9 @@
 """Settings of the HTTP API.
 
 :class:`ApiSettings` is read from ``PROP_STREAM_API_`` variables through
-:func:`get_settings`, a cached dependency; tests and ``serve`` override it with
-``app.dependency_overrides[get_settings]`` or pass settings to
-:func:`api.main.create_app`. There is no module-level instance.
+:func:`get_settings`, read once; tests and ``serve`` pass settings to
+:func:`api.main.create_app`, which keeps them on ``app.state.settings`` (routes
+read them through ``api.deps.SettingsDep``). There is no module-level instance.
 """
 
 from __future__ import annotations

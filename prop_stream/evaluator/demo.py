@@ -22,7 +22,7 @@ as the loop takes them until it has caught up.
 
 from __future__ import annotations
 
-import math
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +39,10 @@ from prop_stream.evaluator.sources import EMPTY_TICKS, TickSource
 from prop_stream.rules import TICK_SCHEMA, PhaseSpec
 from prop_stream.store.progress import Position
 
+logger = logging.getLogger(__name__)
+
+#: Shortest interval between two ticks of one account: one per millisecond.
+MIN_TICK_US: Final = 1_000
 _OPEN_SHARE: Final = 0.7
 _U64: Final = np.uint64
 _MASK: Final = (1 << 64) - 1
@@ -167,6 +171,7 @@ class DemoSource(TickSource):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._accounts: dict[int, _Account] = {}
+        self._columns: _Table | None = None
         self._batch = 0
         self._epoch_us: int | None = None
         self._tick_us: int | None = None
@@ -182,11 +187,13 @@ class DemoSource(TickSource):
         account = _Account(self._config.seed, spec, self._config.cycle_s)
         with self._lock:
             self._accounts[spec.account_id] = account
+            self._columns = None
 
     def untrack(self, account_id: int) -> None:
         """Stop simulating an account."""
         with self._lock:
-            self._accounts.pop(account_id, None)
+            if self._accounts.pop(account_id, None) is not None:
+                self._columns = None
 
     def tracked(self) -> list[int]:
         """The accounts simulated, in order."""
@@ -229,7 +236,17 @@ class DemoSource(TickSource):
             self._epoch_us = int(now) * 1_000_000
         if self._tick_us is None:
             accounts = max(1, len(self._accounts))
-            self._tick_us = max(1_000, round(accounts * 1e6 / self._config.rate))
+            self._tick_us = max(MIN_TICK_US, round(accounts * 1e6 / self._config.rate))
+            reached = accounts * 1e6 / self._tick_us
+            if reached < self._config.rate * 0.99:
+                logger.warning(
+                    "demo: %d accounts at one tick per %d us each make %.0f ticks/s, "
+                    "not the %.0f asked for (more challenges raise it)",
+                    accounts,
+                    MIN_TICK_US,
+                    reached,
+                    self._config.rate,
+                )
 
     def poll(self, max_records: int, timeout: float) -> tuple[pl.DataFrame, Position]:
         """The next batch once it is due (at once unless real-time).
@@ -247,7 +264,7 @@ class DemoSource(TickSource):
                 if self._clock() < due:
                     return EMPTY_TICKS, self.position()
         with self._lock:
-            ticks = self._generate(self._batch, list(self._accounts.values()))
+            ticks = self._generate(self._batch, self._table())
             self._batch += 1
             return ticks, self._position()
 
@@ -259,8 +276,8 @@ class DemoSource(TickSource):
         """
         with self._lock:
             self._start()
-            accounts = list(self._accounts.values())
-            frames = [self._generate(n, accounts) for n in batches]
+            table = self._table()
+            frames = [self._generate(n, table) for n in batches]
         return pl.concat([EMPTY_TICKS, *frames], how="vertical")
 
     def dump(self, path: str | Path, batches: Iterable[int]) -> Path:
@@ -281,65 +298,117 @@ class DemoSource(TickSource):
         """Wake a poll waiting for its batch."""
         self._wake.set()
 
-    def _generate(self, batch: int, accounts: list[_Account]) -> pl.DataFrame:
+    def _table(self) -> _Table:
+        if self._columns is None:
+            self._columns = _Table(
+                sorted(self._accounts.values(), key=lambda a: a.account_id)
+            )
+        return self._columns
+
+    def _generate(self, batch: int, table: _Table) -> pl.DataFrame:
+        """Every tick of batch ``batch``, all accounts at once (numpy, no loop)."""
         assert self._epoch_us is not None  # noqa: S101 - set by _start
         assert self._tick_us is not None  # noqa: S101 - set by _start
+        if not table.accounts:
+            return EMPTY_TICKS
         epoch, tick = self._epoch_us, self._tick_us
         lo = epoch + batch * self._span_us
         hi = lo + self._span_us
-        ids: list[I64Array] = []
-        times: list[I64Array] = []
-        equities: list[F64Array] = []
-        balances: list[F64Array] = []
-        for account in sorted(accounts, key=lambda a: a.account_id):
-            offset = int(account.key[0] % _U64(tick))
-            start = max(lo, account.started_us)
-            k0 = math.ceil((start - epoch - offset) / tick)
-            k1 = math.ceil((hi - epoch - offset) / tick)
-            if k1 <= k0:
-                continue
-            ts = epoch + offset + tick * np.arange(k0, k1, dtype=np.int64)
-            ts = ts[ts >= start]
-            if not ts.size:
-                continue
-            equity, balance = _walk(account, ts, max(epoch, account.started_us))
-            ids.append(np.full(ts.size, account.account_id, dtype=np.int64))
-            times.append(ts)
-            equities.append(equity)
-            balances.append(balance)
-        if not ids:
+        offset = (table.key % _U64(tick)).astype(np.int64)
+        start = np.maximum(lo, table.started_us)
+        # Each account ticks at epoch + offset + k·tick; ks of this batch: [k0, k1).
+        k0 = -((epoch + offset - start) // tick)
+        k1 = -((epoch + offset - hi) // tick)
+        counts = np.maximum(k1 - k0, 0)
+        total = int(counts.sum())
+        if not total:
             return EMPTY_TICKS
-        all_ts = np.concatenate(times)
-        all_ids = np.concatenate(ids)
-        order = np.lexsort((all_ids, all_ts))
+        which = np.repeat(np.arange(len(table.accounts)), counts)
+        first = np.cumsum(counts) - counts
+        ts = (
+            epoch + offset[which] + tick * (k0[which] + np.arange(total) - first[which])
+        )
+        since = ts - np.maximum(epoch, table.started_us)[which]
+        cycle_us = table.cycle_us[which]
+        cycle = since // cycle_us
+        walk, j0 = table.walks(cycle, first, counts)
+        rel = cycle - j0[which]
+        begin = walk[which, rel]
+        finish = walk[which, rel + 1]
+        u = (since - cycle * cycle_us) / table.open_us[which]
+        open_ = u < 1.0
+        key = table.key[which]
+        stamp = ts.astype(np.uint64)
+        noise = _unit(_mix(key ^ stamp))
+        angle = _unit(_mix(key + _U64(1) ^ stamp))
+        z = np.sqrt(-2.0 * np.log(noise)) * np.cos(2.0 * np.pi * angle)
+        shape = np.sqrt(np.clip(u * (1.0 - u), 0.0, None))
+        wobble = table.wobble[which] * shape * z
+        floating = (finish - begin) * np.minimum(u, 1.0) + wobble
+        ids = table.account_id[which]
+        order = np.lexsort((ids, ts))
         return pl.DataFrame(
             {
-                "account_id": all_ids[order],
-                "ts": pl.Series(all_ts[order]).cast(TICK_SCHEMA["ts"]),
-                "equity": np.concatenate(equities)[order],
-                "balance": np.concatenate(balances)[order],
+                "account_id": ids[order],
+                "ts": pl.Series(ts[order]).cast(TICK_SCHEMA["ts"]),
+                "equity": np.where(open_, np.round(begin + floating, 2), finish)[order],
+                "balance": np.where(open_, begin, finish)[order],
             }
         )
 
 
-def _walk(account: _Account, ts: I64Array, anchor_us: int) -> tuple[F64Array, F64Array]:
-    """Equity and balance of an account at the given times (µs)."""
-    since = ts - anchor_us
-    cycle = since // account.cycle_us
-    j0, j1 = int(cycle[0]), int(cycle[-1])
-    walk = account.balances(j0, j1 + 1)
-    start = walk[cycle - j0]
-    end = walk[cycle - j0 + 1]
-    u = (since - cycle * account.cycle_us) / account.open_us
-    open_ = u < 1.0
-    noise = _unit(_mix(account.key ^ ts.astype(np.uint64)))
-    angle = _unit(_mix(account.key + _U64(1) ^ ts.astype(np.uint64)))
-    z = np.sqrt(-2.0 * np.log(noise)) * np.cos(2.0 * np.pi * angle)
-    shape = np.sqrt(np.clip(u * (1.0 - u), 0.0, None))
-    floating = (end - start) * np.minimum(u, 1.0) + account.wobble * shape * z
-    equity = np.where(open_, np.round(start + floating, 2), end)
-    balance = np.where(open_, start, end)
-    return equity, balance
+class _Table:
+    """The tracked accounts as columns, and the cycle balances last used.
+
+    A batch spans less than a cycle (at least a second) in the usual settings,
+    so most accounts need the same two or three balances of their walk as in the
+    batch before; only the accounts that moved to another cycle ask their
+    :class:`_Account` (a Python call each).
+    """
+
+    def __init__(self, accounts: list[_Account]) -> None:
+        self.accounts = accounts
+        self.account_id = np.array([a.account_id for a in accounts], dtype=np.int64)
+        self.started_us = np.array([a.started_us for a in accounts], dtype=np.int64)
+        self.key = np.array([int(a.key[0]) for a in accounts], dtype=np.uint64)
+        self.cycle_us = np.array([a.cycle_us for a in accounts], dtype=np.int64)
+        self.open_us = np.array([a.open_us for a in accounts], dtype=np.int64)
+        self.wobble = np.array([a.wobble for a in accounts], dtype=np.float64)
+        # Balances at the start of cycles j0, j0 + 1, j0 + 2 of each account.
+        self._j0 = np.full(len(accounts), -1, dtype=np.int64)
+        self._walk = np.zeros((len(accounts), 3), dtype=np.float64)
+
+    def walks(
+        self, cycle: I64Array, first: I64Array, counts: I64Array
+    ) -> tuple[F64Array, I64Array]:
+        """Each account's cycle balances from its first tick's cycle on.
+
+        Args:
+            cycle: The cycle of every tick (grouped by account, in time order).
+            first: Index of each account's first tick in ``cycle``.
+            counts: Ticks of each account (0: none this batch).
+
+        Returns:
+            ``(walk, j0)``: ``walk[i, m]`` is account ``i``'s balance at the start
+            of cycle ``j0[i] + m``, for every cycle its ticks fall in and the
+            next one.
+        """
+        has = counts > 0
+        last = np.where(has, first + counts - 1, 0)
+        j0 = np.where(has, cycle[np.where(has, first, 0)], self._j0)
+        j1 = np.where(has, cycle[last], j0)
+        width = max(3, int((j1 - j0).max()) + 2)
+        walk = np.zeros((len(self.accounts), width), dtype=np.float64)
+        stale = has & ((j0 != self._j0) | (j1 - j0 > 1))
+        for i in np.flatnonzero(stale).tolist():
+            lo, hi = int(j0[i]), int(j1[i])
+            values = self.accounts[i].balances(lo, max(hi + 1, lo + 2))
+            walk[i, : values.size] = values
+            self._j0[i] = lo
+            self._walk[i] = values[:3]
+        fresh = ~stale
+        walk[fresh, :3] = self._walk[fresh]
+        return walk, j0
 
 
 def _micros(value: datetime) -> int:

@@ -56,14 +56,23 @@ def save_position(conn: Connection, *, source: str, position: Position) -> None:
         source: The source's name.
         position: Partition name to next offset.
     """
-    now = datetime.now(UTC)
-    for partition, offset in sorted(position.items()):
-        conn.execute(
-            'INSERT INTO source_offsets (source, "partition", next_offset, updated_at) '
-            'VALUES (?, ?, ?, ?) ON CONFLICT (source, "partition") DO UPDATE SET '
-            "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-            [source, partition, int(offset), now],
-        )
+    if not position:
+        return
+    items = sorted(position.items())
+    # One statement for every partition: each execute costs DuckDB a parse and
+    # a plan (about 2 ms), which a batch would pay per partition otherwise.
+    conn.execute(
+        'INSERT INTO source_offsets (source, "partition", next_offset, updated_at) '
+        "SELECT ?, unnest(?::VARCHAR[]), unnest(?::BIGINT[]), ? "
+        'ON CONFLICT (source, "partition") DO UPDATE SET '
+        "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+        [
+            source,
+            [partition for partition, _ in items],
+            [int(offset) for _, offset in items],
+            datetime.now(UTC),
+        ],
+    )
 
 
 def load_position(conn: Connection, *, source: str) -> dict[str, int]:

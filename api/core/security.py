@@ -110,6 +110,23 @@ class SessionCache:
                 return None
         return entry.customer_id
 
+    def cached_customer(self, token: str) -> int | None:
+        """The customer of a token when memory alone can say so, else None.
+
+        Never reads the database: None means "unknown, expired or not in memory";
+        ask :meth:`customer` then.
+
+        Args:
+            token: The bearer token.
+
+        Returns:
+            The customer's id, or None.
+        """
+        entry = self._entries.get(hash_token(token))
+        if entry is None or entry.valid_until <= self._clock():
+            return None
+        return entry.customer_id
+
     def _load(
         self,
         token_hash: str,

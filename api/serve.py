@@ -121,6 +121,11 @@ def run(
         jobs_thread.join(STOP_TIMEOUT_S)
         ready_thread.join()
         conn.close()
+    stats = loop.stats
+    _stderr(
+        f"prop-stream: stopped after {stats.ticks} ticks in {stats.batches} batches "
+        f"({stats.breach_rows} breach rows, {stats.transitions} transitions)"
+    )
     if loop.error is not None:
         log.error("evaluator stopped with an error: %s", loop.error)
         _stderr(f"prop-stream: error: evaluator stopped: {loop.error}")

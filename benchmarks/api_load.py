@@ -1,14 +1,25 @@
 """Load benchmark of the runtime API: one uvicorn worker, a load generator beside it.
 
 Seeds a DuckDB file (the demo data plus ``--challenges`` more, each judged by the
-real engine once so every first phase has a latest metric), starts
-``uvicorn --factory api.main:create_app`` with one worker on 127.0.0.1, and drives
-``GET /prop/challenges/{id}`` from a second process: ``wrk`` when it is installed
-(``apt-get install wrk``), otherwise a small keep-alive client of our own in
-``--clients`` processes. Everything is bounded in time and on loopback only.
+real engine once so every first phase has a latest metric), starts the server on
+127.0.0.1 and drives ``GET /prop/challenges/{id}`` from a second process: ``wrk``
+when it is installed (``apt-get install wrk``), otherwise a small keep-alive client
+of our own in ``--clients`` processes. Everything is bounded in time and on
+loopback only.
+
+The server (``--source``):
+
+- ``demo`` (default): ``prop-stream serve --source demo --demo-rate R``, the
+  service as users run it, its evaluator loop judging ``R`` ticks/s of the demo
+  simulator over every active phase while the API answers. The report adds the
+  ticks the loop judged per second and how far the served metric trails the
+  wall clock.
+- ``none``: the same service with no tick source.
+- ``api``: ``uvicorn --factory api.main:create_app`` alone (no evaluator).
 
 Examples:
     .venv/bin/python benchmarks/api_load.py --duration 10 --connections 32
+    .venv/bin/python benchmarks/api_load.py --source api
 """
 
 from __future__ import annotations
@@ -62,6 +73,9 @@ class Result:
     p99_ms: float
     errors: int
     connections: int
+    source: str = "api"
+    ticks_per_s: float | None = None
+    metric_lag_s: float | None = None
 
 
 def seed(path: Path, challenges: int) -> tuple[str, list[int]]:
@@ -161,6 +175,73 @@ def start_server(path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("uvicorn did not start within 60 s")
+
+
+def start_service(
+    path: Path, port: int, log: Path, source: str, demo_rate: float
+) -> subprocess.Popen[bytes]:
+    """Start ``prop-stream serve`` and wait for its ready line."""
+    out = log.open("wb")
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "prop_stream.cli",
+            "serve",
+            "--db",
+            str(path),
+            "--port",
+            str(port),
+            "--source",
+            source,
+            "--demo-rate",
+            str(demo_rate),
+        ],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    out.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"prop-stream serve exited: {text}")
+        if "ready on" in text:
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("prop-stream serve did not start within 120 s")
+
+
+def metric_lag(port: int, path: str, token: str) -> float | None:
+    """Seconds between now and the latest metric the challenge's first phase shows."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    now = time.time()
+    body = json.loads(data.partition(b"\r\n\r\n")[2])
+    metric = body["phases"][0].get("latest_metric")
+    if not metric:
+        return None
+    return now - datetime.fromisoformat(metric["ts"]).timestamp()
+
+
+def stop_service(process: subprocess.Popen[bytes], log: Path) -> int | None:
+    """SIGTERM the service; return the ticks its stop line reports."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None
+    match = re.search(r"stopped after (\d+) ticks", log.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
 
 
 def _ms(text: str) -> float:
@@ -298,12 +379,21 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--source", choices=["demo", "none", "api"], default="demo")
+    parser.add_argument("--demo-rate", type=float, default=100_000.0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.duckdb"
         token, owned = seed(path, args.challenges)
         port = _free_port()
-        server = start_server(path, port, Path(tmp) / "uvicorn.log")
+        log = Path(tmp) / "server.log"
+        if args.source == "api":
+            server = start_server(path, port, log)
+        else:
+            server = start_service(path, port, log, args.source, args.demo_rate)
+        started = time.monotonic()
+        ticks: int | None = None
+        lag: float | None = None
         try:
             url_path = f"/prop/challenges/{owned[len(owned) // 2]}"
             tool = args.tool
@@ -322,12 +412,22 @@ def main(argv: list[str] | None = None) -> Result:
                 result = run_python(
                     port, url_path, token, args.connections, args.duration, args.clients
                 )
+            if args.source == "demo":
+                lag = metric_lag(port, url_path, token)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            seconds = time.monotonic() - started
+            if args.source == "api":
+                server.terminate()
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+            else:
+                ticks = stop_service(server, log)
+    result.source = args.source
+    result.metric_lag_s = lag
+    if ticks is not None and args.source == "demo":
+        result.ticks_per_s = ticks / seconds
     print(json.dumps(asdict(result)))
     return result
 

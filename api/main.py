@@ -49,7 +49,6 @@ def create_app(
     metrics: LatestMetrics | None = None,
     evaluator_ready: Callable[[], bool] | None = None,
     phases: PhaseRegistry | None = None,
-    hot_reads: bool = True,
 ) -> FastAPI:
     """Build the API.
 
@@ -71,8 +70,6 @@ def create_app(
         phases: The running engine (``serve`` passes the loop): purchases
             register their first phase with it after the commit, cancels remove
             it. None when this process runs no evaluator.
-        hot_reads: Answer ``GET /prop/challenges/{id}`` from memory ahead of
-            FastAPI when it can (:mod:`api.hot`); off, the route answers all.
 
     Returns:
         The application.
@@ -133,7 +130,7 @@ def create_app(
     errors.install(app)
     # GET /prop/challenges/{id} answered from memory before FastAPI's routing
     # (api/hot.py); everything it can't answer goes on unchanged.
-    if hot_reads:
+    if config.hot_reads:
         app.add_middleware(HotReads)
     app.include_router(health.router)
     app.include_router(programs.router)

@@ -20,6 +20,7 @@ The server (``--source``):
 Examples:
     .venv/bin/python benchmarks/api_load.py --duration 10 --connections 32
     .venv/bin/python benchmarks/api_load.py --source api
+    .venv/bin/python benchmarks/api_load.py --no-hot-reads
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Result:
     errors: int
     connections: int
     source: str = "api"
+    hot_reads: bool = True
     ticks_per_s: float | None = None
     metric_lag_s: float | None = None
 
@@ -381,7 +383,14 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--source", choices=["demo", "none", "api"], default="demo")
     parser.add_argument("--demo-rate", type=float, default=100_000.0)
+    parser.add_argument(
+        "--no-hot-reads",
+        action="store_true",
+        help="serve every request through FastAPI (PROP_STREAM_API_HOT_READS=false)",
+    )
     args = parser.parse_args(argv)
+    if args.no_hot_reads:
+        os.environ["PROP_STREAM_API_HOT_READS"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.duckdb"
         token, owned = seed(path, args.challenges)
@@ -425,6 +434,7 @@ def main(argv: list[str] | None = None) -> Result:
             else:
                 ticks = stop_service(server, log)
     result.source = args.source
+    result.hot_reads = not args.no_hot_reads
     result.metric_lag_s = lag
     if ticks is not None and args.source == "demo":
         result.ticks_per_s = ticks / seconds

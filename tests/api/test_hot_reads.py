@@ -21,9 +21,10 @@ __all__ = ["seeded"]
 
 @pytest.fixture(scope="module")
 def apps(seeded: Seeded) -> Iterator[tuple[TestClient, TestClient]]:
-    settings = ApiSettings(db=seeded.path, cache_sync_interval_s=0)
-    hot = create_app(settings=settings)
-    plain = create_app(settings=settings, hot_reads=False)
+    hot = create_app(settings=ApiSettings(db=seeded.path, cache_sync_interval_s=0))
+    plain = create_app(
+        settings=ApiSettings(db=seeded.path, cache_sync_interval_s=0, hot_reads=False)
+    )
     with TestClient(hot) as hot_client, TestClient(plain) as plain_client:
         yield hot_client, plain_client
 

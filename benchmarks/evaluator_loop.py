@@ -1,0 +1,79 @@
+"""How long one evaluator-loop batch takes: demo source → engine → DuckDB commit.
+
+Seeds the same database as ``api_load.py`` (the demo data plus ``--challenges``
+challenges), builds the service's loop over it with the demo source running as
+fast as it can (not paced to the wall clock), warms up, then times
+``--batches`` batches of 200 ms of ``--demo-rate`` ticks each. ``--profile``
+prints a cProfile of the timed batches.
+
+Examples:
+    .venv/bin/python benchmarks/evaluator_loop.py --batches 50
+    .venv/bin/python benchmarks/evaluator_loop.py --batches 50 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from api_load import seed
+
+from prop_stream.config import StreamSettings
+from prop_stream.evaluator.service import build_loop
+from prop_stream.store import connect
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark and print its figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--challenges", type=int, default=2_000)
+    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--demo-rate", type=float, default=100_000.0)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "loop.duckdb"
+        seed(db, args.challenges)
+        settings = StreamSettings(
+            db=db, source="demo", demo_rate=args.demo_rate, demo_realtime=False
+        )
+        conn = connect(db)
+        try:
+            loop = build_loop(settings, conn)
+            loop.start()
+            for _ in range(5):
+                loop.run_once()
+            ticks_before = loop.stats.ticks
+            profile = cProfile.Profile() if args.profile else None
+            if profile is not None:
+                profile.enable()
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                loop.run_once()
+            seconds = time.perf_counter() - start
+            if profile is not None:
+                profile.disable()
+                pstats.Stats(profile, stream=sys.stderr).sort_stats(
+                    "cumulative"
+                ).print_stats(30)
+            ticks = loop.stats.ticks - ticks_before
+        finally:
+            conn.close()
+    result = {
+        "batches": args.batches,
+        "ticks": ticks,
+        "ms_per_batch": seconds / args.batches * 1000,
+        "ticks_per_s": ticks / seconds,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

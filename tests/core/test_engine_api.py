@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -90,6 +91,66 @@ def test_engine_grouping_paths_agree(accounts: int) -> None:
     assert grouped["breaches"].height > 0
     for name, frame in grouped.items():
         assert frame.equals(direct[name]), name
+
+
+@pytest.mark.parametrize(
+    "spread",
+    [
+        # Compact ids (the engine's table lookup) and ids far apart (its hash map),
+        # including the ends of the int64 range.
+        lambda a: a,
+        lambda a: 7_000_000 + a,
+        lambda a: a * 1_000_003 - 40_000_000,
+        lambda a: [-(2**63), 2**63 - 1, 0, -1, 1][a] if a < 5 else a * 2**40,
+    ],
+    ids=["compact", "offset", "spread", "extremes"],
+)
+def test_account_ids_map_to_their_phases_however_spread(
+    spread: Callable[[int], int],
+) -> None:
+    accounts = 300
+    ticks = _stream(accounts, 20_000, seed=11)  # accounts 0..301: two unknown
+    ids = {a: spread(a) for a in range(accounts + 2)}
+    mapped = ticks.with_columns(
+        pl.col("account_id").replace_strict(ids, return_dtype=pl.Int64)
+    )
+    engine = RuleEngine()
+    for a in range(accounts):
+        engine.register(PhaseSpec(ids[a], f"c-{a}", 0, START, RULES))
+    # Neighbours of every registered id (inside and just outside the id range)
+    # have no phase.
+    strays = [ids[a] + d for a in (0, accounts - 1) for d in (-1, 1)]
+    strays = [s for s in strays if s not in ids.values() and -(2**63) <= s < 2**63]
+    stray_ticks = pl.DataFrame(
+        {
+            "account_id": strays,
+            "ts": [START + timedelta(hours=1)] * len(strays),
+            "equity": [10_000.0] * len(strays),
+            "balance": [10_000.0] * len(strays),
+        },
+        schema=mapped.schema,
+    )
+    batches = [mapped.slice(i, 5_000) for i in range(0, mapped.height, 5_000)]
+    counts = engine.process(stray_ticks).counts
+    assert counts.unknown == len(strays)
+    assert counts.evaluated == 0
+    got = _final(engine, batches)
+    base = _final(
+        _engine(accounts), [ticks.slice(i, 5_000) for i in range(0, 20_000, 5_000)]
+    )
+    back = {v: k for k, v in ids.items()}
+    keys = {
+        "breaches": list(BREACH_KEY),
+        "daily": list(DAILY_KEY),
+        "transitions": ["account_id"],
+        "phases": ["account_id"],
+    }
+    assert got["breaches"].height > 0
+    for name, frame in got.items():
+        restored = frame.with_columns(
+            pl.col("account_id").replace_strict(back, return_dtype=pl.Int64)
+        ).sort(keys[name])
+        assert restored.equals(base[name].sort(keys[name])), name
 
 
 def test_engine_snapshot_restore_continues_exactly() -> None:

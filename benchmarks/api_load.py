@@ -136,33 +136,32 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _launch(
+    module_and_args: str,
+    log: Path,
+    *,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Run ``python -m <module_and_args> <extra>`` with its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+            [sys.executable, "-m", *module_and_args.split(), *(extra or [])],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def start_server(path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start one uvicorn worker and wait until it answers."""
-    env = {**os.environ, "PROP_STREAM_API_DB": str(path)}
-    out = log.open("wb")
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
+    process = _launch(
+        "uvicorn --factory api.main:create_app --host 127.0.0.1 --workers 1 "
+        f"--no-access-log --log-level warning --port {port}",
+        log,
+        env={**os.environ, "PROP_STREAM_API_DB": str(path)},
     )
-    out.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -183,27 +182,12 @@ def start_service(
     path: Path, port: int, log: Path, source: str, demo_rate: float
 ) -> subprocess.Popen[bytes]:
     """Start ``prop-stream serve`` and wait for its ready line."""
-    out = log.open("wb")
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [
-            sys.executable,
-            "-m",
-            "prop_stream.cli",
-            "serve",
-            "--db",
-            str(path),
-            "--port",
-            str(port),
-            "--source",
-            source,
-            "--demo-rate",
-            str(demo_rate),
-        ],
-        cwd=ROOT,
-        stdout=out,
-        stderr=subprocess.STDOUT,
+    process = _launch(
+        f"prop_stream.cli serve --port {port} --source {source} "
+        f"--demo-rate {demo_rate} --db",
+        log,
+        extra=[str(path)],
     )
-    out.close()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")

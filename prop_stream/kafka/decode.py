@@ -31,7 +31,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 import orjson
 import polars as pl
@@ -186,25 +186,67 @@ def decode_messages(
 # ---------------------------------------------------------------------------- JSON
 
 
+@runtime_checkable
+class MessageValues(Protocol):
+    """Message values that need not be one Python object each.
+
+    ``prop_stream.kafka.raw`` reads them straight from Kafka fetch buffers;
+    :func:`decode_json` asks for a joined range, and for single values only in a
+    range polars refuses.
+    """
+
+    def __len__(self) -> int: ...
+
+    def value(self, i: int) -> bytes | None:
+        """The value of message ``i``."""
+
+    def joined(self, start: int, end: int) -> bytes | None:
+        """Values ``start..end`` joined by newlines; None if one is null."""
+
+
+class _ListValues:
+    """:class:`MessageValues` over a sequence of values."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Sequence[bytes | None]) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def value(self, i: int) -> bytes | None:
+        return self._values[i]
+
+    def joined(self, start: int, end: int) -> bytes | None:
+        chunk = self._values[start:end]
+        if any(v is None for v in chunk):
+            return None
+        return b"\n".join(chunk)  # type: ignore[arg-type]  # None checked above
+
+
 def decode_json(
-    values: Sequence[bytes | None], *, known_accounts: pl.Series | None = None
+    values: Sequence[bytes | None] | MessageValues,
+    *,
+    known_accounts: pl.Series | None = None,
 ) -> Decoded:
     """Decode JSON tick messages, one tick per message.
 
     Args:
-        values: The message values.
+        values: The message values (a sequence, or :class:`MessageValues`).
         known_accounts: If given, ticks of other accounts are rejected.
 
     Returns:
         The good ticks (``message`` = index in ``values``) and the rejections.
     """
+    column = values if isinstance(values, MessageValues) else _ListValues(values)
     raws: list[pl.DataFrame] = []
     rejections: list[Rejection] = []
-    for start in range(0, len(values), JSON_CHUNK):
-        chunk = values[start : start + JSON_CHUNK]
-        raw = _parse_json_fast(chunk)
+    for start in range(0, len(column), JSON_CHUNK):
+        end = min(start + JSON_CHUNK, len(column))
+        raw = _parse_json_fast(column, start, end)
         if raw is None:
-            raw, refused = _parse_json_slow(chunk)
+            raw, refused = _parse_json_slow(column, start, end)
             rejections.extend(
                 Rejection(start + r.index, r.reason, r.detail) for r in refused
             )
@@ -230,30 +272,37 @@ def decode_json(
     return Decoded(good, rejections)
 
 
-def _parse_json_fast(values: Sequence[bytes | None]) -> pl.DataFrame | None:
+def _parse_json_fast(
+    values: MessageValues, start: int, end: int
+) -> pl.DataFrame | None:
     """One polars call for the chunk; None if polars refuses any value."""
-    if not values or any(v is None for v in values):
+    if end <= start:
         return None
-    buffer = b"\n".join(values)  # type: ignore[arg-type]  # None checked above
+    buffer = values.joined(start, end)
+    if buffer is None:
+        return None
     try:
         frame = pl.read_ndjson(io.BytesIO(buffer), schema=_RAW_JSON_SCHEMA)
     except pl.exceptions.PolarsError:
         return None
     # An empty value or one with a newline would shift the rows: re-parse.
-    if frame.height != len(values):
+    if frame.height != end - start:
         return None
     return frame
 
 
 def _parse_json_slow(
-    values: Sequence[bytes | None],
+    values: MessageValues, start: int, end: int
 ) -> tuple[pl.DataFrame, list[Rejection]]:
-    """Parse one by one: the values that pass as columns, the rest as reasons."""
+    """Parse one by one: the values that pass as columns, the rest as reasons.
+
+    Indexes (``message``, :attr:`Rejection.index`) count from ``start``.
+    """
     index: list[int] = []
     columns: dict[str, list[Any]] = {name: [] for name in _FIELDS}
     refused: list[Rejection] = []
-    for i, value in enumerate(values):
-        row, why = _parse_one(value)
+    for i in range(end - start):
+        row, why = _parse_one(values.value(start + i))
         if row is None:
             assert why is not None  # noqa: S101 - _parse_one gives one or the other
             refused.append(Rejection(i, why[0], why[1]))
@@ -500,6 +549,7 @@ __all__ = [
     "ENCODING_HEADER",
     "JSON_ENCODING",
     "Decoded",
+    "MessageValues",
     "Reason",
     "Rejection",
     "convert_tick_column",

@@ -56,14 +56,21 @@ def save_position(conn: Connection, *, source: str, position: Position) -> None:
         source: The source's name.
         position: Partition name to next offset.
     """
+    if not position:
+        return
     now = datetime.now(UTC)
-    for partition, offset in sorted(position.items()):
-        conn.execute(
-            'INSERT INTO source_offsets (source, "partition", next_offset, updated_at) '
-            'VALUES (?, ?, ?, ?) ON CONFLICT (source, "partition") DO UPDATE SET '
-            "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-            [source, partition, int(offset), now],
-        )
+    rows = sorted(position.items())
+    # One statement for every partition: each statement costs about a millisecond.
+    values = ", ".join(["(?, ?, ?, ?)"] * len(rows))
+    params: list[object] = []
+    for partition, offset in rows:
+        params += [source, partition, int(offset), now]
+    conn.execute(
+        'INSERT INTO source_offsets (source, "partition", next_offset, updated_at) '  # noqa: S608 - placeholders only
+        f'VALUES {values} ON CONFLICT (source, "partition") DO UPDATE SET '
+        "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+        params,
+    )
 
 
 def load_position(conn: Connection, *, source: str) -> dict[str, int]:

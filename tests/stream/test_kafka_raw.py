@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +29,15 @@ from kafka.record.memory_records import MemoryRecords
 from kafka.structs import TopicPartition
 
 from prop_stream.kafka import ARROW_ENCODING, encode_arrow
-from prop_stream.kafka.decode import JSON_CHUNK, Decoded, decode_json, decode_messages
+from prop_stream.kafka.decode import (
+    EMPTY_DECODED_TICKS,
+    JSON_CHUNK,
+    Decoded,
+    decode_arrow,
+    decode_arrow_many,
+    decode_json,
+    decode_messages,
+)
 from prop_stream.kafka.raw import RawPartitionRecords, RawValues, chunks_of
 from prop_stream.rules import scan_record_batches
 
@@ -313,3 +322,83 @@ def test_an_empty_or_cut_fetch_gives_nothing() -> None:
     raw, next_offset = read_raw(whole[: len(whole) - 3], 0)
     assert [raw[i].offset for i in range(len(raw))] == [0, 1]
     assert next_offset == 2
+
+
+# ------------------------------------------------- batch messages, many at once
+
+
+@st.composite
+def arrow_messages(draw: st.DrawFn) -> bytes | None:
+    kind = draw(st.sampled_from(["frame", "frame", "frame", "garbage", "none"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=30))
+    if kind == "none":
+        return None
+    n = draw(st.integers(0, 6))
+    ids = draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
+    stamps = draw(st.lists(st.integers(0, 4_102_444_800_000), min_size=n, max_size=n))
+    money = st.one_of(finite, st.just(math.nan), st.just(math.inf))
+    equity = draw(st.lists(money, min_size=n, max_size=n))
+    columns: dict[str, pl.Series] = {
+        "account_id": pl.Series(
+            ids, dtype=draw(st.sampled_from([pl.Int64, pl.UInt64, pl.Int32]))
+        ),
+        "ts": pl.Series(stamps, dtype=pl.Int64),
+        "equity": pl.Series(equity, dtype=pl.Float64),
+        "balance": pl.Series([1] * n).cast(
+            draw(st.sampled_from([pl.Float64, pl.Float32, pl.Int64]))
+        ),
+    }
+    ts_kind = draw(st.sampled_from(["int", "datetime", "naive", "text", "bool"]))
+    if ts_kind == "datetime":
+        columns["ts"] = pl.from_epoch(
+            columns["ts"], time_unit="ms"
+        ).dt.replace_time_zone("Europe/Berlin")
+    elif ts_kind == "naive":
+        columns["ts"] = pl.from_epoch(columns["ts"], time_unit="ms")
+    elif ts_kind == "text":
+        columns["ts"] = pl.Series(
+            draw(
+                st.lists(
+                    st.sampled_from(["2026-01-05T09:30:00Z", "nope", "17"]),
+                    min_size=n,
+                    max_size=n,
+                )
+            ),
+            dtype=pl.String,
+        )
+    elif ts_kind == "bool":
+        columns["ts"] = pl.Series([True] * n)
+    if draw(st.booleans()):
+        columns["extra"] = pl.Series(["x"] * n)
+    if draw(st.integers(0, 9)) == 0:
+        del columns[draw(st.sampled_from(sorted(columns)))]
+    return encode_arrow_all(pl.DataFrame(columns))
+
+
+def encode_arrow_all(frame: pl.DataFrame) -> bytes:
+    """An Arrow IPC stream with every column (``encode_arrow`` keeps four)."""
+    sink = pa.BufferOutputStream()
+    table = frame.to_arrow()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(arrow_messages(), max_size=8), known=st.booleans())
+def test_batch_messages_together_equal_one_by_one(
+    values: list[bytes | None], known: bool
+) -> None:
+    accounts = (
+        pl.Series("known", [0, 1, 2, 5, 2**31 - 1], dtype=pl.Int64) if known else None
+    )
+    items = [(i * 2 + 1, v) for i, v in enumerate(values)]
+    ticks, rejections = decode_arrow_many(items, known_accounts=accounts)
+    parts, expected = [], []
+    for index, value in items:
+        one_ticks, one_rejections = decode_arrow(value, index, known_accounts=accounts)
+        parts.append(one_ticks)
+        expected.extend(one_rejections)
+    assert ticks.equals(pl.concat([EMPTY_DECODED_TICKS, *parts]))
+    assert rejections == expected

@@ -236,7 +236,7 @@ class RawPartitionRecords:
         }
         buffer = records._buffer  # the raw bytes are the point
         self._buffer: bytes | None = (
-            buffer if isinstance(buffer, bytes) else bytes(buffer)
+            buffer if isinstance(buffer, bytes) else bytes(buffer or b"")
         )
         self._pos = 0
         self._delegate: Any = None

@@ -5,7 +5,10 @@ on) to a fresh topic in the chosen encoding, then times an evaluator loop over a
 fresh store from the first poll until every partition is read and committed.
 
 Usage: ``.venv/bin/python benchmarks/kafka_e2e.py --bootstrap H:P
---encoding json|batch --ticks 1000000``.
+--encoding json|batch --ticks 1000000 [--paths raw,kafka-python]``. ``--paths``
+reads the same topic once per record path, each into a fresh store: ``raw``
+(record batches read in the Rust core, the default) and ``kafka-python`` (one
+``ConsumerRecord`` per record, the old path).
 """
 
 from __future__ import annotations
@@ -44,37 +47,20 @@ def make_ticks(path: Path, ticks: int, accounts: int) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--bootstrap", default="127.0.0.1:19092")
-    parser.add_argument("--encoding", choices=["json", "batch"], default="json")
-    parser.add_argument("--ticks", type=int, default=1_000_000)
-    parser.add_argument("--accounts", type=int, default=1_000)
-    parser.add_argument("--partitions", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=200_000)
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
-    ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
-    topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
-    admin.create_topics(
-        [
-            NewTopic(
-                topic,
-                args.partitions,
-                1,
-                topic_configs={"max.message.bytes": "8388608"},
-            )
-        ]
-    )
-    t0 = time.perf_counter()
-    produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
-    produced = time.perf_counter() - t0
-
-    db = tmp / "prop.duckdb"
+def consume(
+    db: Path, topic: str, path: str, args: argparse.Namespace
+) -> tuple[float, EvaluatorLoop]:
+    """Read the whole topic into a fresh store; the seconds it took."""
+    if path not in ("raw", "kafka-python"):
+        raise SystemExit(f"unknown path {path!r}")
     init_database(db)
     conn = connect(db)
-    source = KafkaTickSource(bootstrap=args.bootstrap, topic=topic, group_id=None)
+    source = KafkaTickSource(
+        bootstrap=args.bootstrap,
+        topic=topic,
+        group_id=None,
+        raw_records=path == "raw",
+    )
     loop = EvaluatorLoop(
         cursor(conn),
         source,
@@ -100,11 +86,45 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     source.close()
     conn.close()
-    print(
-        f"{args.encoding}: {args.ticks:,} ticks, {loop.stats.batches} batches, "
-        f"evaluated {loop.stats.evaluated:,}; produce {produced:.1f} s; "
-        f"topic→DuckDB {seconds:.2f} s = {args.ticks / seconds:,.0f} ticks/s"
+    return seconds, loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bootstrap", default="127.0.0.1:19092")
+    parser.add_argument("--encoding", choices=["json", "batch"], default="json")
+    parser.add_argument("--ticks", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=200_000)
+    parser.add_argument("--paths", default="raw")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
+    ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
+    topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
+    admin.create_topics(
+        [
+            NewTopic(
+                topic,
+                args.partitions,
+                1,
+                topic_configs={"max.message.bytes": "8388608"},
+            )
+        ]
     )
+    t0 = time.perf_counter()
+    produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
+    produced = time.perf_counter() - t0
+
+    for path in args.paths.split(","):
+        seconds, loop = consume(tmp / f"{path}.duckdb", topic, path, args)
+        print(
+            f"{args.encoding} [{path}]: {args.ticks:,} ticks, "
+            f"{loop.stats.batches} batches, evaluated {loop.stats.evaluated:,}; "
+            f"produce {produced:.1f} s; topic→DuckDB {seconds:.2f} s = "
+            f"{args.ticks / seconds:,.0f} ticks/s"
+        )
     admin.delete_topics([topic])
     admin.close()
 

@@ -10,11 +10,13 @@ __all__ = [
     "ChallengeRules",
     "Evaluator",
     "PropStreamError",
+    "RecordScan",
     "RuleConfigError",
     "SnapshotError",
     "TickBatchError",
     "__version__",
     "rule_defaults",
+    "scan_record_batches",
 ]
 
 class PropStreamError(Exception):
@@ -96,3 +98,57 @@ class Evaluator:
         data: bytes, *, grouping: Literal["auto", "always", "never"] = "auto"
     ) -> Evaluator:
         """Rebuild an evaluator from ``snapshot()`` bytes."""
+
+@final
+class RecordScan:
+    """The records of one scan of a Kafka fetch buffer, as columns.
+
+    Keys, values and headers are read from the held buffer on demand.
+    """
+
+    def __len__(self) -> int: ...
+    @property
+    def end(self) -> int:
+        """Where to scan next in the buffer."""
+    @property
+    def next_offset(self) -> int:
+        """The offset to fetch or scan from next."""
+    @property
+    def stop(self) -> Literal["end", "limit", "unsupported"]:
+        """Why the scan ended."""
+    @property
+    def leader_epoch(self) -> int:
+        """The leader epoch of the last batch read (-1 if none)."""
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the batches finished."""
+    @property
+    def json_only(self) -> bool:
+        """Whether no record names an encoding other than ``json``."""
+    @property
+    def last_offset(self) -> int:
+        """The offset of the last record (-1 if none)."""
+    def offset(self, i: int) -> int: ...
+    def timestamp(self, i: int) -> int: ...
+    def timestamp_type(self, i: int) -> int: ...
+    def key(self, i: int) -> bytes | None: ...
+    def value(self, i: int) -> bytes | None: ...
+    def encoding(self, i: int) -> str | None:
+        """The value of the record's first ``encoding`` header (None: absent/empty)."""
+    def headers(self, i: int) -> list[tuple[str, bytes | None]]:
+        """The record's headers as ``(key, value)`` pairs."""
+    def ndjson(self, lo: int, hi: int) -> bytes | None:
+        """Values ``lo..hi`` joined by newlines, or None if one is null."""
+
+def scan_record_batches(
+    buffer: bytes,
+    start: int,
+    fetch_offset: int,
+    max_records: int,
+    *,
+    check_crc: bool = True,
+) -> RecordScan:
+    """Read the v2 record batches of a fetch buffer from byte ``start``.
+
+    Raises ValueError for a corrupt batch or a failed CRC check.
+    """

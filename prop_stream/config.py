@@ -47,6 +47,8 @@ class StreamSettings(BaseSettings):
         kafka_dlq_unknown_accounts: Send ticks of accounts without a judged
             phase to the DLQ (reason ``unknown_account``) instead of letting the
             engine count them (off by default; see docs/kafka.md).
+        kafka_raw_records: Read fetched record batches in the Rust core (False:
+            one kafka-python ``ConsumerRecord`` per record, the old path).
     """
 
     model_config = SettingsConfigDict(
@@ -71,6 +73,7 @@ class StreamSettings(BaseSettings):
     kafka_max_partition_fetch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)
     kafka_dlq_unknown_accounts: bool = False
+    kafka_raw_records: bool = True
 
     @property
     def kafka_dlq(self) -> str:

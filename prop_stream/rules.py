@@ -270,3 +270,31 @@ class RuleEngine:
             SnapshotError: The bytes are not a snapshot of this engine version.
         """
         return cls(_evaluator=_core.Evaluator.restore(data, grouping=grouping))
+
+
+#: The records of one scan of a Kafka fetch buffer (see :func:`scan_record_batches`).
+RecordScan = _core.RecordScan
+
+
+def scan_record_batches(
+    buffer: bytes,
+    start: int,
+    fetch_offset: int,
+    max_records: int,
+    *,
+    check_crc: bool = True,
+) -> _core.RecordScan:
+    """Read Kafka record batches (format v2) from a fetch buffer, as columns.
+
+    The Rust core walks the batches from byte ``start``, checks each batch's
+    CRC-32C, skips control batches and records below ``fetch_offset``, and keeps
+    at most ``max_records`` records: their offsets, timestamps, ``encoding``
+    header and the spans of their keys and values in ``buffer``. It stops before
+    a compressed or old-format batch (``stop == "unsupported"``).
+
+    Raises:
+        ValueError: A batch is corrupt or fails its CRC check.
+    """
+    return _core.scan_record_batches(
+        buffer, start, fetch_offset, max_records, check_crc=check_crc
+    )

@@ -4,6 +4,7 @@
 //! built from `python` when the `python` feature is on.
 
 pub mod error;
+pub mod kafka;
 pub mod rules;
 
 #[cfg(feature = "python")]

@@ -55,6 +55,7 @@ def build_source(settings: StreamSettings) -> TickSource:
             max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             dlq_unknown_accounts=settings.kafka_dlq_unknown_accounts,
+            raw_records=settings.kafka_raw_records,
         )
     if settings.source == "demo":
         return DemoSource(

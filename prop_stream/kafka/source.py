@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import polars as pl
 from kafka import KafkaConsumer, KafkaProducer
@@ -46,12 +46,13 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from prop_stream.kafka.decode import (
-    ENCODING_HEADER,
     JSON_ENCODING,
     Rejection,
+    decode_json,
     decode_messages,
 )
 from prop_stream.kafka.exceptions import DeadLetterError, KafkaSourceError
+from prop_stream.kafka.raw import RawValues, chunks_of, header_encoding, install
 from prop_stream.rules import TICK_SCHEMA, PhaseSpec
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,15 @@ DEFAULT_MAX_PARTITION_FETCH_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_FETCH_MAX_WAIT_MS: Final = 100
 
 _EMPTY_TICKS: Final = pl.DataFrame(schema=TICK_SCHEMA)
-_ENCODING_KEY: Final = ENCODING_HEADER
 
 #: ``on_rejected(rejection, record) -> bool``: True sends it to the DLQ.
 RejectionCallback = Callable[[Rejection, Any], bool]
+
+
+class _Records(Protocol):
+    """A poll's records by index: a list, or ``RawValues``."""
+
+    def __getitem__(self, i: int, /) -> Any: ...
 
 
 def dlq_topic_for(topic: str) -> str:
@@ -120,6 +126,10 @@ class KafkaSource:
         on_rejected: ``(rejection, record) -> bool`` for every rejected message;
             False keeps it out of the DLQ (it is still counted).
         partition_refresh_s: Seconds between looks for new partitions.
+        raw_records: Read each partition's fetched record batches in the Rust
+            core (``prop_stream.kafka.raw``) instead of one kafka-python
+            ``ConsumerRecord`` per record; False is the old path (kept to
+            compare, and as a way out).
         consumer_config: Extra ``KafkaConsumer`` settings (override the above).
         producer_config: Extra ``KafkaProducer`` settings of the DLQ producer.
     """
@@ -140,6 +150,7 @@ class KafkaSource:
         dlq_unknown_accounts: bool = False,
         on_rejected: RejectionCallback | None = None,
         partition_refresh_s: float = 30.0,
+        raw_records: bool = True,
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -177,6 +188,7 @@ class KafkaSource:
         self._dlq_unknown = dlq_unknown_accounts
         self._on_rejected = on_rejected
         self._refresh_s = partition_refresh_s
+        self._raw = raw_records
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._assigned: list[TopicPartition] = []
@@ -275,18 +287,33 @@ class KafkaSource:
         if not fetched:
             self._note_health()
             return _EMPTY_TICKS, self.position()
-        records = [record for tp in sorted(fetched) for record in fetched[tp]]
-        values = [record.value for record in records]
-        encodings = [_encoding(record.headers) for record in records]
-        has_batches = any(e is not None and e != JSON_ENCODING for e in encodings)
-        decoded = decode_messages(
-            values,
-            encodings if has_batches else None,
-            known_accounts=self._known_accounts(),
-        )
         before = dict(self._next)
-        for tp, part in fetched.items():
-            self._next[_key(tp.topic, tp.partition)] = part[-1].offset + 1
+        records: _Records
+        if self._raw:
+            raw = RawValues(
+                [c for tp in sorted(fetched) for c in chunks_of(fetched[tp])]
+            )
+            records = raw
+            if raw.json_only:
+                decoded = decode_json(raw, known_accounts=self._known_accounts())
+            else:
+                decoded = decode_messages(
+                    raw.values(), raw.encodings(), known_accounts=self._known_accounts()
+                )
+            for tp, part in fetched.items():
+                self._next[_key(tp.topic, tp.partition)] = part[-1].last_offset + 1
+        else:
+            records = [record for tp in sorted(fetched) for record in fetched[tp]]
+            values = [record.value for record in records]
+            encodings = [_encoding(record.headers) for record in records]
+            has_batches = any(e is not None and e != JSON_ENCODING for e in encodings)
+            decoded = decode_messages(
+                values,
+                encodings if has_batches else None,
+                known_accounts=self._known_accounts(),
+            )
+            for tp, part in fetched.items():
+                self._next[_key(tp.topic, tp.partition)] = part[-1].offset + 1
         if decoded.rejections:
             try:
                 self._dead_letters(decoded.rejections, records)
@@ -369,6 +396,8 @@ class KafkaSource:
                 logger.warning("Kafka at %s not reachable: %s", self.bootstrap, exc)
                 self._closed.wait(timeout)
                 return None
+            if self._raw:
+                install(consumer)
             self._consumer = consumer
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(consumer)
@@ -425,9 +454,7 @@ class KafkaSource:
                 )
             return self._known_series
 
-    def _dead_letters(
-        self, rejections: Sequence[Rejection], records: Sequence[Any]
-    ) -> None:
+    def _dead_letters(self, rejections: Sequence[Rejection], records: _Records) -> None:
         stats = self.stats
         sends = []
         for rejection in rejections:
@@ -473,13 +500,8 @@ def _key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
-def _encoding(headers: Sequence[tuple[str, bytes]] | None) -> str | None:
-    if not headers:
-        return None
-    for key, value in headers:
-        if key == _ENCODING_KEY:
-            return value.decode("utf-8", "replace") if value else None
-    return None
+def _encoding(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
+    return header_encoding(headers)
 
 
 def _dlq_headers(rejection: Rejection, record: Any) -> list[tuple[str, bytes]]:

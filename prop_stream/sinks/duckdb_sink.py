@@ -7,7 +7,7 @@ A flush writes, in one transaction, every batch added since the last one:
 - ``prop_daily_snapshots``: upsert by ``(account_id, day)``;
 - ``metrics_latest``: upsert by ``account_id``, only by a row at least as new;
 - ``metric_history``: insert by ``(account_id, ts)``, ignoring rows already there;
-- the phase transitions (:func:`prop_stream.store.lifecycle.apply_transition`);
+- the phase transitions (:func:`prop_stream.store.lifecycle.apply_transitions`);
 - the source position after the last batch, and an engine checkpoint if given.
 
 Everything is keyed by the engine's identities, so writing the same
@@ -26,7 +26,7 @@ from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
 from prop_stream.store.db import Connection, transaction
-from prop_stream.store.lifecycle import apply_transition
+from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
 from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint
 from prop_stream.store.progress import save_position as _save_position
@@ -185,14 +185,7 @@ class DuckDBSink(BaseSink):
                 for name, frame in frames.items():
                     if frame.height:
                         _write(conn, name, frame)
-                for row in frames["transitions"].iter_rows(named=True):
-                    apply_transition(
-                        conn,
-                        challenge_id=int(row["challenge_id"]),
-                        phase_index=int(row["phase_index"]),
-                        status=str(row["status"]),
-                        ts=row["ts"],
-                    )
+                apply_transitions(conn, frames["transitions"])
                 position = self._position
                 if checkpoint is not None:
                     position = checkpoint.position

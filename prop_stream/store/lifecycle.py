@@ -15,6 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final, Literal, Protocol
 
+import polars as pl
+
 from prop_stream.rules import PhaseSpec, validate_rules
 from prop_stream.store.catalog import open_account
 from prop_stream.store.db import Connection
@@ -440,6 +442,81 @@ def phase_specs_of(conn: Connection, *, challenge_ids: list[int]) -> list[PhaseS
         [challenge_ids],
     ).fetchall()
     return [_spec(row) for row in rows]
+
+
+def apply_transitions(conn: Connection, transitions: pl.DataFrame) -> int:
+    """Apply a batch's engine transitions, as :func:`apply_transition` would in order.
+
+    A challenge with one transition in the batch, a failure, is failed with the
+    others in two set-based statements (an ``UPDATE`` costs about a millisecond
+    however many rows it touches); the rest (passes, several transitions of one
+    challenge) go one by one in their order. Challenges are independent, so the
+    outcome is that of applying every row in order.
+
+    Args:
+        conn: The connection; the sink's transaction.
+        transitions: ``challenge_id`` (string or integer), ``phase_index``,
+            ``status`` and ``ts``, in the engine's order.
+
+    Returns:
+        How many transitions changed something.
+
+    Raises:
+        ValueError: A status is neither ``passed`` nor ``failed``.
+    """
+    if not transitions.height:
+        return 0
+    rows = transitions.select(
+        pl.col("challenge_id").cast(pl.Int64),
+        pl.col("phase_index").cast(pl.Int32),
+        pl.col("status").cast(pl.String),
+        pl.col("ts"),
+    )
+    alone = pl.col("challenge_id").count().over("challenge_id") == 1
+    bulk = rows.filter(alone & (pl.col("status") == "failed"))
+    rest = rows.filter(~(alone & (pl.col("status") == "failed")))
+    changed = _fail_phases(conn, bulk) if bulk.height else 0
+    for challenge_id, phase_index, status, ts in rest.iter_rows():
+        changed += apply_transition(
+            conn,
+            challenge_id=int(challenge_id),
+            phase_index=int(phase_index),
+            status=str(status),
+            ts=ts,
+        )
+    return changed
+
+
+def _fail_phases(conn: Connection, failures: pl.DataFrame) -> int:
+    """:func:`fail_phase` for many challenges (one row each) at once."""
+    view = "_fail_phases"  # named in the statements below
+    conn.register(view, failures.select("challenge_id", "phase_index", "ts").to_arrow())
+    try:
+        failed = conn.execute(
+            "UPDATE challenge_phases SET status = 'failed', ended_at = f.ts "
+            "FROM _fail_phases AS f "
+            "WHERE challenge_phases.challenge_id = f.challenge_id "
+            "AND challenge_phases.phase_index = f.phase_index "
+            "AND challenge_phases.status = 'active' "
+            "RETURNING challenge_phases.challenge_id"
+        ).fetchall()
+        if failed:
+            conn.execute(
+                "UPDATE challenges SET status = ?, ended_at = f.ts, updated_at = f.ts "
+                "FROM _fail_phases AS f WHERE challenges.id = f.challenge_id "
+                "AND list_contains(?, challenges.id) "
+                "AND challenges.status IN (?, ?, ?)",
+                [
+                    CHALLENGE_FAILED,
+                    [int(row[0]) for row in failed],
+                    CHALLENGE_PENDING,
+                    CHALLENGE_ACTIVE,
+                    CHALLENGE_PASSED,
+                ],
+            )
+    finally:
+        conn.unregister(view)
+    return len(failed)
 
 
 def apply_transition(

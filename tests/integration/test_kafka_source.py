@@ -106,7 +106,9 @@ def _loop(
     )
 
 
-def _source(bootstrap: str, topic: str, dlq: str | None = None) -> KafkaTickSource:
+def _source(
+    bootstrap: str, topic: str, dlq: str | None = None, *, raw_records: bool = True
+) -> KafkaTickSource:
     return KafkaTickSource(
         bootstrap=bootstrap,
         topic=topic,
@@ -114,6 +116,7 @@ def _source(bootstrap: str, topic: str, dlq: str | None = None) -> KafkaTickSour
         dlq_unknown_accounts=dlq is not None,
         group_id=None,
         partition_refresh_s=1.0,
+        raw_records=raw_records,
         consumer_config={"request_timeout_ms": 10_000},
     )
 
@@ -352,8 +355,18 @@ def _dlq_records(bootstrap: str, topic: str, count: int) -> list[dict[str, str]]
     return out
 
 
+@pytest.mark.parametrize(
+    ("raw_records", "compression"),
+    [(True, None), (True, "gzip"), (False, None)],
+    ids=["raw", "raw-gzip-fallback", "kafka-python"],
+)
 def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
-    tmp_path: Path, replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+    tmp_path: Path,
+    replay: Replay,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+    raw_records: bool,
+    compression: str | None,
 ) -> None:
     topic = topic_factory(partitions=1)
     dlq = topic_factory(partitions=1)
@@ -393,14 +406,16 @@ def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
         ),
         (orjson.dumps({**good, "ts": 1767605520000, "extra": [1]}), [], None),
     ]
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_bootstrap, compression_type=compression
+    )
     for value, headers, _ in messages:
         producer.send(topic, key=str(account).encode(), value=value, headers=headers)
     producer.flush()
     producer.close()
 
     conn = connect(_copy_db(replay, tmp_path / "prop.duckdb"))
-    source = _source(kafka_bootstrap, topic, dlq)
+    source = _source(kafka_bootstrap, topic, dlq, raw_records=raw_records)
     loop = _loop(conn, source)
     _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
     history = query_frame(

@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from prop_stream.cli import main
@@ -27,6 +28,7 @@ from prop_stream.store import (
     active_phase_specs,
     advance_phase,
     apply_transition,
+    apply_transitions,
     connect,
     create_program,
     create_session,
@@ -537,3 +539,66 @@ def test_risk_views_answer(db: Connection) -> None:
     assert by_status["challenges"].sum() == len(active_phase_specs(db))
     assert query_frame(db, "SELECT * FROM risk_breaches_by_day_rule").height == 0
     assert query_frame(db, "SELECT * FROM risk_phases_near_floor").height == 0
+
+
+def test_apply_transitions_in_bulk_equals_one_by_one(tmp_path: Path) -> None:
+    """Failures alone in a batch go in one statement; the outcome is the same."""
+    ts = START + timedelta(days=1)
+    later = ts + timedelta(hours=1)
+    states = []
+    for name, bulk in (("one.duckdb", False), ("bulk.duckdb", True)):
+        init_database(tmp_path / name, demo=True, now=START)
+        conn = connect(tmp_path / name)
+        ids = [_challenge(conn, TWO_STEP)[0] for _ in range(5)]
+        with transaction(conn):
+            fail_phase(conn, challenge_id=ids[4], phase_index=0, ts=ts)
+        rows = [
+            (ids[0], 0, "failed", ts),  # alone: bulk
+            (ids[1], 0, "passed", ts),  # a pass: one by one
+            (ids[2], 0, "passed", ts),  # a pass then a failure of the next phase
+            (ids[2], 1, "failed", later),
+            (ids[3], 1, "failed", ts),  # a phase that is not active
+            (ids[4], 0, "failed", later),  # replayed: already failed
+            (999_999, 0, "failed", ts),  # no such challenge
+        ]
+        frame = pl.DataFrame(
+            [(str(c), p, s, t) for c, p, s, t in rows],
+            schema={
+                "challenge_id": pl.String,
+                "phase_index": pl.Int32,
+                "status": pl.String,
+                "ts": pl.Datetime("us", "UTC"),
+            },
+            orient="row",
+        )
+        with transaction(conn):
+            if bulk:
+                changed = apply_transitions(conn, frame)
+            else:
+                changed = sum(
+                    apply_transition(
+                        conn, challenge_id=int(c), phase_index=p, status=s, ts=t
+                    )
+                    for c, p, s, t in frame.iter_rows()
+                )
+        states.append(
+            (
+                changed,
+                [_state(conn, c) for c in ids],
+                conn.execute(
+                    "SELECT challenge_id - ?, phase_index, status, ended_at "
+                    "FROM challenge_phases WHERE challenge_id >= ? ORDER BY ALL",
+                    [ids[0], ids[0]],
+                ).fetchall(),
+                conn.execute(
+                    "SELECT id - ?, status, ended_at FROM challenges "
+                    "WHERE id >= ? ORDER BY id",
+                    [ids[0], ids[0]],
+                ).fetchall(),
+            )
+        )
+        conn.close()
+    assert states[0] == states[1]
+    changed, challenges, _, _ = states[1]
+    assert changed == 4  # ids[0], both of ids[2], ids[1]
+    assert challenges[0] == (CHALLENGE_FAILED, 0, ["failed", "pending", "pending"])

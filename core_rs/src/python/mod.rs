@@ -7,6 +7,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 use pyo3_arrow::PyTable;
 
+mod kafka;
+
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
 use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
@@ -293,5 +295,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Evaluator>()?;
     m.add_class::<BatchResult>()?;
     m.add_function(wrap_pyfunction!(rule_defaults, m)?)?;
+    m.add_class::<kafka::RecordScan>()?;
+    m.add_function(wrap_pyfunction!(kafka::scan_record_batches, m)?)?;
     Ok(())
 }

@@ -1,0 +1,489 @@
+"""Kafka records straight from the fetch buffers, without one Python object each.
+
+kafka-python builds a ``ConsumerRecord`` per record in pure Python (about 128k
+records/s on the 2-core machine), which capped the JSON source far below the
+decoder's speed. This module keeps kafka-python for everything but that step:
+connections, metadata, fetch requests and sessions, positions, seeks, offset
+resets, reconnects. :func:`install` replaces the consumer's per-partition record
+reader (``Fetcher.PartitionRecords``, which kafka-python builds from each
+partition's raw ``records`` bytes of a fetch response) with
+:class:`RawPartitionRecords`, which hands the buffer to the Rust core
+(:func:`prop_stream.rules.scan_record_batches`): it walks the v2 record batches,
+checks their CRC-32C, skips control batches, and keeps offsets, timestamps, the
+``encoding`` header and the spans of keys and values.
+
+``KafkaConsumer.poll`` then returns, per partition, a list of :class:`Chunk`
+objects, each repeated ``len(chunk)`` times, so kafka-python's ``max_records``
+accounting and position updates stay exact; :func:`chunks_of` takes the distinct
+chunks back out. :class:`RawValues` joins the chunks of a poll into the
+:class:`~prop_stream.kafka.decode.MessageValues` the JSON decoder reads: one
+NDJSON buffer per chunk range, built in Rust.
+
+**Fallback.** Compressed batches (gzip, snappy, lz4, zstd), the old message
+formats (magic 0 and 1) and ``isolation_level="read_committed"`` are left to
+kafka-python: from the first such batch on, the rest of that partition's fetch
+is read by kafka-python's own ``PartitionRecords`` and comes back as a
+:class:`RecordsChunk` of ``ConsumerRecord`` objects (correct, at kafka-python's
+speed).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
+
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord, Fetcher
+from kafka.errors import CorruptRecordError, KafkaConnectionError
+from kafka.net.transport import KafkaTCPTransport
+from kafka.protocol.frame import KafkaBytes
+from kafka.record.memory_records import MemoryRecords
+from kafka.structs import TopicPartition
+
+from prop_stream.kafka.decode import ENCODING_HEADER, JSON_ENCODING
+from prop_stream.rules import RecordScan, scan_record_batches
+
+logger = logging.getLogger(__name__)
+
+_READ_COMMITTED: Final = 1  # kafka.consumer.fetcher.IsolationLevel.READ_COMMITTED
+#: Bytes asked of the socket per ``recv`` (kafka-python asks 4 KiB).
+RECV_BYTES: Final = 256 * 1024
+
+
+class Chunk(Protocol):
+    """Consecutive records of one partition, read from one fetch buffer."""
+
+    topic_partition: TopicPartition
+
+    def __len__(self) -> int: ...
+
+    @property
+    def last_offset(self) -> int:
+        """The offset of the last record."""
+
+    @property
+    def json_only(self) -> bool:
+        """Whether no record names an encoding other than ``json``."""
+
+    def value(self, i: int) -> bytes | None:
+        """Record ``i``'s value."""
+
+    def encoding(self, i: int) -> str | None:
+        """Record ``i``'s ``encoding`` header (None: absent or empty)."""
+
+    def ndjson(self, lo: int, hi: int) -> bytes | None:
+        """Values ``lo..hi`` joined by newlines; None if one is null."""
+
+    def record(self, i: int) -> ConsumerRecord:
+        """Record ``i`` as kafka-python's ``ConsumerRecord`` (for dead letters)."""
+
+
+class ScanChunk:
+    """A :class:`Chunk` read by the Rust core (:class:`RecordScan`)."""
+
+    __slots__ = ("_scan", "topic_partition")
+
+    def __init__(self, tp: TopicPartition, scan: RecordScan) -> None:
+        self.topic_partition = tp
+        self._scan = scan
+
+    def __len__(self) -> int:
+        return len(self._scan)
+
+    @property
+    def last_offset(self) -> int:
+        """See :class:`Chunk`."""
+        return self._scan.last_offset
+
+    @property
+    def json_only(self) -> bool:
+        """See :class:`Chunk`."""
+        return self._scan.json_only
+
+    def value(self, i: int) -> bytes | None:
+        """See :class:`Chunk`."""
+        return self._scan.value(i)
+
+    def encoding(self, i: int) -> str | None:
+        """See :class:`Chunk`."""
+        return self._scan.encoding(i)
+
+    def ndjson(self, lo: int, hi: int) -> bytes | None:
+        """See :class:`Chunk`."""
+        return self._scan.ndjson(lo, hi)
+
+    def record(self, i: int) -> ConsumerRecord:
+        """See :class:`Chunk`."""
+        scan = self._scan
+        tp = self.topic_partition
+        key = scan.key(i)
+        value = scan.value(i)
+        headers = scan.headers(i)
+        header_size = (
+            sum(len(k.encode()) + (len(v) if v is not None else 0) for k, v in headers)
+            if headers
+            else -1
+        )
+        return ConsumerRecord(
+            tp.topic,
+            tp.partition,
+            scan.leader_epoch,
+            scan.offset(i),
+            scan.timestamp(i),
+            scan.timestamp_type(i),
+            key,
+            value,
+            headers,
+            None,
+            len(key) if key is not None else -1,
+            len(value) if value is not None else -1,
+            header_size,
+        )
+
+
+class RecordsChunk:
+    """A :class:`Chunk` of ``ConsumerRecord`` objects (the fallback path)."""
+
+    __slots__ = ("_records", "topic_partition")
+
+    def __init__(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> None:
+        self.topic_partition = tp
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def last_offset(self) -> int:
+        """See :class:`Chunk`."""
+        return int(self._records[-1].offset)
+
+    @property
+    def json_only(self) -> bool:
+        """See :class:`Chunk`."""
+        return all(self.encoding(i) in (None, JSON_ENCODING) for i in range(len(self)))
+
+    def value(self, i: int) -> bytes | None:
+        """See :class:`Chunk`."""
+        value: bytes | None = self._records[i].value
+        return value
+
+    def encoding(self, i: int) -> str | None:
+        """See :class:`Chunk`."""
+        return header_encoding(self._records[i].headers)
+
+    def ndjson(self, lo: int, hi: int) -> bytes | None:
+        """See :class:`Chunk`."""
+        values = [r.value for r in self._records[lo:hi]]
+        if any(v is None for v in values):
+            return None
+        return b"\n".join(values)
+
+    def record(self, i: int) -> ConsumerRecord:
+        """See :class:`Chunk`."""
+        return self._records[i]
+
+
+def header_encoding(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
+    """The first ``encoding`` header's value (None when absent or empty)."""
+    if not headers:
+        return None
+    for key, value in headers:
+        if key == ENCODING_HEADER:
+            return value.decode("utf-8", "replace") if value else None
+    return None
+
+
+class RawPartitionRecords:
+    """Stands in for kafka-python's ``Fetcher.PartitionRecords``.
+
+    kafka-python builds one per partition of a fetch response (same arguments)
+    and calls :meth:`take` for up to ``n`` records, reading ``next_fetch_offset``
+    after each call to move the partition's position. :meth:`take` returns one
+    :class:`Chunk` repeated ``len(chunk)`` times.
+    """
+
+    def __init__(
+        self,
+        fetch_offset: int,
+        tp: TopicPartition,
+        records: MemoryRecords,
+        key_deserializer: Any = None,
+        value_deserializer: Any = None,
+        check_crcs: bool = True,
+        isolation_level: int = 0,
+        aborted_transactions: Any = None,
+        metric_aggregator: Any = None,
+        on_drain: Callable[[Any], None] = lambda _: None,
+    ) -> None:
+        self.fetch_offset = fetch_offset
+        self.topic_partition = tp
+        self.leader_epoch = -1
+        self.next_fetch_offset = fetch_offset
+        self.bytes_read = 0
+        self.records_read = 0
+        self.metric_aggregator = metric_aggregator
+        self.on_drain = on_drain
+        self._check_crcs = check_crcs
+        self._fallback_args: dict[str, Any] = {
+            "key_deserializer": key_deserializer,
+            "value_deserializer": value_deserializer,
+            "check_crcs": check_crcs,
+            "isolation_level": isolation_level,
+            "aborted_transactions": aborted_transactions,
+        }
+        buffer = records._buffer  # the raw bytes are the point
+        self._buffer: bytes | None = (
+            buffer if isinstance(buffer, bytes) else bytes(buffer or b"")
+        )
+        self._pos = 0
+        self._delegate: Any = None
+        self._drained = False
+        if (
+            isolation_level == _READ_COMMITTED
+            or key_deserializer is not None
+            or value_deserializer is not None
+        ):
+            self._fall_back()
+
+    def __bool__(self) -> bool:
+        return not self._drained
+
+    def drain(self) -> None:
+        """Forget the rest of the buffer (kafka-python calls it too)."""
+        if self._drained:
+            return
+        self._drained = True
+        self._buffer = None
+        if self._delegate is not None:
+            self._delegate.drain()
+        if self.metric_aggregator:
+            self.metric_aggregator.record(
+                self.topic_partition, self.bytes_read, self.records_read
+            )
+        self.on_drain(self)
+
+    def take(self, n: int | None = None) -> list[Chunk]:
+        """Up to ``n`` records, as one chunk repeated once per record."""
+        if self._drained:
+            return []
+        limit = n if n is not None else 1 << 62
+        if self._delegate is not None:
+            return self._take_fallback(limit)
+        assert self._buffer is not None  # noqa: S101 - None only once drained
+        try:
+            scan = scan_record_batches(
+                self._buffer,
+                self._pos,
+                self.next_fetch_offset,
+                limit,
+                check_crc=self._check_crcs,
+            )
+        except ValueError as exc:
+            raise CorruptRecordError(
+                f"partition {self.topic_partition}: {exc}"
+            ) from exc
+        self._pos = scan.end
+        self.next_fetch_offset = scan.next_offset
+        if scan.leader_epoch >= 0:
+            self.leader_epoch = scan.leader_epoch
+        self.bytes_read += scan.bytes_read
+        self.records_read += len(scan)
+        if scan.stop == "unsupported":
+            self._fall_back()
+            if not len(scan):
+                return self._take_fallback(limit)
+        elif scan.stop == "end":
+            self.drain()
+        if not len(scan):
+            return []
+        chunk = ScanChunk(self.topic_partition, scan)
+        return [chunk] * len(scan)
+
+    def _fall_back(self) -> None:
+        """Read the rest of the buffer with kafka-python's own record reader."""
+        assert self._buffer is not None  # noqa: S101 - None only once drained
+        logger.debug(
+            "%s: kafka-python reads from offset %d (compressed or old-format batch)",
+            self.topic_partition,
+            self.next_fetch_offset,
+        )
+        self._delegate = Fetcher.PartitionRecords(
+            self.next_fetch_offset,
+            self.topic_partition,
+            MemoryRecords(self._buffer[self._pos :]),
+            **self._fallback_args,
+        )
+
+    def _take_fallback(self, limit: int) -> list[Chunk]:
+        delegate = self._delegate
+        records = delegate.take(limit)
+        self.next_fetch_offset = delegate.next_fetch_offset
+        self.leader_epoch = delegate.leader_epoch
+        self.records_read += len(records)
+        if not delegate:
+            self.drain()
+        if not records:
+            return []
+        chunk = RecordsChunk(self.topic_partition, records)
+        return [chunk] * len(records)
+
+
+def install(consumer: KafkaConsumer) -> None:
+    """Make ``consumer.poll`` return :class:`Chunk` objects instead of records.
+
+    Also applies :func:`tune_network_reads` (once per process).
+    """
+    fetcher = consumer._fetcher  # no public hook for this
+    # An instance attribute: `self.PartitionRecords(...)` in the fetcher finds it.
+    fetcher.PartitionRecords = RawPartitionRecords
+    tune_network_reads()
+
+
+_tuned = False
+
+
+def tune_network_reads() -> None:
+    """Make kafka-python's network thread copy fetch responses less.
+
+    Profiling the batch encoding (160 MB per 5M ticks) showed kafka-python's
+    network thread busy for most of the run, holding the GIL: it reads the
+    socket 4 KiB per ``recv`` call, and ``KafkaBytes.read`` copies a whole
+    response twice (a ``bytearray`` slice, then ``bytes`` of it). Two small
+    replacements, for plaintext connections (``KafkaTCPTransport``; the SSL
+    transport has its own reader and is left alone): ``recv`` of
+    :data:`RECV_BYTES`, and ``KafkaBytes.read`` copying once through a
+    ``memoryview``. Both keep kafka-python's behaviour (errors, positions);
+    they apply process-wide, so the DLQ producer gains too.
+    """
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    KafkaTCPTransport._sock_recv = _sock_recv
+    KafkaBytes.read = _kafka_bytes_read
+
+
+def _sock_recv(self: Any) -> tuple[bytes, KafkaConnectionError | None]:
+    """Everything the socket has now, :data:`RECV_BYTES` per ``recv`` call."""
+    sock = self._sock
+    parts: list[bytes] = []
+    error = None
+    while True:
+        try:
+            data = sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            break
+        except BaseException as exc:  # kafka-python closes the connection on any
+            logger.exception("%s: error receiving network data", self)
+            error = KafkaConnectionError(exc)
+            break
+        if not data:
+            logger.error("%s: socket disconnected", self)
+            error = KafkaConnectionError("socket disconnected")
+            break
+        parts.append(data)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), error
+
+
+def _kafka_bytes_read(self: Any, nbytes: int | None = None) -> bytes:
+    """``KafkaBytes.read`` with one copy instead of two."""
+    start = self._idx
+    end = len(self) if nbytes is None else min(start + nbytes, len(self))
+    self._idx = end
+    return bytes(memoryview(self)[start:end])
+
+
+def chunks_of(repeated: Sequence[Chunk]) -> list[Chunk]:
+    """The distinct chunks of a list :meth:`RawPartitionRecords.take` built."""
+    chunks = []
+    i = 0
+    while i < len(repeated):
+        chunk = repeated[i]
+        chunks.append(chunk)
+        i += len(chunk)
+    return chunks
+
+
+class RawValues:
+    """The records of a poll's chunks, indexed 0..n-1 in chunk order.
+
+    A :class:`~prop_stream.kafka.decode.MessageValues` for the JSON decoder, and
+    ``raw[i]`` gives record ``i`` as a ``ConsumerRecord`` (for dead letters).
+    """
+
+    __slots__ = ("_chunks", "_starts", "_total")
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self._chunks = list(chunks)
+        self._starts: list[int] = []
+        total = 0
+        for chunk in self._chunks:
+            self._starts.append(total)
+            total += len(chunk)
+        self._total = total
+
+    def __len__(self) -> int:
+        return self._total
+
+    @property
+    def json_only(self) -> bool:
+        """Whether every record is JSON (no other ``encoding`` header)."""
+        return all(chunk.json_only for chunk in self._chunks)
+
+    def _locate(self, i: int) -> tuple[Chunk, int]:
+        if not 0 <= i < self._total:
+            raise IndexError(i)
+        c = bisect.bisect_right(self._starts, i) - 1
+        return self._chunks[c], i - self._starts[c]
+
+    def value(self, i: int) -> bytes | None:
+        """See :class:`~prop_stream.kafka.decode.MessageValues`."""
+        chunk, j = self._locate(i)
+        return chunk.value(j)
+
+    def encoding(self, i: int) -> str | None:
+        """Record ``i``'s ``encoding`` header."""
+        chunk, j = self._locate(i)
+        return chunk.encoding(j)
+
+    def __getitem__(self, i: int) -> ConsumerRecord:
+        chunk, j = self._locate(i)
+        return chunk.record(j)
+
+    def joined(self, start: int, end: int) -> bytes | None:
+        """See :class:`~prop_stream.kafka.decode.MessageValues`."""
+        pieces = []
+        for chunk, base in zip(self._chunks, self._starts, strict=True):
+            lo = max(start, base)
+            hi = min(end, base + len(chunk))
+            if lo >= hi:
+                continue
+            piece = chunk.ndjson(lo - base, hi - base)
+            if piece is None:
+                return None
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else b"\n".join(pieces)
+
+    def values(self) -> list[bytes | None]:
+        """Every value as bytes (the mixed-encoding path)."""
+        return [c.value(j) for c in self._chunks for j in range(len(c))]
+
+    def encodings(self) -> list[str | None]:
+        """Every record's ``encoding`` header."""
+        return [c.encoding(j) for c in self._chunks for j in range(len(c))]
+
+
+__all__ = [
+    "Chunk",
+    "RawPartitionRecords",
+    "RawValues",
+    "RecordsChunk",
+    "ScanChunk",
+    "chunks_of",
+    "header_encoding",
+    "install",
+    "tune_network_reads",
+]

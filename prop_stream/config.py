@@ -44,9 +44,9 @@ class StreamSettings(BaseSettings):
         kafka_fetch_max_bytes: Most bytes of one fetch response.
         kafka_max_partition_fetch_bytes: Most bytes per partition in one fetch.
         kafka_fetch_max_wait_ms: Longest the broker holds a fetch for more data.
-        kafka_dlq_unknown_accounts: Send ticks of accounts without a judged
-            phase to the DLQ (reason ``unknown_account``) instead of letting the
-            engine count them (off by default; see docs/kafka.md).
+        kafka_dlq_unknown_accounts: Send ticks of accounts the store does not
+            have to the DLQ (reason ``unknown_account``; on by default). Off,
+            the engine counts them as unknown (docs/kafka.md).
         kafka_raw_records: Read fetched record batches in the Rust core (False:
             one kafka-python ``ConsumerRecord`` per record, the old path).
     """
@@ -72,7 +72,7 @@ class StreamSettings(BaseSettings):
     kafka_fetch_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     kafka_max_partition_fetch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)
-    kafka_dlq_unknown_accounts: bool = False
+    kafka_dlq_unknown_accounts: bool = True
     kafka_raw_records: bool = True
 
     @property

@@ -22,6 +22,7 @@ from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.evaluator.sources import NoneSource, TickSource
 from prop_stream.kafka.source import KafkaSource
 from prop_stream.sinks.duckdb_sink import DuckDBSink
+from prop_stream.store.catalog import account_ids
 from prop_stream.store.db import Connection, cursor
 from prop_stream.store.requests import serve_requests
 
@@ -99,6 +100,9 @@ def build_loop(
         functools.partial(serve_requests, requests_conn, settings.db)
     ]
     if isinstance(source, KafkaSource):
+        # Unknown accounts are those the store doesn't have (docs/kafka.md).
+        source.set_account_directory(functools.partial(account_ids, cursor(conn)))
+        hooks.append(source.refresh_accounts)
         # Hooks run after a batch's commit, so the position is durable by then.
         hooks.append(source.commit_async)
     return EvaluatorLoop(

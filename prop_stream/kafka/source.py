@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -117,12 +117,16 @@ class KafkaSource:
         fetch_max_bytes: Most bytes of one fetch response.
         max_partition_fetch_bytes: Most bytes per partition in one fetch.
         fetch_max_wait_ms: Longest the broker holds a fetch for more data.
-        dlq_unknown_accounts: Send ticks of accounts the source has not heard
-            of (:meth:`track`) since it started to the DLQ (reason
-            ``unknown_account``) instead of the engine, which only counts them.
-            Off by default: after a restart the phases that ended before the
-            checkpoint are not tracked, so their accounts' late ticks would go
-            to the DLQ then but not before (docs/kafka.md).
+        dlq_unknown_accounts: Send ticks of unknown accounts to the DLQ
+            (reason ``unknown_account``) instead of the engine, which only
+            counts them. An account is known when the store has it
+            (``account_directory``) or it was :meth:`track`-ed; without a
+            directory only tracked accounts are known, and after a restart
+            the phases that ended before the checkpoint are not tracked any
+            more (docs/kafka.md, "Unknown accounts").
+        account_directory: Returns every account id the platform has (the
+            store's ``trading_accounts``); read at the first poll and by
+            :meth:`refresh_accounts`. The service passes one.
         on_rejected: ``(rejection, record) -> bool`` for every rejected message;
             False keeps it out of the DLQ (it is still counted).
         partition_refresh_s: Seconds between looks for new partitions.
@@ -148,6 +152,7 @@ class KafkaSource:
         max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
         fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS,
         dlq_unknown_accounts: bool = False,
+        account_directory: Callable[[], Iterable[int]] | None = None,
         on_rejected: RejectionCallback | None = None,
         partition_refresh_s: float = 30.0,
         raw_records: bool = True,
@@ -197,6 +202,8 @@ class KafkaSource:
         self._lock = threading.Lock()
         self._known: set[int] = set()
         self._known_series: pl.Series | None = None
+        self._directory = account_directory
+        self._directory_read = False
         self._ticks_per_message = 1.0
         self._closed = threading.Event()
         self._was_healthy = False
@@ -239,6 +246,33 @@ class KafkaSource:
         ended phase go to the engine (which counts them) rather than flood the
         DLQ.
         """
+
+    def set_account_directory(self, directory: Callable[[], Iterable[int]]) -> None:
+        """Use the store's accounts to tell unknown accounts (see ``__init__``)."""
+        with self._lock:
+            self._directory = directory
+            self._directory_read = False
+
+    def refresh_accounts(self) -> None:
+        """Read the account directory again (accounts opened since are known).
+
+        The service calls it between batches; accounts never leave the store,
+        so what was known stays known. A failing read is logged and retried at
+        the next call.
+        """
+        directory = self._directory
+        if directory is None or not self._dlq_unknown:
+            return
+        try:
+            ids = {int(a) for a in directory()}
+        except Exception:  # a failing read must not stop the loop
+            logger.exception("reading the account directory failed")
+            return
+        with self._lock:
+            self._directory_read = True
+            if not ids <= self._known:
+                self._known |= ids
+                self._known_series = None
 
     def close(self) -> None:
         """Close the consumer and the DLQ producer (a poll in progress returns)."""
@@ -447,6 +481,8 @@ class KafkaSource:
     def _known_accounts(self) -> pl.Series | None:
         if not self._dlq_unknown:
             return None
+        if self._directory is not None and not self._directory_read:
+            self.refresh_accounts()
         with self._lock:
             if self._known_series is None:
                 self._known_series = pl.Series(

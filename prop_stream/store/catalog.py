@@ -157,6 +157,24 @@ def open_account(
     return int(row[0])
 
 
+def account_ids(conn: Connection) -> list[int]:
+    """Every trading account's login, whatever its group, state or phases.
+
+    The Kafka source's directory of known accounts: a tick of any other account
+    is an ``unknown_account`` dead letter.
+
+    Args:
+        conn: The connection.
+
+    Returns:
+        The logins, ascending.
+    """
+    rows = conn.execute(
+        "SELECT account_id FROM trading_accounts ORDER BY account_id"
+    ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
 def validate_program(conn: Connection, program: ProgramIn) -> list[dict[str, object]]:
     """Check a program against the rules of ``api.md``.
 

@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -26,11 +27,21 @@ from replay_support import demo_backtest_inputs, stored_outputs
 
 from integration.conftest import KafkaBroker, TopicFactory, create_topic
 from prop_stream.backtest import run_backtest
+from prop_stream.config import StreamSettings
 from prop_stream.evaluator import DemoConfig, EvaluatorLoop
-from prop_stream.evaluator.service import KafkaTickSource
+from prop_stream.evaluator.service import KafkaTickSource, build_loop, build_source
 from prop_stream.kafka import ARROW_ENCODING, encode_arrow, produce_file
 from prop_stream.sinks import DuckDBSink
-from prop_stream.store import Connection, connect, cursor, init_database, query_frame
+from prop_stream.store import (
+    Connection,
+    connect,
+    create_customer,
+    cursor,
+    init_database,
+    open_account,
+    query_frame,
+    transaction,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -434,6 +445,67 @@ def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
     assert dead[0]["value"] == "not json"
     assert dead[-1]["rows"] == "1"
     assert history.height >= 1
+
+
+def test_kafka_unknown_accounts_are_those_the_store_lacks(
+    tmp_path: Path,
+    replay: Replay,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+) -> None:
+    topic = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1)
+    db = _copy_db(replay, tmp_path / "prop.duckdb")
+    conn = connect(db)
+    with transaction(conn):
+        payer = create_customer(conn, email="payer@example.com")
+        # In the store, judged by no phase: its ticks are not dead letters.
+        idle = open_account(
+            conn, customer_id=payer, account_group="DEMO", balance=Decimal(10)
+        )
+    settings = StreamSettings(
+        db=db,
+        source="kafka",
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_topic=topic,
+        kafka_dlq_topic=dlq,
+        poll_timeout_s=0.2,
+    )
+    assert settings.kafka_dlq_unknown_accounts  # the default
+    source = build_source(settings)
+    assert isinstance(source, KafkaTickSource)
+    loop = build_loop(settings, conn, source=source)
+
+    def send(*accounts: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        for account in accounts:
+            tick = {"account_id": account, "ts": 1767605460000 + account % 1000}
+            tick |= {"equity": 100_000.0, "balance": 100_000.0}
+            producer.send(topic, key=str(account).encode(), value=orjson.dumps(tick))
+        producer.flush()
+        producer.close()
+
+    judged = replay.accounts[0]
+    send(judged, idle, 999_991)
+    _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
+    assert source.stats.rejected["unknown_account"] == 1
+    assert loop.stats.unknown == 1  # the idle account's tick, counted
+
+    # An account opened while the service runs is known from the next refresh
+    # (the loop calls it between batches).
+    with transaction(conn):
+        opened = open_account(
+            conn, customer_id=payer, account_group="DEMO", balance=Decimal(10)
+        )
+    source.refresh_accounts()
+    send(opened, 999_992)
+    _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
+    source.close()
+    conn.close()
+    assert source.stats.rejected["unknown_account"] == 2
+    dead = _dlq_records(kafka_bootstrap, dlq, 2)
+    assert [d["error"] for d in dead] == ["unknown_account"] * 2
+    assert ['"account_id":99999' in d["value"] for d in dead] == [True, True]
 
 
 def test_kafka_broker_restart_mid_replay_is_waited_for(

@@ -479,8 +479,12 @@ def test_kafka_unknown_accounts_are_those_the_store_lacks(
     def send(*accounts: int) -> None:
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
         for account in accounts:
-            tick = {"account_id": account, "ts": 1767605460000 + account % 1000}
-            tick |= {"equity": 100_000.0, "balance": 100_000.0}
+            tick: dict[str, float] = {
+                "account_id": account,
+                "ts": 1767605460000 + account % 1000,
+                "equity": 100_000.0,
+                "balance": 100_000.0,
+            }
             producer.send(topic, key=str(account).encode(), value=orjson.dumps(tick))
         producer.flush()
         producer.close()

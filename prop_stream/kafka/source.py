@@ -25,6 +25,11 @@ counted in :attr:`KafkaSource.stats`. The dead letters are flushed before the
 poll returns, so the position never moves past a message that is neither judged
 nor in the DLQ; if the DLQ can't be written, the poll is undone and retried.
 
+**Records.** By default the consumer's fetched record batches are read by the
+Rust core (:mod:`prop_stream.kafka.raw`), not as one kafka-python
+``ConsumerRecord`` per record; a rejected message's record is rebuilt for the
+DLQ. ``raw_records=False`` keeps kafka-python's records.
+
 **Broker outages.** kafka-python reconnects by itself; polls return no ticks
 meanwhile and :meth:`KafkaSource.healthy` is False until a leader of every
 partition is connected again.
@@ -72,6 +77,8 @@ RejectionCallback = Callable[[Rejection, Any], bool]
 
 class _Records(Protocol):
     """A poll's records by index: a list, or ``RawValues``."""
+
+    def __len__(self) -> int: ...
 
     def __getitem__(self, i: int, /) -> Any: ...
 

@@ -720,7 +720,7 @@ const PREFETCH_GROUPS_AHEAD: usize = 2;
 
 /// Ask the CPU to bring a value's cache lines in (a hint: no effect on results).
 #[inline]
-fn prefetch<T>(value: &T) {
+pub(crate) fn prefetch<T>(value: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

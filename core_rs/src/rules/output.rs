@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arrow_array::builder::StringBuilder;
 use arrow_array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, TimestampMicrosecondArray,
@@ -9,7 +10,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::rules::engine::{
-    cent, Action, Engine, OpenWarning, Phase, PhaseState, Rule, Status, TickCounts,
+    cent, prefetch, Action, Engine, OpenWarning, Phase, PhaseState, Rule, Status, TickCounts,
 };
 
 /// A breach, or a warning's resolution (the same `seq` again with `resolved`).
@@ -365,74 +366,159 @@ pub fn metric_schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// The metric columns, filled in one pass over the touched phases.
+///
+/// Phases are read in the batch's touch order, which is random in the engine's
+/// phase array: one pass that pushes every column (with the next phases
+/// prefetched) reads each phase's cache lines once, where a pass per column read
+/// them 26 times.
+struct MetricColumns {
+    account_id: Vec<i64>,
+    challenge_id: StringBuilder,
+    phase_index: Vec<i32>,
+    ts: Vec<i64>,
+    status: StringBuilder,
+    day: Vec<i32>,
+    equity: Vec<f64>,
+    balance: Vec<f64>,
+    profit: Vec<f64>,
+    daily_start_equity: Vec<f64>,
+    daily_start_balance: Vec<f64>,
+    daily_pnl: Vec<f64>,
+    daily_loss_limit: Vec<Option<f64>>,
+    daily_floor: Vec<Option<f64>>,
+    daily_room: Vec<Option<f64>>,
+    daily_paused: Vec<bool>,
+    max_loss_limit: Vec<Option<f64>>,
+    overall_floor: Vec<Option<f64>>,
+    overall_room: Vec<Option<f64>>,
+    hwm: Vec<f64>,
+    trading_days: Vec<i32>,
+    days_elapsed: Vec<i32>,
+    best_day_profit: Vec<f64>,
+    profit_target_level: Vec<Option<f64>>,
+    profit_progress: Vec<Option<f64>>,
+    trading_days_progress: Vec<f64>,
+}
+
+impl MetricColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            account_id: Vec::with_capacity(n),
+            challenge_id: StringBuilder::with_capacity(n, n * 8),
+            phase_index: Vec::with_capacity(n),
+            ts: Vec::with_capacity(n),
+            status: StringBuilder::with_capacity(n, n * 6),
+            day: Vec::with_capacity(n),
+            equity: Vec::with_capacity(n),
+            balance: Vec::with_capacity(n),
+            profit: Vec::with_capacity(n),
+            daily_start_equity: Vec::with_capacity(n),
+            daily_start_balance: Vec::with_capacity(n),
+            daily_pnl: Vec::with_capacity(n),
+            daily_loss_limit: Vec::with_capacity(n),
+            daily_floor: Vec::with_capacity(n),
+            daily_room: Vec::with_capacity(n),
+            daily_paused: Vec::with_capacity(n),
+            max_loss_limit: Vec::with_capacity(n),
+            overall_floor: Vec::with_capacity(n),
+            overall_room: Vec::with_capacity(n),
+            hwm: Vec::with_capacity(n),
+            trading_days: Vec::with_capacity(n),
+            days_elapsed: Vec::with_capacity(n),
+            best_day_profit: Vec::with_capacity(n),
+            profit_target_level: Vec::with_capacity(n),
+            profit_progress: Vec::with_capacity(n),
+            trading_days_progress: Vec::with_capacity(n),
+        }
+    }
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+    fn push(&mut self, p: &Phase) {
+        let m = Metric::of(p);
+        let s = &p.state;
+        self.account_id.push(p.spec.account_id);
+        self.challenge_id.append_value(&p.spec.challenge_id);
+        self.phase_index.push(p.spec.phase_index);
+        self.ts.push(s.last_ts());
+        self.status.append_value(s.status.as_str());
+        self.day.push(s.day);
+        self.equity.push(s.equity);
+        self.balance.push(s.balance);
+        self.profit.push(s.equity - p.spec.rules.initial_balance);
+        self.daily_start_equity.push(s.daily_start_equity);
+        self.daily_start_balance.push(s.daily_start_balance);
+        self.daily_pnl.push(s.equity - m.daily_reference);
+        self.daily_loss_limit.push(m.daily_limit);
+        self.daily_floor.push(m.daily_floor);
+        self.daily_room.push(m.daily_floor.map(|fl| s.equity - fl));
+        self.daily_paused.push(s.day_paused());
+        self.max_loss_limit.push(m.overall_limit);
+        self.overall_floor.push(m.overall_floor);
+        self.overall_room
+            .push(m.overall_floor.map(|fl| s.equity - fl));
+        self.hwm.push(s.hwm);
+        self.trading_days.push(s.trading_days as i32);
+        self.days_elapsed.push(m.days_elapsed as i32);
+        self.best_day_profit.push(p.best_day_profit());
+        self.profit_target_level.push(p.target());
+        self.profit_progress.push(m.profit_progress);
+        self.trading_days_progress.push(m.trading_days_progress);
+    }
+
+    fn finish(mut self) -> RecordBatch {
+        let float = |v: Vec<f64>| -> ArrayRef { Arc::new(Float64Array::from(v)) };
+        let float_null = |v: Vec<Option<f64>>| -> ArrayRef { Arc::new(Float64Array::from(v)) };
+        batch(
+            metric_schema(),
+            vec![
+                Arc::new(Int64Array::from(self.account_id)),
+                Arc::new(self.challenge_id.finish()),
+                Arc::new(Int32Array::from(self.phase_index)),
+                ts_array(self.ts),
+                Arc::new(self.status.finish()),
+                Arc::new(Date32Array::from(self.day)),
+                float(self.equity),
+                float(self.balance),
+                float(self.profit),
+                float(self.daily_start_equity),
+                float(self.daily_start_balance),
+                float(self.daily_pnl),
+                float_null(self.daily_loss_limit),
+                float_null(self.daily_floor),
+                float_null(self.daily_room),
+                Arc::new(BooleanArray::from(self.daily_paused)),
+                float_null(self.max_loss_limit),
+                float_null(self.overall_floor),
+                float_null(self.overall_room),
+                float(self.hwm),
+                Arc::new(Int32Array::from(self.trading_days)),
+                Arc::new(Int32Array::from(self.days_elapsed)),
+                float(self.best_day_profit),
+                float_null(self.profit_target_level),
+                float_null(self.profit_progress),
+                float(self.trading_days_progress),
+            ],
+        )
+    }
+}
+
 /// The latest metric of each slot, as Arrow.
 #[must_use]
 pub fn metrics_batch(engine: &Engine, slots: &[u32]) -> RecordBatch {
-    let phases: Vec<&Phase> = slots
-        .iter()
-        .map(|&s| &engine.phases()[s as usize])
-        .collect();
-    let metrics: Vec<Metric> = phases.iter().map(|p| Metric::of(p)).collect();
-    let [a, c, p] = identity(engine, slots.iter().copied());
-    let col = |g: &dyn Fn(&Phase, &Metric) -> f64| -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(
-            phases.iter().zip(&metrics).map(|(p, m)| g(p, m)),
-        ))
-    };
-    let col_opt = |g: &dyn Fn(&Phase, &Metric) -> Option<f64>| -> ArrayRef {
-        Arc::new(Float64Array::from(
-            phases
-                .iter()
-                .zip(&metrics)
-                .map(|(p, m)| g(p, m))
-                .collect::<Vec<_>>(),
-        ))
-    };
-    batch(
-        metric_schema(),
-        vec![
-            a,
-            c,
-            p,
-            ts_array(phases.iter().map(|p| p.state.last_ts()).collect()),
-            Arc::new(StringArray::from_iter_values(
-                phases.iter().map(|p| p.state.status.as_str()),
-            )),
-            Arc::new(Date32Array::from_iter_values(
-                phases.iter().map(|p| p.state.day),
-            )),
-            col(&|p, _| p.state.equity),
-            col(&|p, _| p.state.balance),
-            col(&|p, _| p.state.equity - p.spec.rules.initial_balance),
-            col(&|p, _| p.state.daily_start_equity),
-            col(&|p, _| p.state.daily_start_balance),
-            col(&|p, m| p.state.equity - m.daily_reference),
-            col_opt(&|_, m| m.daily_limit),
-            col_opt(&|_, m| m.daily_floor),
-            col_opt(&|p, m| m.daily_floor.map(|fl| p.state.equity - fl)),
-            Arc::new(BooleanArray::from(
-                phases
-                    .iter()
-                    .map(|p| p.state.day_paused())
-                    .collect::<Vec<_>>(),
-            )),
-            col_opt(&|_, m| m.overall_limit),
-            col_opt(&|_, m| m.overall_floor),
-            col_opt(&|p, m| m.overall_floor.map(|fl| p.state.equity - fl)),
-            col(&|p, _| p.state.hwm),
-            Arc::new(Int32Array::from_iter_values(
-                phases.iter().map(|p| p.state.trading_days as i32),
-            )),
-            Arc::new(Int32Array::from_iter_values(
-                metrics.iter().map(|m| m.days_elapsed as i32),
-            )),
-            col(&|p, _| p.best_day_profit()),
-            col_opt(&|p, _| p.target()),
-            col_opt(&|_, m| m.profit_progress),
-            col(&|_, m| m.trading_days_progress),
-        ],
-    )
+    let phases = engine.phases();
+    let mut columns = MetricColumns::with_capacity(slots.len());
+    for (i, &slot) in slots.iter().enumerate() {
+        if let Some(&ahead) = slots.get(i + METRIC_PREFETCH_AHEAD) {
+            prefetch(&phases[ahead as usize]);
+        }
+        columns.push(&phases[slot as usize]);
+    }
+    columns.finish()
 }
+
+/// How many rows ahead [`metrics_batch`] prefetches a phase.
+const METRIC_PREFETCH_AHEAD: usize = 4;
 
 /// The schema of the per-phase state table.
 #[must_use]

@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka_bench_support import bench_loop, create_bench_topic
 
 from prop_stream.evaluator import EvaluatorLoop
-from prop_stream.evaluator.service import KafkaTickSource
 from prop_stream.kafka import produce_file
-from prop_stream.rules import PhaseSpec
-from prop_stream.sinks import DuckDBSink
-from prop_stream.store import connect, cursor, init_database
 
 RULES = {"max_daily_loss": 0.05, "max_total_loss": 0.1, "profit_target": 0.08}
 
@@ -51,34 +46,17 @@ def consume(
     db: Path, topic: str, path: str, args: argparse.Namespace
 ) -> tuple[float, EvaluatorLoop]:
     """Read the whole topic into a fresh store; the seconds it took."""
-    if path not in ("raw", "kafka-python"):
-        raise SystemExit(f"unknown path {path!r}")
-    init_database(db)
-    conn = connect(db)
-    source = KafkaTickSource(
+    first = 1_000_000
+    loop, source, conn = bench_loop(
+        db,
         bootstrap=args.bootstrap,
         topic=topic,
-        group_id=None,
-        raw_records=path == "raw",
-    )
-    loop = EvaluatorLoop(
-        cursor(conn),
-        source,
-        DuckDBSink(cursor(conn), source=source.name),
-        max_batch_records=args.batch,
+        path=path,
+        accounts=range(first, first + args.accounts),
+        rules={**RULES, "initial_balance": 100_000.0},
+        batch=args.batch,
         poll_timeout_s=0.5,
     )
-    for i in range(args.accounts):
-        loop.register_phase(
-            PhaseSpec(
-                account_id=1_000_000 + i,
-                challenge_id=str(i),
-                phase_index=0,
-                started_at=datetime(2026, 1, 1, tzinfo=UTC),
-                rules={**RULES, "initial_balance": 100_000.0},
-            )
-        )
-    loop.start()
     ends = source.end_offsets()
     t0 = time.perf_counter()
     while any(source.position().get(k, 0) < v for k, v in ends.items()):
@@ -101,18 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
     ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
-    topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
-    admin.create_topics(
-        [
-            NewTopic(
-                topic,
-                args.partitions,
-                1,
-                topic_configs={"max.message.bytes": "8388608"},
-            )
-        ]
-    )
+    topic, admin = create_bench_topic(args.bootstrap, "bench-e2e", args.partitions)
     t0 = time.perf_counter()
     produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
     produced = time.perf_counter() - t0

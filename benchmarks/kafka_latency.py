@@ -25,24 +25,17 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import orjson
 import polars as pl
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka_bench_support import bench_loop, create_bench_topic
 
-from prop_stream.evaluator import EvaluatorLoop
 from prop_stream.evaluator.metrics import LatestMetrics
-from prop_stream.evaluator.service import KafkaTickSource
 from prop_stream.kafka.decode import ARROW_ENCODING, ENCODING_HEADER, encode_arrow
 from prop_stream.kafka.produce import partition_of
-from prop_stream.rules import PhaseSpec
-from prop_stream.sinks import DuckDBSink
-from prop_stream.store import connect, cursor, init_database
 
 # Loose rules: no phase ends during the run, so every tick's metric shows up.
 RULES = {"max_daily_loss": 0.5, "max_total_loss": 0.9, "initial_balance": 100_000.0}
@@ -169,44 +162,19 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, path: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kafka-latency-"))
-    topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
-    admin.create_topics(
-        [
-            NewTopic(
-                topic,
-                args.partitions,
-                1,
-                topic_configs={"max.message.bytes": "8388608"},
-            )
-        ]
-    )
-    db = tmp / "prop.duckdb"
-    init_database(db)
-    conn = connect(db)
-    source = KafkaTickSource(
-        bootstrap=args.bootstrap, topic=topic, group_id=None, raw_records=path == "raw"
-    )
+    topic, admin = create_bench_topic(args.bootstrap, "bench-latency", args.partitions)
     metrics = VisibleMetrics()
-    loop = EvaluatorLoop(
-        cursor(conn),
-        source,
-        DuckDBSink(cursor(conn), source=source.name),
-        max_batch_records=args.batch,
+    loop, source, conn = bench_loop(
+        tmp / "prop.duckdb",
+        bootstrap=args.bootstrap,
+        topic=topic,
+        path=path,
+        accounts=range(FIRST_ACCOUNT, FIRST_ACCOUNT + args.accounts),
+        rules=RULES,
+        batch=args.batch,
         poll_timeout_s=0.1,
         metrics=metrics,
     )
-    for i in range(args.accounts):
-        loop.register_phase(
-            PhaseSpec(
-                account_id=FIRST_ACCOUNT + i,
-                challenge_id=str(i),
-                phase_index=0,
-                started_at=datetime(2026, 1, 1, tzinfo=UTC),
-                rules=RULES,
-            )
-        )
-    loop.start()
     while not source.healthy():
         loop.run_once()
     stop = threading.Event()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Protocol, runtime_checkable
@@ -462,39 +462,72 @@ def decode_arrow(
         as an Arrow IPC stream.
     """
     try:
-        if not value:
-            raise ValueError("empty value")  # noqa: TRY301 - one handler for all
-        table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
-        raw = pl.from_arrow(table)
-        assert isinstance(raw, pl.DataFrame)  # noqa: S101 - a table gives a frame
-        missing = [name for name in _FIELDS if name not in raw.columns]
-        if missing:
-            raise ValueError(f"missing column(s): {', '.join(missing)}")  # noqa: TRY301
+        raw = _read_arrow(value)
         converted = raw.select(
+            pl.lit(index, pl.UInt32).alias("message"),
             pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
             *(convert_tick_column(name, raw.schema[name]) for name in _FIELDS),
         )
-    except (pa.ArrowException, pl.exceptions.PolarsError, ValueError, OSError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return EMPTY_DECODED_TICKS, [Rejection(index, Reason.BAD_BATCH, detail)]
+    except _UNREADABLE as exc:
+        return EMPTY_DECODED_TICKS, [
+            Rejection(index, Reason.BAD_BATCH, _first_line(exc))
+        ]
     checked = _check(
         converted.with_columns(pl.col("ts").alias("ts_parsed")), known_accounts
     )
+    return _split(checked, lambda _, rows: raw[rows])
+
+
+#: What an unreadable ``arrow-ipc-v1`` value raises.
+_UNREADABLE: Final = (
+    pa.ArrowException,
+    pl.exceptions.PolarsError,
+    ValueError,
+    OSError,
+)
+
+
+def _read_arrow(value: bytes | None) -> pl.DataFrame:
+    """An ``arrow-ipc-v1`` value as a frame with every tick column (or raise)."""
+    if not value:
+        raise ValueError("empty value")
+    table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+    raw = pl.from_arrow(table)
+    assert isinstance(raw, pl.DataFrame)  # noqa: S101 - a table gives a frame
+    missing = [name for name in _FIELDS if name not in raw.columns]
+    if missing:
+        raise ValueError(f"missing column(s): {', '.join(missing)}")
+    return raw
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _split(
+    checked: pl.DataFrame, rows_of: Callable[[int, pl.Series], pl.DataFrame]
+) -> tuple[pl.DataFrame, list[Rejection]]:
+    """Checked rows (with ``message`` and ``row``) into good ticks and rejections.
+
+    ``rows_of(index, rows)`` gives message ``index``'s received rows, for the
+    rejection's payload.
+    """
     good = checked.filter(pl.col("reason").is_null()).select(
         *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
-        pl.lit(index, pl.UInt32).alias("message"),
+        pl.col("message"),
     )
     rejections: list[Rejection] = []
     bad = checked.filter(pl.col("reason").is_not_null())
     if bad.height:
-        for (reason,), rows in bad.group_by("reason", maintain_order=True):
-            rejected = raw[rows["row"]]
+        groups = bad.group_by(["message", "reason"], maintain_order=True)
+        for (message, reason), rows in groups:
+            index = int(str(message))
             rejections.append(
                 Rejection(
                     index,
                     Reason(str(reason)),
                     str(rows["detail"][0]),
-                    payload=_ipc(rejected.to_arrow()),
+                    payload=_ipc(rows_of(index, rows["row"]).to_arrow()),
                     rows=rows.height,
                 )
             )
@@ -526,22 +559,9 @@ def decode_arrow_many(
     groups: dict[tuple[pl.DataType, ...], list[int]] = {}
     for index, value in messages:
         try:
-            if not value:
-                raise ValueError("empty value")  # noqa: TRY301 - one handler for all
-            table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
-            raw = pl.from_arrow(table)
-            assert isinstance(raw, pl.DataFrame)  # noqa: S101 - a table gives a frame
-            missing = [name for name in _FIELDS if name not in raw.columns]
-            if missing:
-                raise ValueError(f"missing column(s): {', '.join(missing)}")  # noqa: TRY301
-        except (
-            pa.ArrowException,
-            pl.exceptions.PolarsError,
-            ValueError,
-            OSError,
-        ) as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            rejections.append(Rejection(index, Reason.BAD_BATCH, detail))
+            raw = _read_arrow(value)
+        except _UNREADABLE as exc:
+            rejections.append(Rejection(index, Reason.BAD_BATCH, _first_line(exc)))
             continue
         raws[index] = raw
         key = tuple(raw.schema[name] for name in _FIELDS)
@@ -595,27 +615,7 @@ def _decode_group(
     except (pl.exceptions.PolarsError, ValueError):
         return None
     checked = _check(converted.with_columns(pl.col("ts").alias("ts_parsed")), known)
-    good = checked.filter(pl.col("reason").is_null()).select(
-        *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
-        pl.col("message"),
-    )
-    rejections: list[Rejection] = []
-    bad = checked.filter(pl.col("reason").is_not_null())
-    if bad.height:
-        groups = bad.group_by(["message", "reason"], maintain_order=True)
-        for (group_message, reason), rows in groups:
-            index = int(str(group_message))
-            rejected = raws[index][rows["row"] - starts[index]]
-            rejections.append(
-                Rejection(
-                    index,
-                    Reason(str(reason)),
-                    str(rows["detail"][0]),
-                    payload=_ipc(rejected.to_arrow()),
-                    rows=rows.height,
-                )
-            )
-    return good, rejections
+    return _split(checked, lambda index, rows: raws[index][rows - starts[index]])
 
 
 def convert_tick_column(name: str, dtype: pl.DataType) -> pl.Expr:

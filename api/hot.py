@@ -15,13 +15,15 @@ middleware answers the common case before any of that:
 It sends exactly what the route would send (status 200, the same body bytes,
 ``content-type`` and ``content-length``). Everything else (a missing or unknown
 token, a session not looked up yet, someone else's or a missing challenge, a
-query string, any other path or method) goes to FastAPI unchanged, which
-answers it, errors included, and fills the caches for the next request.
+query string, any other path or method, or an error while looking) goes to
+FastAPI unchanged, which answers it, errors included, and fills the caches for
+the next request.
 ``tests/api/test_hot_reads.py`` checks both paths give the same answers.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Final
 
@@ -29,6 +31,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.core.security import bearer_token
 from api.models import MAX_INT64
+
+logger = logging.getLogger(__name__)
 
 _PATH: Final = re.compile(r"/prop/challenges/([1-9][0-9]{0,18})")
 _JSON: Final = b"application/json"
@@ -51,7 +55,11 @@ class HotReads:
             and scope["method"] == "GET"
             and not scope.get("query_string")
         ):
-            body = _body(scope)
+            try:
+                body = _body(scope)
+            except Exception:  # FastAPI answers it, in the API's error shape
+                logger.debug("hot read passed on after an error", exc_info=True)
+                body = None
             if body is not None:
                 await send(
                     {

@@ -117,3 +117,31 @@ def test_other_methods_and_paths_pass_through(
         a = hot.request(method, path, headers=headers)
         b = plain.request(method, path, headers=headers)
         assert (a.status_code, a.content) == (b.status_code, b.content)
+
+
+def test_an_error_in_the_hot_path_passes_the_request_on(
+    apps: tuple[TestClient, TestClient],
+    seeded: Seeded,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hot, plain = apps
+    headers = seeded.headers(seeded.alice)
+    expected = _answer(plain, "/prop/challenges/1", headers)
+    hot.get("/prop/challenges/1", headers=headers)  # the session is now in memory
+    app = hot.app
+    assert isinstance(app, FastAPI)
+    cache = app.state.runtime.cache
+    real = cache.challenge_body
+    calls: list[int] = []
+
+    def flaky(challenge_id: int, *, customer_id: int) -> bytes | None:
+        calls.append(challenge_id)
+        if len(calls) == 1:
+            raise RuntimeError("the cache broke once")
+        return real(challenge_id, customer_id=customer_id)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(cache, "challenge_body", flaky)
+    before = _hot_count(hot)
+    assert _answer(hot, "/prop/challenges/1", headers) == expected
+    assert calls == [1, 1]  # the middleware's failed try, then the route's
+    assert _hot_count(hot) == before

@@ -880,9 +880,12 @@ impl Engine {
             }
             // Scatter the ticks themselves (not their indices) so that judging a
             // group reads one contiguous run.
+            // Every position below `total` is written by the scatter, so the
+            // buffer kept from the last batch is only grown, never cleared.
             let mut grouped = std::mem::take(&mut self.scratch_ticks);
-            grouped.clear();
-            grouped.resize(total as usize, (0, 0.0, 0.0));
+            if grouped.len() < total as usize {
+                grouped.resize(total as usize, (0, 0.0, 0.0));
+            }
             for (i, &slot) in slot_of.iter().enumerate() {
                 if slot != NONE {
                     let pos = &mut counts[slot as usize];
@@ -906,6 +909,7 @@ impl Engine {
                 }
                 start = end;
             }
+            self.scratch_ticks = grouped;
         } else {
             for &g in &groups {
                 counts[g as usize] = 0;

@@ -128,6 +128,53 @@ def validate_rules(rules: Mapping[str, Any]) -> dict[str, object]:
     return dict(_core.ChallengeRules(dict(rules)).to_dict())
 
 
+# ISO 8601 shapes accepted in text timestamps, after the normalization in
+# `parse_ts_text` (T separator, `Z` spelled `+00:00`). `%.f` also accepts a
+# missing fraction; `%#z` accepts `+01`, `+0100` and `+01:00`.
+_TS_AWARE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M%#z")
+_TS_NAIVE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
+
+
+def parse_ts_text(text: pl.Expr) -> pl.Expr:
+    """A text tick ``ts`` as a UTC timestamp (µs); null when it is neither form.
+
+    The forms of ``interfaces.md`` (Kafka messages and backtest files alike):
+    ISO 8601 with ``Z``, an offset, or none (meaning UTC), or integer epoch
+    milliseconds.
+
+    Args:
+        text: A string expression.
+
+    Returns:
+        A ``Datetime("us", "UTC")`` expression.
+    """
+    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ tT]", "${1}T").str.replace(
+        r"[zZ]$", "+00:00"
+    )
+    aware = pl.coalesce(
+        iso.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False)
+        for fmt in _TS_AWARE_FORMATS
+    )
+    naive = pl.coalesce(
+        iso.str.to_datetime(fmt, time_unit="us", strict=False)
+        for fmt in _TS_NAIVE_FORMATS
+    ).dt.replace_time_zone("UTC")
+    return (
+        pl.when(text.str.contains(r"^[+-]?\d+$"))
+        .then(from_epoch_ms(text))
+        .when(iso.str.contains(r"[+-]\d{2}(:?\d{2})?$"))
+        .then(aware)
+        .otherwise(naive)
+    )
+
+
+def from_epoch_ms(value: pl.Expr) -> pl.Expr:
+    """Integer epoch milliseconds (or text of them) as a UTC timestamp (µs)."""
+    return pl.from_epoch(
+        value.cast(pl.Int64, strict=False), time_unit="ms"
+    ).dt.replace_time_zone("UTC")
+
+
 def normalize_ticks(ticks: Any) -> pa.Table:
     """Cast a tick batch to the engine's schema.
 

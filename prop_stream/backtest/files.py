@@ -26,7 +26,13 @@ from typing import Any, Final, Literal
 import polars as pl
 
 from prop_stream.exceptions import InputFileError, RuleConfigError
-from prop_stream.rules import TICK_SCHEMA, PhaseSpec, validate_rules
+from prop_stream.rules import (
+    TICK_SCHEMA,
+    PhaseSpec,
+    from_epoch_ms,
+    parse_ts_text,
+    validate_rules,
+)
 
 TickFormat = Literal["parquet", "csv"]
 
@@ -44,12 +50,6 @@ _ACCOUNT_KEYS: Final = frozenset(
 _TOP_KEYS: Final = frozenset({"accounts"})
 _I64_MIN: Final = -(2**63)
 _I64_MAX: Final = 2**63 - 1
-
-# ISO 8601 shapes accepted in text columns, after the normalization in
-# `_parse_ts_text` (T separator, `Z` spelled `+00:00`). `%.f` also accepts a
-# missing fraction; `%#z` accepts `+01`, `+0100` and `+01:00`.
-_TS_AWARE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M%#z")
-_TS_NAIVE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
 
 _EXPECTED: Final = {
     "account_id": "a 64-bit integer",
@@ -375,7 +375,7 @@ def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
     if dtype == pl.String:
         text = col.str.strip_chars()
         if name == "ts":
-            return _parse_ts_text(text)
+            return parse_ts_text(text)
         return text.cast(pl.Int64 if name == "account_id" else pl.Float64, strict=False)
     if name == "ts":
         if isinstance(dtype, pl.Datetime):
@@ -386,7 +386,7 @@ def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
             )
             return utc.dt.cast_time_unit("us")
         if dtype.is_integer():
-            return _from_epoch_ms(col)
+            return from_epoch_ms(col)
     elif name == "account_id":
         if dtype.is_integer():
             return col.cast(pl.Int64, strict=False)
@@ -398,34 +398,6 @@ def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
     }.get(name, "a number")
     raise InputFileError(
         f"{file.path}: column {name}: has type {dtype}, expected {expected}"
-    )
-
-
-def _from_epoch_ms(col: pl.Expr) -> pl.Expr:
-    return pl.from_epoch(
-        col.cast(pl.Int64, strict=False), time_unit="ms"
-    ).dt.replace_time_zone("UTC")
-
-
-def _parse_ts_text(text: pl.Expr) -> pl.Expr:
-    """ISO 8601 (``Z``, an offset, or naive meaning UTC) or integer epoch ms."""
-    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ tT]", "${1}T").str.replace(
-        r"[zZ]$", "+00:00"
-    )
-    aware = pl.coalesce(
-        iso.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False)
-        for fmt in _TS_AWARE_FORMATS
-    )
-    naive = pl.coalesce(
-        iso.str.to_datetime(fmt, time_unit="us", strict=False)
-        for fmt in _TS_NAIVE_FORMATS
-    ).dt.replace_time_zone("UTC")
-    return (
-        pl.when(text.str.contains(r"^[+-]?\d+$"))
-        .then(_from_epoch_ms(text))
-        .when(iso.str.contains(r"[+-]\d{2}(:?\d{2})?$"))
-        .then(aware)
-        .otherwise(naive)
     )
 
 

@@ -37,7 +37,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from prop_stream.rules import TICK_SCHEMA
+from prop_stream.rules import TICK_SCHEMA, parse_ts_text
 
 #: The message header that names a message's encoding.
 ENCODING_HEADER: Final = "encoding"
@@ -60,8 +60,6 @@ _RAW_JSON_SCHEMA: Final = {
     "equity": pl.Float64(),
     "balance": pl.Float64(),
 }
-_TS_AWARE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M%#z")
-_TS_NAIVE_FORMATS: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
 
 
 class Reason(StrEnum):
@@ -362,29 +360,7 @@ def _parse_one(
 
 def _parse_ts(text: pl.Expr) -> pl.Expr:
     """ISO 8601 (``Z``, an offset, or naive meaning UTC) or integer epoch ms."""
-    text = text.str.strip_chars()
-    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ tT]", "${1}T").str.replace(
-        r"[zZ]$", "+00:00"
-    )
-    aware = pl.coalesce(
-        iso.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False)
-        for fmt in _TS_AWARE_FORMATS
-    )
-    naive = pl.coalesce(
-        iso.str.to_datetime(fmt, time_unit="us", strict=False)
-        for fmt in _TS_NAIVE_FORMATS
-    ).dt.replace_time_zone("UTC")
-    epoch = pl.from_epoch(
-        text.cast(pl.Int64, strict=False), time_unit="ms"
-    ).dt.replace_time_zone("UTC")
-    return (
-        pl.when(text.str.contains(r"^[+-]?\d+$"))
-        .then(epoch)
-        .when(iso.str.contains(r"[+-]\d{2}(:?\d{2})?$"))
-        .then(aware)
-        .otherwise(naive)
-        .alias("ts_parsed")
-    )
+    return parse_ts_text(text.str.strip_chars()).alias("ts_parsed")
 
 
 def _check(raw: pl.DataFrame, known: pl.Series | None) -> pl.DataFrame:

@@ -98,3 +98,26 @@ def stored_outputs(
     if history:
         queries["history"] = "SELECT * FROM metric_history ORDER BY account_id, ts"
     return {name: query_frame(conn, sql) for name, sql in queries.items()}
+
+
+def assert_matches_backtest(stored: dict[str, pl.DataFrame], backtest: Path) -> None:
+    """The stored daily snapshots and breaches equal a backtest's output files.
+
+    Args:
+        stored: :func:`stored_outputs` of the run.
+        backtest: The backtest command's ``--out`` folder for the same ticks.
+    """
+    daily = pl.read_parquet(backtest / "daily.parquet")
+    assert stored["daily"].select(daily.columns).equals(daily)
+    breaches = pl.read_parquet(backtest / "breaches.parquet")
+    assert breaches.height > 0
+    got = (
+        stored["breaches"]
+        .with_columns(
+            pl.col("challenge_id").cast(pl.String),
+            pl.col("phase_index").cast(pl.Int64),
+        )
+        .sort(["account_id", "ts", "breach_seq"])
+        .select(breaches.columns)
+    )
+    assert got.equals(breaches)

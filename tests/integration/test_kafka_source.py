@@ -23,7 +23,11 @@ import polars as pl
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
-from replay_support import demo_backtest_inputs, stored_outputs
+from replay_support import (
+    assert_matches_backtest,
+    demo_backtest_inputs,
+    stored_outputs,
+)
 
 from integration.conftest import KafkaBroker, TopicFactory, create_topic
 from prop_stream.backtest import run_backtest
@@ -164,23 +168,6 @@ def _history_duplicates(conn: Connection) -> int:
     return int(row[0])
 
 
-def _assert_matches_backtest(out: dict[str, pl.DataFrame], backtest: Path) -> None:
-    daily = pl.read_parquet(backtest / "daily.parquet")
-    assert out["daily"].select(daily.columns).equals(daily)
-    breaches = pl.read_parquet(backtest / "breaches.parquet")
-    assert breaches.height > 0
-    stored = (
-        out["breaches"]
-        .with_columns(
-            pl.col("challenge_id").cast(pl.String),
-            pl.col("phase_index").cast(pl.Int64),
-        )
-        .sort(["account_id", "ts", "breach_seq"])
-        .select(breaches.columns)
-    )
-    assert stored.equals(breaches)
-
-
 def _run_clean(
     replay: Replay, path: Path, bootstrap: str, topic: str
 ) -> dict[str, pl.DataFrame]:
@@ -218,7 +205,7 @@ def test_kafka_replay_matches_backtest(
     )
     assert sent == pl.read_parquet(replay.ticks).height
     out = _run_clean(replay, tmp_path / "prop.duckdb", kafka_bootstrap, topic)
-    _assert_matches_backtest(out, replay.backtest)
+    assert_matches_backtest(out, replay.backtest)
     conn = connect(tmp_path / "prop.duckdb", read_only=True)
     stored = query_frame(
         conn, "SELECT partition, next_offset FROM source_offsets WHERE source='kafka'"
@@ -345,7 +332,7 @@ def test_kafka_sigkill_restarts_equal_a_clean_run(
     _close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
-    _assert_matches_backtest(got, replay.backtest)
+    assert_matches_backtest(got, replay.backtest)
 
 
 def _dlq_records(bootstrap: str, topic: str, count: int) -> list[dict[str, str]]:

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from replay_support import demo_backtest_inputs, stored_outputs
+from replay_support import (
+    assert_matches_backtest,
+    demo_backtest_inputs,
+    stored_outputs,
+)
 
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import (
@@ -164,21 +168,7 @@ def test_evaluator_demo_run_matches_backtest(
     )
     run_backtest(rules_file, ticks, tmp_path / "out")
 
-    daily = pl.read_parquet(tmp_path / "out" / "daily.parquet")
-    stored_daily = expected["daily"].select(daily.columns)
-    assert stored_daily.equals(daily)
-
-    breaches = pl.read_parquet(tmp_path / "out" / "breaches.parquet")
-    stored = (
-        expected["breaches"]
-        .with_columns(
-            pl.col("challenge_id").cast(pl.String),
-            pl.col("phase_index").cast(pl.Int64),
-        )
-        .sort(["account_id", "ts", "breach_seq"])
-        .select(breaches.columns)
-    )
-    assert stored.equals(breaches)
+    assert_matches_backtest(expected, tmp_path / "out")
 
     accounts_out = pl.read_parquet(tmp_path / "out" / "accounts.parquet")
     stored_status = expected["phases"].filter(pl.col("account_id").is_not_null())

@@ -154,13 +154,7 @@ def read_purchase(
     query: Annotated[NoQuery, Query()],
 ) -> Response:
     """One purchase with its lifecycle fields."""
-    return json_bytes(
-        dumps(
-            crud.read_purchase(
-                session=session, customer_id=trader, purchase_id=purchase_id
-            )
-        )
-    )
+    return _purchase(session, trader, purchase_id)
 
 
 @router.post(
@@ -178,13 +172,7 @@ def retry_purchase(
         session=session, customer_id=trader, purchase_id=purchase_id
     )
     _started(state, session, bought)
-    return json_bytes(
-        dumps(
-            crud.read_purchase(
-                session=session, customer_id=trader, purchase_id=purchase_id
-            )
-        )
-    )
+    return _purchase(session, trader, purchase_id)
 
 
 @router.post(
@@ -205,13 +193,7 @@ def cancel_purchase(
         for account_id in cancelled.removed_accounts:
             state.phases.remove_phase(account_id)
     state.cache.refresh(cancelled.challenge_ids)
-    return json_bytes(
-        dumps(
-            crud.read_purchase(
-                session=session, customer_id=trader, purchase_id=purchase_id
-            )
-        )
-    )
+    return _purchase(session, trader, purchase_id)
 
 
 @payers_router.get("", response_model=PayerAccountsPublic, responses=_BODY_ERRORS)
@@ -229,6 +211,17 @@ def list_payer_accounts(
         dumps(
             crud.payer_accounts(
                 session=session, customer_id=trader, program_id=query.program_id
+            )
+        )
+    )
+
+
+def _purchase(session: Connection, customer_id: int, purchase_id: int) -> Response:
+    """The purchase object of ``api.md`` as the response (404 if not theirs)."""
+    return json_bytes(
+        dumps(
+            crud.read_purchase(
+                session=session, customer_id=customer_id, purchase_id=purchase_id
             )
         )
     )

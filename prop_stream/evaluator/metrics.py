@@ -43,6 +43,7 @@ class LatestMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._version = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -58,7 +59,7 @@ class LatestMetrics:
         self._next_frame = 0
         self._built: dict[int, tuple[int, int, MetricRow]] = {}
         self._count = 0
-        self._version = getattr(self, "_version", -1) + 1
+        self._version += 1
 
     def __len__(self) -> int:
         return self._count

@@ -110,7 +110,7 @@ def test_migrations_rerun_is_a_noop(tmp_path: Path) -> None:
     first = init_database(path, demo=True, now=START)
     conn = connect(path)
     before = {
-        t: query_frame(conn, f"SELECT * FROM {t}")  # noqa: S608 - catalog names
+        t: query_frame(conn, f"SELECT * FROM {t} ORDER BY ALL")  # noqa: S608 - catalog names
         for t in _tables(conn)
     }
     conn.close()
@@ -119,7 +119,7 @@ def test_migrations_rerun_is_a_noop(tmp_path: Path) -> None:
     assert (second.applied, second.seeded) == ((), False)
     conn = connect(path)
     for table, frame in before.items():
-        again = query_frame(conn, f"SELECT * FROM {table}")  # noqa: S608 - catalog
+        again = query_frame(conn, f"SELECT * FROM {table} ORDER BY ALL")  # noqa: S608 - catalog
         assert again.equals(frame), table
     conn.close()
 

@@ -12,7 +12,7 @@ database.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -26,6 +26,7 @@ from api.core.security import SessionCache, bearer_token, lookup_session
 from api.db import Database
 from api.errors import unauthorized
 from prop_stream.store import Connection, PhaseRegistry
+from prop_stream.telemetry import ServiceMetrics
 
 
 @dataclass(slots=True)
@@ -41,14 +42,21 @@ class AppState:
         phases: The running engine to register purchased phases with (None: no
             evaluator in this process; it finds them in the store when it starts).
         hot_reads: Requests answered by :class:`api.hot.HotReads` (not FastAPI).
+        telemetry: The process's metrics (``/metrics``).
+        checks: The process's readiness by part (``Supervisor.checks``), for
+            ``/readyz``; None falls back to ``evaluator_ready``.
+        admin_token: The token of the admin routes (None: no admin routes).
     """
 
     db: Database
     cache: RuntimeCache
     sessions: SessionCache
     evaluator_ready: Callable[[], bool] | None
+    telemetry: ServiceMetrics
     phases: PhaseRegistry | None = None
     hot_reads: int = 0
+    checks: Callable[[], Mapping[str, str]] | None = None
+    admin_token: str | None = None
 
 
 def get_state(request: HTTPConnection) -> AppState:

@@ -31,11 +31,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.core.security import bearer_token
 from api.models import MAX_INT64
+from api.telemetry import ROUTE_KEY
 
 logger = logging.getLogger(__name__)
 
 _PATH: Final = re.compile(r"/prop/challenges/([1-9][0-9]{0,18})")
 _JSON: Final = b"application/json"
+#: The route template it answers for (metrics and the access log).
+ROUTE: Final = "/prop/challenges/{challenge_id}"
 
 
 class HotReads:
@@ -61,6 +64,7 @@ class HotReads:
                 logger.debug("hot read passed on after an error", exc_info=True)
                 body = None
             if body is not None:
+                scope[ROUTE_KEY] = ROUTE
                 await send(
                     {
                         "type": "http.response.start",

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -33,9 +34,12 @@ from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
 from api.hot import HotReads
-from api.routes import challenges, health, programs, purchase, runtime
+from api.routes import admin, challenges, health, programs, purchase, runtime
+from api.telemetry import RequestTelemetry
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import Connection, PhaseRegistry, connect
+from prop_stream.supervisor import Supervisor
+from prop_stream.telemetry import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ def create_app(
     metrics: LatestMetrics | None = None,
     evaluator_ready: Callable[[], bool] | None = None,
     phases: PhaseRegistry | None = None,
+    checks: Callable[[], Mapping[str, str]] | None = None,
+    telemetry: ServiceMetrics | None = None,
+    supervisor: Supervisor | None = None,
+    admin_token: str | None = None,
 ) -> FastAPI:
     """Build the API.
 
@@ -70,6 +78,13 @@ def create_app(
         phases: The running engine (``serve`` passes the loop): purchases
             register their first phase with it after the commit, cancels remove
             it. None when this process runs no evaluator.
+        checks: The process's readiness by part for ``/readyz``
+            (``Supervisor.checks``); without it ``evaluator_ready`` decides.
+        telemetry: The process's metrics for ``/metrics`` (a new one if None:
+            HTTP metrics only).
+        supervisor: Owns the cache sync as a component (``cache``) when given;
+            without one an asyncio task keeps the cache in sync.
+        admin_token: Enables the admin routes (``/admin/...``) for this token.
 
     Returns:
         The application.
@@ -99,22 +114,34 @@ def create_app(
                 max_size=config.session_cache_size,
             ),
             evaluator_ready=evaluator_ready,
+            telemetry=metrics_of_app,
             phases=phases,
+            checks=checks,
+            admin_token=admin_token,
         )
         logger.info(
             "api: %d challenges, %d latest metrics in memory", loaded, len(latest)
         )
-        sync = asyncio.create_task(_sync_forever(cache, config.cache_sync_interval_s))
+        interval = config.cache_sync_interval_s
+        sync: asyncio.Task[None] | None = None
+        if supervisor is not None and interval > 0:
+            supervisor.add("cache", lambda: CacheSync(cache, interval), start=True)
+        else:
+            sync = asyncio.create_task(_sync_forever(cache, interval))
         try:
             yield
         finally:
-            sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sync
+            if sync is not None:
+                sync.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sync
+            elif supervisor is not None:
+                await asyncio.to_thread(supervisor.remove, "cache")
             app.state.runtime = None
             db.close()
 
     config = current_settings()
+    metrics_of_app = telemetry if telemetry is not None else ServiceMetrics()
     app = FastAPI(
         title=TITLE,
         summary="Runtime endpoints of prop-trading challenges for the terminal.",
@@ -132,13 +159,41 @@ def create_app(
     # (api/hot.py); everything it can't answer goes on unchanged.
     if config.hot_reads:
         app.add_middleware(HotReads)
+    # Added last, so outermost: it sees every answer, hot reads included.
+    app.add_middleware(
+        RequestTelemetry, metrics=metrics_of_app, access_log_enabled=config.access_log
+    )
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.include_router(programs.router)
     app.include_router(challenges.router)
     app.include_router(runtime.router)
     app.include_router(purchase.router)
     app.include_router(purchase.payers_router)
     return app
+
+
+class CacheSync:
+    """The runtime cache's sync with the store, as a supervised component.
+
+    Args:
+        cache: The cache.
+        interval: Seconds between two syncs.
+    """
+
+    def __init__(self, cache: RuntimeCache, interval: float) -> None:
+        self._cache = cache
+        self._interval = interval
+        self._stop = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        """Sync every ``interval`` seconds until stopped; a fault is raised."""
+        while not (stop.wait(self._interval) or self._stop.is_set()):
+            self._cache.sync()
+
+    def stop(self) -> None:
+        """Return from :meth:`run` soon."""
+        self._stop.set()
 
 
 async def _sync_forever(cache: RuntimeCache, interval: float) -> None:

@@ -8,21 +8,31 @@ through the ``prop_stream.server`` entry point that this distribution registers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import uvicorn
 
 from api.core.config import ApiSettings
 from api.main import create_app
+from prop_stream.admin import AdminEndpoint, new_token, publish, withdraw
 from prop_stream.config import StreamSettings
-from prop_stream.evaluator.service import build_loop, build_source
+from prop_stream.evaluator.faults import transient_reason
+from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
-from prop_stream.store.db import connect, cursor
+from prop_stream.jobs.worker import WorkerStats
+from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
+from prop_stream.store.purchases import outbox_summary
+from prop_stream.supervisor import EXIT_FATAL, Supervisor
+from prop_stream.telemetry import Probes, ServiceMetrics
 
 log = logging.getLogger("prop_stream.serve")
 
@@ -39,11 +49,15 @@ def run(
 ) -> int:
     """Serve until SIGINT or SIGTERM, then stop cleanly.
 
-    The database is created or migrated first. The evaluator loop and the outbox
-    job worker run in threads over their own cursors; uvicorn serves the API on the
-    main thread and turns SIGINT/SIGTERM into a graceful shutdown, after which the
-    loop finishes its batch, commits, checkpoints and stops, and the worker
-    finishes its job.
+    The database must exist (``prop-stream init``); it is migrated first. One
+    :class:`~prop_stream.supervisor.Supervisor` owns the components — the
+    evaluator loop, the outbox job worker and the API's cache sync — each in a
+    thread: a transient fault (disk full, database locked, broker away, topic
+    missing) is retried with a backoff while ``/readyz`` names it; any other
+    fault stops the HTTP server and the process exits with status 1 within
+    seconds, so no purchase is taken with a dead component. uvicorn serves the
+    API on the main thread and turns SIGINT/SIGTERM into a graceful shutdown,
+    after which the loop finishes its batch, commits, checkpoints and stops.
 
     Args:
         settings: The evaluator's settings (database file, tick source, ...).
@@ -53,23 +67,30 @@ def run(
             (default: print it on stderr).
 
     Returns:
-        0 after a clean stop, 1 if the evaluator died with an error.
+        0 after a clean stop, 1 if a component failed for good.
     """
-    init_database(settings.db)
+    init_database(settings.db, create=False)
     conn = connect(settings.db)
-    source = build_source(settings)
-    loop = build_loop(settings, conn, source=source)
-    stop = threading.Event()
-    worker = threading.Thread(
-        target=loop.run, args=(stop,), name="prop-stream-evaluator", daemon=True
-    )
+    telemetry = ServiceMetrics()
+    evaluator = SupervisedEvaluator(settings, conn, on_batch=telemetry.observe_batch)
+    server_box: list[uvicorn.Server] = []
+
+    def fatal() -> None:
+        for server in server_box:
+            server.should_exit = True
+
+    supervisor = Supervisor(classify=transient_reason, on_fatal=fatal)
+    supervisor.add("evaluator", evaluator.build)
+    admin_token = new_token()
     app = create_app(
         settings=ApiSettings(db=settings.db),
         conn=conn,
-        metrics=loop.metrics,
-        # Ready: the loop runs and, for Kafka, the broker answers.
-        evaluator_ready=lambda: loop.ready.is_set() and source.healthy(),
-        phases=loop,
+        metrics=evaluator.metrics,
+        phases=evaluator,
+        checks=supervisor.checks,
+        telemetry=telemetry,
+        supervisor=supervisor,
+        admin_token=admin_token,
     )
 
     def refresh(challenge_ids: Iterable[int]) -> None:
@@ -77,60 +98,111 @@ def run(
         if runtime is not None:
             runtime.cache.refresh(challenge_ids)
 
-    jobs = JobWorker(cursor(conn), phases=loop, on_change=refresh)
-    jobs_thread = threading.Thread(
-        target=jobs.run, args=(stop,), name="prop-stream-jobs", daemon=True
+    worker_stats = WorkerStats()
+    supervisor.add(
+        "jobs",
+        lambda: JobWorker(
+            cursor(conn),
+            phases=evaluator,
+            on_change=refresh,
+            stats=worker_stats,
+            transient=transient_reason,
+        ),
+    )
+    telemetry.probes = Probes(
+        loop_stats=lambda: evaluator.stats,
+        dead_letters=lambda: _source_attr(evaluator, "dead_letters", {}),
+        lag=lambda: _source_call(evaluator, "lag", {}),
+        jobs_stats=lambda: worker_stats,
+        checks=supervisor.checks,
+        restarts=supervisor.restarts,
+        store=functools.partial(_store_numbers, conn),
     )
     server = _Server(
         uvicorn.Config(
             app,
             host=host,
             port=port,
-            log_level="warning",
+            log_config=None,
             access_log=False,
             lifespan="on",
         )
     )
+    server_box.append(server)
+    stop = threading.Event()
+    endpoint: list[AdminEndpoint] = []
 
     def say_ready() -> None:
         while not stop.is_set():
-            if server.started and loop.ready.is_set():
+            if supervisor.fatal is not None:
+                return
+            loop = evaluator.current
+            if server.started and loop is not None and loop.ready.is_set():
                 bound = _bound_port(server) or port
+                published = AdminEndpoint(
+                    f"http://{_loopback(host)}:{bound}", admin_token, os.getpid()
+                )
+                publish(settings.db, published)
+                endpoint.append(published)
+                log.info("ready: listening at %s:%d", host, bound)
                 line = (
                     f"prop-stream: ready on http://{host}:{bound} "
                     f"(db {settings.db}, source {settings.source})"
                 )
                 (announce or _stderr)(line)
                 return
-            if loop.error is not None:
-                server.should_exit = True
-                return
             stop.wait(0.05)
 
-    worker.start()
-    jobs_thread.start()
+    supervisor.start()
     ready_thread = threading.Thread(target=say_ready, name="prop-stream-ready")
     ready_thread.start()
     try:
         server.run()
     finally:
         stop.set()
-        loop.stop()
-        jobs.stop()
-        worker.join(STOP_TIMEOUT_S)
-        jobs_thread.join(STOP_TIMEOUT_S)
         ready_thread.join()
+        for published in endpoint:
+            withdraw(settings.db, published)
+        supervisor.stop(timeout_s=STOP_TIMEOUT_S if supervisor.fatal is None else 5.0)
         conn.close()
-    stats = loop.stats
+    stats = evaluator.stats
     _stderr(
         f"prop-stream: stopped after {stats.ticks} ticks in {stats.batches} batches "
         f"({stats.breach_rows} breach rows, {stats.transitions} transitions)"
     )
-    if loop.error is not None:
-        log.error("evaluator stopped with an error: %s", loop.error)
-        _stderr(f"prop-stream: error: evaluator stopped: {loop.error}")
-        return 1
+    if supervisor.fatal is not None:
+        name, exc = supervisor.fatal
+        _stderr(f"prop-stream: error: {name} failed: {type(exc).__name__}: {exc}")
+        return EXIT_FATAL
     return 0
+
+
+def _source_attr(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any:
+    """A Kafka source's counter (``dead_letters``); ``default`` for other sources."""
+    return getattr(evaluator.source, name, default)
+
+
+def _source_call(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any:
+    """A Kafka source's probe (``lag()``); ``default`` for other sources."""
+    method = getattr(evaluator.source, name, None)
+    return method() if callable(method) else default
+
+
+def _store_numbers(conn: Connection) -> dict[str, object]:
+    cur = cursor(conn)
+    try:
+        return outbox_summary(cur, now=datetime.now(UTC))
+    finally:
+        cur.close()
+
+
+def _loopback(host: str) -> str:
+    """The address a local client reaches a server listening on ``host`` at."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - mapping a wildcard to loopback
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 class _Server(uvicorn.Server):

@@ -16,6 +16,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -23,6 +25,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Final
 
+from pydantic import ValidationError
+
+from prop_stream.admin import DEFAULT_TIMEOUT_S
 from prop_stream.backtest import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
@@ -31,9 +36,9 @@ from prop_stream.backtest import (
 from prop_stream.config import StreamSettings
 from prop_stream.exceptions import PropStreamError
 from prop_stream.kafka import produce_file
+from prop_stream.logs import configure_logging
 from prop_stream.store.access import export_database, issue_session
 from prop_stream.store.init import init_database
-from prop_stream.store.requests import DEFAULT_TIMEOUT_S
 from prop_stream.store.sessions import DEFAULT_SESSION_TTL
 
 PROG: Final = "prop-stream"
@@ -60,10 +65,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse has reported
         return _exit_status(exc)
     handler: Handler = args.handler
+    log_format = os.environ.get("PROP_STREAM_LOG_FORMAT", "auto")
+    log_level = os.environ.get("PROP_STREAM_LOG_LEVEL", "INFO")
+    if log_format not in ("auto", "json", "text"):
+        _error(f"PROP_STREAM_LOG_FORMAT must be auto, json or text, not {log_format!r}")
+        return EXIT_BAD_INPUT
+    if not isinstance(logging.getLevelName(log_level.upper()), int):
+        _error(f"PROP_STREAM_LOG_LEVEL {log_level!r} is not a logging level")
+        return EXIT_BAD_INPUT
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]  # checked just above
+    if args.command in _PRIVATE_COMMANDS:
+        # The database, its WAL and everything the service writes beside it
+        # (the admin file, the risk mirror) are the operator's alone.
+        os.umask(0o077)
     try:
         return handler(args)
     except PropStreamError as exc:
         _error(str(exc))
+        return EXIT_BAD_INPUT
+    except ValidationError as exc:
+        _error(f"bad setting: {_validation_summary(exc)}")
         return EXIT_BAD_INPUT
     except OSError as exc:
         _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
@@ -71,6 +92,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return _EXIT_INTERRUPTED
+    except Exception as exc:  # every error is one line; the log has the rest
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+#: Commands that create the database or files beside it (umask 077).
+_PRIVATE_COMMANDS: Final = frozenset({"init", "serve", "demo", "session"})
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +256,7 @@ def _add_session(
     _add_db(parser)
     parser.add_argument(
         "--ttl-hours",
-        type=_positive_int,
+        type=_ttl_hours,
         default=int(DEFAULT_SESSION_TTL.total_seconds() // 3600),
         metavar="H",
         help="hours until the session expires (default: %(default)s)",
@@ -294,6 +331,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The longest session ``prop-stream session`` issues: ten years.
+MAX_TTL_HOURS: Final = 10 * 366 * 24
+
+
+def _ttl_hours(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_TTL_HOURS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_TTL_HOURS} (ten years), got {value}"
+        )
+    return value
+
+
 def _count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
 
@@ -358,6 +408,15 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="where ticks come from (default: %(default)s)",
     )
     parser.add_argument(
+        "--role",
+        choices=("all", "api", "evaluator", "jobs"),
+        default="all",
+        help=(
+            "what this process runs (default: %(default)s: API, evaluator and "
+            "jobs); with a DuckDB file only 'all' (one process owns the file)"
+        ),
+    )
+    parser.add_argument(
         "--kafka-bootstrap", metavar="H:P", help="Kafka bootstrap server (kafka source)"
     )
     parser.add_argument(
@@ -393,6 +452,13 @@ def _serve(args: argparse.Namespace, *, source: str) -> int:
     if not server:
         _error("the HTTP service (package api) is not installed")
         return EXIT_FAILURE
+    role = getattr(args, "role", "all")
+    if role != "all":
+        _error(
+            f"--role {role} needs a PostgreSQL database (the scale-out deployment); "
+            f"with the DuckDB file {args.db} only --role all runs"
+        )
+        return EXIT_BAD_INPUT
     overrides: dict[str, object] = {"db": args.db, "source": source}
     if source == "kafka":
         if not getattr(args, "kafka_bootstrap", None):

@@ -38,6 +38,7 @@ class ApiSettings(BaseSettings):
         hot_reads: Answer ``GET /prop/challenges/{id}`` from memory ahead of
             FastAPI's routing when it can (``api/hot.py``); off, the route
             answers every request (same answers, about a third of the rate).
+        access_log: Write one access-log line per request (``prop_stream.access``).
     """
 
     model_config = SettingsConfigDict(
@@ -52,6 +53,7 @@ class ApiSettings(BaseSettings):
     cache_sync_interval_s: float = Field(default=2.0, ge=0)
     docs: bool = True
     hot_reads: bool = True
+    access_log: bool = True
 
 
 @lru_cache

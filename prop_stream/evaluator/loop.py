@@ -112,8 +112,12 @@ class EvaluatorLoop:
         checkpoint_every: Batches between engine checkpoints.
         metrics: The in-memory latest metrics to keep current (a new one if None).
         hooks: Called between batches, at most every ``hook_interval_s`` seconds
-            (e.g. serving export requests); an exception in one is logged.
+            (e.g. refreshing the known accounts); an exception in one is logged.
         hook_interval_s: See ``hooks``.
+        stats: The counters to add to (a supervisor hands each rebuilt loop the
+            same one, so ``/metrics`` counts over restarts); a new one if None.
+        on_batch: Called after each committed batch with its evaluation and the
+            seconds from the end of its poll to its commit (``/metrics``).
     """
 
     def __init__(
@@ -128,6 +132,8 @@ class EvaluatorLoop:
         metrics: LatestMetrics | None = None,
         hooks: Sequence[Callable[[], object]] = (),
         hook_interval_s: float = DEFAULT_HOOK_INTERVAL_S,
+        stats: LoopStats | None = None,
+        on_batch: Callable[[Evaluation, float], object] | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
@@ -141,7 +147,8 @@ class EvaluatorLoop:
         self._hook_interval = hook_interval_s
         self._next_hooks = 0.0
         self.metrics = metrics if metrics is not None else LatestMetrics()
-        self.stats = LoopStats()
+        self.stats = stats if stats is not None else LoopStats()
+        self._on_batch = on_batch
         self._engine = RuleEngine()
         self._ops: queue.SimpleQueue[_Register | _Remove] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -151,6 +158,11 @@ class EvaluatorLoop:
         self.ready = threading.Event()
         #: The exception that ended :meth:`run`, if one did.
         self.error: BaseException | None = None
+
+    @property
+    def source(self) -> TickSource:
+        """Where the loop's ticks come from."""
+        return self._source
 
     @property
     def engine(self) -> RuleEngine:
@@ -180,6 +192,20 @@ class EvaluatorLoop:
         """Ask :meth:`run` to finish its batch, checkpoint and return."""
         self._stop.set()
         self._source.close()
+
+    def not_ready(self) -> dict[str, str]:
+        """What keeps the loop from judging ticks now (``/readyz``); thread-safe.
+
+        Returns:
+            ``{"evaluator": "starting"}`` until the loop has restored its state,
+            plus the source's own entries (the Kafka source's ``kafka`` or
+            ``topic``); empty while it judges.
+        """
+        out: dict[str, str] = {}
+        if not self.ready.is_set():
+            out["evaluator"] = "starting"
+        out.update(self._source.not_ready())
+        return out
 
     # ------------------------------------------------------------------ running
 
@@ -262,6 +288,7 @@ class EvaluatorLoop:
         self.start()
         self._apply_ops()
         ticks, position = self._source.poll(self._max_records, self._timeout)
+        began = time.perf_counter()
         # Phases registered while the poll waited may own ticks in this batch.
         self._apply_ops()
         if not ticks.height:
@@ -275,6 +302,8 @@ class EvaluatorLoop:
         self._sink.add(evaluation, position=position)
         self._sink.flush(checkpoint=checkpoint)
         self._committed(evaluation, ticks.height, checkpoint is not None)
+        if self._on_batch is not None:
+            self._on_batch(evaluation, time.perf_counter() - began)
         return True
 
     def checkpoint(self) -> None:

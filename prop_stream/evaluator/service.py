@@ -17,14 +17,14 @@ from collections.abc import Callable
 
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
-from prop_stream.evaluator.loop import EvaluatorLoop
+from prop_stream.evaluator.loop import EvaluatorLoop, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.evaluator.sources import NoneSource, TickSource
 from prop_stream.kafka.source import KafkaSource
+from prop_stream.rules import Evaluation, PhaseSpec
 from prop_stream.sinks.duckdb_sink import DuckDBSink
 from prop_stream.store.catalog import account_ids
 from prop_stream.store.db import Connection, cursor
-from prop_stream.store.requests import serve_requests
 
 
 class KafkaTickSource(KafkaSource, TickSource):
@@ -76,29 +76,28 @@ def build_loop(
     *,
     source: TickSource | None = None,
     metrics: LatestMetrics | None = None,
+    stats: LoopStats | None = None,
+    on_batch: Callable[[Evaluation, float], object] | None = None,
 ) -> EvaluatorLoop:
     """An evaluator loop over the service's database.
 
-    The loop, its sink and its request handling each get their own cursor of
-    ``conn``; between batches the loop also serves operator requests
-    (``prop-stream export``/``session`` while the service holds the file) and,
-    for a Kafka source, publishes the committed position to Kafka's group
-    offsets (monitoring only).
+    The loop and its sink each get their own cursor of ``conn``; between
+    batches, for a Kafka source, the loop refreshes the known accounts and
+    publishes the committed position to Kafka's group offsets (monitoring only).
 
     Args:
         settings: The service's settings.
         conn: The service's connection to ``settings.db``.
         source: The tick source (default: the one the settings name).
         metrics: The in-memory latest metrics to keep current.
+        stats: The counters to add to (kept over rebuilds).
+        on_batch: Called after each committed batch (``/metrics``).
 
     Returns:
         The loop, not started.
     """
     source = source if source is not None else build_source(settings)
-    requests_conn = cursor(conn)
-    hooks: list[Callable[[], object]] = [
-        functools.partial(serve_requests, requests_conn, settings.db)
-    ]
+    hooks: list[Callable[[], object]] = []
     if isinstance(source, KafkaSource):
         # Unknown accounts are those the store doesn't have (docs/kafka.md).
         source.set_account_directory(functools.partial(account_ids, cursor(conn)))
@@ -118,4 +117,72 @@ def build_loop(
         checkpoint_every=settings.checkpoint_every,
         metrics=metrics,
         hooks=hooks,
+        stats=stats,
+        on_batch=on_batch,
     )
+
+
+class SupervisedEvaluator:
+    """The evaluator as a supervised component: a fresh loop per (re)start.
+
+    A loop whose batch failed to commit has an engine ahead of the store, so a
+    retry never reuses it: :meth:`build` makes a new source and loop, which
+    restore the newest checkpoint and replay from its position (the demo source
+    regenerates the same ticks from that position; Kafka keeps them in the
+    topic). The latest metrics and the counters carry over.
+
+    It is also the service's :class:`~prop_stream.store.PhaseRegistry`: purchases
+    and cancels reach the loop running now; one made while no loop runs is read
+    from the store by the next loop's start.
+
+    Args:
+        settings: The service's settings.
+        conn: The service's connection.
+        on_batch: Called after each committed batch (``/metrics``).
+    """
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        conn: Connection,
+        *,
+        on_batch: Callable[[Evaluation, float], object] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._conn = conn
+        self._on_batch = on_batch
+        self.metrics = LatestMetrics()
+        self.stats = LoopStats()
+        self.current: EvaluatorLoop | None = None
+
+    def build(self) -> EvaluatorLoop:
+        """A new loop over a new source (the supervisor's factory)."""
+        loop = build_loop(
+            self._settings,
+            self._conn,
+            metrics=self.metrics,
+            stats=self.stats,
+            on_batch=self._on_batch,
+        )
+        self.current = loop
+        return loop
+
+    @property
+    def source(self) -> TickSource | None:
+        """The running loop's source (None before the first build)."""
+        loop = self.current
+        return loop.source if loop is not None else None
+
+    def register_phase(self, spec: PhaseSpec) -> None:
+        """Judge a phase from the running loop's next batch on."""
+        loop = self.current
+        if loop is not None:
+            loop.register_phase(spec)
+
+    def remove_phase(self, account_id: int) -> None:
+        """Stop judging a phase from the running loop's next batch on."""
+        loop = self.current
+        if loop is not None:
+            loop.remove_phase(account_id)
+        else:
+            self.metrics.forget(account_id)

@@ -59,6 +59,15 @@ class TickSource(ABC):
         """Whether the source can deliver ticks now (``/readyz``); True by default."""
         return True
 
+    def not_ready(self) -> dict[str, str]:
+        """What keeps the source from delivering ticks, by name (``/readyz``).
+
+        Returns:
+            Empty when :meth:`healthy`, else ``{"source": "not healthy"}``;
+            sources that know more (Kafka: ``kafka``, ``topic``) say more.
+        """
+        return {} if self.healthy() else {"source": f"{self.name} not healthy"}
+
     def track(self, spec: PhaseSpec) -> None:  # noqa: B027 - optional hook
         """A phase is being judged from now on (the demo simulates its account).
 

@@ -75,6 +75,12 @@ class JobWorker:
         batch_size: Jobs taken per look.
         fault_hook: Tests only: called inside a job's transaction after its money
             moved and before the commit (to kill the worker right there).
+        stats: The counters to add to (a supervisor hands each rebuilt worker
+            the same one); a new one if None.
+        transient: Says whether an error is transient (the supervisor's
+            classifier): such an error is raised to the caller, which retries the
+            whole worker with a backoff, instead of being recorded against the
+            job (a full disk is no fault of the job's).
     """
 
     def __init__(
@@ -86,6 +92,8 @@ class JobWorker:
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         batch_size: int = 100,
         fault_hook: Callable[[Job], object] | None = None,
+        stats: WorkerStats | None = None,
+        transient: Callable[[BaseException], str | None] | None = None,
     ) -> None:
         self._conn = conn
         self._phases = phases
@@ -94,7 +102,8 @@ class JobWorker:
         self._batch = batch_size
         self._fault_hook = fault_hook
         self._stop = threading.Event()
-        self.stats = WorkerStats()
+        self.stats = stats if stats is not None else WorkerStats()
+        self._transient = transient
         #: The exception that ended :meth:`run`, if one did.
         self.error: BaseException | None = None
 
@@ -163,6 +172,8 @@ class JobWorker:
             outcome = run_in_transaction(self._conn, work)
         except Exception as exc:
             self.stats.errors += 1
+            if self._transient is not None and self._transient(exc) is not None:
+                raise
             logger.warning("jobs: job %d (%s) failed: %s", job.id, job.kind, exc)
             try:
                 with transaction(self._conn):

@@ -1,18 +1,20 @@
 """Operator commands on a database file, whether or not the service is running.
 
-Each opens the file itself when it can, and otherwise hands the job to the running
-service that holds it (:mod:`prop_stream.store.requests`).
+Each asks the running service that holds the file, through its admin route
+(:mod:`prop_stream.admin`), when the file ``PATH.admin.json`` says one runs, and
+otherwise opens the file itself.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from prop_stream.store.db import connect, transaction
+from prop_stream.admin import DEFAULT_TIMEOUT_S, ServiceGoneError, call, read_endpoint
+from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.exceptions import DatabaseLockedError, StoreError
 from prop_stream.store.export import ExportResult, export_parquet
-from prop_stream.store.requests import DEFAULT_TIMEOUT_S, submit
 from prop_stream.store.sessions import DEFAULT_SESSION_TTL, create_session
 
 
@@ -37,14 +39,13 @@ def export_database(
             answer in time or failed.
     """
     db = _existing(db_path)
-    try:
-        conn = connect(db, read_only=True)
-    except DatabaseLockedError:
-        answer = submit(
-            db, "export", {"out": str(Path(out_dir).resolve())}, timeout_s=timeout_s
-        )
+    answer = _ask_service(
+        db, "export", {"out": str(Path(out_dir).resolve())}, timeout_s
+    )
+    if answer is not None:
         rows = {str(k): int(v) for k, v in answer["rows"].items()}
         return ExportResult(Path(answer["out"]), rows, via_service=True)
+    conn = _open(db, read_only=True)
     try:
         return export_parquet(conn, out_dir)
     finally:
@@ -75,21 +76,42 @@ def issue_session(
             answer in time or refused (e.g. no such customer).
     """
     db = _existing(db_path)
-    try:
-        conn = connect(db)
-    except DatabaseLockedError:
-        answer = submit(
-            db,
-            "session",
-            {"email": email, "ttl_s": ttl.total_seconds()},
-            timeout_s=timeout_s,
-        )
+    answer = _ask_service(
+        db, "session", {"email": email, "ttl_s": ttl.total_seconds()}, timeout_s
+    )
+    if answer is not None:
         return str(answer["token"])
+    conn = _open(db, read_only=False)
     try:
         with transaction(conn):
             return create_session(conn, email=email, ttl=ttl)
     finally:
         conn.close()
+
+
+def _ask_service(
+    db: Path, action: str, payload: dict[str, object], timeout_s: float
+) -> dict[str, Any] | None:
+    """The running service's answer, or None when no service holds ``db``."""
+    endpoint = read_endpoint(db)
+    if endpoint is None:
+        return None
+    try:
+        return call(endpoint, action, dict(payload), timeout_s=timeout_s)
+    except ServiceGoneError:
+        # A stale file of a service that died: the database is ours to open.
+        return None
+
+
+def _open(db: Path, *, read_only: bool) -> Connection:
+    try:
+        return connect(db, read_only=read_only)
+    except DatabaseLockedError as exc:
+        raise StoreError(
+            f"{db} is held by another process that offers no admin route "
+            "(no running prop-stream serve wrote "
+            f"{db.name}.admin.json); stop it or ask its owner"
+        ) from exc
 
 
 def _existing(db_path: str | Path) -> Path:

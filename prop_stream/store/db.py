@@ -18,7 +18,7 @@ from typing import TypeVar
 import duckdb
 import polars as pl
 
-from prop_stream.store.exceptions import DatabaseLockedError
+from prop_stream.store.exceptions import DatabaseLockedError, StoreError
 
 Connection = duckdb.DuckDBPyConnection
 
@@ -42,6 +42,8 @@ def connect(path: str | Path, *, read_only: bool = False) -> Connection:
 
     Raises:
         DatabaseLockedError: Another process has the file open for writing.
+        StoreError: The file can't be opened as a DuckDB database (a directory,
+            another kind of file, no permission, a read-only file system).
     """
     try:
         conn = duckdb.connect(str(path), read_only=read_only)
@@ -50,9 +52,19 @@ def connect(path: str | Path, *, read_only: bool = False) -> Connection:
             raise DatabaseLockedError(
                 str(path), f"{path} is in use by another process: {exc}"
             ) from exc
-        raise
+        raise StoreError(
+            f"{path}: can't open the database: {_first_line(exc)}"
+        ) from exc
+    except (duckdb.Error, OSError) as exc:
+        raise StoreError(
+            f"{path}: can't open the database: {_first_line(exc)}"
+        ) from exc
     configure(conn)
     return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def configure(conn: Connection) -> None:

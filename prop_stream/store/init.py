@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prop_stream.store.db import connect, transaction
 from prop_stream.store.demo import seed_demo
+from prop_stream.store.exceptions import StoreError
 from prop_stream.store.migrations import current_version, migrate
 
 
@@ -29,7 +30,11 @@ class InitResult:
 
 
 def init_database(
-    path: str | Path, *, demo: bool = False, now: datetime | None = None
+    path: str | Path,
+    *,
+    demo: bool = False,
+    now: datetime | None = None,
+    create: bool = True,
 ) -> InitResult:
     """Create or migrate a database file, and optionally add the demo data.
 
@@ -37,20 +42,36 @@ def init_database(
     demo data is added only once.
 
     Args:
-        path: The DuckDB file (created with its parent directory if missing).
+        path: The DuckDB file (with ``create``, made with its parent directory,
+            mode 0700, if missing).
         demo: Add the demo reference data (:mod:`prop_stream.store.demo`).
         now: When demo challenges start (default: now).
+        create: Make a missing database. ``serve`` passes False: a database
+            that does not exist, is not a DuckDB file or was never initialised
+            is refused (a typo in ``--db`` must not serve an empty database).
 
     Returns:
         What was done.
 
     Raises:
         DatabaseLockedError: A running service holds the file.
+        StoreError: ``create`` is False and the file is not an initialised
+            database; or the file can't be opened.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a file")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    else:
+        _require_file(path)
     conn = connect(path)
     try:
+        if not create and current_version(conn) == 0:
+            raise StoreError(
+                f"{path} is not a prop-stream database (never initialised: "
+                f"run prop-stream init --db {path})"
+            )
         applied = migrate(conn)
         seeded = False
         if demo:
@@ -60,3 +81,12 @@ def init_database(
     finally:
         conn.close()
     return InitResult(path, tuple(applied), version, seeded)
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise StoreError(
+            f"database not found: {path} (create it with prop-stream init --db {path})"
+        )
+    if not path.is_file():
+        raise StoreError(f"{path} is not a database file")

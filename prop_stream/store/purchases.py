@@ -1137,3 +1137,33 @@ def purchase_once(
                 ) from exc
             return found, None
     return bought.purchase_id, bought
+
+
+def outbox_summary(conn: Connection, *, now: datetime) -> dict[str, Any]:
+    """What ``/metrics`` shows of the store: purchases by status and the outbox.
+
+    Args:
+        conn: A store cursor.
+        now: The clock the oldest pending job's age is measured with.
+
+    Returns:
+        ``{"purchases": {status_name: n}, "outbox_pending": n,
+        "outbox_oldest_age_s": seconds}`` (0 when no job waits).
+    """
+    purchases = {
+        PURCHASE_STATUS_NAMES.get(int(status), str(status)): int(n)
+        for status, n in conn.execute(
+            "SELECT status, count(*) FROM purchases GROUP BY status"
+        ).fetchall()
+    }
+    row = conn.execute(
+        "SELECT count(*), min(created_at) FROM jobs WHERE status = 'pending'"
+    ).fetchone()
+    pending = int(row[0]) if row else 0
+    oldest = row[1] if row else None
+    age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+    return {
+        "purchases": purchases,
+        "outbox_pending": pending,
+        "outbox_oldest_age_s": age,
+    }

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,38 +13,23 @@ from typing import Any
 import duckdb
 import httpx
 import pytest
+from service_process import PROP_STREAM, ServiceProcess
 
-PROP_STREAM = Path(sys.executable).with_name("prop-stream")
 pytestmark = pytest.mark.integration
 
 
 def _start(
     args: list[str], cwd: Path, printed: list[str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(  # noqa: S603 - our own command
-        [str(PROP_STREAM), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if printed is not None:
-            printed.append(line)
-        if "ready on http://" in line:
-            url = line.split("ready on ", 1)[1].split()[0]
-            return proc, url
-    proc.kill()
-    proc.communicate()
-    pytest.fail(f"no ready line; stderr so far: {''.join(lines)}")
+) -> tuple[ServiceProcess, str]:
+    proc = ServiceProcess(args, cwd)
+    try:
+        url = proc.wait_ready()
+    except AssertionError:
+        proc.kill()
+        raise
+    if printed is not None:
+        printed.extend(proc.lines())
+    return proc, url
 
 
 def _init_demo(db: Path) -> None:
@@ -62,10 +44,8 @@ def _session(email: str, db: Path) -> str:
     ).stdout.strip()
 
 
-def _stop(proc: subprocess.Popen[str]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=90)  # also closes the pipes
-    return proc.returncode
+def _stop(proc: ServiceProcess) -> int:
+    return proc.stop(timeout_s=90)
 
 
 def test_serve_demo_source_stores_moving_metrics(tmp_path: Path) -> None:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
+from service_process import ServiceProcess
 
+from prop_stream.admin import AdminEndpoint, publish
 from prop_stream.cli import main
 from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
 from prop_stream.sinks import DuckDBSink
@@ -31,33 +30,6 @@ from prop_stream.store.access import export_database
 START = datetime(2026, 1, 5, tzinfo=UTC)
 DEMO = DemoConfig(
     seed=3, rate=5 / 60, batch_ms=20 * 60_000, realtime=False, epoch=START
-)
-
-#: A service process: the evaluator loop with operator requests, until SIGTERM.
-SERVICE = textwrap.dedent(
-    """
-    import signal, sys
-    from pathlib import Path
-    from prop_stream.config import StreamSettings
-    from prop_stream.evaluator import build_loop
-    from prop_stream.store import connect
-
-    settings = StreamSettings(
-        db=Path(sys.argv[1]), source="demo", demo_batch_ms=100,
-        demo_rate=200, poll_timeout_s=0.05, checkpoint_every=20,
-    )
-    conn = connect(settings.db)
-    loop = build_loop(settings, conn)
-    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
-    loop.start()
-    # Announce only once a batch is stored, so an export has something to export.
-    while not loop.run_once():
-        pass
-    print("ready", flush=True)
-    loop.run()
-    conn.close()
-    print("stopped", flush=True)
-    """
 )
 
 
@@ -137,32 +109,23 @@ def test_export_cli_without_database_fails(
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+def service(tmp_path: Path) -> Iterator[tuple[Path, ServiceProcess]]:
     path = tmp_path / "served.duckdb"
     init_database(path, demo=True)
-    proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own script
-        [sys.executable, "-c", SERVICE, str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc = ServiceProcess(
+        ["serve", "--db", str(path), "--source", "demo", "--port", "0"],
+        tmp_path,
+        env={"PROP_STREAM_DEMO_BATCH_MS": "100", "PROP_STREAM_DEMO_RATE": "200"},
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
     try:
+        proc.wait_ready()
         yield path, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
+        proc.kill()
 
 
 def test_export_while_the_service_runs_goes_through_it(
-    service: tuple[Path, subprocess.Popen[str]],
+    service: tuple[Path, ServiceProcess],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -170,42 +133,67 @@ def test_export_while_the_service_runs_goes_through_it(
     with pytest.raises(DatabaseLockedError):
         connect(path, read_only=True)
     out = tmp_path / "live-export"
-    assert (
-        main(["export", "--db", str(path), "--out", str(out), "--timeout", "30"]) == 0
-    )
-    assert "through the running service" in capsys.readouterr().err
-    history = pl.read_parquet(out / "metric_history", hive_partitioning=True)
+    # Poll until the service has stored a batch: an export then has history.
+    deadline = time.monotonic() + 60
+    history = pl.DataFrame()
+    while history.height == 0 and time.monotonic() < deadline:
+        args = ["export", "--db", str(path), "--out", str(out), "--timeout", "30"]
+        assert main(args) == 0
+        assert "through the running service" in capsys.readouterr().err
+        history = pl.read_parquet(out / "metric_history", hive_partitioning=True)
     assert history.height > 0
     assert set(history["account_id"]) <= set(range(5_000_000, 6_000_000))
 
 
 def test_session_while_the_service_runs_goes_through_it(
-    service: tuple[Path, subprocess.Popen[str]],
+    service: tuple[Path, ServiceProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path, proc = service
+    admin = Path(f"{path.resolve()}.admin.json")
+    assert admin.stat().st_mode & 0o777 == 0o600
     assert main(["session", "bob@example.com", "--db", str(path)]) == 0
     token = capsys.readouterr().out.strip()
     assert main(["session", "nobody@example.com", "--db", str(path)]) == 2
     assert "nobody@example.com" in capsys.readouterr().err
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    assert proc.stop(30) == 0
+    assert not admin.exists()
     conn = connect(path)
     bob = customer_id_by_email(conn, email="bob@example.com")
     assert session_customer(conn, token=token) == bob
-    spool = Path(f"{path.resolve()}.requests")
-    assert not [p for p in spool.iterdir() if p.suffix in (".json", ".result")]
     conn.close()
 
 
+def test_admin_routes_refuse_a_wrong_token(
+    service: tuple[Path, ServiceProcess],
+) -> None:
+    _, proc = service
+    assert proc.url is not None
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        answer = httpx.post(
+            f"{proc.url}/admin/session",
+            json={"email": "bob@example.com", "ttl_s": 60},
+            headers=headers,
+        )
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "unauthorized"
+
+
+def test_a_stale_admin_file_does_not_stop_the_commands(
+    demo_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A service killed with SIGKILL leaves its admin file behind.
+    publish(demo_db, AdminEndpoint("http://127.0.0.1:9", "t", 1))
+    assert main(["session", "bob@example.com", "--db", str(demo_db)]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def test_service_stops_gracefully_on_sigterm(
-    service: tuple[Path, subprocess.Popen[str]],
+    service: tuple[Path, ServiceProcess],
 ) -> None:
     path, proc = service
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    assert proc.stdout is not None
-    assert proc.stdout.read().strip() == "stopped"
+    assert proc.stop(30) == 0
+    assert any("stopped after" in line for line in proc.lines())
     conn = connect(path, read_only=True)
     row = conn.execute(
         "SELECT c.position, o.n FROM (SELECT position FROM engine_checkpoints "

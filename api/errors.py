@@ -12,12 +12,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import duckdb
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.serialize import dumps
+from prop_stream.evaluator.faults import transient_reason
 from prop_stream.store import DatabaseLockedError, NotFoundError, PurchaseError
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,31 @@ async def _store_locked(request: Request, exc: Exception) -> Response:
     return error_response(503, "database_locked", str(exc))
 
 
+#: Seconds a client should wait before retrying during a transient outage.
+RETRY_AFTER_S: Final = 5
+
+
+async def _storage(request: Request, exc: Exception) -> Response:
+    """Database and file errors: 503 when transient, else the 500 path."""
+    if transient_reason(exc) is None:
+        raise exc
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    reason = transient_reason(exc)
+    if reason is not None:
+        # Disk full, database busy: the request may succeed later. One line,
+        # no traceback: the supervisor's log already tells the story.
+        logger.warning(
+            "%s %s: unavailable: %s", request.method, request.url.path, reason
+        )
+        return error_response(
+            503,
+            "unavailable",
+            f"temporarily unavailable ({reason.split(':', 1)[0]}); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
 
@@ -245,4 +271,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NotFoundError, _store_not_found)
     app.add_exception_handler(PurchaseError, _purchase_error)
     app.add_exception_handler(DatabaseLockedError, _store_locked)
+    # Handled here rather than by the catch-all: Starlette re-raises what reaches
+    # the catch-all, and a transient outage must not log a traceback per request.
+    app.add_exception_handler(duckdb.Error, _storage)
+    app.add_exception_handler(OSError, _storage)
     app.add_exception_handler(Exception, _unexpected)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 from pydantic import ValidationError
 
@@ -73,11 +73,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(logging.getLevelName(log_level.upper()), int):
         _error(f"PROP_STREAM_LOG_LEVEL {log_level!r} is not a logging level")
         return EXIT_BAD_INPUT
+    root = logging.getLogger()
+    saved_logging = (list(root.handlers), root.level)
     configure_logging(log_format, log_level)  # type: ignore[arg-type]  # checked just above
-    if args.command in _PRIVATE_COMMANDS:
-        # The database, its WAL and everything the service writes beside it
-        # (the admin file, the risk mirror) are the operator's alone.
-        os.umask(0o077)
+    # The database, its WAL and everything the service writes beside it (the
+    # admin file, the risk mirror) are the operator's alone.
+    saved_umask = os.umask(0o077) if args.command in _PRIVATE_COMMANDS else None
+    try:
+        return _handle(handler, args)
+    finally:
+        # Called in-process (tests, embedding), main leaves the process as it was.
+        if saved_umask is not None:
+            os.umask(saved_umask)
+        root.handlers[:] = saved_logging[0]
+        root.setLevel(saved_logging[1])
+
+
+def _handle(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a command's handler; every error becomes one line and an exit status."""
     try:
         return handler(args)
     except PropStreamError as exc:
@@ -110,13 +123,25 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``prop-stream serve: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the command and the problem; exit status 2."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Risk engine for prop-trading challenges.",
     )
     commands = parser.add_subparsers(
-        title="commands", dest="command", required=True, metavar="COMMAND"
+        title="commands",
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=_Parser,
     )
     _add_backtest(commands)
     _add_init(commands)

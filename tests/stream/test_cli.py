@@ -472,3 +472,89 @@ def test_cli_progress_bar_only_on_a_terminal(case: Case) -> None:
     assert proc.stdout == b""
     assert "backtest:" in err
     assert "tick" in err.split("prop-stream: backtest:")[0], repr(err)
+
+
+def _never_initialised(path: Path) -> None:
+    import duckdb  # noqa: PLC0415 - only this case needs a raw file
+
+    duckdb.connect(str(path)).close()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "says"),
+    [
+        ("nope/sub/x.duckdb", None, "database not found"),
+        ("a-folder", lambda p: p.mkdir(), "is not a database file"),
+        ("text.duckdb", lambda p: p.write_text("hello\n"), "not a valid DuckDB"),
+        ("empty.duckdb", lambda p: p.write_bytes(b""), "not a valid DuckDB"),
+        ("bare.duckdb", _never_initialised, "never initialised"),
+    ],
+)
+def test_serve_refuses_a_wrong_db_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    make: Callable[[Path], object] | None,
+    says: str,
+) -> None:
+    db = tmp_path / name
+    if make is not None:
+        make(db)
+    code = main(["serve", "--db", str(db), "--port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("prop-stream: error: ")
+    assert str(db) in err[0]
+    assert says in err[0]
+    # A typo never creates folders or an empty database.
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["session", "a@example.com", "--ttl-hours", "99999999999"], "at most"),
+        (["session", "a@example.com", "--ttl-hours", "0"], "at least 1"),
+        (["serve", "--role", "api"], "needs a PostgreSQL database"),
+        (["serve", "--role", "boss"], "invalid choice"),
+        (["init"], "required: --db"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], says: str
+) -> None:
+    db = tmp_path / "x.duckdb"
+    full = [*args, "--db", str(db)] if args != ["init"] else args
+    assert main(full) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert says in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_cli_refuses_a_read_only_file_system_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("mounting a file system needs root (CI runs as root)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(  # noqa: S603 - fixed arguments
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)],  # noqa: S607 - the system's mount
+        check=True,
+    )
+    try:
+        assert main(["init", "--db", str(ro / "x.duckdb")]) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)  # noqa: S603, S607 - fixed arguments
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Read-only file system" in err[0]
+
+
+def test_init_creates_the_database_private(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "prop.duckdb"
+    assert main(["init", "--db", str(db)]) == 0
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert db.parent.stat().st_mode & 0o777 == 0o700

@@ -76,6 +76,7 @@ class Result:
     connections: int
     source: str = "api"
     hot_reads: bool = True
+    access_log: bool = True
     ticks_per_s: float | None = None
     metric_lag_s: float | None = None
 
@@ -372,9 +373,16 @@ def main(argv: list[str] | None = None) -> Result:
         action="store_true",
         help="serve every request through FastAPI (PROP_STREAM_API_HOT_READS=false)",
     )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="no access-log line per request (PROP_STREAM_API_ACCESS_LOG=false)",
+    )
     args = parser.parse_args(argv)
     if args.no_hot_reads:
         os.environ["PROP_STREAM_API_HOT_READS"] = "false"
+    if args.no_access_log:
+        os.environ["PROP_STREAM_API_ACCESS_LOG"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.duckdb"
         token, owned = seed(path, args.challenges)
@@ -419,6 +427,7 @@ def main(argv: list[str] | None = None) -> Result:
                 ticks = stop_service(server, log)
     result.source = args.source
     result.hot_reads = not args.no_hot_reads
+    result.access_log = not args.no_access_log
     result.metric_lag_s = lag
     if ticks is not None and args.source == "demo":
         result.ticks_per_s = ticks / seconds

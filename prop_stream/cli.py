@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_backtest(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[_Parser],
 ) -> None:
     parser = commands.add_parser(
         "backtest",
@@ -229,7 +229,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_init(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser = commands.add_parser(
         "init",
         help="create or migrate the service's database",
@@ -266,7 +266,7 @@ def _run_init(args: argparse.Namespace) -> int:
 
 
 def _add_session(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[_Parser],
 ) -> None:
     parser = commands.add_parser(
         "session",
@@ -301,7 +301,7 @@ def _run_session(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser = commands.add_parser(
         "export",
         help="export metric history, breaches and daily snapshots to Parquet",
@@ -414,7 +414,7 @@ def _add_listen(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser = commands.add_parser(
         "serve",
         help="run the service: API, evaluator and job worker in one process",
@@ -450,7 +450,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=_run_serve)
 
 
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser = commands.add_parser(
         "demo",
         help="init a demo database and serve it with the built-in tick source",
@@ -517,7 +517,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_produce(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[_Parser],
 ) -> None:
     parser = commands.add_parser(
         "produce",

@@ -475,7 +475,7 @@ def test_cli_progress_bar_only_on_a_terminal(case: Case) -> None:
 
 
 def _never_initialised(path: Path) -> None:
-    import duckdb  # noqa: PLC0415 - only this case needs a raw file
+    import duckdb
 
     duckdb.connect(str(path)).close()
 

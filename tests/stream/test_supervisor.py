@@ -89,7 +89,9 @@ def test_supervisor_ends_on_a_fatal_fault() -> None:
     built: list[Flaky] = []
     fatal: list[bool] = []
     sup = Supervisor(
-        classify=transient_reason, on_fatal=lambda: fatal.append(True), fatal_exit_s=None
+        classify=transient_reason,
+        on_fatal=lambda: fatal.append(True),
+        fatal_exit_s=None,
     )
     sup.add("jobs", lambda: Flaky([RuntimeError("a bug")], built))
     sup.add("evaluator", lambda: Flaky([], built))
@@ -149,10 +151,6 @@ def test_transient_reason_table(exc: BaseException, reason: str | None) -> None:
 
 
 def test_transient_reason_follows_the_cause() -> None:
-    try:
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError as inner:
-            raise StoreError("can't open the database") from inner
-    except StoreError as outer:
-        assert (transient_reason(outer) or "").startswith("disk full")
+    outer = StoreError("can't open the database")
+    outer.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert (transient_reason(outer) or "").startswith("disk full")

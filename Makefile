@@ -4,12 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
+LOCK := requirements.lock
+
 $(PY):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2"
+	$(PY) -m pip install -q --upgrade pip
 
 .PHONY: install
-install: $(PY) ## Create .venv with the package (Rust core in release mode) and the dev tools
+install: $(PY) ## Create .venv with the locked dependencies, the package (Rust core in release mode) and the dev tools
+	# The tested versions first (requirements.lock), so a fresh machine gets what CI ran.
+	$(PY) -m pip install -q -r $(LOCK)
 	# maturin develop writes the module into the source tree; drop a stale one first.
 	rm -f prop_stream/_core*.so
 	$(VENV)/bin/maturin develop --release --extras dev --quiet
@@ -19,8 +23,13 @@ install: $(PY) ## Create .venv with the package (Rust core in release mode) and 
 run: install ## Run the product: a demo database served with the built-in tick source
 	$(VENV)/bin/prop-stream demo
 
+.PHONY: lock
+lock: ## Re-resolve pyproject.toml's dependencies into requirements.lock
+	scripts/lock-deps
+
 .PHONY: build-dev
 build-dev: $(PY) ## Build the Rust core in debug mode into .venv (fast compile, slow engine)
+	$(PY) -m pip install -q -r $(LOCK)
 	rm -f prop_stream/_core*.so
 	$(VENV)/bin/maturin develop --extras dev --quiet
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +28,9 @@ access_log = logging.getLogger("prop_stream.access")
 #: Set by a middleware that answers ahead of the router (api/hot.py).
 ROUTE_KEY: Final = "prop_stream.route"
 _UNMATCHED: Final = "unmatched"
+_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+)
 
 
 class RequestTelemetry:
@@ -45,6 +48,9 @@ class RequestTelemetry:
         self.app = app
         self._metrics = metrics
         self._log = access_log_enabled
+        # The labelled children, looked up once per (method, route, status):
+        # prometheus-client's labels() takes a lock and builds a key each call.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on; count, time and log its answer."""
@@ -66,8 +72,18 @@ class RequestTelemetry:
             elapsed = time.perf_counter() - began
             route = _route(scope)
             method = scope["method"]
-            self._metrics.http_requests.labels(method, route, str(status)).inc()
-            self._metrics.http_seconds.labels(method, route).observe(elapsed)
+            if method not in _METHODS:
+                method = "other"  # any token is a method: don't let clients make series
+            key = (method, route, status)
+            children = self._children.get(key)
+            if children is None:
+                children = (
+                    self._metrics.http_requests.labels(method, route, str(status)),
+                    self._metrics.http_seconds.labels(method, route),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             if self._log and access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 access_log.info(

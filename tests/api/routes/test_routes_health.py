@@ -87,3 +87,48 @@ def test_wrong_method_is_a_405_in_the_error_shape(client: TestClient) -> None:
     response = client.post("/healthz")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("parts", "status"),
+    [
+        ({"evaluator": "ok", "jobs": "ok"}, 200),
+        ({"evaluator": "ok", "jobs": "ok", "kafka": "no broker answers at h:1"}, 503),
+        ({"evaluator": "disk full: No space left on device", "jobs": "ok"}, 503),
+        ({"jobs": "ok"}, 200),  # no evaluator in this process: "absent"
+    ],
+)
+def test_readyz_names_each_part_and_why(
+    seeded: Seeded, parts: dict[str, str], status: int
+) -> None:
+    app = create_app(
+        settings=ApiSettings(db=seeded.path, cache_sync_interval_s=0),
+        checks=lambda: parts,
+    )
+    with TestClient(app) as test_client:
+        response = test_client.get("/readyz")
+    assert response.status_code == status
+    body = response.json()
+    checks = body["checks"] if status == 200 else body["error"]["details"]["checks"]
+    assert checks == {"database": "ok", "evaluator": "absent", **parts}
+
+
+def test_metrics_count_requests_by_route_template(seeded: Seeded) -> None:
+    app = create_app(settings=ApiSettings(db=seeded.path, cache_sync_interval_s=0))
+    with TestClient(app) as test_client:
+        for _ in range(3):
+            assert test_client.get("/prop/challenges/123456").status_code == 401
+        assert test_client.get("/nope/42").status_code == 404
+        assert test_client.request("BREW", "/healthz").status_code == 405
+        text = test_client.get("/metrics").text
+    assert (
+        'prop_stream_http_requests_total{method="GET",'
+        'route="/prop/challenges/{challenge_id}",status="401"} 3.0'
+    ) in text
+    assert (
+        'prop_stream_http_requests_total{method="GET",route="unmatched",status="404"}'
+        " 1.0"
+    ) in text
+    assert 'method="other"' in text
+    assert "123456" not in text
+    assert "prop_stream_http_request_duration_seconds_bucket" in text

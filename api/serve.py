@@ -23,6 +23,7 @@ from prop_stream.evaluator.service import build_loop, build_source
 from prop_stream.jobs import JobWorker
 from prop_stream.store.db import connect, cursor
 from prop_stream.store.init import init_database
+from prop_stream.store.mirror import RiskMirror
 
 log = logging.getLogger("prop_stream.serve")
 
@@ -81,6 +82,16 @@ def run(
     jobs_thread = threading.Thread(
         target=jobs.run, args=(stop,), name="prop-stream-jobs", daemon=True
     )
+    # The risk team's read-only copy of the store, refreshed every few seconds.
+    mirror_thread: threading.Thread | None = None
+    if settings.risk_mirror_interval_s > 0:
+        mirror = RiskMirror(cursor(conn), settings.db)
+        mirror_thread = threading.Thread(
+            target=mirror.run,
+            args=(stop, settings.risk_mirror_interval_s),
+            name="prop-stream-risk-mirror",
+            daemon=True,
+        )
     server = _Server(
         uvicorn.Config(
             app,
@@ -109,6 +120,8 @@ def run(
 
     worker.start()
     jobs_thread.start()
+    if mirror_thread is not None:
+        mirror_thread.start()
     ready_thread = threading.Thread(target=say_ready, name="prop-stream-ready")
     ready_thread.start()
     try:
@@ -119,6 +132,8 @@ def run(
         jobs.stop()
         worker.join(STOP_TIMEOUT_S)
         jobs_thread.join(STOP_TIMEOUT_S)
+        if mirror_thread is not None:
+            mirror_thread.join(STOP_TIMEOUT_S)
         ready_thread.join()
         conn.close()
     stats = loop.stats

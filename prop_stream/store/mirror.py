@@ -357,7 +357,7 @@ class RiskMirror:
             )
         else:
             query = (
-                "SELECT l.account_id, p.ts AS old_ts, p.day AS old_day "
+                "SELECT l.account_id, p.ts AS old_ts, p.day AS old_day "  # noqa: S608 - our own path, quoted
                 "FROM metrics_latest AS l "
                 f"LEFT JOIN read_parquet({_sql_text(previous)}) AS p "
                 "ON p.account_id = l.account_id "
@@ -369,7 +369,7 @@ class RiskMirror:
     def _write_history(
         self, table: str, state: _State, changes: pl.DataFrame | None
     ) -> dict[date, int]:
-        """Rewrite a history table's changed days; all of them when ``changes`` is None."""
+        """Rewrite a history table's changed days (all days if ``changes`` is None)."""
         conn, root = self._conn, self._root
         known = state.rows(table)
         if changes is None:
@@ -483,7 +483,8 @@ class RiskMirror:
         # Cast every column to the service's type, so the views have the same
         # columns whatever Parquet makes of a type.
         select = ", ".join(
-            f"CAST({_ident(name)} AS {kind}) AS {_ident(name)}" for name, kind in columns
+            f"CAST({_ident(name)} AS {kind}) AS {_ident(name)}"
+            for name, kind in columns
         )
         if table in HISTORY_TABLES:
             if empty:
@@ -499,7 +500,7 @@ class RiskMirror:
             )
         else:
             source = f"read_parquet({_sql_text(self._root / table / CURRENT_FILE)})"
-        return f"CREATE VIEW {_ident(table)} AS SELECT {select} FROM {source}"
+        return f"CREATE VIEW {_ident(table)} AS SELECT {select} FROM {source}"  # noqa: S608 - catalog names, quoted
 
     # ------------------------------------------------------------------- state
 
@@ -531,7 +532,7 @@ def _read_schema(conn: Connection) -> _Schema:
     marks = ", ".join("?" for _ in tables)
     columns: dict[str, list[tuple[str, str]]] = {}
     for table, name, kind in conn.execute(
-        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "  # noqa: S608 - placeholders only
         f"WHERE table_schema = 'main' AND table_name IN ({marks}) "
         "ORDER BY table_name, ordinal_position",
         list(tables),
@@ -586,4 +587,3 @@ __all__ = [
     "RiskMirror",
     "mirror_dir",
 ]
-

@@ -79,10 +79,10 @@ def _assert_mirrors(conn: Connection, mirror: RiskMirror) -> dict[str, int]:
         for name in names:
             query = f"SELECT * FROM {name} ORDER BY ALL"  # noqa: S608 - catalog names
             # Same names and types (views carry no keys or NOT NULL).
-            describe = f"SELECT column_name, column_type FROM (DESCRIBE {name})"
-            assert risk.execute(describe).fetchall() == conn.execute(
-                describe
-            ).fetchall(), name
+            describe = f"SELECT column_name, column_type FROM (DESCRIBE {name})"  # noqa: S608 - catalog names
+            assert (
+                risk.execute(describe).fetchall() == conn.execute(describe).fetchall()
+            ), name
             expected = query_frame(conn, query)
             got = query_frame(risk, query)
             assert got.equals(expected, null_equal=True), name

@@ -299,7 +299,11 @@ class RiskMirror:
     def _refresh(self, *, full: bool, started: float) -> MirrorStats:
         root = self._root
         make_dir(root)
-        state = self._state if self._state is not None else self._load_state()
+        state = self._state
+        if state is None:
+            # A start, or the refresh before failed: clear what a crash left.
+            _remove_leftovers(root)
+            state = self._load_state()
         conn = self._conn
         days_written: dict[str, int] = {}
         tables_written: list[str] = []
@@ -568,6 +572,14 @@ def _remove_days_except(table_dir: Path, keep: set[date]) -> None:
     for part in table_dir.glob("day=*"):
         if part.name not in names:
             shutil.rmtree(part, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging directories and temporary files of refreshes that never finished."""
+    for path in root.glob(".staging-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (*root.glob(".*.tmp"), *root.glob("*/.*.tmp")):
+        path.unlink(missing_ok=True)
 
 
 def _ident(name: str) -> str:

@@ -310,3 +310,25 @@ def test_a_reader_holding_risk_db_never_fails_a_refresh(
         reader.wait(timeout=30)
         reader.stdout.close()
     _assert_mirrors(conn, mirror)
+
+
+def test_a_refresh_clears_what_a_crashed_one_left(
+    store: tuple[Path, Connection],
+) -> None:
+    path, conn = store
+    _run_demo(conn, 30)
+    RiskMirror(cursor(conn), path).refresh()
+    root = mirror_dir(path)
+    leftovers = [
+        root / ".staging-0123" / "metric_history" / "day=2026-01-05",
+        root / ".risk.duckdb.0123.tmp",
+        root / "challenges" / ".data.parquet.0123.tmp",
+    ]
+    leftovers[0].mkdir(parents=True)
+    leftovers[1].write_bytes(b"half a database")
+    leftovers[2].write_bytes(b"half a file")
+    mirror = RiskMirror(cursor(conn), path)  # the service restarts
+    assert _nothing_written(mirror.refresh())
+    assert not [p for p in leftovers if p.exists()]
+    assert not (root / ".staging-0123").exists()
+    _assert_mirrors(conn, mirror)

@@ -89,6 +89,9 @@ CURRENT_TABLES: Final = (
 )
 #: The mirror's database, in the mirror's directory.
 RISK_DB: Final = "risk.duckdb"
+#: The DuckDB storage version ``risk.duckdb`` is written in: DuckDB 1.0 and later
+#: read it (it holds views only, so it needs nothing newer).
+RISK_DB_STORAGE_VERSION: Final = "v1.0.0"
 #: The file of a current-state table, in its directory.
 CURRENT_FILE: Final = "data.parquet"
 
@@ -464,15 +467,23 @@ class RiskMirror:
         """
         staged = self._root / f".{RISK_DB}.{uuid.uuid4().hex}.tmp"
         try:
-            con = duckdb.connect(str(staged))
+            con = duckdb.connect()
             try:
+                # An old storage version, so that clients older than this DuckDB
+                # (a DBeaver driver, last year's CLI) open it too.
+                con.execute(
+                    f"ATTACH {_sql_text(staged)} AS risk "
+                    f"(STORAGE_VERSION '{RISK_DB_STORAGE_VERSION}')"
+                )
+                con.execute("USE risk")
                 for table in (*HISTORY_TABLES, *CURRENT_TABLES):
                     con.execute(
                         self._table_view(table, schema.columns[table], table in empty)
                     )
                 for _name, sql in schema.views:
                     con.execute(sql)
-                con.execute("CHECKPOINT")
+                con.execute("USE memory")
+                con.execute("DETACH risk")
             finally:
                 con.close()
             staged.chmod(FILE_MODE)

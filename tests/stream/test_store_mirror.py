@@ -112,6 +112,12 @@ def test_mirror_equals_the_store_after_a_refresh(
     stats = mirror.refresh()
     assert stats.full
     assert stats.risk_db_rebuilt
+    with _open_risk(mirror) as risk:
+        # Written for DuckDB 1.0 and later, not only for this DuckDB.
+        tags = risk.execute(
+            "SELECT tags FROM duckdb_databases() WHERE database_name = 'risk'"
+        ).fetchall()
+    assert tags == [({"storage_version": "v1.0.0+"},)]
     rows = _assert_mirrors(conn, mirror)
     assert rows["metric_history"] > 0
     assert rows["prop_daily_snapshots"] > 0

@@ -173,6 +173,7 @@ def test_a_later_resolution_and_a_status_change_reach_the_mirror(
     for spec in specs:
         engine.register(spec)
     account = specs[0].account_id  # a two-step 100K phase, daily warning at 4,000
+    newcomer = specs[1].account_id  # no metric yet at the first refresh
     sink = DuckDBSink(cursor(conn), source="test")
     # Day one: a daily-loss warning fires at 10:00.
     sink.add(
@@ -185,11 +186,15 @@ def test_a_later_resolution_and_a_status_change_reach_the_mirror(
     assert _assert_mirrors(conn, mirror)["breaches"] == 1
 
     # Day two: the warning of day one resolves, then the daily limit breaks and
-    # the phase (and the challenge) fails.
-    sink.add(
-        engine.process(_ticks(account, [(33, 99_000), (36, 93_000)])),
-        position={"0": 2},
-    )
+    # the phase (and the challenge) fails. Another account's first ticks arrive,
+    # from day one too (a day the mirror already wrote).
+    ticks = pl.concat(
+        [
+            _ticks(account, [(33, 99_000), (36, 93_000)]),
+            _ticks(newcomer, [(20, 100_100), (34, 100_200)]),
+        ]
+    ).sort("ts")
+    sink.add(engine.process(ticks), position={"0": 2})
     sink.flush()
     resolved = conn.execute(
         "SELECT CAST(ts AS DATE), resolved FROM breaches "
@@ -202,7 +207,8 @@ def test_a_later_resolution_and_a_status_change_reach_the_mirror(
     ).fetchone() == (1,)
     stats = mirror.refresh()
     assert not stats.full
-    assert stats.changed_accounts == 1
+    assert stats.changed_accounts == 2
+    assert stats.days_written["metric_history"] == 2
     assert "challenges" in stats.tables_written
     assert "challenge_phases" in stats.tables_written
     rows = _assert_mirrors(conn, mirror)
@@ -235,6 +241,15 @@ def test_rows_older_than_the_watermark_are_found_by_count(
     stats = mirror.refresh()
     assert stats.changed_accounts == 0
     assert stats.days_written["metric_history"] == 1
+    _assert_mirrors(conn, mirror)
+    # A day deleted whole (say, by a retention job) leaves the mirror too.
+    day = conn.execute("SELECT min(day) FROM metric_history").fetchall()[0][0]
+    conn.execute("DELETE FROM metric_history WHERE day = ?", [day])
+    first_day = mirror.root / "metric_history" / f"day={day.isoformat()}"
+    assert first_day.is_dir()
+    stats = mirror.refresh()
+    assert stats.days_written["metric_history"] == 1
+    assert not first_day.exists()
     _assert_mirrors(conn, mirror)
 
 

@@ -11,7 +11,9 @@ writes them. Then times, with :class:`prop_stream.store.mirror.RiskMirror`:
 3. a refresh after ``--new-rows`` new metric rows on the last day, written as the
    sink writes them (history, latest, that day's snapshots in one transaction),
    and half the unresolved warnings of the two days before resolved by those ticks;
-4. a query of ``risk_breaches_by_day_rule`` and a count of ``metric_history`` by
+4. a refresh after the first 100 rows of 10 new accounts (no watermark yet: their
+   rows are looked for in the whole history);
+5. a query of ``risk_breaches_by_day_rule`` and a count of ``metric_history`` by
    another connection that opened ``risk.duckdb`` read-only.
 
 Example:
@@ -145,6 +147,26 @@ def ingest(
     conn.execute("COMMIT")
 
 
+def new_accounts(
+    conn: duckdb.DuckDBPyConnection, *, accounts: int, days: int, count: int = 10
+) -> None:
+    """``count`` accounts' first rows (100 each, last day): no watermark for them."""
+    late = START + timedelta(days=days - 0.1)
+    history = _history(count, 100, origin=late, step_s=60, first_k=2 * 10**6)
+    conn.execute("BEGIN TRANSACTION")
+    conn.execute(
+        "CREATE TEMP TABLE new_rows AS SELECT * REPLACE "  # noqa: S608 - numbers only
+        f"(account_id + {accounts} AS account_id) FROM ({history})"
+    )
+    conn.execute("INSERT INTO metric_history SELECT * FROM new_rows")
+    conn.execute(
+        "INSERT INTO metrics_latest SELECT * FROM new_rows "
+        "QUALIFY row_number() OVER (PARTITION BY account_id ORDER BY ts DESC) = 1"
+    )
+    conn.execute("DROP TABLE new_rows")
+    conn.execute("COMMIT")
+
+
 def _timed(mirror: RiskMirror) -> dict[str, Any]:
     stats = mirror.refresh()
     out = asdict(stats)
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["unchanged_refresh"] = _timed(mirror)
             ingest(conn, new_rows=args.new_rows, accounts=args.accounts, days=args.days)
             result["incremental_refresh"] = _timed(mirror)
+            new_accounts(conn, accounts=args.accounts, days=args.days)
+            result["new_accounts_refresh"] = _timed(mirror)
             source = conn.execute(
                 "SELECT (SELECT count(*) FROM metric_history), "
                 "(SELECT count(*) FILTER (WHERE resolved) FROM breaches)"

@@ -163,11 +163,21 @@ class _Schema:
 
     columns: dict[str, list[tuple[str, str]]]
     views: list[tuple[str, str]]
+    #: When the database was created (its first migration): a copy made from
+    #: another database at the same path (created again) must start over.
+    created: str
 
     def fingerprint(self, root: Path) -> str:
         # The DuckDB version is in it because the watermark compares row hashes.
         text = json.dumps(
-            [_FORMAT, duckdb.__version__, str(root), self.columns, self.views]
+            [
+                _FORMAT,
+                duckdb.__version__,
+                str(root),
+                self.created,
+                self.columns,
+                self.views,
+            ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -567,7 +577,10 @@ def _read_schema(conn: Connection) -> _Schema:
             "AND starts_with(view_name, 'risk_') ORDER BY view_name"
         ).fetchall()
     ]
-    return _Schema(columns=columns, views=views)
+    created = conn.execute(
+        "SELECT CAST(min(applied_at) AS VARCHAR) FROM schema_migrations"
+    ).fetchall()[0][0]
+    return _Schema(columns=columns, views=views, created=str(created))
 
 
 def _merge_counts(known: dict[date, int], counts: dict[date, int]) -> None:

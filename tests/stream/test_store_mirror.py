@@ -353,3 +353,20 @@ def test_a_refresh_clears_what_a_crashed_one_left(
     assert not [p for p in leftovers if p.exists()]
     assert not (root / ".staging-0123").exists()
     _assert_mirrors(conn, mirror)
+
+
+def test_a_database_created_again_at_the_same_path_is_mirrored_in_full(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "prop.duckdb"
+    for batches in (60, 30):
+        path.unlink(missing_ok=True)
+        init_database(path, demo=True, now=START)
+        conn = connect(path)
+        try:
+            _run_demo(conn, batches)
+            stats = RiskMirror(cursor(conn), path).refresh()
+            assert stats.full
+            _assert_mirrors(conn, RiskMirror(cursor(conn), path))
+        finally:
+            conn.close()

@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Final
 
@@ -132,6 +132,8 @@ class MirrorStats:
         files_written: Parquet files written, plus ``risk.duckdb`` if rebuilt.
         risk_db_rebuilt: ``risk.duckdb`` was (re)built.
         seconds: How long the refresh took.
+        snapshot_at: When it read the database: the copy holds every commit
+            before then (the copy's age is now minus this).
     """
 
     full: bool
@@ -142,6 +144,7 @@ class MirrorStats:
     files_written: int
     risk_db_rebuilt: bool
     seconds: float
+    snapshot_at: datetime
 
 
 def mirror_dir(db: str | Path) -> Path:
@@ -248,6 +251,12 @@ class RiskMirror:
         self._conn = conn
         self._root = (root or mirror_dir(db)).resolve()
         self._state: _State | None = None
+        self._last: MirrorStats | None = None
+
+    @property
+    def last(self) -> MirrorStats | None:
+        """The last refresh that finished (None before the first)."""
+        return self._last
 
     @property
     def root(self) -> Path:
@@ -276,7 +285,8 @@ class RiskMirror:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         while not stop.is_set():
             stats = self.refresh()
-            log.debug(
+            log.log(
+                logging.INFO if stats.full else logging.DEBUG,
                 "risk mirror refreshed in %.3f s: %d changed accounts, days %s, "
                 "tables %s",
                 stats.seconds,
@@ -301,15 +311,22 @@ class RiskMirror:
                 next refresh redoes it).
         """
         started = time.monotonic()
+        # Taken before the snapshot, so it never flatters the copy's age.
+        snapshot_at = datetime.now(UTC)
         try:
-            return self._refresh(full=full, started=started)
+            self._last = self._refresh(
+                full=full, started=started, snapshot_at=snapshot_at
+            )
         except BaseException:
             # Forget what this refresh thought it wrote; the saved state and the
             # watermark file are from the last refresh that finished.
             self._state = None
             raise
+        return self._last
 
-    def _refresh(self, *, full: bool, started: float) -> MirrorStats:
+    def _refresh(
+        self, *, full: bool, started: float, snapshot_at: datetime
+    ) -> MirrorStats:
         root = self._root
         make_dir(root)
         state = self._state
@@ -360,6 +377,7 @@ class RiskMirror:
             files_written=files,
             risk_db_rebuilt=rebuilt,
             seconds=time.monotonic() - started,
+            snapshot_at=snapshot_at,
         )
 
     # ------------------------------------------------------------ history tables

@@ -6,6 +6,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -370,3 +372,45 @@ def test_a_database_created_again_at_the_same_path_is_mirrored_in_full(
             _assert_mirrors(conn, RiskMirror(cursor(conn), path))
         finally:
             conn.close()
+
+
+def test_run_refreshes_until_stopped_and_raises_what_fails(
+    store: tuple[Path, Connection], tmp_path: Path
+) -> None:
+    path, conn = store
+    mirror = RiskMirror(cursor(conn), path)
+    assert mirror.last is None
+    stop = threading.Event()
+    before = datetime.now(UTC)
+    thread = threading.Thread(target=mirror.run, args=(stop, 0.05))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while mirror.last is None and time.monotonic() < deadline:
+            stop.wait(0.05)
+        first = mirror.last
+        assert first is not None
+        assert first.full
+        assert first.snapshot_at >= before
+        _run_demo(conn, 10)
+        while (
+            mirror.last is first or not (mirror.last and mirror.last.changed_accounts)
+        ) and time.monotonic() < deadline:
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert mirror.last is not None
+    assert mirror.last.changed_accounts > 0  # it refreshed while the demo wrote
+    mirror.refresh()  # and the batches after that refresh:
+    _assert_mirrors(conn, mirror)
+
+    # A failure (here: the mirror's directory can't be created) ends run().
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    failing = RiskMirror(cursor(conn), path, root=blocked / "mirror")
+    with pytest.raises(NotADirectoryError):
+        failing.run(threading.Event(), 0.05)
+    with pytest.raises(ValueError, match="interval_s"):
+        mirror.run(threading.Event(), 0)

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -30,6 +31,7 @@ from prop_stream.jobs import JobWorker
 from prop_stream.jobs.worker import WorkerStats
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
+from prop_stream.store.mirror import RiskMirror
 from prop_stream.store.purchases import outbox_summary
 from prop_stream.supervisor import EXIT_FATAL, Supervisor
 from prop_stream.telemetry import Probes, ServiceMetrics
@@ -118,6 +120,12 @@ def run(
         restarts=supervisor.restarts,
         store=functools.partial(_store_numbers, conn),
     )
+    # The risk team's read-only copy of the store (docs/store.md).
+    if settings.risk_mirror_interval_s > 0:
+        interval = settings.risk_mirror_interval_s
+        supervisor.add(
+            "risk", lambda: _RiskMirrorComponent(conn, settings.db, interval)
+        )
     server = _Server(
         uvicorn.Config(
             app,
@@ -175,6 +183,24 @@ def run(
         _stderr(f"prop-stream: error: {name} failed: {type(exc).__name__}: {exc}")
         return EXIT_FATAL
     return 0
+
+
+class _RiskMirrorComponent:
+    """The risk mirror as a supervised component (its own cursor per run)."""
+
+    def __init__(self, conn: Connection, db: Path, interval_s: float) -> None:
+        self._cursor = cursor(conn)
+        self._mirror = RiskMirror(self._cursor, db)
+        self._interval = interval_s
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self._mirror.run(stop, self._interval)
+        finally:
+            self._cursor.close()
+
+    def stop(self) -> None:
+        """Nothing to do: ``run`` watches the supervisor's stop event."""
 
 
 def _source_attr(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any:

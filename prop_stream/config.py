@@ -49,6 +49,9 @@ class StreamSettings(BaseSettings):
             the engine counts them as unknown (docs/kafka.md).
         kafka_raw_records: Read fetched record batches in the Rust core (False:
             one kafka-python ``ConsumerRecord`` per record, the old path).
+        risk_mirror_interval_s: Seconds between two refreshes of the risk team's
+            copy of the store, ``<db>.risk/risk.duckdb`` (docs/store.md); 0 turns
+            it off. Keep it at most 30 so the copy stays within 60 s.
     """
 
     model_config = SettingsConfigDict(
@@ -74,6 +77,7 @@ class StreamSettings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)
     kafka_dlq_unknown_accounts: bool = True
     kafka_raw_records: bool = True
+    risk_mirror_interval_s: float = Field(default=30.0, ge=0)
 
     @property
     def kafka_dlq(self) -> str:

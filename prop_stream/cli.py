@@ -133,6 +133,14 @@ def _add_backtest(
         help="where temporary partitions go (default: the system temp directory)",
     )
     parser.add_argument(
+        "--report",
+        action="store_true",
+        help=(
+            "also write DIR/report.html: outcomes and each account's equity "
+            "against its floors, one file that works offline"
+        ),
+    )
+    parser.add_argument(
         "--chunk-rows",
         type=_positive_int,
         default=DEFAULT_CHUNK_ROWS,
@@ -150,6 +158,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         tmp_dir=args.tmp_dir,
         progress=sys.stderr.isatty(),
+        report=args.report,
     )
     skipped = [f"{result.late:,} late"]
     if result.unknown:

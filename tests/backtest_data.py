@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 START = datetime(2026, 3, 2, tzinfo=UTC)
@@ -48,7 +49,7 @@ def generate(
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     """A rules document and a shuffled tick frame (with a few unknown accounts)."""
     rng = np.random.default_rng(seed)
-    docs = []
+    docs: list[dict[str, Any]] = []
     for i in range(accounts):
         ib = float(rng.choice([10_000, 25_000, 100_000]))
         rules: dict[str, Any] = {"initial_balance": ib, **_VARIANTS[i % len(_VARIANTS)]}
@@ -65,7 +66,10 @@ def generate(
             }
         )
     span_us = days * 86_400_000_000
-    ids, stamps, equity, balance = [], [], [], []
+    ids: list[npt.NDArray[np.int64]] = []
+    stamps: list[npt.NDArray[np.int64]] = []
+    equity: list[npt.NDArray[np.float64]] = []
+    balance: list[npt.NDArray[np.float64]] = []
     for i, doc in enumerate(docs):
         ib = doc["rules"]["initial_balance"]
         # Ticks start an hour before the phase: the first few are late.

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import polars as pl
 
@@ -467,7 +467,7 @@ def scan_tick_frame(ticks: object, name: str = "ticks") -> pl.LazyFrame:
         raw = ticks.lazy()
     else:
         try:
-            raw = pl.DataFrame(ticks).lazy()
+            raw = pl.DataFrame(cast(Any, ticks)).lazy()
         except (TypeError, ValueError, pl.exceptions.PolarsError) as exc:
             raise InputFileError(
                 f"{name}: can't read {type(ticks).__name__} as a table: "

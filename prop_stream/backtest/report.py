@@ -103,7 +103,8 @@ def _ranges(starts: IntArray, lengths: IntArray) -> IntArray:
     if total == 0:
         return np.empty(0, dtype=np.int64)
     shifts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shifts
+    out: IntArray = np.arange(total, dtype=np.int64) + shifts
+    return out
 
 
 def _lttb_long(
@@ -667,7 +668,10 @@ def write_report(
             }
         )
     )
-    rows = int(tables.accounts["ticks"].sum() + tables.accounts["late_ticks"].sum())
+    # Rows of the accounts in the rules: what the report holds in memory.
+    rows = int(tables.accounts["ticks"].sum()) + int(
+        tables.accounts["late_ticks"].sum()
+    )
     parts = max(1, math.ceil(rows / max_rows_in_memory))
     pieces: list[pl.LazyFrame] = (
         [frame]

@@ -57,12 +57,13 @@ def lttb_reference(x: list[float], y: list[float], n_out: int) -> list[int]:
 
 
 def one(x: list[float], y: list[float], n_out: int) -> list[int]:
-    return lttb_indices(
+    kept = lttb_indices(
         np.asarray(x, dtype=np.float64),
         np.asarray(y, dtype=np.float64),
         np.array([0, len(x)], dtype=np.int64),
         np.array([n_out], dtype=np.int64),
-    ).tolist()
+    )
+    return [int(i) for i in kept]
 
 
 def test_lttb_keeps_first_and_last_and_bounds_size() -> None:

@@ -172,9 +172,20 @@ def _lttb_long(
 # ----------------------------------------------------------------------- floors
 
 
-def _cent(value: pl.Expr) -> pl.Expr:
-    # rules.md: round_half_even(x * 100) / 100 in binary64, as the engine does.
-    return (value * 100.0).round(0, mode="half_to_even") / 100.0
+def _cents_times_100(value: pl.Expr) -> pl.Expr:
+    # rules.md: cent(x) = round_half_even(x * 100) / 100 in binary64. The
+    # division is done by _divide_by_100: polars divides a column by a scalar
+    # as a multiplication by its reciprocal, which is off by an ulp (a floor
+    # of 94899.90000000001 instead of 94899.9).
+    return (value * 100.0).round(0, mode="half_to_even")
+
+
+def _divide_by_100(frame: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    """IEEE division by 100 of each column (null stays null)."""
+    return frame.with_columns(
+        pl.Series(name, frame[name].to_numpy() / 100.0, nan_to_null=True)
+        for name in names
+    )
 
 
 def _rules_frame(specs: Sequence[PhaseSpec]) -> pl.DataFrame:
@@ -276,18 +287,27 @@ def derive_floors(
         rule is off.
     """
     rules = _rules_frame(specs)
-    counts = tables.accounts.select("account_id", "ticks")
-    frame = (
+    # Evaluated ticks lie in [started_at, status_ts]: filtering on that before
+    # the sort drops the late ticks and most of those after a phase ended.
+    bounds = tables.accounts.join(
+        rules.select("account_id", "started_at"), on="account_id"
+    ).select("account_id", "started_at", "status_ts", "ticks")
+    evaluated = (
         ticks.lazy()
         .select("account_id", "ts", "equity", "balance")
         # Ties in ts keep input order: every step here keeps row order.
-        .join(rules.lazy(), on="account_id", how="inner", maintain_order="left")
-        .filter(pl.col("ts") >= pl.col("started_at"))
+        .join(bounds.lazy(), on="account_id", how="inner", maintain_order="left")
+        .filter(
+            (pl.col("ts") >= pl.col("started_at"))
+            & (pl.col("status_ts").is_null() | (pl.col("ts") <= pl.col("status_ts")))
+        )
         .sort(["account_id", "ts"], maintain_order=True)
-        .join(counts.lazy(), on="account_id", how="left", maintain_order="left")
+        # Ticks at the ending tick's ts that came after it were not evaluated.
         .filter(pl.int_range(pl.len()).over("account_id") < pl.col("ticks"))
+        .select("account_id", "ts", "equity", "balance")
         .collect()
     )
+    frame = evaluated.join(rules, on="account_id", how="left", maintain_order="left")
     frame = frame.with_columns(_local_day(frame))
     daily = tables.daily.select(
         "account_id", "day", "daily_start_equity", "daily_start_balance"
@@ -347,10 +367,13 @@ def derive_floors(
         )
         .with_columns(daily_limit=pl.col("max_daily_loss") * base)
         .with_columns(
-            daily_floor=_cent(pl.col("_reference") - pl.col("daily_limit")),
-            overall_floor=_cent(overall_reference - pl.col("overall_limit")),
-            target=_cent(pl.col("initial_balance") * (1.0 + pl.col("profit_target"))),
+            daily_floor=_cents_times_100(pl.col("_reference") - pl.col("daily_limit")),
+            overall_floor=_cents_times_100(overall_reference - pl.col("overall_limit")),
+            target=_cents_times_100(
+                pl.col("initial_balance") * (1.0 + pl.col("profit_target"))
+            ),
         )
+        .pipe(_divide_by_100, ["daily_floor", "overall_floor", "target"])
         .select(
             "account_id",
             "ts",
@@ -516,20 +539,13 @@ def _add_curves(
     keep = np.union1d(
         picked, np.concatenate([day_first.to_numpy(), marked["_i"].to_numpy()])
     )
-    shown = floors[keep.tolist()] if keep.size else floors.clear()
+    mask = np.zeros(floors.height, dtype=bool)
+    mask[keep] = True
+    shown = floors.filter(pl.Series(mask))
     drawdown = floors.group_by("account_id").agg(pl.col("_drawdown").max())
     for account_id, value in drawdown.iter_rows():
         entries[account_id]["max_drawdown"] = round(float(value), 6)
-    for (account_id,), part in shown.partition_by(
-        "account_id", as_dict=True, maintain_order=True
-    ).items():
-        entry = entries[int(str(account_id))]
-        ms = part["_ms"].to_numpy()
-        entry["t0"] = int(ms[0])
-        entry["t"] = (ms - ms[0]).tolist()
-        entry["equity"] = _cents(part["equity"])
-        entry["daily_floor"] = _cents(part["daily_floor"])
-        entry["overall_floor"] = _cents(part["overall_floor"])
+    _fill_points(entries, shown)
     for row in marked.iter_rows(named=True):
         entries[row["account_id"]]["breaches"].append(
             {
@@ -544,10 +560,55 @@ def _add_curves(
         )
 
 
-def _cents(series: pl.Series) -> list[float | None] | None:
-    if series.null_count() == series.len():
-        return None
-    return series.round(2).to_list()
+def _fill_points(entries: Mapping[int, dict[str, Any]], shown: pl.DataFrame) -> None:
+    # Whole columns go to Python lists once; each account takes slices of them
+    # (per-account polars calls cost more than the data at 20k accounts).
+    if shown.height == 0:
+        return
+    ids = shown["account_id"].to_numpy()
+    ms = shown["_ms"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.append(starts[1:], ids.size)
+    first = np.zeros(ids.size, dtype=bool)
+    first[starts] = True
+    relative = (ms - np.repeat(ms[starts], ends - starts)).tolist()
+    equity = np.round(shown["equity"].to_numpy(), 2).tolist()
+    steps = {
+        name: _steps(shown[name].to_numpy(), first, starts)
+        for name in ("daily_floor", "overall_floor")
+    }
+    for a, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        entry = entries[int(ids[start])]
+        entry["t0"] = int(ms[start])
+        entry["t"] = relative[start:end]
+        entry["equity"] = equity[start:end]
+        for name, per_account in steps.items():
+            entry[name] = per_account[a]
+
+
+def _steps(
+    values: FloatArray, first: npt.NDArray[np.bool_], starts: IntArray
+) -> list[list[list[float]] | None]:
+    """Per account, ``[[i, value], ...]`` at each point ``i`` where a floor changes.
+
+    Floors are step functions: most points repeat the previous value, so only
+    the changes are written (None where the rule is off: the floor is null).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    changed = first | (values != np.roll(values, 1))
+    at = np.flatnonzero(changed)
+    position = at - np.repeat(
+        starts, np.diff(np.searchsorted(at, np.append(starts, values.size)))
+    )
+    pairs = np.column_stack([position, np.round(values[at], 2)]).tolist()
+    bounds = np.searchsorted(at, np.append(starts, values.size)).tolist()
+    out: list[list[list[float]] | None] = []
+    for a, start in enumerate(starts.tolist()):
+        if np.isnan(values[start]):
+            out.append(None)
+        else:
+            out.append([[int(i), v] for i, v in pairs[bounds[a] : bounds[a + 1]]])
+    return out
 
 
 def _summary(

@@ -39,7 +39,7 @@ def inputs(
 def assert_tables(result: BacktestTables, expected: dict[str, pl.DataFrame]) -> None:
     assert isinstance(result, BacktestTables)
     for name in OUTPUT_TABLES:
-        assert_frame_equal(getattr(result, name), expected[name])
+        assert_frame_equal(getattr(result, name), expected[name], check_exact=True)
     assert result.accounts.schema == ACCOUNTS_SCHEMA
 
 

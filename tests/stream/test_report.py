@@ -168,6 +168,7 @@ def test_derive_floors_equal_engine_metrics(
             floors[ours],
             metrics[theirs].cast(floors[ours].dtype),
             check_names=False,
+            check_exact=True,
         )
     # Every rule that moves a floor is exercised.
     assert floors["daily_floor"].null_count() < floors.height
@@ -181,11 +182,11 @@ def test_derive_floors_agree_with_backtest_outputs(
     floors = derive_floors(ticks, parse_rules(rules), tables)
     last = floors.group_by("account_id", maintain_order=True).agg(pl.col("hwm").last())
     expected = tables.accounts.filter(pl.col("ticks") > 0).select("account_id", "hwm")
-    assert_frame_equal(last, expected)
+    assert_frame_equal(last, expected, check_exact=True)
     first = floors.group_by("account_id", "day", maintain_order=True).agg(
         pl.col("equity").first().alias("daily_start_equity")
     )
-    assert_frame_equal(first, tables.daily.select(first.columns))
+    assert_frame_equal(first, tables.daily.select(first.columns), check_exact=True)
     # Breach thresholds are the limits at the breach tick, and a failing breach
     # is on a tick below its floor.
     at = floors.group_by("account_id", "ts", maintain_order=True).agg(pl.all().last())
@@ -196,7 +197,9 @@ def test_derive_floors_agree_with_backtest_outputs(
     ]:
         rows = joined.filter(pl.col("rule") == rule)
         assert rows.height > 0
-        assert_series_equal(rows["threshold"], rows[limit], check_names=False)
+        assert_series_equal(
+            rows["threshold"], rows[limit], check_names=False, check_exact=True
+        )
         assert (rows["equity"] < rows[floor]).all()
 
 
@@ -269,6 +272,40 @@ def test_report_accounts_points_bounded_and_exact_where_needed(
         if row["status_ts"] is not None:
             # The pass or fail tick is the last point drawn.
             assert account["t0"] + account["t"][-1] == account["end"]
+
+
+def expand(steps: list[list[float]] | None, n: int) -> list[float | None]:
+    if steps is None:
+        return [None] * n
+    out: list[float | None] = []
+    k = 0
+    for i in range(n):
+        while k + 1 < len(steps) and steps[k + 1][0] <= i:
+            k += 1
+        out.append(steps[k][1])
+    return out
+
+
+def test_report_floor_steps_are_the_derived_floors(
+    report_run: tuple[Path, dict[str, Any], BacktestTables],
+) -> None:
+    path, rules, tables = report_run
+    data = embedded(path)
+    ticks = generate(accounts=30, ticks_per_account=600, seed=5)[1]
+    floors = derive_floors(ticks, parse_rules(rules), tables).with_columns(
+        ms=pl.col("ts").dt.epoch("ms")
+    )
+    checked = 0
+    for account in data["accounts"]:
+        n = len(account["t"])
+        mine = floors.filter(pl.col("account_id") == account["id"])
+        for name in ("daily_floor", "overall_floor"):
+            drawn = expand(account[name], n)
+            for t, value in zip(account["t"], drawn, strict=True):
+                at = mine.filter(pl.col("ms") == account["t0"] + t)[name].to_list()
+                assert value in at
+                checked += 1
+    assert checked > 1000
 
 
 def test_report_total_points_bound(
@@ -362,6 +399,7 @@ def test_report_utc_instants() -> None:
     assert account["end"] == end
     assert account["breaches"][0]["t"] == end
     assert account["breaches"][0]["equity"] == 850.0
-    assert account["overall_floor"] == [900.0, 900.0]
+    assert account["overall_floor"] == [[0, 900.0]]  # steps: [point, value]
+    assert account["daily_floor"] is None
     assert account["max_drawdown"] == pytest.approx(0.15)
     assert data["summary"]["days_to_fail"] == [{"day": 0, "count": 1}]

@@ -83,3 +83,49 @@ def test_report_draws_account_from_hash(report: Path, tmp_path: Path) -> None:
     with open_page(binary, tmp_path / "profile", url) as page:
         assert page.wait_for("document.getElementById('chart').dataset.drawn") == "5003"
         assert page.errors() == []
+
+
+def test_report_account_without_ticks(tmp_path: Path) -> None:
+    binary = chromium_or_skip()
+    rules = {
+        "accounts": [
+            {
+                "account_id": n,
+                "challenge_id": f"c-{n}",
+                "started_at": "2026-01-05T00:00:00Z",
+                "rules": {"initial_balance": 1000, "max_total_loss": 0.1},
+            }
+            for n in (1, 2)
+        ]
+    }
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    (tmp_path / "ticks.csv").write_text(
+        "account_id,ts,equity,balance\n1,2026-01-05T09:00:00Z,950,1000\n"
+    )
+    argv = ["backtest", "--rules", str(tmp_path / "rules.json"), "--ticks"]
+    argv += [str(tmp_path / "ticks.csv"), "--out", str(tmp_path / "out"), "--report"]
+    assert main(argv) == 0
+    url = (tmp_path / "out" / "report.html").as_uri() + "#account=2"
+    with open_page(binary, tmp_path / "profile", url) as page:
+        assert page.wait_for("document.body.dataset.chart") == "empty"
+        assert "No evaluated ticks" in page.evaluate(
+            "document.getElementById('chart').textContent"
+        )
+        page.evaluate("document.querySelector('#list li[data-account=\"1\"]').click()")
+        assert page.wait_for("document.body.dataset.chart === 'drawn'")
+        assert page.errors() == []
+
+
+def test_browser_harness_sees_console_errors(tmp_path: Path) -> None:
+    # The assertions above mean something only if errors do get through.
+    binary = chromium_or_skip()
+    page_file = tmp_path / "bad.html"
+    page_file.write_text(
+        "<!DOCTYPE html><body><script>console.error('boom');"
+        "document.body.dataset.done = '1'; throw new Error('bad');</script></body>"
+    )
+    with open_page(binary, tmp_path / "profile", page_file.as_uri()) as page:
+        page.wait_for("document.body && document.body.dataset.done")
+        errors = page.errors()
+    assert len(errors) == 2
+    assert "boom" in errors[0] or "boom" in errors[1]

@@ -403,3 +403,39 @@ def test_report_utc_instants() -> None:
     assert account["daily_floor"] is None
     assert account["max_drawdown"] == pytest.approx(0.15)
     assert data["summary"]["days_to_fail"] == [{"day": 0, "count": 1}]
+
+
+def test_report_idle_account_and_no_ticks(tmp_path: Path) -> None:
+    rules: dict[str, Any] = {
+        "accounts": [
+            {
+                "account_id": n,
+                "challenge_id": f"c-{n}",
+                "started_at": "2026-01-05T00:00:00Z",
+                "rules": {"initial_balance": 1000, "max_days": 1},
+            }
+            for n in (1, 2)
+        ]
+    }
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    (tmp_path / "ticks.csv").write_text(
+        "account_id,ts,equity,balance\n"
+        "1,2026-01-05T09:00:00Z,1000,1000\n"
+        "1,2026-01-06T09:00:00Z,990,1000\n"
+    )
+    (tmp_path / "empty.csv").write_text("account_id,ts,equity,balance\n")
+    pages = {}
+    for name in ("ticks", "empty"):
+        argv = ["backtest", "--rules", str(tmp_path / "rules.json"), "--ticks"]
+        argv += [str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / name)]
+        assert main([*argv, "--report"]) == 0
+        pages[name] = embedded(tmp_path / name / "report.html")
+    first, idle = pages["ticks"]["accounts"]
+    assert first["status"] == "failed"
+    assert first["breaches"][0]["rule"] == "time_limit"
+    assert first["daily_floor"] is None
+    assert first["overall_floor"] is None
+    assert (idle["t"], idle["max_drawdown"], idle["t0"]) == ([], None, None)
+    summary = pages["empty"]["summary"]
+    assert (summary["active"], summary["max_drawdown"]) == (2, [])
+    assert all(a["t"] == [] for a in pages["empty"]["accounts"])

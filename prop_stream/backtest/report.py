@@ -28,10 +28,11 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
@@ -239,8 +240,15 @@ def _optional(value: object) -> float | None:
 
 
 def _local_day(frame: pl.DataFrame) -> pl.Series:
+    """The trading day of each tick, as the engine's ``DayClock.locate``.
+
+    First the wall-clock guess: the date of the local time plus the shift. Near
+    a DST change the guess can be a day off when the rollover falls in the gap
+    or fold, so each tick is then checked against the exact boundaries of its
+    guessed day and the one before (few distinct days: computed in Python).
+    """
     # polars converts to one time zone per expression: one pass per zone in use.
-    day = pl.Series("day", [None] * frame.height, dtype=pl.Date)
+    guess = pl.Series("day", [None] * frame.height, dtype=pl.Date)
     for zone in frame["timezone"].unique().to_list():
         mask = frame["timezone"] == zone
         part = frame.filter(mask).select(
@@ -249,8 +257,66 @@ def _local_day(frame: pl.DataFrame) -> pl.Series:
                 + pl.duration(minutes=pl.col("shift_minutes"))
             ).dt.date()
         )
-        day = day.scatter(np.flatnonzero(mask.to_numpy()), part.to_series())
-    return day
+        guess = guess.scatter(np.flatnonzero(mask.to_numpy()), part.to_series())
+    keyed = frame.select("timezone", "shift_minutes", "ts").with_columns(day=guess)
+    combos = keyed.select("timezone", "shift_minutes", "day").unique()
+    bounds = pl.DataFrame(
+        [
+            {
+                "timezone": zone,
+                "shift_minutes": shift,
+                "day": day,
+                "_prev_end": _day_end(zone, shift, day - timedelta(days=1)),
+                "_end": _day_end(zone, shift, day),
+            }
+            for zone, shift, day in combos.iter_rows()
+        ],
+        schema={
+            "timezone": pl.String,
+            "shift_minutes": pl.Int64,
+            "day": pl.Date,
+            "_prev_end": pl.Datetime("us", "UTC"),
+            "_end": pl.Datetime("us", "UTC"),
+        },
+    )
+    return (
+        keyed.join(
+            bounds,
+            on=["timezone", "shift_minutes", "day"],
+            how="left",
+            maintain_order="left",
+        )
+        .select(
+            pl.when(pl.col("ts") >= pl.col("_end"))
+            .then(pl.col("day") + pl.duration(days=1))
+            .when(pl.col("ts") < pl.col("_prev_end"))
+            .then(pl.col("day") - pl.duration(days=1))
+            .otherwise(pl.col("day"))
+            .alias("day")
+        )
+        .to_series()
+    )
+
+
+def _day_end(zone: str, shift_minutes: int, day: date) -> datetime:
+    """When ``day`` ends, as the engine's ``DayClock::day_end``.
+
+    That is the first instant whose local wall time is at or after
+    ``(day + 1) 00:00 - shift``.
+    """
+    tz = ZoneInfo(zone)
+    wall = datetime.combine(day + timedelta(days=1), time()) - timedelta(
+        minutes=shift_minutes
+    )
+    # Inside a DST gap the wall time does not exist: the first valid minute after
+    # it is the transition itself (zones change offset on whole minutes).
+    for minutes in range(2 * 1440):
+        candidate = wall + timedelta(minutes=minutes)
+        for fold in (0, 1):  # in a fold, fold=0 is the earlier instant
+            instant = candidate.replace(tzinfo=tz, fold=fold).astimezone(UTC)
+            if instant.astimezone(tz).replace(tzinfo=None) == candidate:
+                return instant
+    return wall.replace(tzinfo=UTC)
 
 
 def derive_floors(
@@ -266,9 +332,8 @@ def derive_floors(
     - evaluated ticks: those at or after ``started_at``, in (``account_id``,
       ``ts``) order with ties in input order, the first ``accounts.ticks`` of
       each account (later ones came after the phase ended);
-    - the local day: the date of the local wall time shifted by the rollover
-      (exact except for a rollover inside a DST gap or fold, where the engine
-      moves the boundary to the first valid instant);
+    - the local day: the date of the local wall time shifted by the rollover,
+      checked against the exact day boundaries near DST changes;
     - ``D`` from that day's row of ``daily``, ``L_d``, ``F_d = cent(D - L_d)``;
     - ``hwm``: ``initial_balance``; ``trailing`` raises it to each tick's equity
       (the tick's own included), ``trailing_eod`` to the last equity of each

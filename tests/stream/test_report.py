@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +439,54 @@ def test_report_idle_account_and_no_ticks(tmp_path: Path) -> None:
     summary = pages["empty"]["summary"]
     assert (summary["active"], summary["max_drawdown"]) == (2, [])
     assert all(a["t"] == [] for a in pages["empty"]["accounts"])
+
+
+@pytest.mark.parametrize(
+    ("zone", "rollover", "around"),
+    [
+        ("Europe/Prague", "02:30", "2026-03-29T00:00:00Z"),  # rollover in the gap
+        ("Europe/Prague", "02:30", "2026-10-25T00:00:00Z"),  # ... in the fold
+        ("America/New_York", "17:00", "2026-03-08T00:00:00Z"),
+        ("Australia/Lord_Howe", "00:00", "2026-04-05T00:00:00Z"),  # 30 min shift
+    ],
+)
+def test_derive_floors_days_across_dst_equal_engine(
+    zone: str, rollover: str, around: str
+) -> None:
+    start = datetime.fromisoformat(around)
+    rules: dict[str, Any] = {
+        "accounts": [
+            {
+                "account_id": 1,
+                "challenge_id": "dst",
+                "started_at": (start - timedelta(days=1)).isoformat(),
+                "rules": {
+                    "initial_balance": 10_000,
+                    "max_daily_loss": 0.5,
+                    "timezone": zone,
+                    "day_rollover": rollover,
+                },
+            }
+        ]
+    }
+    n = 3 * 24 * 12  # every 5 minutes for three days
+    ticks = pl.DataFrame(
+        {
+            "account_id": [1] * n,
+            "ts": [
+                start - timedelta(hours=12) + timedelta(minutes=5 * i) for i in range(n)
+            ],
+            "equity": [10_000.0 + (i % 17) * 10 for i in range(n)],
+            "balance": [10_000.0] * n,
+        }
+    )
+    tables = prop_stream.backtest(rules, ticks)
+    floors = derive_floors(ticks, parse_rules(rules), tables)
+    metrics = engine_metrics_per_tick(rules, ticks)
+    assert_series_equal(floors["day"], metrics["day"], check_names=False)
+    assert_series_equal(
+        floors["daily_floor"],
+        metrics["daily_floor"],
+        check_names=False,
+        check_exact=True,
+    )

@@ -360,13 +360,15 @@ def derive_floors(
     evaluated = (
         ticks.lazy()
         .select("account_id", "ts", "equity", "balance")
-        # Ties in ts keep input order: every step here keeps row order.
-        .join(bounds.lazy(), on="account_id", how="inner", maintain_order="left")
+        # Ties in ts keep input order through the row index: with it as the
+        # last sort key, no step needs polars' (slower) order-keeping variants.
+        .with_row_index("_row")
+        .join(bounds.lazy(), on="account_id", how="inner")
         .filter(
             (pl.col("ts") >= pl.col("started_at"))
             & (pl.col("status_ts").is_null() | (pl.col("ts") <= pl.col("status_ts")))
         )
-        .sort(["account_id", "ts"], maintain_order=True)
+        .sort(["account_id", "ts", "_row"])
         # Ticks at the ending tick's ts that came after it were not evaluated.
         .filter(pl.int_range(pl.len()).over("account_id") < pl.col("ticks"))
         .select("account_id", "ts", "equity", "balance")
@@ -601,11 +603,10 @@ def _add_curves(
         .group_by("account_id", "ts", "rule", "action", maintain_order=True)
         .agg(pl.all().last())
     )
-    keep = np.union1d(
-        picked, np.concatenate([day_first.to_numpy(), marked["_i"].to_numpy()])
-    )
     mask = np.zeros(floors.height, dtype=bool)
-    mask[keep] = True
+    mask[picked] = True
+    mask[day_first.to_numpy()] = True
+    mask[marked["_i"].to_numpy()] = True
     shown = floors.filter(pl.Series(mask))
     drawdown = floors.group_by("account_id").agg(pl.col("_drawdown").max())
     for account_id, value in drawdown.iter_rows():

@@ -548,7 +548,8 @@ def _ms(value: datetime | None) -> int | None:
 
 def _account_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "id": row["account_id"],
+        # A string: JavaScript numbers hold integers exactly only up to 2**53.
+        "id": str(row["account_id"]),
         "challenge": row["challenge_id"],
         "phase": row["phase_index"],
         "status": row["status"],

@@ -264,21 +264,21 @@ def test_report_accounts_points_bounded_and_exact_where_needed(
     path, _, tables = report_run
     data = embedded(path)
     bound = data["limits"]["points_per_account"]
-    assert [a["id"] for a in data["accounts"]] == tables.accounts[
-        "account_id"
-    ].to_list()
+    ids = [str(i) for i in tables.accounts["account_id"]]
+    assert [a["id"] for a in data["accounts"]] == ids
     days = dict(tables.daily.group_by("account_id").len().iter_rows())
     marks = dict(tables.breaches.group_by("account_id").len().iter_rows())
     for account, row in zip(
         data["accounts"], tables.accounts.iter_rows(named=True), strict=True
     ):
         n = len(account["t"])
-        extra = days.get(account["id"], 0) + marks.get(account["id"], 0)
+        account_id = int(account["id"])
+        extra = days.get(account_id, 0) + marks.get(account_id, 0)
         assert n <= min(row["ticks"], bound + extra)
         assert len(account["equity"]) == n
         assert account["t"] == sorted(account["t"])
         assert account["status"] == row["status"]
-        assert len(account["breaches"]) == marks.get(account["id"], 0)
+        assert len(account["breaches"]) == marks.get(account_id, 0)
         if row["status_ts"] is not None:
             # The pass or fail tick is the last point drawn.
             assert account["t0"] + account["t"][-1] == account["end"]
@@ -308,7 +308,7 @@ def test_report_floor_steps_are_the_derived_floors(
     checked = 0
     for account in data["accounts"]:
         n = len(account["t"])
-        mine = floors.filter(pl.col("account_id") == account["id"])
+        mine = floors.filter(pl.col("account_id") == int(account["id"]))
         for name in ("daily_floor", "overall_floor"):
             drawn = expand(account[name], n)
             for t, value in zip(account["t"], drawn, strict=True):
@@ -500,3 +500,29 @@ def test_derive_floors_days_across_dst_equal_engine(
         check_names=False,
         check_exact=True,
     )
+
+
+def test_report_account_ids_beyond_javascript_integers() -> None:
+    big = 2**62 + 1  # not exactly representable as a JavaScript number
+    rules: dict[str, Any] = {
+        "accounts": [
+            {
+                "account_id": big,
+                "challenge_id": "c",
+                "started_at": "2026-01-05T00:00:00Z",
+                "rules": {"initial_balance": 1000},
+            }
+        ]
+    }
+    ticks = pl.DataFrame(
+        {
+            "account_id": [big],
+            "ts": [datetime(2026, 1, 5, 9, tzinfo=UTC)],
+            "equity": [1000.0],
+            "balance": [1000.0],
+        }
+    )
+    tables = prop_stream.backtest(rules, ticks)
+    (account,) = report_data(parse_rules(rules), [ticks.lazy()], tables)["accounts"]
+    assert account["id"] == str(big)
+    assert account["t"] == [0]

@@ -99,8 +99,9 @@ def _add_backtest(
         help="replay tick files through the rules and write breaches, accounts, daily",
         description=(
             "Replay tick files through the rules engine. Writes breaches, accounts "
-            "and daily to DIR, each as .parquet and .csv. Exit status 0 on success, "
-            "2 on bad input (nothing is written then)."
+            "and daily to DIR, each as .parquet and .csv (and report.html with "
+            "--report). Exit status 0 on success, 2 on bad input (nothing is "
+            "written then)."
         ),
     )
     parser.add_argument(

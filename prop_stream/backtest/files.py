@@ -201,6 +201,8 @@ def _parse_started_at(where: str, value: object) -> datetime:
         f"{where}: started_at: must be an ISO 8601 timestamp with a Z or an offset "
         f"(e.g. 2026-01-05T00:00:00Z), got {value!r}"
     )
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value  # a rules dict built in Python (prop_stream.backtest)
     if not isinstance(value, str):
         raise InputFileError(bad)
     try:

@@ -49,7 +49,8 @@ def backtest(
 
     Args:
         rules: A ``RULES.json`` path, or a dict of the same shape
-            (``{"accounts": [...]}``).
+            (``{"accounts": [...]}``); in a dict, ``started_at`` may also be a
+            timezone-aware :class:`~datetime.datetime`.
         ticks: A path (Parquet or CSV file, directory or glob, as ``--ticks``), or
             a table with ``account_id, ts, equity, balance``: a polars DataFrame
             or LazyFrame, a pyarrow Table, or anything with

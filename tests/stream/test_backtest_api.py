@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,17 @@ def test_backtest_name_is_the_function_after_subpackage_imports() -> None:
     importlib.import_module("prop_stream.backtest")
     assert callable(prop_stream.backtest)
     assert prop_stream.backtest.__module__ == "prop_stream.backtest.frames"
+
+
+def test_backtest_api_started_at_as_datetime() -> None:
+    given = {"accounts": [{**RULES_1["accounts"][0], "started_at": TS}]}
+    ticks = pl.DataFrame(
+        {"account_id": [1, 1], "ts": [TS - timedelta(seconds=1), TS]}
+    ).with_columns(equity=pl.lit(1000.0), balance=pl.lit(1000.0))
+    result = prop_stream.backtest(given, ticks)
+    assert result.accounts.select("ticks", "late_ticks").row(0) == (1, 1)
+    naive = {
+        "accounts": [{**RULES_1["accounts"][0], "started_at": TS.replace(tzinfo=None)}]
+    }
+    with pytest.raises(InputFileError, match="started_at"):
+        prop_stream.backtest(naive, ticks)

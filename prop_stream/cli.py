@@ -161,8 +161,9 @@ def _add_backtest(
         help="replay tick files through the rules and write breaches, accounts, daily",
         description=(
             "Replay tick files through the rules engine. Writes breaches, accounts "
-            "and daily to DIR, each as .parquet and .csv. Exit status 0 on success, "
-            "2 on bad input (nothing is written then)."
+            "and daily to DIR, each as .parquet and .csv (and report.html with "
+            "--report). Exit status 0 on success, 2 on bad input (nothing is "
+            "written then)."
         ),
     )
     parser.add_argument(
@@ -195,6 +196,14 @@ def _add_backtest(
         help="where temporary partitions go (default: the system temp directory)",
     )
     parser.add_argument(
+        "--report",
+        action="store_true",
+        help=(
+            "also write DIR/report.html: outcomes and each account's equity "
+            "against its floors, one file that works offline"
+        ),
+    )
+    parser.add_argument(
         "--chunk-rows",
         type=_positive_int,
         default=DEFAULT_CHUNK_ROWS,
@@ -212,6 +221,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         tmp_dir=args.tmp_dir,
         progress=sys.stderr.isatty(),
+        report=args.report,
     )
     skipped = [f"{result.late:,} late"]
     if result.unknown:

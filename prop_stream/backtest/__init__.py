@@ -9,6 +9,7 @@ from prop_stream.backtest.files import (
     parse_rules,
     read_rules,
     resolve_tick_files,
+    scan_tick_frame,
     scan_ticks,
 )
 from prop_stream.backtest.run import (
@@ -18,7 +19,10 @@ from prop_stream.backtest.run import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     OUTPUT_TABLES,
+    REPORT_FILE,
     BacktestResult,
+    BacktestTables,
+    judge,
     run_backtest,
     write_outputs,
 )
@@ -30,12 +34,16 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_MAX_ROWS_IN_MEMORY",
     "OUTPUT_TABLES",
+    "REPORT_FILE",
     "BacktestResult",
+    "BacktestTables",
     "TickFile",
+    "judge",
     "parse_rules",
     "read_rules",
     "resolve_tick_files",
     "run_backtest",
+    "scan_tick_frame",
     "scan_ticks",
     "write_outputs",
 ]

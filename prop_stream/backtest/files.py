@@ -17,11 +17,11 @@ from __future__ import annotations
 import glob
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import polars as pl
 
@@ -201,6 +201,8 @@ def _parse_started_at(where: str, value: object) -> datetime:
         f"{where}: started_at: must be an ISO 8601 timestamp with a Z or an offset "
         f"(e.g. 2026-01-05T00:00:00Z), got {value!r}"
     )
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value  # a rules dict built in Python (prop_stream.backtest)
     if not isinstance(value, str):
         raise InputFileError(bad)
     try:
@@ -361,16 +363,20 @@ def _tick_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
         raise InputFileError(
             f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
         ) from exc
+    return _schema_exprs(str(file.path), schema)
+
+
+def _schema_exprs(where: str, schema: pl.Schema) -> list[pl.Expr]:
     missing = [name for name in TICK_COLUMNS if name not in schema]
     if missing:
         raise InputFileError(
-            f"{file.path}: missing column(s): {', '.join(missing)} "
+            f"{where}: missing column(s): {', '.join(missing)} "
             f"(a tick file needs {', '.join(TICK_COLUMNS)})"
         )
-    return [_convert(file, name, schema[name]).alias(name) for name in TICK_COLUMNS]
+    return [_convert(where, name, schema[name]).alias(name) for name in TICK_COLUMNS]
 
 
-def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
+def _convert(where: str, name: str, dtype: pl.DataType) -> pl.Expr:
     col = pl.col(name)
     if dtype == pl.String:
         text = col.str.strip_chars()
@@ -397,7 +403,7 @@ def _convert(file: TickFile, name: str, dtype: pl.DataType) -> pl.Expr:
         "ts": "a timestamp or epoch milliseconds",
     }.get(name, "a number")
     raise InputFileError(
-        f"{file.path}: column {name}: has type {dtype}, expected {expected}"
+        f"{where}: column {name}: has type {dtype}, expected {expected}"
     )
 
 
@@ -433,7 +439,59 @@ def diagnose_tick_file(file: TickFile) -> None:
         InputFileError: For the first bad row (lowest row, then column order).
     """
     raw = file.scan_raw()
-    converted = _tick_exprs(file, raw)
+    _raise_first_bad_row(raw, _tick_exprs(file, raw), str(file.path), file.position)
+
+
+def scan_tick_frame(ticks: object, name: str = "ticks") -> pl.LazyFrame:
+    """Convert an in-memory tick table to the engine's four columns, checked.
+
+    The columns are converted as in a Parquet file (:func:`scan_ticks`), and every
+    value is checked before this returns.
+
+    Args:
+        ticks: A polars DataFrame or LazyFrame, a pyarrow Table, or anything
+            :class:`polars.DataFrame` accepts (e.g. an object with
+            ``__arrow_c_stream__``).
+        name: What error messages call the table.
+
+    Returns:
+        A lazy frame with ``account_id`` (Int64), ``ts`` (Datetime us UTC),
+        ``equity`` and ``balance`` (Float64), no nulls, finite amounts.
+
+    Raises:
+        InputFileError: A column is missing or has a type that can't hold the
+            field, or a value is missing or not finite; the message names the
+            column and the 1-based row.
+    """
+    if isinstance(ticks, pl.LazyFrame):
+        raw = ticks
+    elif isinstance(ticks, pl.DataFrame):
+        raw = ticks.lazy()
+    else:
+        try:
+            raw = pl.DataFrame(cast(Any, ticks)).lazy()
+        except (TypeError, ValueError, pl.exceptions.PolarsError) as exc:
+            raise InputFileError(
+                f"{name}: can't read {type(ticks).__name__} as a table: "
+                f"{_first_line(exc)}"
+            ) from exc
+    try:
+        schema = raw.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise InputFileError(f"{name}: can't read: {_first_line(exc)}") from exc
+    converted = _schema_exprs(name, schema)
+    frame = raw.select(converted)
+    if not check_ticks(frame):
+        _raise_first_bad_row(raw, converted, name, lambda row: f"row {row + 1}")
+    return frame
+
+
+def _raise_first_bad_row(
+    raw: pl.LazyFrame,
+    converted: list[pl.Expr],
+    label: str,
+    position: Callable[[int], str],
+) -> None:
     try:
         frame = (
             raw.select(*(pl.col(n).alias(f"raw_{n}") for n in TICK_COLUMNS), *converted)
@@ -448,12 +506,12 @@ def diagnose_tick_file(file: TickFile) -> None:
             .collect()
         )
     except pl.exceptions.PolarsError as exc:
-        raise InputFileError(f"{file.path}: can't read: {_first_line(exc)}") from exc
+        raise InputFileError(f"{label}: can't read: {_first_line(exc)}") from exc
     if frame.height == 0:
         return
     row = frame.row(0, named=True)
     for name in TICK_COLUMNS:
-        where = f"{file.path}: column {name}, {file.position(row['_row'])}"
+        where = f"{label}: column {name}, {position(row['_row'])}"
         raw_value, value = row[f"raw_{name}"], row[name]
         if raw_value is None:
             raise InputFileError(f"{where}: missing value")

@@ -106,10 +106,35 @@ DAILY_SCHEMA: Final = pl.Schema(
     }
 )
 OUTPUT_TABLES: Final = ("breaches", "accounts", "daily")
+#: The file ``--report`` writes in the output directory.
+REPORT_FILE: Final = "report.html"
 
 _CSV_TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.6fZ"
 # Columns only set once an account has evaluated a tick.
 _STATE_COLUMNS: Final = ("equity", "balance", "daily_start_equity")
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestTables:
+    """The three outputs of a backtest as polars frames.
+
+    Attributes:
+        breaches: One row per breach (:data:`BREACHES_SCHEMA`).
+        accounts: One row per phase of the rules (:data:`ACCOUNTS_SCHEMA`).
+        daily: One row per account and local day (:data:`DAILY_SCHEMA`).
+    """
+
+    breaches: pl.DataFrame
+    accounts: pl.DataFrame
+    daily: pl.DataFrame
+
+    def as_dict(self) -> dict[str, pl.DataFrame]:
+        """The tables by name, in :data:`OUTPUT_TABLES` order."""
+        return {
+            "breaches": self.breaches,
+            "accounts": self.accounts,
+            "daily": self.daily,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +179,7 @@ def run_backtest(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     tmp_dir: str | Path | None = None,
     progress: bool = False,
+    report: bool = False,
 ) -> BacktestResult:
     """Replay tick files through the rules engine and write the results.
 
@@ -169,6 +195,7 @@ def run_backtest(
         tmp_dir: Where the temporary partitions go (default: the system's temp
             directory, ``TMPDIR``).
         progress: Show a progress bar on stderr.
+        report: Also write ``report.html`` (:mod:`prop_stream.backtest.report`).
 
     Returns:
         Counts and timings of the run.
@@ -186,6 +213,80 @@ def run_backtest(
     if tmp_dir is not None and not Path(tmp_dir).is_dir():
         raise InputFileError(f"--tmp-dir {tmp_dir}: not a directory")
     total = count_rows(files)
+    tables, upserts, partitions = judge(
+        specs,
+        files,
+        lazies,
+        total,
+        max_rows_in_memory=max_rows_in_memory,
+        chunk_rows=chunk_rows,
+        tmp_dir=tmp_dir,
+        progress=progress,
+    )
+    outputs = write_outputs(out, tables.as_dict())
+    if report:
+        # Imported here: the report's template and numpy work are only needed
+        # with --report.
+        from prop_stream.backtest.report import write_report
+
+        outputs += (
+            write_report(
+                out / REPORT_FILE,
+                specs,
+                lazies,
+                tables,
+                max_rows_in_memory=max_rows_in_memory,
+            ),
+        )
+    status = tables.accounts["status"]
+    return BacktestResult(
+        accounts=len(specs),
+        rows=total,
+        evaluated=upserts.evaluated,
+        late=upserts.late,
+        unknown=upserts.unknown,
+        inactive=upserts.inactive,
+        breaches=tables.breaches.height,
+        passed=int((status == "passed").sum()),
+        failed=int((status == "failed").sum()),
+        partitions=partitions,
+        seconds=time.perf_counter() - started,
+        outputs=outputs,
+    )
+
+
+def judge(
+    specs: Sequence[PhaseSpec],
+    files: Sequence[TickFile],
+    lazies: Sequence[pl.LazyFrame],
+    total: int,
+    *,
+    max_rows_in_memory: int,
+    chunk_rows: int,
+    tmp_dir: str | Path | None,
+    progress: bool,
+) -> tuple[BacktestTables, _Upserts, int]:
+    """Judge the ticks and build the three output tables, writing nothing.
+
+    Args:
+        specs: The phases, one per account.
+        files: The tick files behind ``lazies``, used only to name a bad value in
+            an error; empty for in-memory frames, which are checked before.
+        lazies: The ticks as :func:`~prop_stream.backtest.files.scan_ticks`
+            returns them, in input order (ties in ``ts`` keep it).
+        total: Rows in ``lazies``.
+        max_rows_in_memory: Above this many rows, sort through temporary
+            partitions.
+        chunk_rows: Rows per engine call.
+        tmp_dir: Where the temporary partitions go.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        The tables, the engine's counts and the number of partitions used.
+
+    Raises:
+        InputFileError: A phase is refused by the engine or a tick value is bad.
+    """
     engine = _engine(specs)
     upserts = _Upserts()
     bar = tqdm(
@@ -220,27 +321,12 @@ def run_backtest(
                     _evaluate(engine, frame, chunk_rows, upserts, bar)
                     del frame
 
-    tables = {
-        "breaches": _breaches_table(upserts.breaches()),
-        "accounts": _accounts_table(engine.phases()),
-        "daily": _daily_table(upserts.daily()),
-    }
-    outputs = write_outputs(out, tables)
-    status = tables["accounts"]["status"]
-    return BacktestResult(
-        accounts=len(specs),
-        rows=total,
-        evaluated=upserts.evaluated,
-        late=upserts.late,
-        unknown=upserts.unknown,
-        inactive=upserts.inactive,
-        breaches=tables["breaches"].height,
-        passed=int((status == "passed").sum()),
-        failed=int((status == "failed").sum()),
-        partitions=partitions,
-        seconds=time.perf_counter() - started,
-        outputs=outputs,
+    tables = BacktestTables(
+        breaches=_breaches_table(upserts.breaches()),
+        accounts=_accounts_table(engine.phases()),
+        daily=_daily_table(upserts.daily()),
     )
+    return tables, upserts, partitions
 
 
 def _check_out_dir(out: Path) -> Path:

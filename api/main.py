@@ -33,6 +33,7 @@ from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
 from api.hot import HotReads
+from api.limits import BodyLimit
 from api.routes import challenges, health, programs, purchase, runtime
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import Connection, PhaseRegistry, connect
@@ -122,6 +123,9 @@ def create_app(
         docs_url="/docs" if config.docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if config.docs else None,
+        # Starlette's trailing-slash redirect builds an absolute URL from the
+        # Host header: a path with a stray slash is a 404 instead.
+        redirect_slashes=False,
     )
     # Settings live on the app, not in ``dependency_overrides``: any override
     # makes FastAPI rebuild every dependency's signature on every request, which
@@ -132,6 +136,9 @@ def create_app(
     # (api/hot.py); everything it can't answer goes on unchanged.
     if config.hot_reads:
         app.add_middleware(HotReads)
+    # Outermost (added last): the body limit and the session before any body
+    # (api/limits.py); a request without a body costs it one header scan.
+    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
     app.include_router(health.router)
     app.include_router(programs.router)
     app.include_router(challenges.router)

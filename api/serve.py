@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import uvicorn
 
 from api.core.config import ApiSettings
+from api.limits import uvicorn_options
 from api.main import create_app
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator.service import build_loop, build_source
@@ -89,6 +90,7 @@ def run(
             log_level="warning",
             access_log=False,
             lifespan="on",
+            **uvicorn_options(app.state.settings),
         )
     )
 

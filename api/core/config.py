@@ -38,6 +38,13 @@ class ApiSettings(BaseSettings):
         hot_reads: Answer ``GET /prop/challenges/{id}`` from memory ahead of
             FastAPI's routing when it can (``api/hot.py``); off, the route
             answers every request (same answers, about a third of the rate).
+        max_body_bytes: The largest request body accepted; a larger one is
+            refused with ``413`` while it is read (``api/limits.py``).
+        request_deadline_s: Seconds a request may take to arrive whole
+            (headers and body) from its first byte; a slower client is
+            disconnected. Enforced by the server protocol of
+            :func:`api.limits.uvicorn_options`.
+        max_header_bytes: The most bytes of a request's headers (``431``).
     """
 
     model_config = SettingsConfigDict(
@@ -52,6 +59,9 @@ class ApiSettings(BaseSettings):
     cache_sync_interval_s: float = Field(default=2.0, ge=0)
     docs: bool = True
     hot_reads: bool = True
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    request_deadline_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
 
 
 @lru_cache

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, Literal, TypedDict
 
 import anyio.to_thread
-from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -77,13 +76,22 @@ class BodyLimit:
     Args:
         app: The application behind it.
         max_body_bytes: The largest body accepted.
+        public_routes: The routes that need no session (:func:`public_routes`).
+            A request with a body that matches none of them fully (a route that
+            needs a session, a missing path, a wrong method) must come with a
+            valid session before a byte of its body is read.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        public_routes: Sequence[BaseRoute] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        # APIRoute -> whether it needs a session; filled on first use.
-        self._needs_session: dict[int, bool] = {}
+        self.public_routes = tuple(public_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass a request without a body on; check one with a body first."""
@@ -117,7 +125,7 @@ class BodyLimit:
         if length is not None and length > limit:
             await _refuse(send, 413, "payload_too_large", too_large(limit))
             return
-        if self._route_needs_session(scope):
+        if not self._is_public(scope):
             error = await _session_error(scope, authorization)
             if error is not None:
                 await _refuse(
@@ -139,27 +147,36 @@ class BodyLimit:
 
         await self.app(scope, counted, send)
 
-    def _route_needs_session(self, scope: Scope) -> bool:
-        """Whether the route a request goes to needs a session.
-
-        A request that matches no route fully (a missing path, a wrong method)
-        counts as needing one: a body is only ever read for a session.
-        """
-        app = scope.get("app")
-        if not isinstance(app, FastAPI):
-            return True
-        for route in app.router.routes:
+    def _is_public(self, scope: Scope) -> bool:
+        for route in self.public_routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                if not isinstance(route, APIRoute):
-                    return True
-                key = id(route)
-                needs = self._needs_session.get(key)
-                if needs is None:
-                    needs = _depends_on_session(route)
-                    self._needs_session[key] = needs
-                return needs
-        return True
+                return True
+        return False
+
+
+def public_routes(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
+    """The routes among ``routes`` that need no session.
+
+    An :class:`~fastapi.routing.APIRoute` needs one when any of its dependencies
+    (however deep) is :func:`api.deps.get_current_trader`; a plain Starlette
+    ``Route`` (``/docs``, ``/openapi.json``) needs none. Anything else (a mount,
+    an included router) is left out, so it counts as needing a session.
+
+    Args:
+        routes: The app's routes and its routers' routes.
+
+    Returns:
+        The public ones.
+    """
+    public: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            if not _depends_on_session(route):
+                public.append(route)
+        elif isinstance(route, Route):
+            public.append(route)
+    return public
 
 
 def _depends_on_session(route: APIRoute) -> bool:

@@ -33,7 +33,7 @@ from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
 from api.hot import HotReads
-from api.limits import BodyLimit
+from api.limits import BodyLimit, public_routes
 from api.routes import challenges, health, programs, purchase, runtime
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import Connection, PhaseRegistry, connect
@@ -136,15 +136,25 @@ def create_app(
     # (api/hot.py); everything it can't answer goes on unchanged.
     if config.hot_reads:
         app.add_middleware(HotReads)
+    routers = (
+        health.router,
+        programs.router,
+        challenges.router,
+        runtime.router,
+        purchase.router,
+        purchase.payers_router,
+    )
+    for router in routers:
+        app.include_router(router)
     # Outermost (added last): the body limit and the session before any body
     # (api/limits.py); a request without a body costs it one header scan.
-    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
-    app.include_router(health.router)
-    app.include_router(programs.router)
-    app.include_router(challenges.router)
-    app.include_router(runtime.router)
-    app.include_router(purchase.router)
-    app.include_router(purchase.payers_router)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=config.max_body_bytes,
+        public_routes=public_routes(
+            [*app.router.routes, *(r for router in routers for r in router.routes)]
+        ),
+    )
     return app
 
 

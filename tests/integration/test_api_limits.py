@@ -414,6 +414,25 @@ def test_a_trickled_body_is_cut_off_too(server: Server) -> None:
     assert b"200 OK" not in client.answer
 
 
+def test_each_request_on_a_kept_alive_connection_gets_its_own_deadline(
+    server: Server,
+) -> None:
+    # The clock stops when a request has arrived whole: a second request sent
+    # 0.8 deadlines later and trickled over 0.5 deadline more is still answered,
+    # although the connection is then older than the deadline.
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        opened = time.monotonic()
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        time.sleep(DEADLINE_S * 0.8)  # the elapsed time is what is tested
+        for byte in request:
+            sock.sendall(bytes([byte]))
+            time.sleep(DEADLINE_S * 0.5 / len(request))
+        assert time.monotonic() - opened > DEADLINE_S
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
 def test_headers_over_the_limit_are_431(server: Server) -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 70_000
     answer = _raw(server, request)

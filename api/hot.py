@@ -6,8 +6,9 @@ else. The route in :mod:`api.routes.runtime` answers it from the in-memory
 solving and response classes cost about ten times the lookup itself. This ASGI
 middleware answers the common case before any of that:
 
-- ``GET``, the path ``/prop/challenges/<id>`` with a canonical id in range and
-  no query string;
+- ``GET``, the path ``/prop/challenges/<id>`` with a canonical id in range, no
+  query string and no body (``Content-Length`` or ``Transfer-Encoding``: those
+  go on to :class:`api.limits.BodyLimit`, which refuses what is too large);
 - a bearer token whose session the :class:`~api.core.security.SessionCache`
   holds, unexpired, in memory;
 - a challenge of that customer in the cache.
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _PATH: Final = re.compile(r"/prop/challenges/([1-9][0-9]{0,18})")
 _JSON: Final = b"application/json"
+_BODY_HEADERS: Final = (b"content-length", b"transfer-encoding")
 
 
 class HotReads:
@@ -90,7 +92,8 @@ def _body(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value.decode("latin-1")
-            break
+        elif name in _BODY_HEADERS:
+            return None  # a body: api.limits.BodyLimit, behind, judges it
     token = bearer_token(authorization)
     if token is None:
         return None

@@ -132,10 +132,6 @@ def create_app(
     # halved the hot route's throughput (docs/benchmarks.md, "Runtime API").
     app.state.settings = config
     errors.install(app)
-    # GET /prop/challenges/{id} answered from memory before FastAPI's routing
-    # (api/hot.py); everything it can't answer goes on unchanged.
-    if config.hot_reads:
-        app.add_middleware(HotReads)
     routers = (
         health.router,
         programs.router,
@@ -146,8 +142,8 @@ def create_app(
     )
     for router in routers:
         app.include_router(router)
-    # Outermost (added last): the body limit and the session before any body
-    # (api/limits.py); a request without a body costs it one header scan.
+    # The body limit and the session before any body (api/limits.py); a request
+    # without a body costs it one header scan.
     app.add_middleware(
         BodyLimit,
         max_body_bytes=config.max_body_bytes,
@@ -155,6 +151,11 @@ def create_app(
             [*app.router.routes, *(r for router in routers for r in router.routes)]
         ),
     )
+    # Outermost (added last): GET /prop/challenges/{id} answered from memory
+    # before anything else (api/hot.py); everything it can't answer, a request
+    # with a body included, goes on unchanged.
+    if config.hot_reads:
+        app.add_middleware(HotReads)
     return app
 
 

@@ -167,6 +167,24 @@ def test_chunked_body_under_the_limit_is_parsed(
     assert response.json()["program_id"] == 2
 
 
+def test_hot_read_with_an_oversized_body_is_413_not_served_from_memory(
+    client: TestClient, seeded: Seeded
+) -> None:
+    headers = seeded.headers(seeded.alice)
+    assert client.get("/prop/challenges/1", headers=headers).status_code == 200
+    hot_before = client.app.state.runtime.hot_reads  # type: ignore[attr-defined]  # FastAPI app
+    assert client.get("/prop/challenges/1", headers=headers).status_code == 200
+    assert client.app.state.runtime.hot_reads == hot_before + 1  # type: ignore[attr-defined]  # FastAPI app
+    response = client.request(
+        "GET", "/prop/challenges/1", content=b"x" * (2 * LIMIT), headers=headers
+    )
+    assert response.status_code == 413
+    assert _error(response)["code"] == "payload_too_large"
+    small = client.request("GET", "/prop/challenges/1", content=b"x", headers=headers)
+    assert small.status_code == 200  # through FastAPI: same answer
+    assert client.app.state.runtime.hot_reads == hot_before + 1  # type: ignore[attr-defined]  # FastAPI app
+
+
 @pytest.mark.parametrize("case", ["none", "malformed", "unknown", "expired"])
 def test_body_without_a_valid_session_is_401(
     client: TestClient, seeded: Seeded, case: str

@@ -44,6 +44,7 @@ from api.core.config import ApiSettings
 from api.core.security import bearer_token
 from api.deps import AppState, customer_of, get_current_trader
 from api.errors import ApiError, error_body
+from prop_stream.store import DatabaseLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,11 @@ class BodyLimit:
             error = await _session_error(scope, authorization)
             if error is not None:
                 await _refuse(
-                    send, 401, error.code, error.message, headers=error.headers
+                    send,
+                    error.status_code,
+                    error.code,
+                    error.message,
+                    headers=error.headers,
                 )
                 return
         received = 0
@@ -191,7 +196,7 @@ def _depends_on_session(route: APIRoute) -> bool:
 
 
 async def _session_error(scope: Scope, authorization: str | None) -> ApiError | None:
-    """The ``401`` a request gets for its session, or None when it is valid."""
+    """The ``401`` (or ``503``) a request gets for its session; None when valid."""
     state: AppState | None = getattr(scope["app"].state, "runtime", None)
     if state is None:
         return None  # no lifespan yet: the app answers (its dependencies raise)
@@ -203,6 +208,9 @@ async def _session_error(scope: Scope, authorization: str | None) -> ApiError | 
         await anyio.to_thread.run_sync(customer_of, state, authorization)
     except ApiError as exc:
         return exc
+    except DatabaseLockedError as exc:
+        # The app's handlers sit behind this middleware: answer as they would.
+        return ApiError(503, "database_locked", str(exc))
     return None
 
 

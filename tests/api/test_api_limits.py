@@ -23,6 +23,7 @@ from api import limits
 from api.core.config import ApiSettings
 from api.limits import BodyLimit, RequestDeadlineProtocol, uvicorn_options
 from api.models import canonical_id
+from prop_stream.store import DatabaseLockedError
 
 # The shared module-scoped fixtures (a seeded DuckDB file and a TestClient).
 client = api_seed.client
@@ -294,6 +295,19 @@ def test_valid_session_body_reaches_the_app_counted(
     recorder, sent, reads = _run(client, auth, [b"ab", b"cd", b"efg", b"h"], 6)
     raised = [{"type": "raised", "status": 413}]
     assert (recorder.body, reads, sent) == (b"abcd", 3, raised)
+
+
+def test_a_locked_store_during_the_session_check_is_503(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(state: object, authorization: str | None) -> int:
+        raise DatabaseLockedError("x.duckdb", "database is locked")
+
+    monkeypatch.setattr(limits, "customer_of", locked)
+    auth = {"Authorization": "Bearer " + "C" * 43, "Content-Length": "2"}
+    recorder, sent, reads = _run(client, auth, [b"{}"], LIMIT)
+    assert (recorder.called, reads, sent[0]["status"]) == (False, 0, 503)
+    assert json.loads(sent[1]["body"])["error"]["code"] == "database_locked"
 
 
 # --------------------------------------------------------- uvicorn's protocol

@@ -90,7 +90,8 @@ async def get_current_trader(
 
     Args:
         request: The request.
-        token: The bearer token, if the header had one.
+        token: The bearer token, if the header had one (declares the scheme in
+            OpenAPI; :func:`customer_of` reads the header itself).
 
     Returns:
         The customer's id.
@@ -99,11 +100,31 @@ async def get_current_trader(
         ApiError: 401 without a token, with a malformed header, or with an unknown
             or expired session.
     """
+    return customer_of(get_state(request), request.headers.get("authorization"))
+
+
+def customer_of(state: AppState, authorization: str | None) -> int:
+    """The customer of an ``Authorization`` header's session.
+
+    Reads the store when the session is not in memory (blocks: DuckDB).
+    :class:`api.limits.BodyLimit` calls it before a body is read.
+
+    Args:
+        state: The app's runtime state (its session cache and store).
+        authorization: The header's value, if any.
+
+    Returns:
+        The customer's id.
+
+    Raises:
+        ApiError: 401 without a token, with a malformed header, or with an unknown
+            or expired session.
+    """
+    token = bearer_token(authorization)
     if token is None:
-        if request.headers.get("authorization"):
+        if authorization:
             raise unauthorized("malformed Authorization header; use 'Bearer <token>'")
         raise unauthorized("missing bearer token")
-    state = get_state(request)
 
     def lookup(token_hash: str) -> tuple[int, float] | None:
         with state.db.cursor() as conn:

@@ -6,8 +6,9 @@ else. The route in :mod:`api.routes.runtime` answers it from the in-memory
 solving and response classes cost about ten times the lookup itself. This ASGI
 middleware answers the common case before any of that:
 
-- ``GET``, the path ``/prop/challenges/<id>`` with a canonical id in range and
-  no query string;
+- ``GET``, the path ``/prop/challenges/<id>`` with a canonical id in range, no
+  query string and no body (``Content-Length`` or ``Transfer-Encoding``: those
+  go on to :class:`api.limits.BodyLimit`, which refuses what is too large);
 - a bearer token whose session the :class:`~api.core.security.SessionCache`
   holds, unexpired, in memory;
 - a challenge of that customer in the cache.
@@ -39,6 +40,7 @@ _PATH: Final = re.compile(r"/prop/challenges/([1-9][0-9]{0,18})")
 _JSON: Final = b"application/json"
 #: The route template it answers for (metrics and the access log).
 ROUTE: Final = "/prop/challenges/{challenge_id}"
+_BODY_HEADERS: Final = (b"content-length", b"transfer-encoding")
 
 
 class HotReads:
@@ -94,7 +96,8 @@ def _body(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value.decode("latin-1")
-            break
+        elif name in _BODY_HEADERS:
+            return None  # a body: api.limits.BodyLimit, behind, judges it
     token = bearer_token(authorization)
     if token is None:
         return None

@@ -34,6 +34,7 @@ from api.core.security import SessionCache
 from api.db import Database
 from api.deps import AppState
 from api.hot import HotReads
+from api.limits import BodyLimit, public_routes
 from api.routes import admin, challenges, health, programs, purchase, runtime
 from api.telemetry import RequestTelemetry
 from prop_stream.evaluator import LatestMetrics
@@ -124,10 +125,11 @@ def create_app(
         )
         interval = config.cache_sync_interval_s
         sync: asyncio.Task[None] | None = None
+        sync_lock = threading.Lock()
         if supervisor is not None and interval > 0:
             supervisor.add("cache", lambda: CacheSync(cache, interval), start=True)
         else:
-            sync = asyncio.create_task(_sync_forever(cache, interval))
+            sync = asyncio.create_task(_sync_forever(cache, interval, sync_lock))
         try:
             yield
         finally:
@@ -135,6 +137,9 @@ def create_app(
                 sync.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sync
+                # A cancelled task leaves its thread running: wait for a sync
+                # in flight before the database closes under it.
+                await asyncio.to_thread(sync_lock.acquire)
             elif supervisor is not None:
                 await asyncio.to_thread(supervisor.remove, "cache")
             app.state.runtime = None
@@ -149,27 +154,44 @@ def create_app(
         docs_url="/docs" if config.docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if config.docs else None,
+        # Starlette's trailing-slash redirect builds an absolute URL from the
+        # Host header: a path with a stray slash is a 404 instead.
+        redirect_slashes=False,
     )
     # Settings live on the app, not in ``dependency_overrides``: any override
     # makes FastAPI rebuild every dependency's signature on every request, which
     # halved the hot route's throughput (docs/benchmarks.md, "Runtime API").
     app.state.settings = config
     errors.install(app)
-    # GET /prop/challenges/{id} answered from memory before FastAPI's routing
-    # (api/hot.py); everything it can't answer goes on unchanged.
+    routers = (
+        health.router,
+        admin.router,
+        programs.router,
+        challenges.router,
+        runtime.router,
+        purchase.router,
+        purchase.payers_router,
+    )
+    for router in routers:
+        app.include_router(router)
+    # The body limit and the session before any body (api/limits.py); a request
+    # without a body costs it one header scan.
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=config.max_body_bytes,
+        public_routes=public_routes(
+            [*app.router.routes, *(r for router in routers for r in router.routes)]
+        ),
+    )
+    # GET /prop/challenges/{id} answered from memory before anything but the
+    # telemetry (api/hot.py); everything it can't answer, a request with a
+    # body included, goes on unchanged.
     if config.hot_reads:
         app.add_middleware(HotReads)
     # Added last, so outermost: it sees every answer, hot reads included.
     app.add_middleware(
         RequestTelemetry, metrics=metrics_of_app, access_log_enabled=config.access_log
     )
-    app.include_router(health.router)
-    app.include_router(admin.router)
-    app.include_router(programs.router)
-    app.include_router(challenges.router)
-    app.include_router(runtime.router)
-    app.include_router(purchase.router)
-    app.include_router(purchase.payers_router)
     return app
 
 
@@ -196,12 +218,19 @@ class CacheSync:
         self._stop.set()
 
 
-async def _sync_forever(cache: RuntimeCache, interval: float) -> None:
+async def _sync_forever(
+    cache: RuntimeCache, interval: float, lock: threading.Lock
+) -> None:
     if interval <= 0:
         return
+
+    def sync() -> None:
+        with lock:
+            cache.sync()
+
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(cache.sync)
+            await asyncio.to_thread(sync)
         except Exception:
             logger.exception("api: runtime cache sync failed")

@@ -7,10 +7,12 @@ strings. Money fields are decimal strings, timestamps ISO 8601 UTC.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 #: Largest page size (``api.md``).
 MAX_LIMIT = 500
@@ -18,6 +20,34 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 #: Largest id or offset accepted (DuckDB BIGINT).
 MAX_INT64 = 2**63 - 1
+
+_CANONICAL_INT: Final = re.compile(r"0|[1-9][0-9]*")
+
+
+def canonical_id(value: object) -> object:
+    """Refuse an id in a path unless it is written as canonical decimal digits.
+
+    pydantic's integer parsing alone takes ``01``, ``+1``, ``1_0``, `` 1`` and
+    ``1.0`` as ids: one thing would have several URLs. Use it as a
+    ``BeforeValidator`` on a path parameter; the range is checked after it.
+
+    Args:
+        value: The raw path value.
+
+    Returns:
+        The value, unchanged.
+
+    Raises:
+        PydanticCustomError: ``int_canonical`` (a ``422`` naming the field).
+    """
+    if isinstance(value, str) and _CANONICAL_INT.fullmatch(value) is None:
+        raise PydanticCustomError(
+            "int_canonical",
+            "Input should be an integer in canonical decimal form "
+            "(digits only: no sign, leading zero, space, separator or fraction)",
+        )
+    return value
+
 
 ChallengeStatusName = Literal["pending", "active", "passed", "failed", "cancelled"]
 PhaseStatus = Literal["pending", "active", "passed", "failed", "cancelled"]

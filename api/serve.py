@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 
 from api.core.config import ApiSettings
+from api.limits import uvicorn_options
 from api.main import create_app
 from prop_stream.admin import AdminEndpoint, new_token, publish, withdraw
 from prop_stream.config import StreamSettings
@@ -134,6 +135,7 @@ def run(
             log_config=None,
             access_log=False,
             lifespan="on",
+            **uvicorn_options(app.state.settings),
         )
     )
     server_box.append(server)

@@ -39,6 +39,13 @@ class ApiSettings(BaseSettings):
             FastAPI's routing when it can (``api/hot.py``); off, the route
             answers every request (same answers, about a third of the rate).
         access_log: Write one access-log line per request (``prop_stream.access``).
+        max_body_bytes: The largest request body accepted; a larger one is
+            refused with ``413`` while it is read (``api/limits.py``).
+        request_deadline_s: Seconds a request may take to arrive whole
+            (headers and body) from its first byte; a slower client is
+            disconnected. Enforced by the server protocol of
+            :func:`api.limits.uvicorn_options`.
+        max_header_bytes: The most bytes of a request's headers (``431``).
     """
 
     model_config = SettingsConfigDict(
@@ -54,6 +61,9 @@ class ApiSettings(BaseSettings):
     docs: bool = True
     hot_reads: bool = True
     access_log: bool = True
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    request_deadline_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
 
 
 @lru_cache

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from api import crud
 from api.deps import SessionDep
@@ -19,6 +20,7 @@ from api.models import (
     PageQuery,
     ProgramPublic,
     ProgramsPublic,
+    canonical_id,
 )
 from api.routes.responses import PUBLIC_ERRORS, json_bytes
 from api.serialize import dumps, page
@@ -46,7 +48,7 @@ def list_programs(
     },
 )
 def read_program(
-    program_id: Annotated[int, Path(ge=1, le=MAX_INT64)],
+    program_id: Annotated[int, BeforeValidator(canonical_id), Path(ge=1, le=MAX_INT64)],
     session: SessionDep,
     query: Annotated[NoQuery, Query()],
 ) -> Response:

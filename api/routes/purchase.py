@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Body, Header, Path, Query
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from api import crud
 from api.deps import CurrentTrader, SessionDep, StateDep
@@ -32,6 +33,7 @@ from api.models import (
     PurchasePreviewPublic,
     PurchasePublic,
     PurchasesPublic,
+    canonical_id,
 )
 from api.routes.responses import AUTH_ERRORS, ID_ERRORS, json_bytes
 from api.serialize import dumps, page
@@ -42,7 +44,11 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/prop/purchases", tags=["purchases"])
 payers_router = APIRouter(prefix="/prop/payer-accounts", tags=["purchases"])
 
-PurchaseId = Annotated[int, Path(ge=1, le=MAX_INT64, description="purchase id")]
+PurchaseId = Annotated[
+    int,
+    BeforeValidator(canonical_id),
+    Path(ge=1, le=MAX_INT64, description="purchase id"),
+]
 
 
 def _error(description: str) -> dict[str, Any]:

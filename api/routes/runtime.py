@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from api import crud
 from api.deps import CacheDep, CurrentTrader, SessionDep
@@ -22,13 +23,18 @@ from api.models import (
     MetricsPublic,
     MetricsQuery,
     NoQuery,
+    canonical_id,
 )
 from api.routes.responses import ID_ERRORS, json_bytes
 from api.serialize import page
 
 router = APIRouter(prefix="/prop/challenges", tags=["runtime"])
 
-ChallengeId = Annotated[int, Path(ge=1, le=MAX_INT64, description="challenge id")]
+ChallengeId = Annotated[
+    int,
+    BeforeValidator(canonical_id),
+    Path(ge=1, le=MAX_INT64, description="challenge id"),
+]
 
 
 @router.get("/{challenge_id}", response_model=ChallengePublic, responses=ID_ERRORS)

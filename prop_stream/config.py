@@ -49,10 +49,16 @@ class StreamSettings(BaseSettings):
             the engine counts them as unknown (docs/kafka.md).
         kafka_raw_records: Read fetched record batches in the Rust core (False:
             one kafka-python ``ConsumerRecord`` per record, the old path).
+        max_clock_skew_s: Ticks whose ``ts`` is more than this many seconds
+            ahead of the service's clock are dead-lettered as ``future_ts``
+            (``interfaces.md`` section 1); 0 turns the check off. Its variable
+            is ``PROP_STREAM_MAX_CLOCK_SKEW``.
     """
 
+    # validate_by_name: the one aliased field (max_clock_skew_s) is set by its
+    # name in code and by its documented variable in the environment.
     model_config = SettingsConfigDict(
-        env_prefix="PROP_STREAM_", frozen=True, extra="forbid"
+        env_prefix="PROP_STREAM_", frozen=True, extra="forbid", validate_by_name=True
     )
 
     db: Path = Path("prop-stream.duckdb")
@@ -74,6 +80,9 @@ class StreamSettings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)
     kafka_dlq_unknown_accounts: bool = True
     kafka_raw_records: bool = True
+    max_clock_skew_s: float = Field(
+        default=300, ge=0, validation_alias="PROP_STREAM_MAX_CLOCK_SKEW"
+    )
 
     @property
     def kafka_dlq(self) -> str:

@@ -5,7 +5,7 @@ in their constructor and wait ``bootstrap_timeout_ms`` (30 s by default) for one
 to answer. A constructor that gives up leaves its network thread running, and
 nothing can interrupt it meanwhile. :func:`build_client` keeps hold of the
 half-built client so that a failed constructor is cleaned up, and another
-thread can abort a construction in progress (:func:`discard`).
+thread can abort a construction waiting for a broker (:func:`abort_bootstrap`).
 
 :func:`ensure_topic` creates a topic unless it exists: ``prop-stream produce``
 creates the tick topic, and the source its dead-letter topic (brokers here do
@@ -15,6 +15,7 @@ not auto-create topics, rightly: a typo must not make one).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -46,7 +47,7 @@ def build_client(
         config: Its settings.
         building: Called with the instance before its constructor runs and with
             None after it returned or failed, so that another thread can
-            :func:`discard` it meanwhile.
+            :func:`abort_bootstrap` it meanwhile.
 
     Returns:
         The client, connected to a broker.
@@ -84,6 +85,35 @@ def discard(client: object) -> None:
         inner.close()
     except Exception:  # closing a half-built client must not fail a stop
         logger.debug("closing a kafka-python client failed", exc_info=True)
+
+
+def abort_bootstrap(client: object, timeout_s: float = 1.0) -> bool:
+    """Make a constructor that is waiting for a broker fail now (another thread).
+
+    The constructor waits on its network thread for the bootstrap; closing
+    the network client fails that wait at once. Closing it any earlier could
+    leave the constructor waiting for an event that never comes, so this waits
+    (up to ``timeout_s``) until the constructor is inside that wait.
+
+    Args:
+        client: A client :func:`build_client` is constructing.
+        timeout_s: Longest wait for the constructor to reach the bootstrap.
+
+    Returns:
+        Whether it was aborted (False: the constructor ends by itself within
+        its ``bootstrap_timeout_ms``; discard the client afterwards).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        net = getattr(client, "_net", None)
+        # A pending cross-thread waiter: the constructor is blocked in
+        # net.run(bootstrap), which closing the client fails at once.
+        if net is not None and getattr(net, "_pending_waiters", None):
+            discard(client)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 def ensure_topic(
@@ -160,6 +190,7 @@ def ensure_topic(
 
 __all__ = [
     "DEFAULT_BOOTSTRAP_TIMEOUT_S",
+    "abort_bootstrap",
     "build_client",
     "discard",
     "ensure_topic",

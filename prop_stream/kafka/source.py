@@ -59,6 +59,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from prop_stream.kafka.admin import (
     DEFAULT_BOOTSTRAP_TIMEOUT_S,
+    abort_bootstrap,
     build_client,
     discard,
     ensure_topic,
@@ -297,7 +298,11 @@ class KafkaSource:
         self._on_rejected = on_rejected
         self._refresh_s = partition_refresh_s
         self._raw = raw_records and supported()
-        self._skew = float(max_clock_skew_s)
+        #: Whether the fast record path is in use (see ``raw_records``).
+        self.raw_records = self._raw
+        #: The clock-skew bound in seconds (0: no check).
+        self.max_clock_skew_s = float(max_clock_skew_s)
+        self._skew = self.max_clock_skew_s
         self._clock = clock
         self._consumer: KafkaConsumer | None = None
         # A consumer whose constructor is waiting for a broker (close() aborts it).
@@ -400,7 +405,9 @@ class KafkaSource:
             consumer, self._consumer = self._consumer, None
             producer, self._producer = self._producer, None
         if building is not None:
-            discard(building)  # its constructor, waiting for a broker, fails now
+            # Its constructor, waiting for a broker, fails now; else the poll
+            # thread discards it once the constructor returns.
+            abort_bootstrap(building)
         if consumer is not None:
             try:
                 consumer.close(autocommit=False)
@@ -623,9 +630,11 @@ class KafkaSource:
             consumer = build_client(
                 KafkaConsumer, self._consumer_config, building=building
             )
-        except KafkaError as exc:
+        except Exception as exc:
             if self._closed.is_set():
-                return None
+                return None  # aborted by close(): whatever it raised
+            if not isinstance(exc, KafkaError):
+                raise
             self.stats.connect_failures += 1
             self._connect_wait.failed(
                 "no Kafka broker answers at %s (%s)", self.bootstrap, exc

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,6 +20,7 @@ import polars as pl
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
+from kafka_support import close_failed_connects
 from replay_support import (
     assert_matches_backtest,
     demo_backtest_inputs,
@@ -56,29 +54,6 @@ DEMO = DemoConfig(
 BATCHES = 120
 BATCH_TICKS = 400  # small polls: many batches, so kills land mid-stream
 CHECKPOINT_EVERY = 5
-
-
-def _close_failed_connects() -> None:
-    """Close the sockets kafka-python leaves behind after failed connects.
-
-    While the broker is down, every reconnect attempt leaves an unconnected
-    socket in a reference cycle, unclosed; the ResourceWarning would otherwise
-    fail whichever later test happens to run the garbage collector.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-        for obj in gc.get_objects():
-            if not isinstance(obj, socket.socket) or obj.fileno() < 0:
-                continue
-            try:
-                obj.getpeername()
-                continue  # connected: someone's live socket
-            except OSError:
-                pass
-            if obj.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                continue  # a server's listening socket
-            obj.close()
 
 
 @dataclass(frozen=True)
@@ -232,7 +207,7 @@ def test_kafka_duplicate_delivery_changes_nothing_but_counters(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
     ticks = pl.read_parquet(replay.ticks).height
@@ -329,7 +304,7 @@ def test_kafka_sigkill_restarts_equal_a_clean_run(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
     assert_matches_backtest(got, replay.backtest)
@@ -540,6 +515,6 @@ def test_kafka_broker_restart_mid_replay_is_waited_for(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name

@@ -160,8 +160,9 @@ def test_kafka_local_cluster_ids_never_start_with_a_dash() -> None:
     # One random id in 64 began with "-" (base64 of 16 random bytes), which the
     # storage tool read as an option: 1 first start in 64 failed. Without the
     # fix, 400 draws show one with a probability of 1 - (63/64)**400 > 99.8 %.
+    draws = f'for _ in $(seq 400); do "{KAFKA_LOCAL}" cluster-id; done'
     result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
-        ["/bin/bash", "-c", f'for _ in $(seq 400); do "{KAFKA_LOCAL}" cluster-id; done'],
+        ["/bin/bash", "-c", draws],
         capture_output=True,
         text=True,
         check=True,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,3 +159,97 @@ def test_readme_kafka_commands_give_breaches_over_http(
     # Every challenge of alice's lost 20 %: each has a breach that failed it.
     assert {b["challenge_id"] for b in breaches} == {c["id"] for c in challenges}
     assert any(b["action"] == "phase_failed" for b in breaches)
+
+
+def test_serve_waits_for_a_missing_topic_with_one_line_then_judges(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    db = tmp_path / "prop.duckdb"
+    subprocess.run(  # noqa: S603 - our own command
+        [str(PROP_STREAM), "init", "--db", str(db), "--demo"],
+        check=True,
+        capture_output=True,
+    )
+    ticks = tmp_path / "ticks.parquet"
+    _breaking_ticks(db, ticks)
+    topic = f"late-{uuid.uuid4().hex[:8]}"  # does not exist when serve starts
+    printed: list[str] = []
+    proc, url = _start(
+        ["serve", "--db", str(db), "--source", "kafka", "--kafka-bootstrap",
+         kafka_bootstrap, "--topic", topic, "--port", "0"],
+        tmp_path,
+        printed,
+    )  # fmt: skip
+    try:
+        token = subprocess.run(  # noqa: S603 - our own command
+            [str(PROP_STREAM), "session", "alice@example.com", "--db", str(db)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        client = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+        challenge = client.get("/prop/challenges").json()["items"][0]["id"]
+        assert client.get(f"/prop/challenges/{challenge}/breaches").json() == {
+            "items": [],
+            "total_count": 0,
+            "has_more": False,
+        }
+        produce = [str(PROP_STREAM), "produce", str(ticks), "--kafka-bootstrap",
+                   kafka_bootstrap, "--topic", topic, "--partitions", "2"]  # fmt: skip
+        subprocess.run(produce, check=True, capture_output=True)  # noqa: S603
+        deadline = time.monotonic() + 90
+        total = 0
+        while time.monotonic() < deadline:
+            page = client.get(f"/prop/challenges/{challenge}/breaches").json()
+            total = page["total_count"]
+            if total:
+                break
+            time.sleep(0.5)
+        client.close()
+        assert total > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=90)
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            admin.delete_topics([topic])
+        finally:
+            admin.close()
+    assert proc.returncode == 0
+    stderr = "".join(printed) + rest
+    # One clear line for the whole wait, no traceback, and the evaluator lived.
+    assert stderr.count(f"topic {topic} does not exist yet") == 1, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_serve_without_a_broker_waits_then_stops_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "prop.duckdb"
+    subprocess.run(  # noqa: S603 - our own command
+        [str(PROP_STREAM), "init", "--db", str(db)], check=True, capture_output=True
+    )
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"
+    printed: list[str] = []
+    proc, _ = _start(
+        ["serve", "--db", str(db), "--source", "kafka", "--kafka-bootstrap", nobody,
+         "--topic", "ticks", "--port", "0"],
+        tmp_path,
+        printed,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while not any("no Kafka broker answers" in line for line in printed):
+        assert time.monotonic() < deadline, printed
+        printed.append(proc.stderr.readline())
+    stopping = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    # "Answers at all" (it takes well under a second; it took 22 s before).
+    assert time.monotonic() - stopping < 10
+    assert proc.returncode == 0
+    stderr = "".join(printed) + rest
+    assert f"no Kafka broker answers at {nobody}" in stderr
+    assert "Traceback" not in stderr, stderr

@@ -166,16 +166,27 @@ class _Wait:
         """Seconds until the next retry is due (0 if it is)."""
         return max(0.0, self._next - time.monotonic())
 
-    def failed(self, message: str, *args: object) -> None:
-        """A try failed: log it (once per retry) and schedule the next one."""
+    def failed(
+        self, message: str, *args: object, then: str = "retrying in %.0f s"
+    ) -> None:
+        """A try failed: log it (once per retry) and schedule the next one.
+
+        Args:
+            message: The line (``%`` arguments in ``args``); from the second
+                line of a wait on, ``for N s`` is added.
+            *args: Its arguments.
+            then: What comes next, with the seconds until the next retry.
+        """
         now = time.monotonic()
         if self.since is None:
             self.since = now
             self._step = FIRST_RETRY_S
+            text, values = message, args
         else:
             self._step = min(MAX_RETRY_S, self._step * 2)
+            text, values = message + " for %.0f s", (*args, now - self.since)
         self._next = now + self._step
-        logger.warning(message + "; retrying in %.0f s", *args, self._step)
+        logger.warning(text + "; " + then, *values, self._step)
 
     def over(self, message: str, *args: object) -> None:
         """The wait has ended: log how long it took."""
@@ -498,7 +509,12 @@ class KafkaSource:
                 self._dead_letters(decoded.rejections, records)
             except DeadLetterError as exc:
                 if self._dlq_wait.due():
-                    self._dlq_wait.failed("%s; the poll is undone", exc)
+                    self._dlq_wait.failed(
+                        "%s",
+                        exc,
+                        then="the poll is undone and fetched again "
+                        "(next report in %.0f s)",
+                    )
                 self.stats.dlq_failures += 1
                 self._next = before
                 self._seek_assigned(consumer, list(fetched))
@@ -537,6 +553,9 @@ class KafkaSource:
         if not assigned:
             return {"kafka": f"looking up topic {self.topic} at {self.bootstrap}"}
         if not _leaders_connected(consumer, assigned):
+            if not self._was_healthy and not self._outage.waiting:
+                # Just assigned: the connections to the leaders are opening.
+                return {"kafka": f"connecting to the leaders of {self.topic}"}
             return {"kafka": f"no broker answers at {self.bootstrap}"}
         return {}
 
@@ -718,9 +737,10 @@ class KafkaSource:
             # kafka-python reconnects by itself (backoff up to 2 s); one line
             # per retry of ours, with backoff, not one per poll.
             self._outage.failed(
-                "lost the Kafka broker at %s (%s); waiting for it",
+                "lost the Kafka broker at %s (%s)",
                 self.bootstrap,
                 error or "no connection to a partition leader",
+                then="waiting for it; kafka-python reconnects (next report in %.0f s)",
             )
         self._was_healthy = healthy
 

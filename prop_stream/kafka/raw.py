@@ -445,11 +445,12 @@ def _sock_recv(self: Any) -> tuple[bytes, KafkaConnectionError | None]:
         except (BlockingIOError, InterruptedError):
             break
         except BaseException as exc:  # kafka-python closes the connection on any
-            logger.exception("%s: error receiving network data", self)
+            # Debug only: the source reports the outage itself, once per retry.
+            logger.debug("%s: error receiving network data", self, exc_info=True)
             error = KafkaConnectionError(exc)
             break
         if not data:
-            logger.error("%s: socket disconnected", self)
+            logger.debug("%s: socket disconnected", self)
             error = KafkaConnectionError("socket disconnected")
             break
         parts.append(data)

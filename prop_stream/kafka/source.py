@@ -426,7 +426,7 @@ class KafkaSource:
                 logger.exception("closing the Kafka consumer failed")
         if producer is not None:
             try:
-                producer.close(timeout=5)
+                producer.close(timeout=1)  # unsent dead letters are fetched again
             except Exception:  # closing must not fail a stop
                 logger.exception("closing the DLQ producer failed")
 

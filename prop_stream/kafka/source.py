@@ -535,10 +535,11 @@ class KafkaSource:
         """What keeps the source from delivering ticks now; empty when nothing.
 
         Maps a component to the reason, for ``/readyz``: ``{"kafka": "no
-        broker answers at H:P"}`` (before the first connection, while no
-        broker answers, while the leader of an assigned partition is not
-        connected, after :meth:`close`) or ``{"topic": "topic T does not
-        exist"}``. Thread-safe and cheap: it asks no broker.
+        broker answers at H:P"}`` (while no broker answers, or the leader of
+        an assigned partition is not connected), ``{"kafka": "connecting to
+        ..."}`` (before the first connection, right after the assignment),
+        ``{"kafka": "the Kafka source is closed"}`` or ``{"topic": "topic T
+        does not exist"}``. Thread-safe and cheap: it asks no broker.
         """
         if self._closed.is_set():
             return {"kafka": "the Kafka source is closed"}

@@ -9,6 +9,7 @@ gets ``--port 0``, since a fixed port may be taken on a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -25,7 +26,10 @@ import duckdb
 import httpx
 import polars as pl
 import pytest
+from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient
+from kafka.errors import UnknownTopicOrPartitionError
+from kafka.structs import TopicPartition
 
 from integration.conftest import KAFKA_LOCAL, REPO, KafkaBroker
 from integration.test_serve import _start, _stop
@@ -253,3 +257,41 @@ def test_serve_without_a_broker_waits_then_stops_at_once(tmp_path: Path) -> None
     stderr = "".join(printed) + rest
     assert f"no Kafka broker answers at {nobody}" in stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_produce_creates_the_topic_with_its_partitions_once(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    ticks = tmp_path / "ticks.csv"
+    rows = [
+        f"{1000 + i % 7},{1767605400000 + i},{100_000 + i},100000" for i in range(50)
+    ]
+    ticks.write_text("\n".join(["account_id,ts,equity,balance", *rows]) + "\n")
+    topic = f"produce-{uuid.uuid4().hex[:8]}"
+
+    def produce(partitions: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 - our own command
+            [str(PROP_STREAM), "produce", str(ticks), "--kafka-bootstrap",
+             kafka_bootstrap, "--topic", topic, "--partitions", partitions],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        first = produce("3")
+        assert first.returncode == 0, first.stderr
+        assert first.stderr == f"prop-stream: produce: 50 ticks to {topic}\n"
+        again = produce("5")  # an existing topic is left as it is
+        assert again.returncode == 0, again.stderr
+        described = admin.describe_topics([topic])[0]
+        assert len(described["partitions"]) == 3
+        consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        try:
+            tps = [TopicPartition(topic, p) for p in range(3)]
+            assert sum(consumer.end_offsets(tps).values()) == 100
+        finally:
+            consumer.close()
+    finally:
+        with contextlib.suppress(UnknownTopicOrPartitionError):
+            admin.delete_topics([topic])
+        admin.close()

@@ -625,21 +625,36 @@ def test_kafka_future_tick_is_dead_lettered_and_later_ticks_are_judged(
     dlq = f"{topic}.dlq"  # not created: the source creates it on first use
     account = replay.accounts[0]
     now = START + timedelta(hours=12)  # the service's clock
-    ticks = [
-        (START + timedelta(hours=1), 100_100.0),
-        (now + timedelta(days=6), 100_200.0),  # a platform clock bug
-        (START + timedelta(hours=2), 100_300.0),
-        (now + timedelta(seconds=299), 100_400.0),  # within the 300 s bound
-    ]
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for ts, equity in ticks:
+    last = now + timedelta(seconds=299)  # within the 300 s bound
+
+    def tick(ts: datetime, equity: float) -> bytes:
         value = {
             "account_id": account,
             "ts": ts.isoformat().replace("+00:00", "Z"),
             "equity": equity,
             "balance": 100_000.0,
         }
-        producer.send(topic, key=str(account).encode(), value=orjson.dumps(value))
+        return orjson.dumps(value)
+
+    batch = pl.DataFrame(
+        {
+            "account_id": [account, account],
+            "ts": [START + timedelta(hours=3), now + timedelta(days=6)],
+            "equity": [100_350.0, 1.0],
+            "balance": [100_000.0, 100_000.0],
+        }
+    )
+    arrow = [("encoding", ARROW_ENCODING.encode())]
+    messages: list[tuple[bytes, list[tuple[str, bytes]]]] = [
+        (tick(START + timedelta(hours=1), 100_100.0), []),
+        (tick(now + timedelta(days=6), 100_200.0), []),  # a platform clock bug
+        (tick(START + timedelta(hours=2), 100_300.0), []),
+        (encode_arrow(batch), arrow),  # its second row is 6 days ahead too
+        (tick(last, 100_400.0), []),
+    ]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for value, headers in messages:
+        producer.send(topic, key=str(account).encode(), value=value, headers=headers)
     producer.flush()
     producer.close()
 
@@ -662,13 +677,17 @@ def test_kafka_future_tick_is_dead_lettered_and_later_ticks_are_judged(
         source.close()
         conn.close()
     try:
-        assert latest == (ticks[3][0], 100_400.0)  # judged after the future one
+        assert latest == (last, 100_400.0)  # judged after the future ones
         assert loop.stats.late == 0
-        assert source.stats.ticks == 3
-        assert source.dead_letters == {"future_ts": 1}
-        dead = _dlq_records(kafka_bootstrap, dlq, 1)
-        assert [(d["error"], d["source.offset"]) for d in dead] == [("future_ts", "1")]
+        assert source.stats.ticks == 4
+        assert source.dead_letters == {"future_ts": 2}
+        dead = _dlq_records(kafka_bootstrap, dlq, 2)
+        assert [(d["error"], d["source.offset"]) for d in dead] == [
+            ("future_ts", "1"),
+            ("future_ts", "3"),
+        ]
         assert "is after" in dead[0]["error.detail"]
+        assert dead[1]["rows"] == "1"  # only the batch's future row
     finally:
         _delete_topics(kafka_bootstrap, dlq)
 

@@ -337,6 +337,7 @@ class KafkaSource:
         self._topic_missing = False
         self._dlq_ready = False
         self._highwater: dict[int, int] = {}
+        self._unread: dict[int, int] = {}
 
     # ------------------------------------------------------------ TickSource API
 
@@ -582,12 +583,14 @@ class KafkaSource:
         broker. Partitions without a fetch response yet are left out.
         Thread-safe.
         """
-        highwater = self._highwater
-        position = self._next
-        return {
-            partition: max(0, end - position.get(_key(self.topic, partition), 0))
-            for partition, end in highwater.items()
-        }
+        highwater, unread, position = self._highwater, self._unread, self._next
+        lag = {}
+        for partition, end in highwater.items():
+            next_offset = position.get(_key(self.topic, partition))
+            if next_offset is None:
+                next_offset = unread.get(partition, 0)
+            lag[partition] = max(0, end - next_offset)
+        return lag
 
     def commit_async(self) -> None:
         """Publish the current position to Kafka's group offsets (monitoring only).
@@ -746,15 +749,26 @@ class KafkaSource:
         self._was_healthy = healthy
 
     def _note_highwater(self, consumer: KafkaConsumer) -> None:
-        """Keep the fetcher's high watermarks for :meth:`lag` (no broker call)."""
+        """Keep the fetcher's high watermarks for :meth:`lag` (no broker call).
+
+        Also the fetch position of each partition nothing was read from yet
+        (its log start, which retention may have moved past 0).
+        """
         highwater = {}
+        unread = {}
         for tp in self._assigned:
             try:
                 end = consumer.highwater(tp)
             except KafkaError:
                 continue
-            if end is not None:
-                highwater[tp.partition] = int(end)
+            if end is None:
+                continue
+            highwater[tp.partition] = int(end)
+            if _key(tp.topic, tp.partition) not in self._next:
+                start = _fetch_position(consumer, tp)
+                if start is not None:
+                    unread[tp.partition] = start
+        self._unread = unread
         self._highwater = highwater
 
     def _known_accounts(self) -> pl.Series | None:
@@ -831,6 +845,16 @@ class KafkaSource:
 
 def _key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
+
+
+def _fetch_position(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's fetch position of a partition, without asking a broker."""
+    try:
+        # KafkaConsumer.position() may block on a broker; the state does not.
+        position = consumer._subscription.assignment[tp].position
+    except Exception:  # internals of kafka-python: no position then
+        return None
+    return None if position is None else int(position.offset)
 
 
 def _leaders_connected(

@@ -613,6 +613,34 @@ def test_kafka_lag_counts_what_the_source_has_not_handed_out(
         source.close()
 
 
+def test_kafka_lag_of_a_partition_emptied_by_retention_is_zero(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    # Nothing is ever read from it, so the lag counts from its log start (10),
+    # not from offset 0.
+    topic = topic_factory(partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for i in range(10):
+        producer.send(topic, key=b"1", value=b"%d" % i)
+    producer.flush()
+    producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.delete_records({TopicPartition(topic, 0): 10})
+    finally:
+        admin.close()
+    source = _source(kafka_bootstrap, topic)
+    try:
+        deadline = time.monotonic() + 30
+        while not source.lag():
+            assert time.monotonic() < deadline
+            ticks, _ = source.poll(1000, 0.2)
+            assert ticks.height == 0
+        assert source.lag() == {0: 0}
+    finally:
+        source.close()
+
+
 @pytest.mark.parametrize("raw_records", [True, False], ids=["raw", "kafka-python"])
 def test_kafka_future_tick_is_dead_lettered_and_later_ticks_are_judged(
     tmp_path: Path,

@@ -35,7 +35,8 @@ from prop_stream.backtest import (
 )
 from prop_stream.config import StreamSettings
 from prop_stream.exceptions import PropStreamError
-from prop_stream.kafka import produce_file
+from prop_stream.kafka import KafkaUnavailableError, produce_file
+from prop_stream.kafka.produce import DEFAULT_PARTITIONS
 from prop_stream.logs import configure_logging
 from prop_stream.store.access import export_database, issue_session
 from prop_stream.store.init import init_database
@@ -535,7 +536,10 @@ def _add_produce(
         description=(
             "Send the ticks of a Parquet or CSV file to a topic, keyed by account, "
             "as JSON messages (interfaces.md section 1) or in the compact batch "
-            "encoding (header encoding: arrow-ipc-v1). Progress bar on a terminal."
+            "encoding (header encoding: arrow-ipc-v1), creating the topic first "
+            "unless it exists. Progress bar on a terminal. Exit status 0 when "
+            "every message is acknowledged, 2 on bad input, 1 when no broker "
+            "answers or the broker fails."
         ),
     )
     parser.add_argument("ticks", metavar="TICKS", type=Path, help="tick file")
@@ -551,17 +555,32 @@ def _add_produce(
         default="json",
         help="message encoding (default: %(default)s)",
     )
+    parser.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_PARTITIONS,
+        metavar="N",
+        help=(
+            "partitions of the topic if it is created; an existing topic is "
+            "left as it is (default: %(default)s)"
+        ),
+    )
     parser.set_defaults(handler=_run_produce)
 
 
 def _run_produce(args: argparse.Namespace) -> int:
-    sent = produce_file(
-        args.ticks,
-        bootstrap=args.kafka_bootstrap,
-        topic=args.topic,
-        encoding=args.encoding,
-        progress=sys.stderr.isatty(),
-    )
+    try:
+        sent = produce_file(
+            args.ticks,
+            bootstrap=args.kafka_bootstrap,
+            topic=args.topic,
+            encoding=args.encoding,
+            progress=sys.stderr.isatty(),
+            partitions=args.partitions,
+        )
+    except KafkaUnavailableError as exc:  # not bad input: the broker may come back
+        _error(str(exc))
+        return EXIT_FAILURE
     print(f"{PROG}: produce: {sent} ticks to {args.topic}", file=sys.stderr)
     return EXIT_OK
 

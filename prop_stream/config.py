@@ -52,10 +52,16 @@ class StreamSettings(BaseSettings):
         risk_mirror_interval_s: Seconds between two refreshes of the risk team's
             copy of the store, ``<db>.risk/risk.duckdb`` (docs/store.md); 0 turns
             it off. Keep it at most 30 so the copy stays within 60 s.
+        max_clock_skew_s: Ticks whose ``ts`` is more than this many seconds
+            ahead of the service's clock are dead-lettered as ``future_ts``
+            (``interfaces.md`` section 1); 0 turns the check off. Its variable
+            is ``PROP_STREAM_MAX_CLOCK_SKEW``.
     """
 
+    # validate_by_name: the one aliased field (max_clock_skew_s) is set by its
+    # name in code and by its documented variable in the environment.
     model_config = SettingsConfigDict(
-        env_prefix="PROP_STREAM_", frozen=True, extra="forbid"
+        env_prefix="PROP_STREAM_", frozen=True, extra="forbid", validate_by_name=True
     )
 
     db: Path = Path("prop-stream.duckdb")
@@ -78,6 +84,9 @@ class StreamSettings(BaseSettings):
     kafka_dlq_unknown_accounts: bool = True
     kafka_raw_records: bool = True
     risk_mirror_interval_s: float = Field(default=30.0, ge=0)
+    max_clock_skew_s: float = Field(
+        default=300, ge=0, validation_alias="PROP_STREAM_MAX_CLOCK_SKEW"
+    )
 
     @property
     def kafka_dlq(self) -> str:

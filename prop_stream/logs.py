@@ -25,8 +25,10 @@ from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["auto", "json", "text"]
 
-#: Third-party loggers that are too chatty at INFO for a service's log.
-_QUIET: Final = {"kafka": logging.WARNING, "uvicorn.access": logging.WARNING}
+#: Third-party loggers that are too chatty for a service's log. kafka-python logs
+#: an ERROR per reconnect attempt during an outage; the Kafka source reports the
+#: outage itself, one line per retry.
+_QUIET: Final = {"kafka": logging.CRITICAL, "uvicorn.access": logging.WARNING}
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

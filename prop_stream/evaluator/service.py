@@ -57,6 +57,7 @@ def build_source(settings: StreamSettings) -> TickSource:
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             dlq_unknown_accounts=settings.kafka_dlq_unknown_accounts,
             raw_records=settings.kafka_raw_records,
+            max_clock_skew_s=settings.max_clock_skew_s,
         )
     if settings.source == "demo":
         return DemoSource(

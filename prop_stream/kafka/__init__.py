@@ -4,6 +4,7 @@ This layer sits below :mod:`prop_stream.evaluator` (which wraps
 :class:`KafkaSource` as a tick source) and knows nothing of DuckDB.
 """
 
+from prop_stream.kafka.admin import ensure_topic
 from prop_stream.kafka.decode import (
     ARROW_ENCODING,
     ENCODING_HEADER,
@@ -17,6 +18,7 @@ from prop_stream.kafka.decode import (
 from prop_stream.kafka.exceptions import (
     DeadLetterError,
     KafkaSourceError,
+    KafkaUnavailableError,
     ProduceError,
 )
 from prop_stream.kafka.produce import produce_file
@@ -37,11 +39,13 @@ __all__ = [
     "KafkaSource",
     "KafkaSourceError",
     "KafkaSourceStats",
+    "KafkaUnavailableError",
     "ProduceError",
     "Reason",
     "Rejection",
     "decode_messages",
     "dlq_topic_for",
     "encode_arrow",
+    "ensure_topic",
     "produce_file",
 ]

@@ -16,8 +16,8 @@ section 1):
 NDJSON buffer and parsed by polars in one call; only a chunk that polars refuses
 (a value that is not JSON, a mistyped field) is parsed again message by message
 with orjson to find the culprits. Arrow batches go straight into polars. The
-checks (missing fields, NaN/inf, bad timestamps, unknown accounts) are polars
-expressions over the whole poll.
+checks (missing fields, NaN/inf, bad timestamps, timestamps beyond the clock-skew
+bound, unknown accounts) are polars expressions over the whole poll.
 
 Every rejected message (or every rejected group of rows of a batch message) comes
 back as a :class:`Rejection` with a stable :class:`Reason` code and a detail; the
@@ -30,6 +30,7 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -77,6 +78,8 @@ class Reason(StrEnum):
     NOT_FINITE = "not_finite"
     #: ``ts`` is neither ISO 8601 nor integer epoch milliseconds.
     BAD_TS = "bad_ts"
+    #: ``ts`` is more than the clock-skew bound ahead of the service's clock.
+    FUTURE_TS = "future_ts"
     #: No phase is being judged for the account.
     UNKNOWN_ACCOUNT = "unknown_account"
     #: A batch message that is not a readable Arrow IPC stream of ticks.
@@ -131,6 +134,7 @@ def decode_messages(
     encodings: Sequence[str | None] | None = None,
     *,
     known_accounts: pl.Series | None = None,
+    not_after: datetime | None = None,
 ) -> Decoded:
     """Decode a poll's message values into ticks and rejections.
 
@@ -140,18 +144,23 @@ def decode_messages(
             JSON.
         known_accounts: If given, ticks of other accounts are rejected with
             :attr:`Reason.UNKNOWN_ACCOUNT`.
+        not_after: If given (an aware datetime), ticks with a later ``ts`` are
+            rejected with :attr:`Reason.FUTURE_TS` (the service's clock plus
+            the clock-skew bound).
 
     Returns:
         The good ticks and the rejections.
     """
     if encodings is None or all(e is None or e == JSON_ENCODING for e in encodings):
-        return decode_json(values, known_accounts=known_accounts)
+        return decode_json(values, known_accounts=known_accounts, not_after=not_after)
     json_index = [i for i, e in enumerate(encodings) if e is None or e == JSON_ENCODING]
     parts: list[pl.DataFrame] = []
     rejections: list[Rejection] = []
     if json_index:
         decoded = decode_json(
-            [values[i] for i in json_index], known_accounts=known_accounts
+            [values[i] for i in json_index],
+            known_accounts=known_accounts,
+            not_after=not_after,
         )
         index_map = pl.Series("map", json_index, dtype=pl.UInt32)
         parts.append(
@@ -174,7 +183,9 @@ def decode_messages(
             continue
         arrow.append((i, values[i]))
     if arrow:
-        ticks, rejected = decode_arrow_many(arrow, known_accounts=known_accounts)
+        ticks, rejected = decode_arrow_many(
+            arrow, known_accounts=known_accounts, not_after=not_after
+        )
         parts.append(ticks)
         rejections.extend(rejected)
     ticks = pl.concat(parts) if parts else EMPTY_DECODED_TICKS
@@ -230,12 +241,15 @@ def decode_json(
     values: Sequence[bytes | None] | MessageValues,
     *,
     known_accounts: pl.Series | None = None,
+    not_after: datetime | None = None,
 ) -> Decoded:
     """Decode JSON tick messages, one tick per message.
 
     Args:
         values: The message values (a sequence, or :class:`MessageValues`).
         known_accounts: If given, ticks of other accounts are rejected.
+        not_after: If given, ticks with a later ``ts`` are rejected
+            (:attr:`Reason.FUTURE_TS`).
 
     Returns:
         The good ticks (``message`` = index in ``values``) and the rejections.
@@ -259,7 +273,9 @@ def decode_json(
     if not raws:
         return Decoded(EMPTY_DECODED_TICKS)
     raw = pl.concat(raws)
-    checked = _check(raw.with_columns(_parse_ts(pl.col("ts"))), known_accounts)
+    checked = _check(
+        raw.with_columns(_parse_ts(pl.col("ts"))), known_accounts, not_after
+    )
     bad = checked.filter(pl.col("reason").is_not_null())
     rejections.extend(
         Rejection(int(i), Reason(r), str(d))
@@ -363,11 +379,13 @@ def _parse_ts(text: pl.Expr) -> pl.Expr:
     return parse_ts_text(text.str.strip_chars()).alias("ts_parsed")
 
 
-def _check(raw: pl.DataFrame, known: pl.Series | None) -> pl.DataFrame:
+def _check(
+    raw: pl.DataFrame, known: pl.Series | None, not_after: datetime | None
+) -> pl.DataFrame:
     """Add ``reason``/``detail`` (null when good) and the parsed ``ts``.
 
     ``raw`` has ``message``, the four tick fields (``ts`` as received) and
-    ``ts_parsed``.
+    ``ts_parsed``. The first failing check names the reason.
     """
     reason: Any = pl.when(False).then(pl.lit(None, pl.String))
     detail: Any = pl.when(False).then(pl.lit(None, pl.String))
@@ -386,6 +404,17 @@ def _check(raw: pl.DataFrame, known: pl.Series | None) -> pl.DataFrame:
         detail = detail.when(nan).then(
             pl.lit(f"{name}: ") + pl.col(name).cast(pl.String)
         )
+    if not_after is not None:
+        if not_after.tzinfo is None:
+            raise ValueError("not_after must be an aware datetime")
+        bound = pl.lit(not_after).dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        future = pl.col("ts_parsed") > bound
+        reason = reason.when(future).then(pl.lit(Reason.FUTURE_TS.value))
+        detail = detail.when(future).then(
+            pl.lit("ts: ")
+            + pl.col("ts_parsed").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
+            + pl.lit(f" is after {_iso(not_after)} (the clock-skew bound)")
+        )
     if known is not None:
         unknown = ~pl.col("account_id").is_in(known.implode())
         reason = reason.when(unknown).then(pl.lit(Reason.UNKNOWN_ACCOUNT.value))
@@ -400,6 +429,10 @@ def _check(raw: pl.DataFrame, known: pl.Series | None) -> pl.DataFrame:
         .with_columns(pl.col("ts_parsed").alias("ts"))
         .drop("ts_parsed")
     )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # --------------------------------------------------------------------------- Arrow
@@ -423,7 +456,11 @@ def encode_arrow(ticks: pl.DataFrame) -> bytes:
 
 
 def decode_arrow(
-    value: bytes | None, index: int, *, known_accounts: pl.Series | None = None
+    value: bytes | None,
+    index: int,
+    *,
+    known_accounts: pl.Series | None = None,
+    not_after: datetime | None = None,
 ) -> tuple[pl.DataFrame, list[Rejection]]:
     """Decode one ``arrow-ipc-v1`` message.
 
@@ -431,6 +468,8 @@ def decode_arrow(
         value: The message value.
         index: The message's index (for ``message`` and the rejections).
         known_accounts: If given, ticks of other accounts are rejected.
+        not_after: If given, ticks with a later ``ts`` are rejected
+            (:attr:`Reason.FUTURE_TS`).
 
     Returns:
         The good ticks (``message`` = ``index``) and the rejections: the whole
@@ -449,7 +488,9 @@ def decode_arrow(
             Rejection(index, Reason.BAD_BATCH, _first_line(exc))
         ]
     checked = _check(
-        converted.with_columns(pl.col("ts").alias("ts_parsed")), known_accounts
+        converted.with_columns(pl.col("ts").alias("ts_parsed")),
+        known_accounts,
+        not_after,
     )
     return _split(checked, lambda _, rows: raw[rows])
 
@@ -514,6 +555,7 @@ def decode_arrow_many(
     messages: Sequence[tuple[int, bytes | None]],
     *,
     known_accounts: pl.Series | None = None,
+    not_after: datetime | None = None,
 ) -> tuple[pl.DataFrame, list[Rejection]]:
     """Decode many ``arrow-ipc-v1`` messages as :func:`decode_arrow` does each.
 
@@ -525,6 +567,8 @@ def decode_arrow_many(
     Args:
         messages: ``(index, value)`` of each message, in order.
         known_accounts: If given, ticks of other accounts are rejected.
+        not_after: If given, ticks with a later ``ts`` are rejected
+            (:attr:`Reason.FUTURE_TS`).
 
     Returns:
         The good ticks (``message`` = the index) in message order, and the
@@ -545,11 +589,14 @@ def decode_arrow_many(
     values = dict(messages)
     parts: list[pl.DataFrame] = []
     for indexes in groups.values():
-        decoded = _decode_group(indexes, raws, known_accounts)
+        decoded = _decode_group(indexes, raws, known_accounts, not_after)
         if decoded is None:
             for index in indexes:
                 ticks, rejected = decode_arrow(
-                    values[index], index, known_accounts=known_accounts
+                    values[index],
+                    index,
+                    known_accounts=known_accounts,
+                    not_after=not_after,
                 )
                 parts.append(ticks)
                 rejections.extend(rejected)
@@ -567,6 +614,7 @@ def _decode_group(
     indexes: Sequence[int],
     raws: dict[int, pl.DataFrame],
     known: pl.Series | None,
+    not_after: datetime | None,
 ) -> tuple[pl.DataFrame, list[Rejection]] | None:
     """Messages whose tick columns have the same types; None if conversion fails."""
     picked = [raws[i].select(_FIELDS) for i in indexes]
@@ -590,7 +638,9 @@ def _decode_group(
         )
     except (pl.exceptions.PolarsError, ValueError):
         return None
-    checked = _check(converted.with_columns(pl.col("ts").alias("ts_parsed")), known)
+    checked = _check(
+        converted.with_columns(pl.col("ts").alias("ts_parsed")), known, not_after
+    )
     return _split(checked, lambda index, rows: raws[index][rows - starts[index]])
 
 

@@ -36,4 +36,21 @@ class ProduceError(KafkaSourceError):
     """A tick file could not be replayed to a topic."""
 
 
-__all__ = ["DeadLetterError", "KafkaSourceError", "ProduceError"]
+class KafkaUnavailableError(KafkaSourceError):
+    """No Kafka broker answered in time (not bad input: it may answer later).
+
+    Attributes:
+        bootstrap: The addresses tried.
+    """
+
+    def __init__(self, message: str, *, bootstrap: str) -> None:
+        super().__init__(message)
+        self.bootstrap = bootstrap
+
+
+__all__ = [
+    "DeadLetterError",
+    "KafkaSourceError",
+    "KafkaUnavailableError",
+    "ProduceError",
+]

@@ -1,6 +1,8 @@
 """Replay a tick file to a Kafka topic (``prop-stream produce``).
 
-The file's ticks are sent in time order (a stable sort by ``ts``, so ticks of one
+The topic is created first unless it exists (``partitions`` partitions, one
+replica per broker up to three): brokers do not auto-create topics. The file's
+ticks are then sent in time order (a stable sort by ``ts``, so ticks of one
 account with equal times keep their file order, as the backtest's stable sort
 does), keyed so that one account's ticks stay in one partition:
 
@@ -26,13 +28,14 @@ from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
+from prop_stream.kafka.admin import DEFAULT_BOOTSTRAP_TIMEOUT_S, ensure_topic
 from prop_stream.kafka.decode import (
     ARROW_ENCODING,
     ENCODING_HEADER,
     convert_tick_column,
     encode_arrow,
 )
-from prop_stream.kafka.exceptions import ProduceError
+from prop_stream.kafka.exceptions import KafkaUnavailableError, ProduceError
 from prop_stream.rules import TICK_SCHEMA
 
 Encoding = Literal["json", "batch"]
@@ -40,6 +43,10 @@ Encoding = Literal["json", "batch"]
 #: Ticks per batch message: 32 bytes each keeps a message under the broker's
 #: default 1 MB ``message.max.bytes``.
 DEFAULT_BATCH_ROWS: Final = 25_000
+#: Partitions of a topic ``produce`` creates.
+DEFAULT_PARTITIONS: Final = 6
+#: Longest wait for the broker to acknowledge every message.
+ACK_TIMEOUT_S: Final = 60.0
 _TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.6fZ"
 
 
@@ -85,37 +92,64 @@ def produce_file(
     encoding: Encoding = "json",
     progress: bool = False,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    partitions: int = DEFAULT_PARTITIONS,
+    bootstrap_timeout_s: float = DEFAULT_BOOTSTRAP_TIMEOUT_S,
 ) -> int:
     """Replay a tick file to a topic and wait until every message is acknowledged.
 
     Args:
         path: The Parquet or CSV tick file.
         bootstrap: ``host:port`` of a broker.
-        topic: The topic (must exist).
+        topic: The topic; created with ``partitions`` partitions unless it
+            exists.
         encoding: ``json`` (one tick per message) or ``batch`` (Arrow IPC).
         progress: Show a progress bar on stderr when it is a terminal.
         batch_rows: Ticks per batch message.
+        partitions: Partitions of the topic if it is created.
+        bootstrap_timeout_s: Longest wait for a broker to answer at all.
 
     Returns:
         The number of ticks sent.
 
     Raises:
-        ProduceError: The file is unreadable, the topic is missing or the broker
-            did not acknowledge every message.
+        ProduceError: The file is unreadable or the settings are bad.
+        KafkaUnavailableError: No broker answered, or the broker did not
+            acknowledge every message.
+        KafkaSourceError: The topic could not be created.
     """
     if encoding not in ("json", "batch"):
         raise ProduceError(f"unknown encoding {encoding!r} (json or batch)")
     if batch_rows < 1:
         raise ProduceError("batch_rows must be positive")
+    if partitions < 1:
+        raise ProduceError(f"partitions must be at least 1, got {partitions}")
     ticks = read_tick_file(path)
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap.split(","),
+    ensure_topic(
+        bootstrap,
+        topic,
+        partitions=partitions,
+        bootstrap_timeout_s=bootstrap_timeout_s,
         client_id="prop-stream-produce",
-        acks="all",
-        linger_ms=20,
-        batch_size=1024 * 1024,
-        max_request_size=4 * 1024 * 1024,
     )
+    try:
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap.split(","),
+            client_id="prop-stream-produce",
+            acks="all",
+            linger_ms=20,
+            batch_size=1024 * 1024,
+            max_request_size=4 * 1024 * 1024,
+            bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000),
+            # A broker that goes away mid-replay fails the sends in bounded time.
+            max_block_ms=int(ACK_TIMEOUT_S * 1000),
+            request_timeout_ms=15_000,
+            delivery_timeout_ms=int(ACK_TIMEOUT_S * 1000) - 5_000,
+        )
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"no Kafka broker answers at {bootstrap}: {exc}", bootstrap=bootstrap
+        ) from exc
+    failures = _Failures()
     bar = tqdm(
         total=ticks.height,
         unit="tick",
@@ -126,20 +160,45 @@ def produce_file(
         leave=False,
     )
     try:
-        partitions = producer.partitions_for(topic)
-        if not partitions:
+        found = producer.partitions_for(topic)
+        if not found:
             raise ProduceError(f"topic {topic!r} does not exist on {bootstrap}")
         with bar:
             if encoding == "json":
-                _send_json(producer, topic, ticks, bar)
+                _send_json(producer, topic, ticks, bar, failures)
             else:
-                _send_batches(producer, topic, ticks, len(partitions), batch_rows, bar)
-            producer.flush(timeout=120)
+                _send_batches(
+                    producer, topic, ticks, len(found), batch_rows, bar, failures
+                )
+            producer.flush(timeout=ACK_TIMEOUT_S)
     except KafkaError as exc:
-        raise ProduceError(f"producing to {topic} failed: {exc}") from exc
+        raise KafkaUnavailableError(
+            f"producing to {topic} at {bootstrap} failed: {exc}", bootstrap=bootstrap
+        ) from exc
     finally:
         producer.close(timeout=10)
+    if failures.count:
+        raise KafkaUnavailableError(
+            f"{failures.count} message(s) to {topic} were not acknowledged: "
+            f"{failures.first}",
+            bootstrap=bootstrap,
+        )
     return ticks.height
+
+
+class _Failures:
+    """Counts the sends the broker did not acknowledge (their futures' errbacks)."""
+
+    __slots__ = ("count", "first")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: BaseException | None = None
+
+    def __call__(self, exc: BaseException) -> None:
+        if self.first is None:
+            self.first = exc
+        self.count += 1
 
 
 def partition_of(account_id: int, partitions: int) -> int:
@@ -156,7 +215,11 @@ def partition_of(account_id: int, partitions: int) -> int:
 
 
 def _send_json(
-    producer: KafkaProducer, topic: str, ticks: pl.DataFrame, bar: tqdm
+    producer: KafkaProducer,
+    topic: str,
+    ticks: pl.DataFrame,
+    bar: tqdm,
+    failures: _Failures,
 ) -> None:
     chunk = 100_000
     for start in range(0, ticks.height, chunk):
@@ -173,7 +236,9 @@ def _send_json(
             .alias("value"),
         )
         for key, value in encoded.iter_rows():
-            producer.send(topic, key=key.encode(), value=value.encode())
+            producer.send(topic, key=key.encode(), value=value.encode()).add_errback(
+                failures
+            )
         bar.update(part.height)
 
 
@@ -184,6 +249,7 @@ def _send_batches(
     partitions: int,
     batch_rows: int,
     bar: tqdm,
+    failures: _Failures,
 ) -> None:
     accounts = ticks["account_id"].unique().to_list()
     mapping = pl.DataFrame(
@@ -203,12 +269,13 @@ def _send_batches(
                 value=encode_arrow(rows),
                 partition=int(str(partition)),
                 headers=headers,
-            )
+            ).add_errback(failures)
             bar.update(rows.height)
 
 
 __all__ = [
     "DEFAULT_BATCH_ROWS",
+    "DEFAULT_PARTITIONS",
     "Encoding",
     "partition_of",
     "produce_file",

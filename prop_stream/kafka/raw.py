@@ -19,6 +19,13 @@ chunks back out. :class:`RawValues` joins the chunks of a poll into the
 :class:`~prop_stream.kafka.decode.MessageValues` the JSON decoder reads: one
 NDJSON buffer per chunk range, built in Rust.
 
+**Scope and versions.** :func:`install` sets attributes of one consumer's own
+objects; kafka-python's classes and modules are never changed, so other clients
+in the process keep the library's behaviour. Those attributes are kafka-python
+internals: :func:`supported` checks that the installed version is one this was
+tested with (:data:`TESTED_KAFKA_PYTHON`), and the source reads records through
+kafka-python alone otherwise.
+
 **Fallback.** Compressed batches (gzip, snappy, lz4, zstd), the old message
 formats (magic 0 and 1) and ``isolation_level="read_committed"`` are left to
 kafka-python: from the first such batch on, the rest of that partition's fetch
@@ -30,8 +37,11 @@ speed).
 from __future__ import annotations
 
 import bisect
+import functools
+import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any, Final, Protocol
 
 from kafka import KafkaConsumer
@@ -331,39 +341,97 @@ class RawPartitionRecords:
         return [chunk] * len(records)
 
 
+#: The kafka-python versions whose internals this module was tested with: it
+#: sets attributes of a consumer's fetcher, connection manager, transports and
+#: protocol parsers. Any other version reads records with kafka-python's own
+#: reader (:func:`supported`).
+TESTED_KAFKA_PYTHON: Final = frozenset({"3.0.12"})
+
+_warned_versions: set[str | None] = set()
+
+
+def installed_kafka_python() -> str | None:
+    """The installed kafka-python's version (None if the metadata is missing)."""
+    try:
+        return importlib.metadata.version("kafka-python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def supported() -> bool:
+    """Whether the installed kafka-python is one this module was tested with.
+
+    Otherwise logs one warning (once per process and version) and returns
+    False: the source then reads records through kafka-python alone.
+    """
+    version = installed_kafka_python()
+    if version in TESTED_KAFKA_PYTHON:
+        return True
+    if version not in _warned_versions:
+        _warned_versions.add(version)
+        logger.warning(
+            "kafka-python %s is not a version the fast record path was tested "
+            "with (%s): records are read by kafka-python itself, more slowly",
+            version or "(unknown version)",
+            ", ".join(sorted(TESTED_KAFKA_PYTHON)),
+        )
+    return False
+
+
 def install(consumer: KafkaConsumer) -> None:
     """Make ``consumer.poll`` return :class:`Chunk` objects instead of records.
 
-    Also applies :func:`tune_network_reads` (once per process).
+    Everything replaced is an attribute of this consumer's own objects (its
+    fetcher, its connection manager, and the transports and protocol parsers
+    of the connections that manager opens), never a class or module of
+    kafka-python: other consumers and producers in the process are untouched.
+    Call it only when :func:`supported` is True.
+
+    Also makes the consumer's network reads copy less
+    (:func:`tune_connection`, for every connection it opens from now on).
     """
-    fetcher = consumer._fetcher  # no public hook for this
     # An instance attribute: `self.PartitionRecords(...)` in the fetcher finds it.
-    fetcher.PartitionRecords = RawPartitionRecords
-    tune_network_reads()
+    consumer._fetcher.PartitionRecords = RawPartitionRecords  # no public hook
+    manager = consumer._manager
+    connect = manager._connect
+
+    async def _connect(node: Any, conn: Any, *args: Any, **kwargs: Any) -> None:
+        # kafka-python schedules `self._connect(...)` for every (re)connect, so
+        # this instance attribute sees each connection this consumer opens.
+        await connect(node, conn, *args, **kwargs)
+        tune_connection(conn)
+
+    manager._connect = _connect
+    for conn in list(manager._conns.values()):
+        tune_connection(conn)
 
 
-_tuned = False
-
-
-def tune_network_reads() -> None:
-    """Make kafka-python's network thread copy fetch responses less.
+def tune_connection(conn: Any) -> None:
+    """Make one kafka-python connection copy fetch responses less.
 
     Profiling the batch encoding (160 MB per 5M ticks) showed kafka-python's
     network thread busy for most of the run, holding the GIL: it reads the
     socket 4 KiB per ``recv`` call, and ``KafkaBytes.read`` copies a whole
-    response twice (a ``bytearray`` slice, then ``bytes`` of it). Two small
-    replacements, for plaintext connections (``KafkaTCPTransport``; the SSL
-    transport has its own reader and is left alone): ``recv`` of
-    :data:`RECV_BYTES`, and ``KafkaBytes.read`` copying once through a
-    ``memoryview``. Both keep kafka-python's behaviour (errors, positions);
-    they apply process-wide, so the DLQ producer gains too.
+    response twice (a ``bytearray`` slice, then ``bytes`` of it). For a
+    plaintext connection (``KafkaTCPTransport``; the SSL transport has its own
+    reader and is left alone) this sets, on this connection's objects only:
+    the transport's ``_sock_recv`` to one reading :data:`RECV_BYTES` per call,
+    and the protocol parser's ``_process_response`` to one that reads the
+    response buffer with a single copy (:class:`OneCopyKafkaBytes`). Both keep
+    kafka-python's behaviour (errors, positions).
+
+    Args:
+        conn: A ``kafka.net.connection.KafkaConnection`` (after its connect;
+            one whose connect failed has no transport and is left alone).
     """
-    global _tuned
-    if _tuned:
-        return
-    _tuned = True
-    KafkaTCPTransport._sock_recv = _sock_recv
-    KafkaBytes.read = _kafka_bytes_read
+    transport: Any = getattr(conn, "transport", None)
+    if type(transport) is KafkaTCPTransport and "_sock_recv" not in vars(transport):
+        transport._sock_recv = MethodType(_sock_recv, transport)
+    parser = getattr(conn, "parser", None)
+    if parser is not None and "_process_response" not in vars(parser):
+        parser._process_response = functools.partial(
+            _process_one_copy, parser._process_response
+        )
 
 
 def _sock_recv(self: Any) -> tuple[bytes, KafkaConnectionError | None]:
@@ -377,23 +445,38 @@ def _sock_recv(self: Any) -> tuple[bytes, KafkaConnectionError | None]:
         except (BlockingIOError, InterruptedError):
             break
         except BaseException as exc:  # kafka-python closes the connection on any
-            logger.exception("%s: error receiving network data", self)
+            # Debug only: the source reports the outage itself, once per retry.
+            logger.debug("%s: error receiving network data", self, exc_info=True)
             error = KafkaConnectionError(exc)
             break
         if not data:
-            logger.error("%s: socket disconnected", self)
+            logger.debug("%s: socket disconnected", self)
             error = KafkaConnectionError("socket disconnected")
             break
         parts.append(data)
     return (parts[0] if len(parts) == 1 else b"".join(parts)), error
 
 
-def _kafka_bytes_read(self: Any, nbytes: int | None = None) -> bytes:
-    """``KafkaBytes.read`` with one copy instead of two."""
-    start = self._idx
-    end = len(self) if nbytes is None else min(start + nbytes, len(self))
-    self._idx = end
-    return bytes(memoryview(self)[start:end])
+class OneCopyKafkaBytes(KafkaBytes):  # type: ignore[misc]  # untyped base
+    """A response buffer whose ``read`` copies once instead of twice."""
+
+    _idx: int  # KafkaBytes' read position
+
+    def read(self, nbytes: int | None = None) -> bytes:
+        """``KafkaBytes.read`` through a ``memoryview``: one copy."""
+        start = self._idx
+        end = len(self) if nbytes is None else min(start + nbytes, len(self))
+        self._idx = end
+        return bytes(memoryview(self)[start:end])
+
+
+def _process_one_copy(process: Callable[[Any], Any], read_buffer: Any) -> Any:
+    """Parse a response with its buffer read by :class:`OneCopyKafkaBytes`."""
+    if type(read_buffer) is KafkaBytes:
+        # Same layout (a subclass adding only methods): only this buffer
+        # object changes class, not KafkaBytes.
+        read_buffer.__class__ = OneCopyKafkaBytes
+    return process(read_buffer)
 
 
 def chunks_of(repeated: Sequence[Chunk]) -> list[Chunk]:
@@ -477,7 +560,9 @@ class RawValues:
 
 
 __all__ = [
+    "TESTED_KAFKA_PYTHON",
     "Chunk",
+    "OneCopyKafkaBytes",
     "RawPartitionRecords",
     "RawValues",
     "RecordsChunk",
@@ -485,5 +570,7 @@ __all__ = [
     "chunks_of",
     "header_encoding",
     "install",
-    "tune_network_reads",
+    "installed_kafka_python",
+    "supported",
+    "tune_connection",
 ]

@@ -30,9 +30,15 @@ Rust core (:mod:`prop_stream.kafka.raw`), not as one kafka-python
 ``ConsumerRecord`` per record; a rejected message's record is rebuilt for the
 DLQ. ``raw_records=False`` keeps kafka-python's records.
 
-**Broker outages.** kafka-python reconnects by itself; polls return no ticks
-meanwhile and :meth:`KafkaSource.healthy` is False until a leader of every
-partition is connected again.
+**Future timestamps.** A tick whose ``ts`` is more than ``max_clock_skew_s``
+ahead of the service's clock goes to the DLQ (``future_ts``) and is never
+judged (``interfaces.md`` section 1).
+
+**Waiting, not failing.** A broker that does not answer, a topic that does not
+exist yet and a broker outage are waited out: polls return no ticks meanwhile,
+the log gets one line when the wait starts and then one per retry, with
+backoff, and :meth:`KafkaSource.not_ready` names the reason (``/readyz``).
+:meth:`KafkaSource.close` from another thread ends any wait promptly.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import polars as pl
@@ -50,6 +57,13 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from prop_stream.kafka.admin import (
+    DEFAULT_BOOTSTRAP_TIMEOUT_S,
+    abort_bootstrap,
+    build_client,
+    discard,
+    ensure_topic,
+)
 from prop_stream.kafka.decode import (
     JSON_ENCODING,
     Rejection,
@@ -57,7 +71,13 @@ from prop_stream.kafka.decode import (
     decode_messages,
 )
 from prop_stream.kafka.exceptions import DeadLetterError, KafkaSourceError
-from prop_stream.kafka.raw import RawValues, chunks_of, header_encoding, install
+from prop_stream.kafka.raw import (
+    RawValues,
+    chunks_of,
+    header_encoding,
+    install,
+    supported,
+)
 from prop_stream.rules import TICK_SCHEMA, PhaseSpec
 
 logger = logging.getLogger(__name__)
@@ -68,6 +88,13 @@ DEFAULT_TOPIC: Final = "prop.equity-ticks"
 DEFAULT_FETCH_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_PARTITION_FETCH_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_FETCH_MAX_WAIT_MS: Final = 100
+#: Default bound of how far a tick's ``ts`` may be ahead of the clock (seconds).
+DEFAULT_MAX_CLOCK_SKEW_S: Final = 300.0
+#: Seconds between looks for a topic that does not exist yet.
+MISSING_TOPIC_RETRY_S: Final = 1.0
+#: First and longest pause between two connection attempts (or log lines).
+FIRST_RETRY_S: Final = 1.0
+MAX_RETRY_S: Final = 30.0
 
 _EMPTY_TICKS: Final = pl.DataFrame(schema=TICK_SCHEMA)
 
@@ -98,8 +125,10 @@ class KafkaSourceStats:
         rejected: Rejected messages (or batch-row groups) by reason code.
         rejected_ticks: Ticks rejected.
         dead_letters: Dead letters written.
+        dead_letters_by_reason: Dead letters written, by reason code.
         dlq_failures: Polls undone because the DLQ could not be written.
         reconnects: Times the source became healthy again after an outage.
+        connect_failures: Attempts to reach a broker that failed.
     """
 
     messages: int = 0
@@ -107,8 +136,67 @@ class KafkaSourceStats:
     rejected: Counter[str] = field(default_factory=Counter)
     rejected_ticks: int = 0
     dead_letters: int = 0
+    dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
     dlq_failures: int = 0
     reconnects: int = 0
+    connect_failures: int = 0
+
+
+class _Wait:
+    """The log lines of one kind of wait: one when it starts, one per retry.
+
+    The retries back off (``FIRST_RETRY_S`` doubling up to ``MAX_RETRY_S``);
+    :meth:`over` logs one line when the wait ends.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self._next = 0.0
+        self._step = FIRST_RETRY_S
+
+    @property
+    def waiting(self) -> bool:
+        return self.since is not None
+
+    def due(self) -> bool:
+        """Whether the next retry is due."""
+        return time.monotonic() >= self._next
+
+    def retry_in(self) -> float:
+        """Seconds until the next retry is due (0 if it is)."""
+        return max(0.0, self._next - time.monotonic())
+
+    def failed(
+        self, message: str, *args: object, then: str = "retrying in %.0f s"
+    ) -> None:
+        """A try failed: log it (once per retry) and schedule the next one.
+
+        Args:
+            message: The line (``%`` arguments in ``args``); from the second
+                line of a wait on, ``for N s`` is added.
+            *args: Its arguments.
+            then: What comes next, with the seconds until the next retry.
+        """
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            self._step = FIRST_RETRY_S
+            text, values = message, args
+        else:
+            self._step = min(MAX_RETRY_S, self._step * 2)
+            text, values = message + " for %.0f s", (*args, now - self.since)
+        self._next = now + self._step
+        logger.warning(text + "; " + then, *values, self._step)
+
+    def over(self, message: str, *args: object) -> None:
+        """The wait has ended: log how long it took."""
+        if self.since is None:
+            return
+        waited = time.monotonic() - self.since
+        self.since = None
+        self._step = FIRST_RETRY_S
+        self._next = 0.0
+        logger.info(message + " after %.0f s", *args, waited)
 
 
 class KafkaSource:
@@ -116,8 +204,11 @@ class KafkaSource:
 
     Args:
         bootstrap: ``host:port[,host:port...]`` of the brokers.
-        topic: The tick topic (must exist: brokers don't auto-create).
-        dlq_topic: The dead-letter topic (default ``<topic>.dlq``).
+        topic: The tick topic (brokers don't auto-create it; until it exists
+            the source waits for it).
+        dlq_topic: The dead-letter topic (default ``<topic>.dlq``; created
+            with one partition when the first dead letter is written, unless
+            it exists).
         group_id: The group Kafka offsets are committed under (for monitoring
             only); None commits nothing.
         client_id: The client id the brokers log.
@@ -140,7 +231,14 @@ class KafkaSource:
         raw_records: Read each partition's fetched record batches in the Rust
             core (``prop_stream.kafka.raw``) instead of one kafka-python
             ``ConsumerRecord`` per record; False is the old path (kept to
-            compare, and as a way out).
+            compare, and as a way out). Also False when the installed
+            kafka-python is not a version that path was tested with
+            (``raw.supported``, one warning).
+        max_clock_skew_s: Ticks whose ``ts`` is more than this many seconds
+            ahead of ``clock`` go to the DLQ (``future_ts``); 0 turns the
+            check off.
+        clock: The service's clock (seconds since the epoch; tests set it).
+        bootstrap_timeout_s: Longest a connection attempt waits for a broker.
         consumer_config: Extra ``KafkaConsumer`` settings (override the above).
         producer_config: Extra ``KafkaProducer`` settings of the DLQ producer.
     """
@@ -163,11 +261,18 @@ class KafkaSource:
         on_rejected: RejectionCallback | None = None,
         partition_refresh_s: float = 30.0,
         raw_records: bool = True,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+        clock: Callable[[], float] = time.time,
+        bootstrap_timeout_s: float = DEFAULT_BOOTSTRAP_TIMEOUT_S,
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not topic:
             raise KafkaSourceError("the tick topic name is empty")
+        if not max_clock_skew_s >= 0:
+            raise KafkaSourceError(
+                f"max_clock_skew_s must be 0 or more, got {max_clock_skew_s}"
+            )
         self.bootstrap = bootstrap
         self.topic = topic
         self.dlq_topic = dlq_topic or dlq_topic_for(topic)
@@ -186,6 +291,7 @@ class KafkaSource:
             "max_poll_records": 100_000,
             "receive_buffer_bytes": 4 * 1024 * 1024,
             "reconnect_backoff_max_ms": 2_000,
+            "bootstrap_timeout_ms": int(bootstrap_timeout_s * 1000),
             **dict(consumer_config or {}),
         }
         self._producer_config: dict[str, Any] = {
@@ -195,13 +301,24 @@ class KafkaSource:
             "linger_ms": 5,
             "max_block_ms": 10_000,
             "reconnect_backoff_max_ms": 2_000,
+            "bootstrap_timeout_ms": int(bootstrap_timeout_s * 1000),
             **dict(producer_config or {}),
         }
+        self._bootstrap_timeout_s = bootstrap_timeout_s
         self._dlq_unknown = dlq_unknown_accounts
         self._on_rejected = on_rejected
         self._refresh_s = partition_refresh_s
-        self._raw = raw_records
+        self._raw = raw_records and supported()
+        #: Whether the fast record path is in use (see ``raw_records``).
+        self.raw_records = self._raw
+        #: The clock-skew bound in seconds (0: no check).
+        self.max_clock_skew_s = float(max_clock_skew_s)
+        self._skew = self.max_clock_skew_s
+        self._clock = clock
         self._consumer: KafkaConsumer | None = None
+        # A consumer whose constructor is waiting for a broker (close() aborts it).
+        self._building: KafkaConsumer | None = None
+        self._client_lock = threading.Lock()
         self._producer: KafkaProducer | None = None
         self._assigned: list[TopicPartition] = []
         self._next_refresh = 0.0
@@ -214,6 +331,13 @@ class KafkaSource:
         self._ticks_per_message = 1.0
         self._closed = threading.Event()
         self._was_healthy = False
+        self._connect_wait = _Wait()
+        self._outage = _Wait()
+        self._dlq_wait = _Wait()
+        self._topic_missing = False
+        self._dlq_ready = False
+        self._highwater: dict[int, int] = {}
+        self._unread: dict[int, int] = {}
 
     # ------------------------------------------------------------ TickSource API
 
@@ -282,10 +406,20 @@ class KafkaSource:
                 self._known_series = None
 
     def close(self) -> None:
-        """Close the consumer and the DLQ producer (a poll in progress returns)."""
+        """Close the consumer and the DLQ producer; thread-safe.
+
+        A poll in progress in another thread returns promptly, also one
+        waiting for a broker or a topic.
+        """
         self._closed.set()
-        consumer, self._consumer = self._consumer, None
-        producer, self._producer = self._producer, None
+        with self._client_lock:
+            building, self._building = self._building, None
+            consumer, self._consumer = self._consumer, None
+            producer, self._producer = self._producer, None
+        if building is not None:
+            # Its constructor, waiting for a broker, fails now; else the poll
+            # thread discards it once the constructor returns.
+            abort_bootstrap(building)
         if consumer is not None:
             try:
                 consumer.close(autocommit=False)
@@ -293,7 +427,7 @@ class KafkaSource:
                 logger.exception("closing the Kafka consumer failed")
         if producer is not None:
             try:
-                producer.close(timeout=5)
+                producer.close(timeout=1)  # unsent dead letters are fetched again
             except Exception:  # closing must not fail a stop
                 logger.exception("closing the DLQ producer failed")
 
@@ -322,13 +456,23 @@ class KafkaSource:
             fetched = consumer.poll(
                 timeout_ms=int(timeout * 1000), max_records=messages
             )
-        except KafkaError as exc:
-            logger.warning("Kafka poll failed: %s", exc)
+        except Exception as exc:
+            if self._closed.is_set():
+                return _EMPTY_TICKS, self.position()  # closed under the poll
+            if not isinstance(exc, KafkaError):
+                raise
+            self._note_health(str(exc))
             return _EMPTY_TICKS, self.position()
+        self._note_health()
+        self._note_highwater(consumer)
         if not fetched:
-            self._note_health()
             return _EMPTY_TICKS, self.position()
         before = dict(self._next)
+        not_after = (
+            datetime.fromtimestamp(self._clock() + self._skew, UTC)
+            if self._skew > 0
+            else None
+        )
         records: _Records
         if self._raw:
             raw = RawValues(
@@ -336,10 +480,15 @@ class KafkaSource:
             )
             records = raw
             if raw.json_only:
-                decoded = decode_json(raw, known_accounts=self._known_accounts())
+                decoded = decode_json(
+                    raw, known_accounts=self._known_accounts(), not_after=not_after
+                )
             else:
                 decoded = decode_messages(
-                    raw.values(), raw.encodings(), known_accounts=self._known_accounts()
+                    raw.values(),
+                    raw.encodings(),
+                    known_accounts=self._known_accounts(),
+                    not_after=not_after,
                 )
             for tp, part in fetched.items():
                 self._next[_key(tp.topic, tp.partition)] = part[-1].last_offset + 1
@@ -352,6 +501,7 @@ class KafkaSource:
                 values,
                 encodings if has_batches else None,
                 known_accounts=self._known_accounts(),
+                not_after=not_after,
             )
             for tp, part in fetched.items():
                 self._next[_key(tp.topic, tp.partition)] = part[-1].offset + 1
@@ -359,7 +509,13 @@ class KafkaSource:
             try:
                 self._dead_letters(decoded.rejections, records)
             except DeadLetterError as exc:
-                logger.warning("%s; the poll is undone", exc)
+                if self._dlq_wait.due():
+                    self._dlq_wait.failed(
+                        "%s",
+                        exc,
+                        then="the poll is undone and fetched again "
+                        "(next report in %.0f s)",
+                    )
                 self.stats.dlq_failures += 1
                 self._next = before
                 self._seek_assigned(consumer, list(fetched))
@@ -376,25 +532,65 @@ class KafkaSource:
 
     # ------------------------------------------------------------------- extras
 
-    def healthy(self) -> bool:
-        """Whether the source is connected to the leader of every partition.
+    def not_ready(self) -> dict[str, str]:
+        """What keeps the source from delivering ticks now; empty when nothing.
 
-        False before the first assignment, during a broker outage and after
-        :meth:`close`; what ``/readyz`` reports for the Kafka source.
+        Maps a component to the reason, for ``/readyz``: ``{"kafka": "no
+        broker answers at H:P"}`` (while no broker answers, or the leader of
+        an assigned partition is not connected), ``{"kafka": "connecting to
+        ..."}`` (before the first connection, right after the assignment),
+        ``{"kafka": "the Kafka source is closed"}`` or ``{"topic": "topic T
+        does not exist"}``. Thread-safe and cheap: it asks no broker.
         """
+        if self._closed.is_set():
+            return {"kafka": "the Kafka source is closed"}
         consumer = self._consumer
-        if consumer is None or not self._assigned or self._closed.is_set():
-            return False
-        try:
-            # kafka-python has no public per-node connection state.
-            client = consumer._client
-            cluster = client.cluster
-            leaders = {cluster.leader_for_partition(tp) for tp in self._assigned}
-            if None in leaders or -1 in leaders:
-                return False
-            return all(client.connected(node) for node in leaders)
-        except Exception:  # a health probe never raises
-            return False
+        if consumer is None:
+            if self.stats.connect_failures:
+                return {"kafka": f"no broker answers at {self.bootstrap}"}
+            return {"kafka": f"connecting to {self.bootstrap}"}
+        if self._topic_missing:
+            return {"topic": f"topic {self.topic} does not exist"}
+        assigned = self._assigned
+        if not assigned:
+            return {"kafka": f"looking up topic {self.topic} at {self.bootstrap}"}
+        if not _leaders_connected(consumer, assigned):
+            if not self._was_healthy and not self._outage.waiting:
+                # Just assigned: the connections to the leaders are opening.
+                return {"kafka": f"connecting to the leaders of {self.topic}"}
+            return {"kafka": f"no broker answers at {self.bootstrap}"}
+        return {}
+
+    def healthy(self) -> bool:
+        """Whether :meth:`not_ready` is empty (connected, topic assigned)."""
+        return not self.not_ready()
+
+    @property
+    def dead_letters(self) -> dict[str, int]:
+        """Dead letters written since the source was created, by reason code.
+
+        Counted once each message is acknowledged by the DLQ topic (a poll
+        undone and fetched again does not count twice). Thread-safe (a copy).
+        """
+        return dict(self.stats.dead_letters_by_reason)
+
+    def lag(self) -> dict[int, int]:
+        """Messages behind the end of each partition: log end minus next position.
+
+        The end offsets are the high watermarks the fetcher saw in its last
+        fetch responses (it fetches continuously, so they are at most about
+        ``fetch_max_wait_ms`` old), taken after each poll; the call asks no
+        broker. Partitions without a fetch response yet are left out.
+        Thread-safe.
+        """
+        highwater, unread, position = self._highwater, self._unread, self._next
+        lag = {}
+        for partition, end in highwater.items():
+            next_offset = position.get(_key(self.topic, partition))
+            if next_offset is None:
+                next_offset = unread.get(partition, 0)
+            lag[partition] = max(0, end - next_offset)
+        return lag
 
     def commit_async(self) -> None:
         """Publish the current position to Kafka's group offsets (monitoring only).
@@ -427,35 +623,80 @@ class KafkaSource:
     # ---------------------------------------------------------------- internals
 
     def _ensure_consumer(self, timeout: float) -> KafkaConsumer | None:
+        """The consumer with the topic assigned; None (after waiting) if not yet."""
         if self._closed.is_set():
             return None
         consumer = self._consumer
         if consumer is None:
-            try:
-                consumer = KafkaConsumer(**self._consumer_config)
-            except KafkaError as exc:
-                logger.warning("Kafka at %s not reachable: %s", self.bootstrap, exc)
-                self._closed.wait(timeout)
+            wait = self._connect_wait
+            if not wait.due():
+                self._closed.wait(min(timeout, wait.retry_in()))
                 return None
-            if self._raw:
-                install(consumer)
-            self._consumer = consumer
+            consumer = self._connect()
+            if consumer is None:
+                return None
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(consumer)
-        return consumer if self._assigned else None
+        if not self._assigned:
+            self._closed.wait(timeout)  # a poll waits its time, also for a topic
+            return None
+        return consumer
+
+    def _connect(self) -> KafkaConsumer | None:
+        """Build the consumer; None (logged, retry scheduled) if no broker answers."""
+
+        def building(consumer: KafkaConsumer | None) -> None:
+            with self._client_lock:
+                self._building = consumer
+
+        try:
+            consumer = build_client(
+                KafkaConsumer, self._consumer_config, building=building
+            )
+        except Exception as exc:
+            if self._closed.is_set():
+                return None  # aborted by close(): whatever it raised
+            if not isinstance(exc, KafkaError):
+                raise
+            self.stats.connect_failures += 1
+            self._connect_wait.failed(
+                "no Kafka broker answers at %s (%s)", self.bootstrap, exc
+            )
+            return None
+        if self._raw:
+            install(consumer)
+        with self._client_lock:
+            if self._closed.is_set():  # closed while it was being built
+                discard(consumer)
+                return None
+            self._consumer = consumer
+        self._connect_wait.over("Kafka broker at %s answers", self.bootstrap)
+        return consumer
 
     def _refresh_partitions(self, consumer: KafkaConsumer) -> None:
         try:
             partitions = consumer.partitions_for_topic(self.topic)
         except KafkaError as exc:
-            logger.warning("no metadata for topic %s: %s", self.topic, exc)
+            self._note_health(f"no metadata for topic {self.topic}: {exc}")
+            return
+        if not partitions:
+            self._next_refresh = time.monotonic() + MISSING_TOPIC_RETRY_S
+            if not self._topic_missing:
+                self._topic_missing = True
+                # One line for the whole wait: the topic may take a while.
+                logger.warning(
+                    "topic %s does not exist yet on %s; waiting for it",
+                    self.topic,
+                    self.bootstrap,
+                )
+            if self._assigned:  # it was deleted
+                consumer.assign([])
+                self._assigned = []
             return
         self._next_refresh = time.monotonic() + self._refresh_s
-        if not partitions:
-            raise KafkaSourceError(
-                f"topic {self.topic!r} does not exist on {self.bootstrap}",
-                topic=self.topic,
-            )
+        if self._topic_missing:
+            self._topic_missing = False
+            logger.info("topic %s exists now", self.topic)
         wanted = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         if wanted == self._assigned:
             return
@@ -479,11 +720,56 @@ class KafkaSource:
         if beginning:
             consumer.seek_to_beginning(*beginning)
 
-    def _note_health(self) -> None:
-        healthy = self.healthy()
-        if healthy and not self._was_healthy:
-            self.stats.reconnects += 1
+    def _note_health(self, error: str | None = None) -> None:
+        """After a poll: log the start of an outage, each retry, and its end."""
+        if self._closed.is_set():
+            return  # closed under the poll: not an outage
+        consumer = self._consumer
+        healthy = (
+            error is None
+            and consumer is not None
+            and bool(self._assigned)
+            and _leaders_connected(consumer, self._assigned)
+        )
+        if healthy:
+            if not self._was_healthy:
+                self.stats.reconnects += 1
+            self._outage.over("Kafka broker at %s answers again", self.bootstrap)
+        elif (error is not None or self._was_healthy or self._outage.waiting) and (
+            not self._outage.waiting or self._outage.due()
+        ):
+            # kafka-python reconnects by itself (backoff up to 2 s); one line
+            # per retry of ours, with backoff, not one per poll.
+            self._outage.failed(
+                "lost the Kafka broker at %s (%s)",
+                self.bootstrap,
+                error or "no connection to a partition leader",
+                then="waiting for it; kafka-python reconnects (next report in %.0f s)",
+            )
         self._was_healthy = healthy
+
+    def _note_highwater(self, consumer: KafkaConsumer) -> None:
+        """Keep the fetcher's high watermarks for :meth:`lag` (no broker call).
+
+        Also the fetch position of each partition nothing was read from yet
+        (its log start, which retention may have moved past 0).
+        """
+        highwater = {}
+        unread = {}
+        for tp in self._assigned:
+            try:
+                end = consumer.highwater(tp)
+            except KafkaError:
+                continue
+            if end is None:
+                continue
+            highwater[tp.partition] = int(end)
+            if _key(tp.topic, tp.partition) not in self._next:
+                start = _fetch_position(consumer, tp)
+                if start is not None:
+                    unread[tp.partition] = start
+        self._unread = unread
+        self._highwater = highwater
 
     def _known_accounts(self) -> pl.Series | None:
         if not self._dlq_unknown:
@@ -511,6 +797,8 @@ class KafkaSource:
             sends.append((rejection, record))
         if not sends:
             return
+        if not self._dlq_ready:
+            self._ensure_dlq_topic()
         try:
             producer = self._producer
             if producer is None:
@@ -537,10 +825,52 @@ class KafkaSource:
                 count=len(sends),
             ) from exc
         stats.dead_letters += len(sends)
+        stats.dead_letters_by_reason.update(r.reason.value for r, _ in sends)
+        self._dlq_wait.over("dead letters go to %s again", self.dlq_topic)
+
+    def _ensure_dlq_topic(self) -> None:
+        """Create the DLQ topic unless it exists (one partition), like Kafka Connect."""
+        try:
+            ensure_topic(
+                self.bootstrap,
+                self.dlq_topic,
+                partitions=1,
+                bootstrap_timeout_s=self._bootstrap_timeout_s,
+                timeout_s=10.0,
+            )
+        except KafkaSourceError as exc:
+            raise DeadLetterError(str(exc), topic=self.dlq_topic, count=0) from exc
+        self._dlq_ready = True
 
 
 def _key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
+
+
+def _fetch_position(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's fetch position of a partition, without asking a broker."""
+    try:
+        # KafkaConsumer.position() may block on a broker; the state does not.
+        position = consumer._subscription.assignment[tp].position
+    except Exception:  # internals of kafka-python: no position then
+        return None
+    return None if position is None else int(position.offset)
+
+
+def _leaders_connected(
+    consumer: KafkaConsumer, partitions: Sequence[TopicPartition]
+) -> bool:
+    """Whether the consumer is connected to the leader of every partition."""
+    try:
+        # kafka-python has no public per-node connection state.
+        client = consumer._client
+        cluster = client.cluster
+        leaders = {cluster.leader_for_partition(tp) for tp in partitions}
+        if None in leaders or -1 in leaders:
+            return False
+        return all(client.connected(node) for node in leaders)
+    except Exception:  # a health probe never raises
+        return False
 
 
 def _encoding(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
@@ -562,6 +892,7 @@ def _dlq_headers(rejection: Rejection, record: Any) -> list[tuple[str, bytes]]:
 
 
 __all__ = [
+    "DEFAULT_MAX_CLOCK_SKEW_S",
     "DEFAULT_TOPIC",
     "KafkaSource",
     "KafkaSourceStats",

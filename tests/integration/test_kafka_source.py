@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import gc
+import contextlib
+import logging
+import math
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-import warnings
+import uuid
+from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +25,13 @@ import orjson
 import polars as pl
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
+from kafka.consumer.fetcher import ConsumerRecord, Fetcher
+from kafka.errors import UnknownTopicOrPartitionError
+from kafka.net.transport import KafkaTCPTransport
+from kafka.protocol.frame import KafkaBytes
 from kafka.structs import TopicPartition
+from kafka_support import close_failed_connects
 from replay_support import (
     assert_matches_backtest,
     demo_backtest_inputs,
@@ -34,7 +43,8 @@ from prop_stream.backtest import run_backtest
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator import DemoConfig, EvaluatorLoop
 from prop_stream.evaluator.service import KafkaTickSource, build_loop, build_source
-from prop_stream.kafka import ARROW_ENCODING, encode_arrow, produce_file
+from prop_stream.kafka import ARROW_ENCODING, encode_arrow, produce_file, raw
+from prop_stream.kafka.raw import RawPartitionRecords
 from prop_stream.sinks import DuckDBSink
 from prop_stream.store import (
     Connection,
@@ -56,29 +66,6 @@ DEMO = DemoConfig(
 BATCHES = 120
 BATCH_TICKS = 400  # small polls: many batches, so kills land mid-stream
 CHECKPOINT_EVERY = 5
-
-
-def _close_failed_connects() -> None:
-    """Close the sockets kafka-python leaves behind after failed connects.
-
-    While the broker is down, every reconnect attempt leaves an unconnected
-    socket in a reference cycle, unclosed; the ResourceWarning would otherwise
-    fail whichever later test happens to run the garbage collector.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-        for obj in gc.get_objects():
-            if not isinstance(obj, socket.socket) or obj.fileno() < 0:
-                continue
-            try:
-                obj.getpeername()
-                continue  # connected: someone's live socket
-            except OSError:
-                pass
-            if obj.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                continue  # a server's listening socket
-            obj.close()
 
 
 @dataclass(frozen=True)
@@ -232,7 +219,7 @@ def test_kafka_duplicate_delivery_changes_nothing_but_counters(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
     ticks = pl.read_parquet(replay.ticks).height
@@ -329,7 +316,7 @@ def test_kafka_sigkill_restarts_equal_a_clean_run(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
     assert_matches_backtest(got, replay.backtest)
@@ -424,6 +411,7 @@ def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
     reasons = [reason for _, _, reason in messages if reason is not None]
     assert source.stats.ticks == 3  # two JSON ticks and one batch row
     assert sorted(source.stats.rejected.elements()) == sorted(reasons)
+    assert source.dead_letters == dict(Counter(reasons))
     dead = _dlq_records(kafka_bootstrap, dlq, len(reasons))
     assert [d["error"] for d in dead] == reasons
     offsets = [i for i, (_, _, r) in enumerate(messages) if r is not None]
@@ -540,6 +528,313 @@ def test_kafka_broker_restart_mid_replay_is_waited_for(
     assert _history_duplicates(conn) == 0
     source.close()
     conn.close()
-    _close_failed_connects()
+    close_failed_connects()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
+
+
+# ------------------------------------------------- waits, lag, future_ts, scope
+
+SOURCE_LOG = "prop_stream.kafka.source"
+
+
+def _delete_topics(bootstrap: str, *names: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        for name in names:
+            with contextlib.suppress(UnknownTopicOrPartitionError):
+                admin.delete_topics([name])
+    finally:
+        admin.close()
+
+
+def _poll_all(source: KafkaTickSource, expected: int, timeout: float = 60) -> int:
+    got = 0
+    deadline = time.monotonic() + timeout
+    while got < expected:
+        assert time.monotonic() < deadline, (got, expected)
+        ticks, _ = source.poll(5_000, 0.2)
+        got += ticks.height
+    return got
+
+
+def test_kafka_source_waits_for_a_topic_that_does_not_exist_yet(
+    replay: Replay, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"test-missing-{uuid.uuid4().hex[:8]}"
+    source = _source(kafka_bootstrap, topic)
+    caplog.set_level(logging.INFO, logger=SOURCE_LOG)
+    try:
+        polls = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            ticks, _ = source.poll(1000, 0.2)
+            assert ticks.height == 0
+            polls += 1
+        assert source.not_ready() == {"topic": f"topic {topic} does not exist"}
+        assert not source.healthy()
+        waiting = [r for r in caplog.records if "does not exist yet" in r.message]
+        assert [r.getMessage() for r in waiting] == [
+            f"topic {topic} does not exist yet on {kafka_bootstrap}; waiting for it"
+        ]
+        assert polls > 5  # it kept polling, one line for the whole wait
+
+        # The topic appears (produce creates it) and its ticks are judged.
+        sent = produce_file(
+            replay.ticks, bootstrap=kafka_bootstrap, topic=topic, partitions=2
+        )
+        assert _poll_all(source, sent) == sent
+        assert source.not_ready() == {}
+        assert source.lag() == {0: 0, 1: 0}
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+    finally:
+        source.close()
+        _delete_topics(kafka_bootstrap, topic)
+
+
+def test_kafka_lag_counts_what_the_source_has_not_handed_out(
+    replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topic = topic_factory(partitions=3)
+    sent = produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=topic)
+    source = _source(kafka_bootstrap, topic)
+    try:
+        source.poll(100, 5.0)
+        deadline = time.monotonic() + 30
+        while len(source.lag()) < 3:  # a fetch response from every partition
+            assert time.monotonic() < deadline
+            source.poll(1, 0.5)
+        consumed = sum(source.position().values())
+        assert 0 < consumed < sent
+        assert sum(source.lag().values()) == sent - consumed
+        _poll_all(source, sent - consumed)
+        assert source.lag() == {0: 0, 1: 0, 2: 0}
+    finally:
+        source.close()
+
+
+def test_kafka_lag_of_a_partition_emptied_by_retention_is_zero(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    # Nothing is ever read from it, so the lag counts from its log start (10),
+    # not from offset 0.
+    topic = topic_factory(partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for i in range(10):
+        producer.send(topic, key=b"1", value=b"%d" % i)
+    producer.flush()
+    producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.delete_records({TopicPartition(topic, 0): 10})
+    finally:
+        admin.close()
+    source = _source(kafka_bootstrap, topic)
+    try:
+        deadline = time.monotonic() + 30
+        while not source.lag():
+            assert time.monotonic() < deadline
+            ticks, _ = source.poll(1000, 0.2)
+            assert ticks.height == 0
+        assert source.lag() == {0: 0}
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("raw_records", [True, False], ids=["raw", "kafka-python"])
+def test_kafka_future_tick_is_dead_lettered_and_later_ticks_are_judged(
+    tmp_path: Path,
+    replay: Replay,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+    raw_records: bool,
+) -> None:
+    topic = topic_factory(partitions=1)
+    dlq = f"{topic}.dlq"  # not created: the source creates it on first use
+    account = replay.accounts[0]
+    now = START + timedelta(hours=12)  # the service's clock
+    last = now + timedelta(seconds=299)  # within the 300 s bound
+
+    def tick(ts: datetime, equity: float) -> bytes:
+        value = {
+            "account_id": account,
+            "ts": ts.isoformat().replace("+00:00", "Z"),
+            "equity": equity,
+            "balance": 100_000.0,
+        }
+        return orjson.dumps(value)
+
+    batch = pl.DataFrame(
+        {
+            "account_id": [account, account],
+            "ts": [START + timedelta(hours=3), now + timedelta(days=6)],
+            "equity": [100_350.0, 1.0],
+            "balance": [100_000.0, 100_000.0],
+        }
+    )
+    arrow = [("encoding", ARROW_ENCODING.encode())]
+    messages: list[tuple[bytes, list[tuple[str, bytes]]]] = [
+        (tick(START + timedelta(hours=1), 100_100.0), []),
+        (tick(now + timedelta(days=6), 100_200.0), []),  # a platform clock bug
+        (tick(START + timedelta(hours=2), 100_300.0), []),
+        (encode_arrow(batch), arrow),  # its second row is 6 days ahead too
+        (tick(last, 100_400.0), []),
+    ]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for value, headers in messages:
+        producer.send(topic, key=str(account).encode(), value=value, headers=headers)
+    producer.flush()
+    producer.close()
+
+    conn = connect(_copy_db(replay, tmp_path / "prop.duckdb"))
+    source = KafkaTickSource(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dlq_topic=dlq,
+        group_id=None,
+        raw_records=raw_records,
+        clock=now.timestamp,
+    )
+    try:
+        loop = _loop(conn, source)
+        _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
+        latest = conn.execute(
+            "SELECT ts, equity FROM metrics_latest WHERE account_id = ?", [account]
+        ).fetchone()
+    finally:
+        source.close()
+        conn.close()
+    try:
+        assert latest == (last, 100_400.0)  # judged after the future ones
+        assert loop.stats.late == 0
+        assert source.stats.ticks == 4
+        assert source.dead_letters == {"future_ts": 2}
+        dead = _dlq_records(kafka_bootstrap, dlq, 2)
+        assert [(d["error"], d["source.offset"]) for d in dead] == [
+            ("future_ts", "1"),
+            ("future_ts", "3"),
+        ]
+        assert "is after" in dead[0]["error.detail"]
+        assert dead[1]["rows"] == "1"  # only the batch's future row
+    finally:
+        _delete_topics(kafka_bootstrap, dlq)
+
+
+def test_kafka_raw_path_leaves_other_clients_in_the_process_alone(
+    replay: Replay, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    library_recv = KafkaTCPTransport.__dict__["_sock_recv"]
+    library_read = KafkaBytes.__dict__["read"]
+    topic = topic_factory(partitions=2)
+    sent = produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=topic)
+    ours = _source(kafka_bootstrap, topic)
+    plain = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None)
+    try:
+        assert ours.raw_records
+        _poll_all(ours, sent)
+        ours_consumer = ours._consumer
+        assert ours_consumer is not None
+        ours_conns = list(ours_consumer._manager._conns.values())
+        # Ours: its own objects carry the fast path...
+        assert "PartitionRecords" in vars(ours_consumer._fetcher)
+        assert any("_sock_recv" in vars(c.transport) for c in ours_conns)
+        assert any("_process_response" in vars(c.parser) for c in ours_conns)
+
+        # ... while a plain consumer made after it reads with the library's own.
+        tps = [TopicPartition(topic, p) for p in range(2)]
+        plain.assign(tps)
+        plain.seek_to_beginning(*tps)
+        records: list[object] = []
+        deadline = time.monotonic() + 60
+        while len(records) < sent:
+            assert time.monotonic() < deadline
+            for batch in plain.poll(timeout_ms=500).values():
+                records.extend(batch)
+        assert all(type(r) is ConsumerRecord for r in records)
+        assert "PartitionRecords" not in vars(plain._fetcher)
+        plain_conns = list(plain._manager._conns.values())
+        assert plain_conns
+        for conn in plain_conns:
+            assert "_sock_recv" not in vars(conn.transport)
+            assert "_process_response" not in vars(conn.parser)
+        assert KafkaTCPTransport.__dict__["_sock_recv"] is library_recv
+        assert KafkaBytes.__dict__["read"] is library_read
+        assert Fetcher.__dict__["PartitionRecords"] is not RawPartitionRecords
+    finally:
+        plain.close()
+        ours.close()
+
+
+def test_kafka_untested_kafka_python_falls_back_to_the_same_results(
+    tmp_path: Path,
+    replay: Replay,
+    kafka_bootstrap: str,
+    topic_factory: TopicFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    topic = topic_factory(partitions=3)
+    produce_file(replay.ticks, bootstrap=kafka_bootstrap, topic=topic)
+    fast = _run_clean(replay, tmp_path / "fast.duckdb", kafka_bootstrap, topic)
+
+    monkeypatch.setattr(raw, "installed_kafka_python", lambda: "3.9.0")
+    monkeypatch.setattr(raw, "_warned_versions", set())
+    caplog.set_level(logging.WARNING, logger="prop_stream.kafka.raw")
+    assert not _source(kafka_bootstrap, topic).raw_records
+    fallback = _run_clean(replay, tmp_path / "fallback.duckdb", kafka_bootstrap, topic)
+    warned = [r for r in caplog.records if r.name == "prop_stream.kafka.raw"]
+    assert len(warned) == 1
+    assert "kafka-python 3.9.0" in warned[0].getMessage()
+    for name, frame in fast.items():
+        assert fallback[name].equals(frame), name
+    assert_matches_backtest(fallback, replay.backtest)
+
+
+def test_kafka_broker_outage_is_waited_out_with_a_line_per_retry(
+    replay: Replay,
+    private_kafka_broker: KafkaBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = private_kafka_broker
+    bootstrap = broker.bootstrap
+    sent = produce_file(replay.ticks, bootstrap=bootstrap, topic="ticks")
+    source = _source(bootstrap, "ticks")
+    caplog.set_level(logging.INFO, logger=SOURCE_LOG)
+    try:
+        _poll_all(source, sent)
+        assert source.not_ready() == {}
+        broker.stop()
+        polls = 0
+        began = time.monotonic()
+        expected = {"kafka": f"no broker answers at {bootstrap}"}
+        # Poll for at least 6 s and until the source names the outage (under
+        # load kafka-python may take longer to give up on the broker).
+        while time.monotonic() - began < 6 or source.not_ready() != expected:
+            assert time.monotonic() - began < 60, source.not_ready()
+            ticks, _ = source.poll(1000, 0.1)
+            assert ticks.height == 0
+            polls += 1
+        elapsed = time.monotonic() - began
+        lost = [r for r in caplog.records if "lost the Kafka broker" in r.message]
+        # Retries back off (1 s, 2 s, 4 s, ...): a line per retry, not per poll.
+        assert 1 <= len(lost) <= 2 + math.log2(elapsed)
+        assert polls > 3 * len(lost)
+        assert all(r.exc_info is None for r in caplog.records)
+
+        # close() from another thread (the service's SIGTERM) ends a poll at once.
+        done = threading.Event()
+
+        def loop() -> None:
+            while source.not_ready() != {"kafka": "the Kafka source is closed"}:
+                source.poll(1000, 0.5)
+            done.set()
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        time.sleep(0.3)  # let it wait inside a poll
+        source.close()
+        assert done.wait(10.0)  # answers at all (it takes milliseconds)
+    finally:
+        source.close()
+        close_failed_connects()

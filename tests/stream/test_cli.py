@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -558,3 +559,33 @@ def test_init_creates_the_database_private(tmp_path: Path) -> None:
     assert main(["init", "--db", str(db)]) == 0
     assert db.stat().st_mode & 0o777 == 0o600
     assert db.parent.stat().st_mode & 0o777 == 0o700
+
+
+def _free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_cli_produce_without_a_broker_is_one_line_and_status_1(case: Case) -> None:
+    case.write_csv(GOOD_ROWS)
+    bootstrap = _free_address()  # nobody listens there
+    proc = _run(
+        [sys.executable, "-m", "prop_stream.cli", "produce", str(case.ticks),
+         "--kafka-bootstrap", bootstrap, "--topic", "ticks"],
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"prop-stream: error: no Kafka broker answers at {bootstrap}\n"
+    )
+
+
+@pytest.mark.parametrize("partitions", ["0", "-3", "six"])
+def test_cli_produce_refuses_a_bad_partition_count(
+    case: Case, capsys: pytest.CaptureFixture[str], partitions: str
+) -> None:
+    case.write_csv(GOOD_ROWS)
+    argv = ["produce", str(case.ticks), "--kafka-bootstrap", "127.0.0.1:1"]
+    assert main([*argv, "--partitions", partitions]) == 2
+    assert "--partitions" in capsys.readouterr().err

@@ -158,3 +158,77 @@ def test_decode_arrow_missing_column_is_a_bad_batch() -> None:
     value = encode_arrow(_ticks(2)).replace(b"balance", b"balanxe")
     decoded = decode_messages([value], [ARROW_ENCODING])
     assert [r.reason for r in decoded.rejections] == [Reason.BAD_BATCH]
+
+
+# ------------------------------------------------------------------ future_ts
+
+NOW = datetime(2026, 1, 5, 12, tzinfo=UTC)
+BOUND = datetime(2026, 1, 5, 12, 5, tzinfo=UTC)  # NOW + a 300 s skew bound
+
+
+def test_decode_json_rejects_ticks_beyond_the_clock_skew_bound() -> None:
+    values = [
+        _json(ts="2026-01-05T12:04:59Z"),  # within the bound
+        _json(ts="2026-01-11T12:00:00Z"),  # six days ahead: a platform clock bug
+        _json(ts=int(BOUND.timestamp() * 1000) + 1),  # 1 ms beyond, epoch ms
+        _json(ts="2026-01-05T12:05:00Z"),  # exactly the bound: still judged
+        _json(ts="2026-01-05T12:01:00Z"),  # later in the stream, earlier in time
+    ]
+    decoded = decode_messages(values, not_after=BOUND)
+    assert [(r.index, r.reason) for r in decoded.rejections] == [
+        (1, Reason.FUTURE_TS),
+        (2, Reason.FUTURE_TS),
+    ]
+    assert decoded.rejections[0].detail == (
+        "ts: 2026-01-11T12:00:00Z is after 2026-01-05T12:05:00.000000Z "
+        "(the clock-skew bound)"
+    )
+    assert decoded.ticks["message"].to_list() == [0, 3, 4]
+    # Without a bound (PROP_STREAM_MAX_CLOCK_SKEW=0) every tick is judged.
+    assert not decode_messages(values).rejections
+
+
+def test_decode_future_ts_comes_after_the_field_checks() -> None:
+    values = [
+        _json(ts="2026-02-01T00:00:00Z", equity=None),
+        b'{"account_id": 1, "ts": "2026-02-01T00:00:00Z", "equity": NaN, "balance": 1}',
+        _json(ts="2026-02-01T00:00:00Z", account_id=7),
+    ]
+    decoded = decode_messages(
+        values, not_after=BOUND, known_accounts=pl.Series([1001], dtype=pl.Int64)
+    )
+    assert [r.reason for r in decoded.rejections] == [
+        Reason.MISSING_FIELD,
+        Reason.NOT_FINITE,
+        Reason.FUTURE_TS,  # a future tick of an unknown account: future_ts first
+    ]
+
+
+def test_decode_arrow_rejects_only_the_future_rows_of_a_batch() -> None:
+    rows = pl.DataFrame(
+        {
+            "account_id": [1001, 1001, 1001],
+            "ts": [NOW, datetime(2026, 1, 11, 12, tzinfo=UTC), NOW],
+            "equity": [1.0, 2.0, 3.0],
+            "balance": [1.0, 1.0, 1.0],
+        }
+    )
+    decoded = decode_messages(
+        [encode_arrow(rows), _json(ts="2026-01-11T12:00:00Z")],
+        [ARROW_ENCODING, None],
+        not_after=BOUND,
+    )
+    assert [(r.index, r.reason, r.rows) for r in decoded.rejections] == [
+        (0, Reason.FUTURE_TS, 1),
+        (1, Reason.FUTURE_TS, 1),
+    ]
+    payload = decoded.rejections[0].payload
+    assert payload is not None
+    rejected = pl.read_ipc_stream(payload)
+    assert rejected["equity"].to_list() == [2.0]
+    assert decoded.ticks["equity"].to_list() == [1.0, 3.0]
+
+
+def test_decode_future_bound_must_be_aware() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        decode_json([_json()], not_after=datetime(2026, 1, 5))

@@ -49,7 +49,8 @@ def readme_kafka_commands() -> tuple[list[str], list[str]]:
     """
     text = README.read_text()
     at = text.index("With Kafka")
-    before = text[:at].rstrip().rsplit("\n\n", 1)[-1].replace("\n", " ")
+    # Code blocks out first: their fences would pair up the inline backticks.
+    before = re.sub(r"```.*?```", "", text[:at], flags=re.DOTALL).replace("\n", " ")
     spans = re.findall(r"`([^`]+)`", before)
     setup = [
         next(s for s in spans if s.startswith("prop-stream init ")),

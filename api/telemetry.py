@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prop_stream.logs import ACCESS_LOGGER
+from prop_stream.logs import access_log as process_access_log
 from prop_stream.telemetry import ServiceMetrics
 
-access_log = logging.getLogger("prop_stream.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 #: Set by a middleware that answers ahead of the router (api/hot.py).
 ROUTE_KEY: Final = "prop_stream.route"
@@ -46,11 +48,8 @@ class RequestTelemetry:
         self, app: ASGIApp, *, metrics: ServiceMetrics, access_log_enabled: bool = True
     ) -> None:
         self.app = app
-        self._metrics = metrics
+        self._http = metrics.http
         self._log = access_log_enabled
-        # The labelled children, looked up once per (method, route, status):
-        # prometheus-client's labels() takes a lock and builds a key each call.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on; count, time and log its answer."""
@@ -74,33 +73,41 @@ class RequestTelemetry:
             method = scope["method"]
             if method not in _METHODS:
                 method = "other"  # any token is a method: don't let clients make series
-            key = (method, route, status)
-            children = self._children.get(key)
-            if children is None:
-                children = (
-                    self._metrics.http_requests.labels(method, route, str(status)),
-                    self._metrics.http_seconds.labels(method, route),
-                )
-                self._children[key] = children
-            children[0].inc()
-            children[1].observe(elapsed)
-            if self._log and access_log.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                access_log.info(
-                    "%s %s %d %.1f ms",
-                    method,
-                    scope["path"],
-                    status,
-                    elapsed * 1000,
-                    extra={
-                        "method": method,
-                        "path": scope["path"],
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "client": client[0] if client else None,
-                    },
-                )
+            self._http.observe(method, route, status, elapsed)
+            if self._log:
+                self._access(scope, method, route, status, elapsed)
+
+    @staticmethod
+    def _access(
+        scope: Scope, method: str, route: str, status: int, elapsed: float
+    ) -> None:
+        client = scope.get("client")
+        fast = process_access_log()
+        if fast is not None:
+            fast.record(
+                method,
+                scope["path"],
+                route,
+                status,
+                elapsed * 1000,
+                client[0] if client else None,
+            )
+        elif access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %d %.1f ms",
+                method,
+                scope["path"],
+                status,
+                elapsed * 1000,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "client": client[0] if client else None,
+                },
+            )
 
 
 def _route(scope: Scope) -> str:

@@ -37,7 +37,7 @@ from prop_stream.config import StreamSettings
 from prop_stream.exceptions import PropStreamError
 from prop_stream.kafka import KafkaUnavailableError, produce_file
 from prop_stream.kafka.produce import DEFAULT_PARTITIONS
-from prop_stream.logs import configure_logging
+from prop_stream.logs import close_access_log, configure_logging
 from prop_stream.store.access import export_database, issue_session
 from prop_stream.store.init import init_database
 from prop_stream.store.sessions import DEFAULT_SESSION_TTL
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Called in-process (tests, embedding), main leaves the process as it was.
         if saved_umask is not None:
             os.umask(saved_umask)
+        close_access_log()
         root.handlers[:] = saved_logging[0]
         root.setLevel(saved_logging[1])
 

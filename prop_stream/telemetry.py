@@ -14,6 +14,7 @@ Each service builds its own :class:`ServiceMetrics` with its own
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,12 @@ from typing import Any, Final
 
 import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
@@ -107,19 +113,7 @@ class ServiceMetrics:
             ["rule", "severity"],
             registry=self.registry,
         )
-        self.http_requests = Counter(
-            "prop_stream_http_requests",
-            "HTTP requests answered, by method, route template and status.",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.http_seconds = Histogram(
-            "prop_stream_http_request_duration_seconds",
-            "Seconds to answer an HTTP request, by method and route template.",
-            ["method", "route"],
-            buckets=HTTP_BUCKETS,
-            registry=self.registry,
-        )
+        self.http = HttpStats()
         self.registry.register(_ScrapeCollector(self))
 
     def observe_batch(self, evaluation: Any, seconds: float) -> None:
@@ -144,6 +138,60 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+class HttpStats:
+    """HTTP requests by (method, route, status) and their durations, kept cheaply.
+
+    The request path calls :meth:`observe` once per request from the event
+    loop's thread: a dict increment and a bisect, no lock (prometheus-client's
+    labelled children take a lock per counter, and a histogram one per bucket
+    and sum, which cost a measurable share of a hot read). Scrapes read
+    snapshots of the dicts through :func:`_http_metrics`.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = HTTP_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts: dict[tuple[str, str, int], int] = {}
+        #: (method, route) -> [count per bucket..., +Inf count, sum of seconds]
+        self.durations: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        key = (method, route, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        cells = self.durations.get((method, route))
+        if cells is None:
+            cells = [0.0] * (len(self.buckets) + 2)
+            self.durations[(method, route)] = cells
+        cells[bisect.bisect_left(self.buckets, seconds)] += 1
+        cells[-1] += seconds
+
+
+def _http_metrics(http: HttpStats) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "prop_stream_http_requests",
+        "HTTP requests answered, by method, route template and status.",
+        labels=["method", "route", "status"],
+    )
+    for (method, route, status), n in sorted(dict(http.counts).items()):
+        requests.add_metric([method, route, str(status)], n)
+    yield requests
+    seconds = HistogramMetricFamily(
+        "prop_stream_http_request_duration_seconds",
+        "Seconds to answer an HTTP request, by method and route template.",
+        labels=["method", "route"],
+    )
+    bounds = [*(str(b) for b in http.buckets), "+Inf"]
+    for (method, route), live in sorted(dict(http.durations).items()):
+        cells = list(live)
+        cumulative: list[tuple[str, float]] = []
+        running = 0.0
+        for bound, in_bucket in zip(bounds, cells[:-1], strict=True):
+            running += in_bucket
+            cumulative.append((bound, running))
+        seconds.add_metric([method, route], cumulative, sum_value=cells[-1])
+    yield seconds
+
+
 def _pairs(frame: pl.DataFrame) -> Iterator[tuple[tuple[str, str], int]]:
     counts = frame.group_by("rule", "severity").len()
     for rule, severity, n in counts.iter_rows():
@@ -165,6 +213,7 @@ class _ScrapeCollector(Collector):
         yield from _guarded("checks", probes.checks, _check_metrics)
         yield from _guarded("restarts", probes.restarts, _restart_metrics)
         yield from _guarded("store", probes.store, _store_metrics)
+        yield from _guarded("http", lambda: self._metrics.http, _http_metrics)
 
 
 def _guarded(

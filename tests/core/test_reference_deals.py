@@ -292,8 +292,8 @@ CASES: dict[str, Case] = {
         events=[
             deal("2026-01-05 10:00", 1, 1),
             tick("2026-01-05 10:01"),
-            deal("2026-01-05 11:00", 1, 1),  # duplicate, though newer
             deal("2026-01-05 09:00", 1, 1),  # duplicate, never late
+            deal("2026-01-05 11:00", 1, 1),  # duplicate, though newer
             tick("2026-01-05 10:30"),  # not late: the duplicates moved nothing
         ],
         deal_row={"deals": 1, "duplicate_deals": 2, "late_deals": 0, "open_lots": 1.0},
@@ -399,6 +399,33 @@ CASES: dict[str, Case] = {
         breaches=[("weekend_hold", "notify", 0.0, 1.0, "2026-03-13 21:00")],
         phase_row={"ticks": 1},
         deal_row={"deals": 2, "open_lots": 0.0},
+    ),
+    "weekend under flag comes before the tick's own rules": Case(
+        start=NY_START,
+        rules={**NY, "deal_violation_action": "flag", "max_days": 7},
+        events=[
+            deal("2026-03-05 20:00", 1, 1),
+            tick("2026-03-05 20:01"),
+            tick("2026-03-16 13:00"),
+        ],
+        breaches=[
+            ("weekend_hold", "notify", 0.0, 1.0, "2026-03-13 21:00"),
+            ("time_limit", "phase_failed", 7.0, 1_256_400 / 86_400, "2026-03-16 13:00"),
+        ],
+        ends=("failed", "2026-03-16 13:00"),
+        phase_row={"ticks": 2},
+    ),
+    "weekend under fail ends the phase at W, before the time limit": Case(
+        start=NY_START,
+        rules={**NY, "max_days": 7},
+        events=[
+            deal("2026-03-05 20:00", 1, 1),
+            tick("2026-03-05 20:01"),
+            tick("2026-03-16 13:00"),
+        ],
+        breaches=[("weekend_hold", "phase_failed", 0.0, 1.0, "2026-03-13 21:00")],
+        ends=("failed", "2026-03-13 21:00"),
+        phase_row={"ticks": 1},
     ),
     "several weekly closes between two events: only the latest W": Case(
         start=NY_START,
@@ -580,6 +607,22 @@ def test_every_example_also_holds_event_by_event() -> None:
         whole = run_deal_reference(phases, case.events)
         single = run_deal_reference(phases, case.events, batches=[1] * len(case.events))
         assert whole == single
+
+
+def test_a_call_with_only_deals_updates_the_metric_of_a_phase_with_ticks() -> None:
+    engine = DealReferenceEngine()
+    engine.register(phase(trading_day_basis="deals"))
+    engine.register(phase(account=OTHER, challenge="c-2", trading_day_basis="deals"))
+    first = engine.process([tick("2026-01-05 10:00")])
+    assert first.metrics[ACCOUNT].trading_days == 0
+    second = engine.process(
+        [deal("2026-01-05 10:01", 1, 1), deal("2026-01-05 10:01", 1, 1, account=OTHER)]
+    )
+    assert second.metrics[ACCOUNT].trading_days == 1
+    assert second.metrics[ACCOUNT].ts == at("2026-01-05 10:00")
+    # The other account has no evaluated tick, so no equity and no metric row.
+    assert OTHER not in second.metrics
+    assert engine.phases()[OTHER].trading_days == 1
 
 
 def test_merge_events_puts_a_deal_before_a_tick_at_an_equal_ts() -> None:

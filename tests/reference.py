@@ -620,11 +620,7 @@ class ReferenceEngine:
             p.hwm = max(p.hwm, equity)
 
         # 3. Activity.
-        if (
-            balance != p.prev_balance or equity != balance
-        ) and not p.day_is_trading_day:
-            p.day_is_trading_day = True
-            p.trading_days += 1
+        self._count_activity(p, equity, balance)
 
         # 4. Day and last-tick state.
         p.min_equity = min(p.min_equity, equity)
@@ -728,6 +724,18 @@ class ReferenceEngine:
                 consistent = cent(p.best_day(equity)) <= cent(share)
             if p.trading_days >= r.min_trading_days and consistent:
                 self._transition(p, "passed", ts, out)
+
+    def _count_activity(self, p: _Phase, equity: float, balance: float) -> None:
+        """Step 3: the first active tick of a day adds one trading day.
+
+        A method of its own so that the deal reference (``tests/reference_deals.py``)
+        can replace it under ``trading_day_basis = deals``.
+        """
+        if (
+            balance != p.prev_balance or equity != balance
+        ) and not p.day_is_trading_day:
+            p.day_is_trading_day = True
+            p.trading_days += 1
 
     def _breach(
         self,

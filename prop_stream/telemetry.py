@@ -241,14 +241,14 @@ def _loop_metrics(stats: Any) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "prop_stream_ticks_judged", "Ticks the engine evaluated.", value=stats.evaluated
     )
-    skipped = CounterMetricFamily(
+    reasons = ("late", "unknown", "inactive", "invalid")
+    yield _by_label(
+        CounterMetricFamily,
         "prop_stream_ticks_skipped",
         "Ticks counted and skipped by the engine, by reason.",
-        labels=["reason"],
+        "reason",
+        {reason: getattr(stats, reason) for reason in reasons},
     )
-    for reason in ("late", "unknown", "inactive", "invalid"):
-        skipped.add_metric([reason], getattr(stats, reason))
-    yield skipped
     yield CounterMetricFamily(
         "prop_stream_batches", "Batches committed.", value=stats.batches
     )
@@ -262,68 +262,79 @@ def _loop_metrics(stats: Any) -> Iterator[Metric]:
     )
 
 
+def _by_label(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    values: Mapping[Any, float],
+) -> Metric:
+    """One family with a sample per key of ``values``, in key order."""
+    family = kind(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([str(key)], value)
+    return family
+
+
 def _dead_letter_metrics(counts: Mapping[str, int]) -> Iterator[Metric]:
-    family = CounterMetricFamily(
+    yield _by_label(
+        CounterMetricFamily,
         "prop_stream_dead_letters",
         "Messages sent to the dead-letter topic, by reason.",
-        labels=["reason"],
+        "reason",
+        counts,
     )
-    for reason, n in sorted(counts.items()):
-        family.add_metric([reason], n)
-    yield family
 
 
 def _lag_metrics(lag: Mapping[int, int]) -> Iterator[Metric]:
-    family = GaugeMetricFamily(
+    yield _by_label(
+        GaugeMetricFamily,
         "prop_stream_consumer_lag",
         "Messages in the tick topic not judged yet, by partition.",
-        labels=["partition"],
+        "partition",
+        lag,
     )
-    for partition, n in sorted(lag.items()):
-        family.add_metric([str(partition)], n)
-    yield family
 
 
 def _jobs_metrics(stats: Any) -> Iterator[Metric]:
-    family = CounterMetricFamily(
+    results = ("applied", "already_applied", "failed", "cancelled", "errors")
+    yield _by_label(
+        CounterMetricFamily,
         "prop_stream_jobs",
         "Outbox jobs handled by this process, by result.",
-        labels=["result"],
+        "result",
+        {result: getattr(stats, result) for result in results},
     )
-    for result in ("applied", "already_applied", "failed", "cancelled", "errors"):
-        family.add_metric([result], getattr(stats, result))
-    yield family
 
 
 def _check_metrics(checks: Mapping[str, str]) -> Iterator[Metric]:
-    family = GaugeMetricFamily(
+    yield _by_label(
+        GaugeMetricFamily,
         "prop_stream_component_ready",
         "1 when a component (or what it needs: kafka, topic) is ready, else 0.",
-        labels=["component"],
+        "component",
+        {name: 1.0 if state == "ok" else 0.0 for name, state in checks.items()},
     )
-    for name, state in sorted(checks.items()):
-        family.add_metric([name], 1.0 if state == "ok" else 0.0)
-    yield family
 
 
 def _restart_metrics(restarts: Mapping[str, int]) -> Iterator[Metric]:
-    family = CounterMetricFamily(
+    yield _by_label(
+        CounterMetricFamily,
         "prop_stream_component_restarts",
         "Times a component was rebuilt after a transient fault.",
-        labels=["component"],
+        "component",
+        restarts,
     )
-    for name, n in sorted(restarts.items()):
-        family.add_metric([name], n)
-    yield family
 
 
 def _store_metrics(store: Mapping[str, Any]) -> Iterator[Metric]:
-    purchases = GaugeMetricFamily(
-        "prop_stream_purchases", "Purchases in the store, by status.", labels=["status"]
+    yield _by_label(
+        GaugeMetricFamily,
+        "prop_stream_purchases",
+        "Purchases in the store, by status.",
+        "status",
+        store.get("purchases", {}),
     )
-    for status, n in sorted(store.get("purchases", {}).items()):
-        purchases.add_metric([str(status)], n)
-    yield purchases
     yield GaugeMetricFamily(
         "prop_stream_outbox_pending_jobs",
         "Outbox jobs waiting to be applied.",

@@ -8,22 +8,27 @@ are left out of the OpenAPI document: they are not the terminal's API.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from api.deps import SessionDep, get_state
+from api.deps import get_state
 from api.errors import ApiError, unauthorized
 from api.routes.responses import json_bytes
 from api.serialize import dumps
 from prop_stream.store import transaction
-from prop_stream.store.export import export_parquet
+from prop_stream.store.export import ExportResult, export_parquet
 from prop_stream.store.sessions import create_session
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 #: The longest session an operator can issue (about ten years).
 MAX_TTL_S = 10 * 366 * 86_400.0
@@ -82,21 +87,49 @@ class ExportIn(BaseModel):
     out: str = Field(min_length=1)
 
 
+async def _body(request: Request, model: type[BodyT]) -> BodyT:
+    """The request's JSON body as ``model``, read only after the admin check.
+
+    The routes take no body parameter on purpose: FastAPI reads and parses a
+    declared body before it solves the dependencies, so an anonymous caller's
+    body would be parsed before ``require_admin`` refuses it.
+    """
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+        ) from exc
+
+
 @router.post("/session")
-def admin_session(body: SessionIn, session: SessionDep) -> Response:
+async def admin_session(request: Request) -> Response:
     """Issue a session token for a customer (``prop-stream session``)."""
-    with transaction(session):
-        token = create_session(
-            session, email=body.email, ttl=timedelta(seconds=body.ttl_s)
-        )
+    body = await _body(request, SessionIn)
+    state = get_state(request)
+
+    def issue() -> str:
+        with state.db.cursor() as cur, transaction(cur):
+            return create_session(
+                cur, email=body.email, ttl=timedelta(seconds=body.ttl_s)
+            )
+
+    token = await asyncio.to_thread(issue)
     return json_bytes(dumps({"token": token}))
 
 
 @router.post("/export")
-def admin_export(body: ExportIn, session: SessionDep) -> Response:
+async def admin_export(request: Request) -> Response:
     """Export the history tables to Parquet (``prop-stream export``)."""
+    body = await _body(request, ExportIn)
+    state = get_state(request)
+
+    def export() -> ExportResult:
+        with state.db.cursor() as cur:
+            return export_parquet(cur, Path(body.out))
+
     try:
-        result = export_parquet(session, Path(body.out))
+        result = await asyncio.to_thread(export)
     except OSError as exc:
         raise ApiError(
             400, "export_failed", f"export to {body.out} failed: {exc}"

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from service_process import ServiceProcess
 
-from prop_stream.admin import AdminEndpoint, publish
+from prop_stream.admin import AdminEndpoint, publish, read_endpoint
 from prop_stream.cli import main
 from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
 from prop_stream.sinks import DuckDBSink
@@ -169,7 +169,7 @@ def test_session_while_the_service_runs_goes_through_it(
 def test_admin_routes_refuse_a_wrong_token(
     service: tuple[Path, ServiceProcess],
 ) -> None:
-    _, proc = service
+    path, proc = service
     assert proc.url is not None
     for headers in ({}, {"Authorization": "Bearer nope"}):
         answer = httpx.post(
@@ -179,6 +179,23 @@ def test_admin_routes_refuse_a_wrong_token(
         )
         assert answer.status_code == 401
         assert answer.json()["error"]["code"] == "unauthorized"
+    # The token is checked before the body is read: not JSON is still a 401.
+    garbled = httpx.post(
+        f"{proc.url}/admin/session",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert garbled.status_code == 401
+    # With the token, a bad body is a 422 naming the field.
+    endpoint = read_endpoint(path)
+    assert endpoint is not None
+    bad = httpx.post(
+        f"{proc.url}/admin/session",
+        json={"email": "bob@example.com", "ttl_s": -1},
+        headers={"Authorization": f"Bearer {endpoint.token}"},
+    )
+    assert bad.status_code == 422
+    assert "ttl_s" in bad.text
 
 
 def test_a_stale_admin_file_does_not_stop_the_commands(

@@ -451,6 +451,8 @@ class KafkaSource:
             The good ticks in the engine's schema, in partition then offset order,
             and the position after them (rejected messages included).
         """
+        # The last poll's records are kept for unseen() until this one.
+        self._last_records = self._last_messages = None
         consumer = self._ensure_consumer(timeout)
         if consumer is None:
             return _EMPTY_TICKS, self.position()

@@ -30,7 +30,7 @@ from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
 from prop_stream.jobs.worker import WorkerStats
-from prop_stream.store.archive import TickArchiver
+from prop_stream.store.archive import TickArchiver, staged_rows
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
 from prop_stream.store.mirror import RiskMirror
@@ -251,7 +251,10 @@ def _source_call(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any
 def _store_numbers(conn: Connection) -> dict[str, object]:
     cur = cursor(conn)
     try:
-        return outbox_summary(cur, now=datetime.now(UTC))
+        return {
+            **outbox_summary(cur, now=datetime.now(UTC)),
+            "archive_staged": staged_rows(cur),
+        }
     finally:
         cur.close()
 

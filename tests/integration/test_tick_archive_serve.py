@@ -113,6 +113,12 @@ def test_serve_archive_equals_the_judged_ticks_after_a_sigkill(tmp_path: Path) -
         url = second.wait_ready()
         # Past the batches judged before the kill: the replay is over.
         _until(lambda: _batches(url) >= killed_at + 10, 90, "the replay and more")
+        staged = [
+            line
+            for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+            if line.startswith("prop_stream_archive_staged_ticks ")
+        ]
+        assert len(staged) == 1, staged
         ready = httpx.get(f"{url}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["archive"] == "ok"

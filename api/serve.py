@@ -30,6 +30,7 @@ from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
 from prop_stream.jobs.worker import WorkerStats
+from prop_stream.store.archive import TickArchiver, staged_rows
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
 from prop_stream.store.mirror import RiskMirror
@@ -127,6 +128,17 @@ def run(
         supervisor.add(
             "risk", lambda: _RiskMirrorComponent(conn, settings.db, interval)
         )
+    # The tick archive: staged ticks moved to DB.archive/ticks (docs/store.md).
+    if settings.archive:
+        supervisor.add(
+            "archive",
+            lambda: _ArchiveComponent(
+                conn,
+                settings.db,
+                settings.archive_interval_s,
+                settings.archive_retention_days,
+            ),
+        )
     server = _Server(
         uvicorn.Config(
             app,
@@ -205,6 +217,26 @@ class _RiskMirrorComponent:
         """Nothing to do: ``run`` watches the supervisor's stop event."""
 
 
+class _ArchiveComponent:
+    """The tick archiver as a supervised component (its own cursor per run)."""
+
+    def __init__(
+        self, conn: Connection, db: Path, interval_s: float, retention_days: int
+    ) -> None:
+        self._cursor = cursor(conn)
+        self._archiver = TickArchiver(self._cursor, db, retention_days=retention_days)
+        self._interval = interval_s
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self._archiver.run(stop, self._interval)
+        finally:
+            self._cursor.close()
+
+    def stop(self) -> None:
+        """Nothing to do: ``run`` watches the supervisor's stop event."""
+
+
 def _source_attr(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any:
     """A Kafka source's counter (``dead_letters``); ``default`` for other sources."""
     return getattr(evaluator.source, name, default)
@@ -219,7 +251,10 @@ def _source_call(evaluator: SupervisedEvaluator, name: str, default: Any) -> Any
 def _store_numbers(conn: Connection) -> dict[str, object]:
     cur = cursor(conn)
     try:
-        return outbox_summary(cur, now=datetime.now(UTC))
+        return {
+            **outbox_summary(cur, now=datetime.now(UTC)),
+            "archive_staged": staged_rows(cur),
+        }
     finally:
         cur.close()
 

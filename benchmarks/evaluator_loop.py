@@ -6,9 +6,15 @@ fast as it can (not paced to the wall clock), warms up, then times
 ``--batches`` batches of 200 ms of ``--demo-rate`` ticks each. ``--profile``
 prints a cProfile of the timed batches.
 
+``--archive-compare`` times the loop with the tick archive off and on side by side
+in one run: two stores seeded alike, the batches timed in alternating blocks of
+five, so both see the same machine load. It prints each one's ms per batch and
+their ratio.
+
 Examples:
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50 --profile
+    .venv/bin/python benchmarks/evaluator_loop.py --batches 50 --archive-compare
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +43,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--demo-rate", type=float, default=100_000.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--archive-compare", action="store_true")
     args = parser.parse_args(argv)
+    if args.archive_compare:
+        return _archive_compare(args.challenges, args.batches, args.demo_rate)
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "loop.duckdb"
         seed(db, args.challenges)
@@ -70,6 +80,62 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "ticks": ticks,
         "ms_per_batch": seconds / args.batches * 1000,
         "ticks_per_s": ticks / seconds,
+    }
+    print(json.dumps(result))
+    return result
+
+
+def _archive_compare(challenges: int, batches: int, rate: float) -> dict[str, float]:
+    """The loop with the archive off and on, timed in alternating blocks."""
+    block = 5
+    with tempfile.TemporaryDirectory() as tmp:
+        first = Path(tmp) / "off.duckdb"
+        seed(first, challenges)
+        second = Path(tmp) / "on.duckdb"
+        shutil.copy(first, second)
+        loops = {}
+        conns = []
+        for name, db in (("off", first), ("on", second)):
+            settings = StreamSettings(
+                db=db,
+                source="demo",
+                demo_rate=rate,
+                demo_realtime=False,
+                archive=name == "on",
+            )
+            conn = connect(db)
+            conns.append(conn)
+            loop = build_loop(settings, conn)
+            loop.start()
+            for _ in range(5):
+                loop.run_once()
+            loops[name] = loop
+        seconds = dict.fromkeys(loops, 0.0)
+        done = 0
+        try:
+            while done < batches:
+                n = min(block, batches - done)
+                for name, loop in loops.items():
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        loop.run_once()
+                    seconds[name] += time.perf_counter() - start
+                done += n
+            staged = (
+                conns[1]
+                .execute("SELECT count(*) FROM tick_archive_staging")
+                .fetchall()[0][0]
+            )
+        finally:
+            for conn in conns:
+                conn.close()
+    result = {
+        "batches": batches,
+        "ticks_per_batch": loops["on"].stats.ticks / loops["on"].stats.batches,
+        "staged_ticks": float(staged),
+        "ms_per_batch_archive_off": seconds["off"] / batches * 1000,
+        "ms_per_batch_archive_on": seconds["on"] / batches * 1000,
+        "ratio_on_to_off": seconds["on"] / seconds["off"],
     }
     print(json.dumps(result))
     return result

@@ -51,6 +51,7 @@ def bench_loop(
     batch: int,
     poll_timeout_s: float,
     metrics: LatestMetrics | None = None,
+    archive: bool = False,
 ) -> tuple[EvaluatorLoop, KafkaTickSource, Connection]:
     """An evaluator loop over a fresh store at ``db`` reading ``topic``.
 
@@ -64,6 +65,7 @@ def bench_loop(
         batch: ``max_batch_records``.
         poll_timeout_s: The loop's poll timeout.
         metrics: The in-memory latest metrics to keep (default: a new one).
+        archive: Stage each batch's ticks for the tick archive.
 
     Returns:
         The loop (started), its source and the store connection; close both.
@@ -82,6 +84,7 @@ def bench_loop(
         max_batch_records=batch,
         poll_timeout_s=poll_timeout_s,
         metrics=metrics,
+        archive=archive,
     )
     for i, account in enumerate(accounts):
         loop.register_phase(

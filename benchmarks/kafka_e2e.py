@@ -8,7 +8,9 @@ Usage: ``.venv/bin/python benchmarks/kafka_e2e.py --bootstrap H:P
 --encoding json|batch --ticks 1000000 [--paths raw,kafka-python]``. ``--paths``
 reads the same topic once per record path, each into a fresh store: ``raw``
 (record batches read in the Rust core, the default) and ``kafka-python`` (one
-``ConsumerRecord`` per record, the old path).
+``ConsumerRecord`` per record, the old path). ``--archive off,on`` reads it once
+without and once with the tick archive's staging (``docs/store.md``), side by
+side in one run.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def make_ticks(path: Path, ticks: int, accounts: int) -> Path:
 
 
 def consume(
-    db: Path, topic: str, path: str, args: argparse.Namespace
+    db: Path, topic: str, path: str, args: argparse.Namespace, *, archive: bool
 ) -> tuple[float, EvaluatorLoop]:
     """Read the whole topic into a fresh store; the seconds it took."""
     first = 1_000_000
@@ -56,6 +58,7 @@ def consume(
         rules={**RULES, "initial_balance": 100_000.0},
         batch=args.batch,
         poll_timeout_s=0.5,
+        archive=archive,
     )
     ends = source.end_offsets()
     t0 = time.perf_counter()
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--batch", type=int, default=200_000)
     parser.add_argument("--paths", default="raw")
+    parser.add_argument("--archive", default="off", help="off, on or off,on")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
     ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
@@ -84,10 +88,15 @@ def main() -> None:
     produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
     produced = time.perf_counter() - t0
 
-    for path in args.paths.split(","):
-        seconds, loop = consume(tmp / f"{path}.duckdb", topic, path, args)
+    runs = [(p, a) for p in args.paths.split(",") for a in args.archive.split(",")]
+    for path, archive in runs:
+        if archive not in ("off", "on"):
+            raise SystemExit(f"--archive takes off, on or off,on; got {archive!r}")
+        seconds, loop = consume(
+            tmp / f"{path}-{archive}.duckdb", topic, path, args, archive=archive == "on"
+        )
         print(
-            f"{args.encoding} [{path}]: {args.ticks:,} ticks, "
+            f"{args.encoding} [{path}, archive {archive}]: {args.ticks:,} ticks, "
             f"{loop.stats.batches} batches, evaluated {loop.stats.evaluated:,}; "
             f"produce {produced:.1f} s; topic→DuckDB {seconds:.2f} s = "
             f"{args.ticks / seconds:,.0f} ticks/s"

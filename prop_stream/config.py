@@ -52,6 +52,12 @@ class StreamSettings(BaseSettings):
         risk_mirror_interval_s: Seconds between two refreshes of the risk team's
             copy of the store, ``<db>.risk/risk.duckdb`` (docs/store.md); 0 turns
             it off. Keep it at most 30 so the copy stays within 60 s.
+        archive: Keep every judged tick in the tick archive,
+            ``<db>.archive/ticks/`` (docs/store.md); off, nothing is staged.
+        archive_interval_s: Seconds between two moves of the staged ticks from
+            the database to the archive's Parquet files.
+        archive_retention_days: Days of the archive kept before today (UTC); older
+            day folders are removed; 0 keeps everything.
         max_clock_skew_s: Ticks whose ``ts`` is more than this many seconds
             ahead of the service's clock are dead-lettered as ``future_ts``
             (``interfaces.md`` section 1); 0 turns the check off. Its variable
@@ -84,6 +90,9 @@ class StreamSettings(BaseSettings):
     kafka_dlq_unknown_accounts: bool = True
     kafka_raw_records: bool = True
     risk_mirror_interval_s: float = Field(default=30.0, ge=0)
+    archive: bool = True
+    archive_interval_s: float = Field(default=300.0, gt=0)
+    archive_retention_days: int = Field(default=0, ge=0)
     max_clock_skew_s: float = Field(
         default=300, ge=0, validation_alias="PROP_STREAM_MAX_CLOCK_SKEW"
     )

@@ -345,3 +345,8 @@ def _store_metrics(store: Mapping[str, Any]) -> Iterator[Metric]:
         "Age of the oldest pending outbox job (0 when none waits).",
         value=store.get("outbox_oldest_age_s", 0.0),
     )
+    yield GaugeMetricFamily(
+        "prop_stream_archive_staged_ticks",
+        "Judged ticks staged in the store, not yet moved to the tick archive.",
+        value=store.get("archive_staged", 0),
+    )

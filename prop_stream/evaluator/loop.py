@@ -13,6 +13,12 @@ nothing that was committed (``docs/store.md``, "Checkpoints and replay"). Phases
 activated in the store since the checkpoint are registered, phases cancelled since
 are removed.
 
+**Tick archive.** With ``archive`` on, each batch's ticks are staged in its own
+flush (:mod:`prop_stream.store.archive`). A replay stages only the ticks past the
+position the store had committed when the loop started
+(:meth:`~prop_stream.evaluator.sources.TickSource.unseen`), so a crash never
+doubles an archived tick and never loses one.
+
 **Threads.** :meth:`run` blocks; ``serve`` runs it in a background thread beside
 the web server. :meth:`register_phase` and :meth:`remove_phase` may be called from
 any thread: they take effect between batches. :meth:`stop` (or the ``stop`` event
@@ -34,7 +40,7 @@ from typing import Final
 import polars as pl
 
 from prop_stream.evaluator.metrics import LatestMetrics
-from prop_stream.evaluator.sources import TickSource
+from prop_stream.evaluator.sources import TickSource, reached
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.base import BaseSink
 from prop_stream.store.db import Connection, query_frame
@@ -118,6 +124,7 @@ class EvaluatorLoop:
             same one, so ``/metrics`` counts over restarts); a new one if None.
         on_batch: Called after each committed batch with its evaluation and the
             seconds from the end of its poll to its commit (``/metrics``).
+        archive: Stage each batch's ticks for the tick archive in its flush.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class EvaluatorLoop:
         hook_interval_s: float = DEFAULT_HOOK_INTERVAL_S,
         stats: LoopStats | None = None,
         on_batch: Callable[[Evaluation, float], object] | None = None,
+        archive: bool = False,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
@@ -149,6 +157,10 @@ class EvaluatorLoop:
         self.metrics = metrics if metrics is not None else LatestMetrics()
         self.stats = stats if stats is not None else LoopStats()
         self._on_batch = on_batch
+        self._archive = archive
+        # While replaying: the position the store had committed at start; the
+        # ticks before it are archived already.
+        self._archived_to: Position | None = None
         self._engine = RuleEngine()
         self._ops: queue.SimpleQueue[_Register | _Remove] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -225,6 +237,9 @@ class EvaluatorLoop:
             self.stats.batch_seq = checkpoint.batch_seq
             self.stats.restored_from = checkpoint.id
             self._reconcile(active)
+            committed = load_position(self._conn, source=self._source.name)
+            if self._archive and not reached(checkpoint.position, committed):
+                self._archived_to = committed
         else:
             self._engine = RuleEngine()
             for spec in active.values():
@@ -287,6 +302,8 @@ class EvaluatorLoop:
         """
         self.start()
         self._apply_ops()
+        archived_to = self._archived_to
+        before = self._source.position() if archived_to is not None else None
         ticks, position = self._source.poll(self._max_records, self._timeout)
         began = time.perf_counter()
         # Phases registered while the poll waited may own ticks in this batch.
@@ -294,13 +311,22 @@ class EvaluatorLoop:
         if not ticks.height:
             return False
         evaluation = self._engine.process(ticks)
+        archive = None
+        if self._archive:
+            archive = ticks
+            if archived_to is not None and before is not None:
+                archive = self._source.unseen(
+                    ticks, before=before, committed=archived_to
+                )
         self.stats.batch_seq += 1
         self._since_checkpoint += 1
         checkpoint = None
         if self._since_checkpoint >= self._checkpoint_every:
             checkpoint = self._checkpoint(position)
-        self._sink.add(evaluation, position=position)
+        self._sink.add(evaluation, position=position, ticks=archive)
         self._sink.flush(checkpoint=checkpoint)
+        if archived_to is not None and reached(position, archived_to):
+            self._archived_to = None  # the replay is over
         self._committed(evaluation, ticks.height, checkpoint is not None)
         if self._on_batch is not None:
             self._on_batch(evaluation, time.perf_counter() - began)

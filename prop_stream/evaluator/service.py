@@ -120,6 +120,7 @@ def build_loop(
         hooks=hooks,
         stats=stats,
         on_batch=on_batch,
+        archive=settings.archive,
     )
 
 

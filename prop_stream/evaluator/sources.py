@@ -55,6 +55,33 @@ class TickSource(ABC):
     def position(self) -> Position:
         """The position of the next tick :meth:`poll` would return."""
 
+    def unseen(
+        self, ticks: pl.DataFrame, *, before: Position, committed: Position
+    ) -> pl.DataFrame:
+        """The ticks of the batch just polled that lie at or after ``committed``.
+
+        A restart replays the batches between its engine checkpoint and the
+        store's committed position; their ticks are in the tick archive already,
+        so the loop archives only what this returns (``docs/store.md``, "The
+        tick archive").
+
+        The default suits sources whose replays hand out the very batches they
+        handed out before (the demo): a batch polled from at or after
+        ``committed`` is kept whole, any other is dropped whole. Sources whose
+        batches may be cut differently on a replay (Kafka) look at each tick.
+
+        Args:
+            ticks: The batch :meth:`poll` just returned.
+            before: The position :meth:`poll` started from.
+            committed: The store's committed position.
+
+        Returns:
+            The rows of ``ticks`` the store has not committed, in order.
+        """
+        if reached(before, committed):
+            return ticks
+        return ticks.clear()
+
     def healthy(self) -> bool:
         """Whether the source can deliver ticks now (``/readyz``); True by default."""
         return True
@@ -79,6 +106,11 @@ class TickSource(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the source's resources."""
+
+
+def reached(position: Position, committed: Position) -> bool:
+    """Whether ``position`` is at or past ``committed`` in every partition."""
+    return all(position.get(key, 0) >= value for key, value in committed.items())
 
 
 class NoneSource(TickSource):

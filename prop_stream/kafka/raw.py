@@ -550,6 +550,13 @@ class RawValues:
             pieces.append(piece)
         return pieces[0] if len(pieces) == 1 else b"\n".join(pieces)
 
+    def spans(self) -> list[tuple[str, int, int, int]]:
+        """``(topic, partition, first, end)`` of each chunk's record indexes."""
+        return [
+            (c.topic_partition.topic, c.topic_partition.partition, s, s + len(c))
+            for c, s in zip(self._chunks, self._starts, strict=True)
+        ]
+
     def values(self) -> list[bytes | None]:
         """Every value as bytes (the mixed-encoding path)."""
         return [c.value(j) for c in self._chunks for j in range(len(c))]

@@ -338,6 +338,9 @@ class KafkaSource:
         self._dlq_ready = False
         self._highwater: dict[int, int] = {}
         self._unread: dict[int, int] = {}
+        # The last poll's records and each returned tick's record index (unseen).
+        self._last_records: _Records | None = None
+        self._last_messages: pl.Series | None = None
 
     # ------------------------------------------------------------ TickSource API
 
@@ -448,6 +451,8 @@ class KafkaSource:
             The good ticks in the engine's schema, in partition then offset order,
             and the position after them (rejected messages included).
         """
+        # The last poll's records are kept for unseen() until this one.
+        self._last_records = self._last_messages = None
         consumer = self._ensure_consumer(timeout)
         if consumer is None:
             return _EMPTY_TICKS, self.position()
@@ -520,6 +525,8 @@ class KafkaSource:
                 self._next = before
                 self._seek_assigned(consumer, list(fetched))
                 return _EMPTY_TICKS, self.position()
+        self._last_records = records
+        self._last_messages = decoded.ticks.get_column("message")
         ticks = decoded.ticks.drop("message")
         stats = self.stats
         stats.messages += len(records)
@@ -529,6 +536,58 @@ class KafkaSource:
             1.0, 0.5 * self._ticks_per_message + 0.5 * total / len(records)
         )
         return ticks, self.position()
+
+    def unseen(
+        self,
+        ticks: pl.DataFrame,
+        *,
+        before: Mapping[str, int],
+        committed: Mapping[str, int],
+    ) -> pl.DataFrame:
+        """The ticks of the last poll whose message offset is at or after ``committed``.
+
+        A replay may cut its batches differently (a poll takes what the fetcher
+        holds), so each partition of the last poll is cut at its committed
+        offset: a binary search over its records' offsets, a few lookups.
+
+        Args:
+            ticks: The ticks the last :meth:`poll` returned.
+            before: The position the poll started from (unused: offsets say all).
+            committed: The store's committed position.
+
+        Returns:
+            The rows of ``ticks`` from messages not committed yet, in order.
+
+        Raises:
+            KafkaSourceError: ``ticks`` are not the last poll's.
+        """
+        records, messages = self._last_records, self._last_messages
+        if not ticks.height:
+            return ticks
+        if records is None or messages is None or len(messages) != ticks.height:
+            raise KafkaSourceError("unseen() takes the ticks of the last poll")
+        drop: list[tuple[int, int]] = []
+        for topic, partition, first, end in _spans(records):
+            offset = committed.get(_key(topic, partition))
+            if offset is None:
+                continue
+            lo, hi = first, end
+            while lo < hi:  # the first record at or after the committed offset
+                mid = (lo + hi) // 2
+                if int(records[mid].offset) < offset:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo > first:
+                drop.append((first, lo))
+        if not drop:
+            return ticks
+        old = pl.lit(False)
+        for first, end in drop:
+            old = old | pl.col("_message").is_between(first, end, closed="left")
+        return (
+            ticks.with_columns(messages.alias("_message")).filter(~old).drop("_message")
+        )
 
     # ------------------------------------------------------------------- extras
 
@@ -841,6 +900,21 @@ class KafkaSource:
         except KafkaSourceError as exc:
             raise DeadLetterError(str(exc), topic=self.dlq_topic, count=0) from exc
         self._dlq_ready = True
+
+
+def _spans(records: _Records) -> list[tuple[str, int, int, int]]:
+    """``(topic, partition, first, end)`` runs of a poll's record indexes."""
+    if isinstance(records, RawValues):
+        return records.spans()
+    spans: list[tuple[str, int, int, int]] = []
+    for i in range(len(records)):
+        record = records[i]
+        topic, partition = str(record.topic), int(record.partition)
+        if spans and spans[-1][:2] == (topic, partition):
+            spans[-1] = (topic, partition, spans[-1][2], i + 1)
+        else:
+            spans.append((topic, partition, i, i + 1))
+    return spans
 
 
 def _key(topic: str, partition: int) -> str:

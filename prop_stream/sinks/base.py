@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import polars as pl
+
 from prop_stream.rules import Evaluation
 from prop_stream.store.progress import EngineCheckpoint, Position
 
@@ -23,12 +25,20 @@ class BaseSink(ABC):
         """Prepare the destination (check its schema, open connections)."""
 
     @abstractmethod
-    def add(self, evaluation: Evaluation, *, position: Position) -> None:
+    def add(
+        self,
+        evaluation: Evaluation,
+        *,
+        position: Position,
+        ticks: pl.DataFrame | None = None,
+    ) -> None:
         """Buffer one batch's outputs.
 
         Args:
             evaluation: What the engine produced for the batch.
             position: The source position after the batch.
+            ticks: The batch's ticks to keep in the tick archive, committed with
+                the outputs (None: keep none); sinks without an archive ignore it.
         """
 
     @abstractmethod

@@ -8,10 +8,15 @@ A flush writes, in one transaction, every batch added since the last one:
 - ``metrics_latest``: upsert by ``account_id``, only by a row at least as new;
 - ``metric_history``: insert by ``(account_id, ts)``, ignoring rows already there;
 - the phase transitions (:func:`prop_stream.store.lifecycle.apply_transitions`);
+- ``tick_archive_staging``: the batches' ticks handed to :meth:`DuckDBSink.add`,
+  numbered on from ``tick_archive_state.next_seq`` (the tick archive,
+  :mod:`prop_stream.store.archive`);
 - the source position after the last batch, and an engine checkpoint if given.
 
 Everything is keyed by the engine's identities, so writing the same
-:class:`~prop_stream.rules.Evaluation` twice leaves the same rows.
+:class:`~prop_stream.rules.Evaluation` twice leaves the same rows. The staged ticks
+are not keyed: the loop hands a replayed batch's ticks over only when the store
+has not committed them yet (:meth:`~prop_stream.evaluator.sources.TickSource.unseen`).
 """
 
 from __future__ import annotations
@@ -126,6 +131,10 @@ _INSERT_HISTORY: Final = (
     f"{_select(METRIC_COLUMNS, '_sink_history')} "
     "ON CONFLICT (account_id, ts) DO NOTHING"
 )
+_STAGE_TICKS: Final = (
+    "INSERT INTO tick_archive_staging (seq, account_id, ts, equity, balance) "
+    "SELECT seq, account_id, ts, equity, balance FROM _sink_ticks"
+)
 
 
 class DuckDBSink(BaseSink):
@@ -144,6 +153,7 @@ class DuckDBSink(BaseSink):
         self._source = source
         self._keep = checkpoints_kept
         self._pending: list[Evaluation] = []
+        self._ticks: list[pl.DataFrame] = []
         self._position: Position | None = None
 
     @property
@@ -164,9 +174,17 @@ class DuckDBSink(BaseSink):
                 f"{LATEST_VERSION}: run prop-stream init --db PATH"
             )
 
-    def add(self, evaluation: Evaluation, *, position: Position) -> None:
-        """Buffer one batch's outputs and the position after it."""
+    def add(
+        self,
+        evaluation: Evaluation,
+        *,
+        position: Position,
+        ticks: pl.DataFrame | None = None,
+    ) -> None:
+        """Buffer one batch's outputs, its ticks to archive and the position after."""
         self._pending.append(evaluation)
+        if ticks is not None and ticks.height:
+            self._ticks.append(ticks)
         self._position = dict(position)
 
     def flush(self, *, checkpoint: EngineCheckpoint | None = None) -> None:
@@ -186,6 +204,8 @@ class DuckDBSink(BaseSink):
                     if frame.height:
                         _write(conn, name, frame)
                 apply_transitions(conn, frames["transitions"])
+                if self._ticks:
+                    _stage_ticks(conn, self._ticks)
                 position = self._position
                 if checkpoint is not None:
                     position = checkpoint.position
@@ -196,6 +216,7 @@ class DuckDBSink(BaseSink):
         except duckdb.Error as exc:
             raise SinkError(f"could not commit a batch to DuckDB: {exc}") from exc
         self._pending.clear()
+        self._ticks.clear()
         self._position = None
 
 
@@ -216,6 +237,30 @@ def _write(conn: Connection, name: str, frame: pl.DataFrame) -> None:
         conn.execute(_STATEMENTS[name])
     finally:
         conn.unregister(view)
+
+
+def _stage_ticks(conn: Connection, batches: Sequence[pl.DataFrame]) -> None:
+    """Append the batches' ticks to the archive's staging table, in order."""
+    ticks = batches[0] if len(batches) == 1 else pl.concat(batches, how="vertical")
+    # The flush's transaction takes the numbers (one writer: the loop's sink).
+    rows = conn.execute("SELECT next_seq FROM tick_archive_state").fetchall()
+    if not rows:
+        raise SinkError("tick_archive_state has no row: run prop-stream init")
+    conn.execute(
+        "UPDATE tick_archive_state SET next_seq = next_seq + ?", [ticks.height]
+    )
+    staged = ticks.select(
+        (pl.int_range(pl.len(), dtype=pl.Int64) + int(rows[0][0])).alias("seq"),
+        "account_id",
+        "ts",
+        "equity",
+        "balance",
+    )
+    conn.register("_sink_ticks", staged.to_arrow())
+    try:
+        conn.execute(_STAGE_TICKS)
+    finally:
+        conn.unregister("_sink_ticks")
 
 
 def _merge(evaluations: Sequence[Evaluation]) -> dict[str, pl.DataFrame]:

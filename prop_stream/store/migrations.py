@@ -370,11 +370,33 @@ _V3_OUTBOX: Final = (
     """,
 )
 
+_V4_TICK_ARCHIVE: Final = (
+    # The ticks of each committed batch, staged in the batch's own transaction
+    # until the archiver moves them to ``DB.archive/ticks/`` (docs/store.md, "The
+    # tick archive"). ``seq`` numbers them in commit order; no key: a replayed
+    # batch never stages its ticks again (the loop drops the ticks the store's
+    # position says were committed), and an index would cost the loop at tick rate.
+    """
+    CREATE TABLE tick_archive_staging (
+        seq BIGINT NOT NULL,
+        account_id BIGINT NOT NULL,
+        ts TIMESTAMPTZ NOT NULL,
+        equity DOUBLE,
+        balance DOUBLE
+    )
+    """,
+    # One row: the next ``seq``. It lives apart from the staged rows because the
+    # archiver deletes them all.
+    "CREATE TABLE tick_archive_state (next_seq BIGINT NOT NULL)",
+    "INSERT INTO tick_archive_state VALUES (0)",
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
     Migration(2, "risk_* views", _V2_VIEWS),
     Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
+    Migration(4, "the tick archive's staging table", _V4_TICK_ARCHIVE),
 )
 
 _LEDGER: Final = """

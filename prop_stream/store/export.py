@@ -113,7 +113,7 @@ def write_days(
         make_dir(staging)
         target = staging / table
         result = conn.execute(
-            f"COPY ({query}) TO '{_sql_path(target)}' "
+            f"COPY ({query}) TO {sql_literal(target)} "
             "(FORMAT parquet, PARTITION_BY (day), "
             "FILENAME_PATTERN 'part-{i}', RETURN_STATS true)"
         )
@@ -153,8 +153,9 @@ def make_dir(path: Path) -> None:
         path.chmod(DIR_MODE)  # mkdir's mode is masked by the umask
 
 
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+def sql_literal(path: Path) -> str:
+    """A path as a quoted SQL string literal (``'...'``, quotes doubled)."""
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _swap_day(staged: list[Path], final: Path) -> None:

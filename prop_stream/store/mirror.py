@@ -67,6 +67,7 @@ from prop_stream.store.export import (
     FILE_MODE,
     make_dir,
     partition_name,
+    sql_literal,
     write_days,
 )
 
@@ -394,7 +395,7 @@ class RiskMirror:
             query = (
                 "SELECT l.account_id, p.ts AS old_ts, p.day AS old_day "  # noqa: S608 - our own path, quoted
                 "FROM metrics_latest AS l "
-                f"LEFT JOIN read_parquet({_sql_text(previous)}) AS p "
+                f"LEFT JOIN read_parquet({sql_literal(previous)}) AS p "
                 "ON p.account_id = l.account_id "
                 # The whole row: a second tick at the same ts changes it too.
                 "WHERE p.account_id IS NULL OR hash(l) <> hash(p)"
@@ -475,7 +476,7 @@ class RiskMirror:
         staged = folder / f".{CURRENT_FILE}.{uuid.uuid4().hex}.tmp"
         try:
             result = conn.execute(
-                f"COPY (SELECT * FROM {table}) TO {_sql_text(staged)} "  # noqa: S608 - constant name
+                f"COPY (SELECT * FROM {table}) TO {sql_literal(staged)} "  # noqa: S608 - constant name
                 "(FORMAT parquet, RETURN_STATS true)"
             ).fetchall()
             staged.chmod(FILE_MODE)
@@ -500,7 +501,7 @@ class RiskMirror:
                 # An old storage version, so that clients older than this DuckDB
                 # (a DBeaver driver, last year's CLI) open it too.
                 con.execute(
-                    f"ATTACH {_sql_text(staged)} AS risk "
+                    f"ATTACH {sql_literal(staged)} AS risk "
                     f"(STORAGE_VERSION '{RISK_DB_STORAGE_VERSION}')"
                 )
                 con.execute("USE risk")
@@ -536,13 +537,13 @@ class RiskMirror:
                     f"CAST(NULL AS {kind}) AS {_ident(name)}" for name, kind in columns
                 )
                 return f"CREATE VIEW {_ident(table)} AS SELECT {nulls} WHERE false"
-            files = _sql_text(self._root / table / "day=*" / "*.parquet")
+            files = sql_literal(self._root / table / "day=*" / "*.parquet")
             source = (
                 f"read_parquet({files}, hive_partitioning = true, "
                 "hive_types = {'day': 'DATE'})"
             )
         else:
-            source = f"read_parquet({_sql_text(self._root / table / CURRENT_FILE)})"
+            source = f"read_parquet({sql_literal(self._root / table / CURRENT_FILE)})"
         return f"CREATE VIEW {_ident(table)} AS SELECT {select} FROM {source}"  # noqa: S608 - catalog names, quoted
 
     # ------------------------------------------------------------------- state
@@ -626,10 +627,6 @@ def _remove_leftovers(root: Path) -> None:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_text(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 __all__ = [

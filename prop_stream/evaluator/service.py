@@ -61,6 +61,14 @@ def build_source(settings: StreamSettings) -> TickSource:
             max_clock_skew_s=settings.max_clock_skew_s,
             consumer_group=settings.kafka_consumer_group,
             group_instance_id=settings.kafka_group_instance_id,
+            consumer_config={
+                "session_timeout_ms": settings.kafka_session_timeout_ms,
+                "heartbeat_interval_ms": max(
+                    300, settings.kafka_session_timeout_ms // 3
+                ),
+            }
+            if settings.kafka_consumer_group
+            else None,
         )
     if settings.source == "demo":
         return DemoSource(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -29,7 +30,19 @@ from prop_stream.evaluator.group import FENCED_LOG, GroupEvaluatorLoop
 from prop_stream.evaluator.sources import TickSource
 from prop_stream.rules import Evaluation, RuleEngine
 from prop_stream.sinks import DuckDBSink
-from prop_stream.store import Connection, connect, cursor, init_database
+from prop_stream.store import (
+    Connection,
+    ProgramIn,
+    ProgramPhaseIn,
+    connect,
+    create_program,
+    cursor,
+    customer_id_by_email,
+    init_database,
+    open_account,
+    start_challenge,
+    transaction,
+)
 from prop_stream.store.partitions import (
     PartitionFencedError,
     check_epoch,
@@ -63,8 +76,9 @@ class FakeTopic(TickSource):
     name = "kafka"
     topic = TOPIC
 
-    def __init__(self, partitions: Mapping[int, pl.DataFrame]) -> None:
-        self._data = dict(partitions)
+    def __init__(self, partitions: dict[int, pl.DataFrame]) -> None:
+        # Not a copy: a test may append ticks to a partition (the topic grows).
+        self._data = partitions
         self._live: dict[int, int] = {}
         self._events: list[tuple[str, list[int]]] = []
         self._slices: list[tuple[int, int, int, int]] = []
@@ -384,5 +398,110 @@ def test_a_running_embedded_database_switches_to_the_group_without_loss(
                 assert homes <= {number}
         _drain((a, a_topic), (b, b_topic))
         _assert_results(conn, inputs, embedded)
+    finally:
+        conn.close()
+
+
+EASY_TWO_STEP = ProgramIn(
+    name="easy two-step",
+    price=Decimal("1.00"),
+    currency="USD",
+    phases=(
+        ProgramPhaseIn(
+            name="Evaluation",
+            phase_type=0,
+            account_group="DEMO",
+            rules={"initial_balance": 10_000, "profit_target": 0.001},
+        ),
+        ProgramPhaseIn(
+            name="Funded",
+            phase_type=1,
+            account_group="REAL",
+            rules={"initial_balance": 10_000, "max_total_loss": 0.5},
+            profit_split=Decimal("0.8"),
+        ),
+    ),
+)
+
+
+def _tick_frame(account: int, start: datetime, equities: list[float]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "account_id": [account] * len(equities),
+            "ts": [start + timedelta(minutes=i + 1) for i in range(len(equities))],
+            "equity": equities,
+            "balance": equities,
+        },
+        schema={
+            "account_id": pl.Int64,
+            "ts": pl.Datetime("us", "UTC"),
+            "equity": pl.Float64,
+            "balance": pl.Float64,
+        },
+    )
+
+
+def test_a_pass_opens_the_next_phase_for_the_member_owning_its_account(
+    tmp_path: Path,
+) -> None:
+    conn = _fresh(tmp_path)
+    try:
+        started = START + timedelta(hours=1)
+        with transaction(conn):
+            program = create_program(conn, program=EASY_TWO_STEP)
+            bob = customer_id_by_email(conn, email="bob@example.com")
+            account = open_account(conn, customer_id=bob, account_group="DEMO")
+            challenge = start_challenge(
+                conn,
+                customer_id=bob,
+                program_id=program,
+                account_id=account,
+                started_at=started,
+            )
+        data = {n: _tick_frame(0, START, []) for n in range(PARTITIONS)}
+        data[_partition_of(account)] = _tick_frame(
+            account, started, [10_000.0, 10_050.0]
+        )
+        topics = {name: FakeTopic(data) for name in ("a", "b")}
+        loops = {name: _group_loop(conn, topics[name], name) for name in topics}
+        home = _partition_of(account)
+        topics["a"].assign(home)
+        topics["b"].assign(*(n for n in range(PARTITIONS) if n != home))
+        for _ in range(3):
+            for loop in loops.values():
+                loop.run_once()
+        funded = conn.execute(
+            "SELECT account_id, started_at FROM challenge_phases "
+            "WHERE challenge_id = ? AND phase_index = 1 AND status = 'active'",
+            [challenge],
+        ).fetchall()
+        assert funded, "the pass did not open the funded phase"
+        funded_account, funded_start = int(funded[0][0]), funded[0][1]
+        # The funded account's ticks arrive on its own partition, perhaps the
+        # other member's: no restart, no list of phases handed over.
+        target = _partition_of(funded_account)
+        data[target] = pl.concat(
+            [
+                data[target],
+                _tick_frame(funded_account, funded_start, [10_000.0, 4_000.0]),
+            ]
+        )
+        owner = "a" if target == home else "b"
+        for _ in range(3):
+            for loop in loops.values():
+                loop.run_once()
+        engine = loops[owner].engine_of(target)
+        assert engine is not None
+        phases = conn.execute(
+            "SELECT phase_index, status FROM challenge_phases "
+            "WHERE challenge_id = ? ORDER BY phase_index",
+            [challenge],
+        ).fetchall()
+        # The funded phase was judged: its 60 % loss broke max_total_loss.
+        assert phases == [(0, "passed"), (1, "failed")]
+        latest = conn.execute(
+            "SELECT equity FROM metrics_latest WHERE account_id = ?", [funded_account]
+        ).fetchall()
+        assert latest == [(4_000.0,)]
     finally:
         conn.close()

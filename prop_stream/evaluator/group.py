@@ -563,8 +563,13 @@ class GroupEvaluatorLoop:
         if changed:
             self._forget_without_phase()
 
-    def _poll_changes(self) -> None:
-        """Another process changed a phase: look again (see the module's docstring)."""
+    def poll_phase_changes(self) -> None:
+        """Look for phase changes made by other processes (between batches).
+
+        Called from the loop's thread every ``hook_interval_s``; the place where
+        a PostgreSQL ``LISTEN/NOTIFY`` wake-up plugs in. See the module's
+        docstring.
+        """
         version = phase_version(self._conn)
         if version == self._version:
             return
@@ -578,7 +583,7 @@ class GroupEvaluatorLoop:
         if now < self._next_hooks:
             return
         self._next_hooks = now + self._hook_interval
-        for hook in (self._poll_changes, *self._hooks):
+        for hook in (self.poll_phase_changes, *self._hooks):
             try:
                 hook()
             except Exception:

@@ -34,6 +34,7 @@ from prop_stream.store import (
     Connection,
     ProgramIn,
     ProgramPhaseIn,
+    cancel_challenge,
     connect,
     create_program,
     cursor,
@@ -503,5 +504,52 @@ def test_a_pass_opens_the_next_phase_for_the_member_owning_its_account(
             "SELECT equity FROM metrics_latest WHERE account_id = ?", [funded_account]
         ).fetchall()
         assert latest == [(4_000.0,)]
+    finally:
+        conn.close()
+
+
+def test_a_cancel_by_another_process_reaches_the_owning_member(tmp_path: Path) -> None:
+    conn = _fresh(tmp_path)
+    try:
+        started = START + timedelta(hours=1)
+        with transaction(conn):
+            program = create_program(conn, program=EASY_TWO_STEP)
+            bob = customer_id_by_email(conn, email="bob@example.com")
+            account = open_account(conn, customer_id=bob, account_group="DEMO")
+            challenge = start_challenge(
+                conn,
+                customer_id=bob,
+                program_id=program,
+                account_id=account,
+                started_at=started,
+            )
+        home = _partition_of(account)
+        data = {n: _tick_frame(0, START, []) for n in range(PARTITIONS)}
+        data[home] = _tick_frame(account, started, [10_000.0, 10_002.0])
+        topic = FakeTopic(data)
+        loop = _group_loop(conn, topic, "a")
+        topic.assign(*range(PARTITIONS))
+        loop.run_once()
+        engine = loop.engine_of(home)
+        assert engine is not None
+        assert account in engine
+        # Another process (an API, a job worker) cancels it and tells nobody.
+        other = cursor(conn)
+        with transaction(other):
+            cancel_challenge(other, challenge_id=challenge, now=started)
+        loop.poll_phase_changes()
+        assert account not in engine
+        data[home] = pl.concat(
+            [data[home], _tick_frame(account, started + timedelta(hours=1), [1.0])]
+        )
+        loop.run_once()
+        latest = conn.execute(
+            "SELECT equity FROM metrics_latest WHERE account_id = ?", [account]
+        ).fetchall()
+        assert latest == [(10_002.0,)]  # the tick after the cancel is not judged
+        status = conn.execute(
+            "SELECT status FROM challenge_phases WHERE account_id = ?", [account]
+        ).fetchall()
+        assert status == [("cancelled",)]
     finally:
         conn.close()

@@ -187,8 +187,11 @@ def run(
                 published = AdminEndpoint(
                     f"http://{_loopback(host)}:{bound}", admin_token, os.getpid()
                 )
-                publish(settings.db, published)
-                endpoint.append(published)
+                if role == "all":
+                    # The operator commands reach the process that owns the
+                    # DuckDB file; the scale-out roles own no file.
+                    publish(settings.db, published)
+                    endpoint.append(published)
                 log.info("ready: listening at %s:%d", host, bound)
                 line = (
                     f"prop-stream: ready on http://{host}:{bound} "

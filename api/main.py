@@ -58,6 +58,7 @@ def create_app(
     telemetry: ServiceMetrics | None = None,
     supervisor: Supervisor | None = None,
     admin_token: str | None = None,
+    api_routes: bool = True,
 ) -> FastAPI:
     """Build the API.
 
@@ -86,6 +87,9 @@ def create_app(
         supervisor: Owns the cache sync as a component (``cache``) when given;
             without one an asyncio task keeps the cache in sync.
         admin_token: Enables the admin routes (``/admin/...``) for this token.
+        api_routes: Serve the API; False serves ``/healthz``, ``/readyz`` and
+            ``/metrics`` only, with no runtime cache (``serve --role
+            evaluator|jobs``).
 
     Returns:
         The application.
@@ -105,7 +109,7 @@ def create_app(
             with db.cursor() as cur:
                 latest.load(cur)
         cache = RuntimeCache(db, latest)
-        loaded = cache.load()
+        loaded = cache.load() if api_routes else 0
         app.state.runtime = AppState(
             db=db,
             cache=cache,
@@ -126,7 +130,9 @@ def create_app(
         interval = config.cache_sync_interval_s
         sync: asyncio.Task[None] | None = None
         sync_lock = threading.Lock()
-        if supervisor is not None and interval > 0:
+        if not api_routes:
+            pass  # the probes read no cache: nothing to keep in sync
+        elif supervisor is not None and interval > 0:
             supervisor.add("cache", lambda: CacheSync(cache, interval), start=True)
         else:
             sync = asyncio.create_task(_sync_forever(cache, interval, sync_lock))
@@ -164,13 +170,17 @@ def create_app(
     app.state.settings = config
     errors.install(app)
     routers = (
-        health.router,
-        admin.router,
-        programs.router,
-        challenges.router,
-        runtime.router,
-        purchase.router,
-        purchase.payers_router,
+        (
+            health.router,
+            admin.router,
+            programs.router,
+            challenges.router,
+            runtime.router,
+            purchase.router,
+            purchase.payers_router,
+        )
+        if api_routes
+        else (health.router,)
     )
     for router in routers:
         app.include_router(router)
@@ -186,7 +196,7 @@ def create_app(
     # GET /prop/challenges/{id} answered from memory before anything but the
     # telemetry (api/hot.py); everything it can't answer, a request with a
     # body included, goes on unchanged.
-    if config.hot_reads:
+    if config.hot_reads and api_routes:
         app.add_middleware(HotReads)
     # Added last, so outermost: it sees every answer, hot reads included.
     app.add_middleware(

@@ -3,6 +3,13 @@
 This is the composition root, so it lives in the top layer: ``prop_stream`` never
 imports ``api``. The ``prop-stream serve`` and ``demo`` commands reach :func:`run`
 through the ``prop_stream.server`` entry point that this distribution registers.
+
+**Roles** (``serve --role``, ``docs/scale-out.md``): ``all`` runs the API, the
+evaluator and the job worker (the embedded deployment); ``api`` the API only
+(purchases reach the evaluators through the store's phase-change poll);
+``evaluator`` the evaluator only; ``jobs`` the outbox worker and the tick
+archive's mover. Every role serves ``/healthz``, ``/readyz`` and ``/metrics``;
+``api`` and ``all`` serve the API too.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import uvicorn
 
@@ -43,6 +50,10 @@ log = logging.getLogger("prop_stream.serve")
 #: How long a stop waits for the evaluator to finish its batch and checkpoint.
 STOP_TIMEOUT_S = 60.0
 
+Role = Literal["all", "api", "evaluator", "jobs"]
+#: The roles ``serve --role`` takes.
+ROLES: Final[tuple[Role, ...]] = ("all", "api", "evaluator", "jobs")
+
 
 def run(
     settings: StreamSettings,
@@ -50,6 +61,7 @@ def run(
     host: str,
     port: int,
     announce: Callable[[str], None] | None = None,
+    role: Role = "all",
 ) -> int:
     """Serve until SIGINT or SIGTERM, then stop cleanly.
 
@@ -69,10 +81,15 @@ def run(
         port: The port to listen on (0 picks a free one).
         announce: Called once with the ready line when requests can be taken
             (default: print it on stderr).
+        role: What this process runs (see the module's docstring).
 
     Returns:
         0 after a clean stop, 1 if a component failed for good.
     """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    runs_evaluator = role in ("all", "evaluator")
+    runs_jobs = role in ("all", "jobs")
     init_database(settings.db, create=False)
     conn = connect(settings.db)
     telemetry = ServiceMetrics()
@@ -84,17 +101,21 @@ def run(
             server.should_exit = True
 
     supervisor = Supervisor(classify=transient_reason, on_fatal=fatal)
-    supervisor.add("evaluator", evaluator.build)
+    if runs_evaluator:
+        supervisor.add("evaluator", evaluator.build)
     admin_token = new_token()
     app = create_app(
         settings=ApiSettings(db=settings.db),
         conn=conn,
         metrics=evaluator.metrics,
-        phases=evaluator,
+        # Without an evaluator here, purchases reach the group's evaluators
+        # through the store (the phase-change poll).
+        phases=evaluator if runs_evaluator else None,
         checks=supervisor.checks,
         telemetry=telemetry,
         supervisor=supervisor,
-        admin_token=admin_token,
+        admin_token=admin_token if role in ("all", "api") else None,
+        api_routes=role in ("all", "api"),
     )
 
     def refresh(challenge_ids: Iterable[int]) -> None:
@@ -103,16 +124,17 @@ def run(
             runtime.cache.refresh(challenge_ids)
 
     worker_stats = WorkerStats()
-    supervisor.add(
-        "jobs",
-        lambda: JobWorker(
-            cursor(conn),
-            phases=evaluator,
-            on_change=refresh,
-            stats=worker_stats,
-            transient=transient_reason,
-        ),
-    )
+    if runs_jobs:
+        supervisor.add(
+            "jobs",
+            lambda: JobWorker(
+                cursor(conn),
+                phases=evaluator if runs_evaluator else None,
+                on_change=refresh,
+                stats=worker_stats,
+                transient=transient_reason,
+            ),
+        )
     telemetry.probes = Probes(
         loop_stats=lambda: evaluator.stats,
         dead_letters=lambda: _source_attr(evaluator, "dead_letters", {}),
@@ -123,13 +145,13 @@ def run(
         store=functools.partial(_store_numbers, conn),
     )
     # The risk team's read-only copy of the store (docs/store.md).
-    if settings.risk_mirror_interval_s > 0:
+    if settings.risk_mirror_interval_s > 0 and role == "all":
         interval = settings.risk_mirror_interval_s
         supervisor.add(
             "risk", lambda: _RiskMirrorComponent(conn, settings.db, interval)
         )
     # The tick archive: staged ticks moved to DB.archive/ticks (docs/store.md).
-    if settings.archive:
+    if settings.archive and runs_jobs:
         supervisor.add(
             "archive",
             lambda: _ArchiveComponent(
@@ -159,18 +181,24 @@ def run(
             if supervisor.fatal is not None:
                 return
             loop = evaluator.current
-            if server.started and loop is not None and loop.ready.is_set():
+            evaluating = loop is not None and loop.ready.is_set()
+            if server.started and (evaluating or not runs_evaluator):
                 bound = _bound_port(server) or port
                 published = AdminEndpoint(
                     f"http://{_loopback(host)}:{bound}", admin_token, os.getpid()
                 )
-                publish(settings.db, published)
-                endpoint.append(published)
+                if role == "all":
+                    # The operator commands reach the process that owns the
+                    # DuckDB file; the scale-out roles own no file.
+                    publish(settings.db, published)
+                    endpoint.append(published)
                 log.info("ready: listening at %s:%d", host, bound)
                 line = (
                     f"prop-stream: ready on http://{host}:{bound} "
                     f"(db {settings.db}, source {settings.source})"
                 )
+                if role != "all":
+                    line += f" as {role}"
                 (announce or _stderr)(line)
                 return
             stop.wait(0.05)

@@ -399,6 +399,8 @@ def _exit_status(exc: SystemExit) -> int:
     return EXIT_FAILURE
 
 
+#: The consumer group of the evaluators unless ``--group`` names another.
+DEFAULT_GROUP: Final = "prop-stream"
 #: Where ``prop-stream demo`` keeps its database unless told otherwise.
 DEMO_DB: Final = Path("data/prop-stream-demo.duckdb")
 #: The demo customer whose session ``prop-stream demo`` prints.
@@ -459,6 +461,17 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument(
         "--topic", default="prop.equity-ticks", help="tick topic (kafka source)"
     )
+    parser.add_argument(
+        "--group",
+        metavar="G",
+        default=None,
+        help=(
+            "join the Kafka consumer group G and judge only the partitions it "
+            "assigns, with state and fencing per partition (kafka source; "
+            "default with PostgreSQL: prop-stream; with DuckDB the service "
+            "takes every partition unless --group is given)"
+        ),
+    )
     parser.set_defaults(handler=_run_serve)
 
 
@@ -490,25 +503,48 @@ def _serve(args: argparse.Namespace, *, source: str) -> int:
         _error("the HTTP service (package api) is not installed")
         return EXIT_FAILURE
     role = getattr(args, "role", "all")
-    if role != "all":
+    postgres = is_postgres_url(args.db)
+    if role != "all" and not postgres:
         _error(
             f"--role {role} needs a PostgreSQL database (the scale-out deployment); "
             f"with the DuckDB file {args.db} only --role all runs"
         )
         return EXIT_BAD_INPUT
     overrides: dict[str, object] = {"db": args.db, "source": source}
+    group = getattr(args, "group", None)
+    if group is not None and not group.strip():
+        _error("--group: the consumer group name is empty")
+        return EXIT_BAD_INPUT
     if source == "kafka":
         if not getattr(args, "kafka_bootstrap", None):
             _error("--source kafka needs --kafka-bootstrap H:P")
             return EXIT_BAD_INPUT
         overrides["kafka_bootstrap"] = args.kafka_bootstrap
         overrides["kafka_topic"] = args.topic
+        # Several processes share a PostgreSQL store: they share the partitions.
+        if group is not None or postgres:
+            overrides["kafka_consumer_group"] = True
+            overrides["kafka_group_id"] = group or DEFAULT_GROUP
+    elif group is not None:
+        _error("--group needs --source kafka")
+        return EXIT_BAD_INPUT
     if args.demo_rate is not None:
         overrides["demo_rate"] = args.demo_rate
     settings = StreamSettings(**overrides)  # type: ignore[arg-type]  # validated
     run = server[0].load()
-    status: int = run(settings, host=args.host, port=args.port)
+    if role == "all":
+        status: int = run(settings, host=args.host, port=args.port)
+    else:
+        status = run(settings, host=args.host, port=args.port, role=role)
     return status
+
+
+def is_postgres_url(db: object) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (a ``postgresql://`` URL).
+
+    ``Path`` folds the URL's ``//``, so only the scheme is looked at.
+    """
+    return str(db).split(":", 1)[0].lower() in ("postgresql", "postgres")
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -41,6 +41,15 @@ class StreamSettings(BaseSettings):
         kafka_dlq_topic: The dead-letter topic (None: ``<kafka_topic>.dlq``).
         kafka_group_id: The consumer group Kafka offsets are published under,
             for monitoring only (positions live in DuckDB); None publishes none.
+        kafka_consumer_group: Join the consumer group ``kafka_group_id`` and
+            judge only the partitions Kafka assigns, with per-partition state
+            and fencing (the scale-out evaluators, docs/scale-out.md); off,
+            the service assigns itself every partition (embedded).
+        kafka_group_instance_id: Static group membership (KIP-345): a member
+            restarted within the session timeout keeps its partitions.
+        kafka_session_timeout_ms: How long the group waits for a silent member
+            (paused, cut off) before it gives the member's partitions to
+            others; heartbeats go every third of it.
         kafka_fetch_max_bytes: Most bytes of one fetch response.
         kafka_max_partition_fetch_bytes: Most bytes per partition in one fetch.
         kafka_fetch_max_wait_ms: Longest the broker holds a fetch for more data.
@@ -84,6 +93,9 @@ class StreamSettings(BaseSettings):
     kafka_topic: str = Field(default="prop.equity-ticks", min_length=1)
     kafka_dlq_topic: str | None = None
     kafka_group_id: str | None = "prop-stream"
+    kafka_consumer_group: bool = False
+    kafka_group_instance_id: str | None = None
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_fetch_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     kafka_max_partition_fetch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
+from prop_stream.evaluator.group import GroupEvaluatorLoop
 from prop_stream.evaluator.loop import EvaluatorLoop, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.evaluator.sources import NoneSource, TickSource
@@ -58,6 +59,16 @@ def build_source(settings: StreamSettings) -> TickSource:
             dlq_unknown_accounts=settings.kafka_dlq_unknown_accounts,
             raw_records=settings.kafka_raw_records,
             max_clock_skew_s=settings.max_clock_skew_s,
+            consumer_group=settings.kafka_consumer_group,
+            group_instance_id=settings.kafka_group_instance_id,
+            consumer_config={
+                "session_timeout_ms": settings.kafka_session_timeout_ms,
+                "heartbeat_interval_ms": max(
+                    300, settings.kafka_session_timeout_ms // 3
+                ),
+            }
+            if settings.kafka_consumer_group
+            else None,
         )
     if settings.source == "demo":
         return DemoSource(
@@ -85,6 +96,8 @@ def build_loop(
     The loop and its sink each get their own cursor of ``conn``; between
     batches, for a Kafka source, the loop refreshes the known accounts and
     publishes the committed position to Kafka's group offsets (monitoring only).
+    A Kafka source in a consumer group (``kafka_consumer_group``) needs
+    :func:`build_group_loop` instead.
 
     Args:
         settings: The service's settings.
@@ -124,6 +137,58 @@ def build_loop(
     )
 
 
+def build_group_loop(
+    settings: StreamSettings,
+    conn: Connection,
+    *,
+    source: KafkaTickSource | None = None,
+    metrics: LatestMetrics | None = None,
+    stats: LoopStats | None = None,
+    on_batch: Callable[[Evaluation, float], object] | None = None,
+) -> GroupEvaluatorLoop:
+    """A consumer-group member over the service's database (``docs/scale-out.md``).
+
+    State, fencing epoch and checkpoint per assigned partition; each partition's
+    sink has the same cursor of ``conn`` (their flushes take turns in the loop's
+    thread).
+
+    Args:
+        settings: The service's settings (``source`` is ``kafka``).
+        conn: The service's connection.
+        source: The Kafka source in group mode (default: the settings', with
+            ``kafka_consumer_group`` on).
+        metrics: The in-memory latest metrics to keep current.
+        stats: The counters to add to (kept over rebuilds).
+        on_batch: Called after each committed partition batch (``/metrics``).
+
+    Returns:
+        The loop, not started.
+    """
+    if source is None:
+        built = build_source(settings.model_copy(update={"kafka_consumer_group": True}))
+        assert isinstance(built, KafkaTickSource)  # noqa: S101 - source is kafka
+        source = built
+    source.set_account_directory(functools.partial(account_ids, cursor(conn)))
+    return GroupEvaluatorLoop(
+        cursor(conn),
+        source,
+        functools.partial(
+            DuckDBSink,
+            cursor(conn),
+            source=source.name,
+            checkpoints_kept=settings.checkpoints_kept,
+        ),
+        max_batch_records=settings.max_batch_records,
+        poll_timeout_s=settings.poll_timeout_s,
+        checkpoint_every=settings.checkpoint_every,
+        metrics=metrics,
+        hooks=[source.refresh_accounts, source.commit_async],
+        stats=stats,
+        on_batch=on_batch,
+        archive=settings.archive,
+    )
+
+
 class SupervisedEvaluator:
     """The evaluator as a supervised component: a fresh loop per (re)start.
 
@@ -155,10 +220,21 @@ class SupervisedEvaluator:
         self._on_batch = on_batch
         self.metrics = LatestMetrics()
         self.stats = LoopStats()
-        self.current: EvaluatorLoop | None = None
+        self.current: EvaluatorLoop | GroupEvaluatorLoop | None = None
 
-    def build(self) -> EvaluatorLoop:
+    def build(self) -> EvaluatorLoop | GroupEvaluatorLoop:
         """A new loop over a new source (the supervisor's factory)."""
+        settings = self._settings
+        if settings.source == "kafka" and settings.kafka_consumer_group:
+            group = build_group_loop(
+                settings,
+                self._conn,
+                metrics=self.metrics,
+                stats=self.stats,
+                on_batch=self._on_batch,
+            )
+            self.current = group
+            return group
         loop = build_loop(
             self._settings,
             self._conn,
@@ -173,7 +249,8 @@ class SupervisedEvaluator:
     def source(self) -> TickSource | None:
         """The running loop's source (None before the first build)."""
         loop = self.current
-        return loop.source if loop is not None else None
+        source = loop.source if loop is not None else None
+        return source if isinstance(source, TickSource) else None
 
     def register_phase(self, spec: PhaseSpec) -> None:
         """Judge a phase from the running loop's next batch on."""

@@ -13,10 +13,21 @@ and seeks each to its offset there (a partition without one starts at its
 beginning). Kafka's committed offsets are never read back: :meth:`commit_async`
 only publishes progress for monitoring (``kafka-consumer-groups``).
 
-The source assigns itself all partitions (``KafkaConsumer.assign``) rather than
-joining a consumer group: the engine judges every phase and one process owns the
-DuckDB file, so a second member could never take half the partitions. It looks
-for new partitions every ``partition_refresh_s`` seconds.
+By default the source assigns itself all partitions (``KafkaConsumer.assign``)
+rather than joining a consumer group: the engine judges every phase and one
+process owns the DuckDB file, so a second member could never take half the
+partitions. It looks for new partitions every ``partition_refresh_s`` seconds.
+
+**Consumer group** (``consumer_group=True``, the scale-out evaluators,
+``docs/scale-out.md``): the source subscribes to the topic in the group
+``group_id`` with the cooperative-sticky assignor (KIP-429: a rebalance moves
+only the partitions that change owner, the others keep being judged) and a
+rebalance listener. The listener runs on kafka-python's network thread, so it
+only pauses each newly assigned partition and queues the event; the evaluator
+(:mod:`prop_stream.evaluator.group`) takes the events between batches
+(:meth:`KafkaSource.rebalance_events`), rebuilds the partition's state from the
+store and calls :meth:`KafkaSource.resume_partition` with the stored offset, so
+no tick of a partition is handed out before its state is loaded.
 
 **Bad messages** (``decode.Reason``) never stop a partition: each goes to the
 dead-letter topic with headers ``error`` (the reason code), ``error.detail``,
@@ -53,8 +64,10 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import polars as pl
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from prop_stream.kafka.admin import (
@@ -239,6 +252,11 @@ class KafkaSource:
             check off.
         clock: The service's clock (seconds since the epoch; tests set it).
         bootstrap_timeout_s: Longest a connection attempt waits for a broker.
+        consumer_group: Join the consumer group ``group_id`` and judge only the
+            partitions it assigns (see the module's docstring).
+        group_instance_id: Static membership (KIP-345): a restarted member with
+            the same id gets its partitions back without a rebalance, if it
+            returns within the session timeout. Only with ``consumer_group``.
         consumer_config: Extra ``KafkaConsumer`` settings (override the above).
         producer_config: Extra ``KafkaProducer`` settings of the DLQ producer.
     """
@@ -264,6 +282,8 @@ class KafkaSource:
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
         clock: Callable[[], float] = time.time,
         bootstrap_timeout_s: float = DEFAULT_BOOTSTRAP_TIMEOUT_S,
+        consumer_group: bool = False,
+        group_instance_id: str | None = None,
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -276,8 +296,20 @@ class KafkaSource:
         self.bootstrap = bootstrap
         self.topic = topic
         self.dlq_topic = dlq_topic or dlq_topic_for(topic)
+        if consumer_group and not group_id:
+            raise KafkaSourceError("a consumer group needs a group id")
         self.group_id = group_id
         self.stats = KafkaSourceStats()
+        #: Whether the source is a member of the consumer group ``group_id``.
+        self.consumer_group = consumer_group
+        group_config: dict[str, Any] = {}
+        if consumer_group:
+            # Cooperative-sticky (kafka-python 3.0.12 has it): a member keeps
+            # the partitions that do not move, so a join or a leave pauses
+            # only the moving ones.
+            group_config["partition_assignment_strategy"] = (CooperativeStickyAssignor,)
+            if group_instance_id:
+                group_config["group_instance_id"] = group_instance_id
         self._consumer_config: dict[str, Any] = {
             "bootstrap_servers": bootstrap.split(","),
             "client_id": client_id,
@@ -292,6 +324,7 @@ class KafkaSource:
             "receive_buffer_bytes": 4 * 1024 * 1024,
             "reconnect_backoff_max_ms": 2_000,
             "bootstrap_timeout_ms": int(bootstrap_timeout_s * 1000),
+            **group_config,
             **dict(consumer_config or {}),
         }
         self._producer_config: dict[str, Any] = {
@@ -341,6 +374,13 @@ class KafkaSource:
         # The last poll's records and each returned tick's record index (unseen).
         self._last_records: _Records | None = None
         self._last_messages: pl.Series | None = None
+        # Consumer group: subscribed yet, first assignment seen, the queued
+        # rebalance events and the partitions whose state the loop has loaded.
+        self._subscribed = False
+        self._joined = False
+        self._events: list[tuple[str, list[int]]] = []
+        self._live: set[int] = set()
+        self._partition_count = 0
 
     # ------------------------------------------------------------ TickSource API
 
@@ -470,6 +510,12 @@ class KafkaSource:
             return _EMPTY_TICKS, self.position()
         self._note_health()
         self._note_highwater(consumer)
+        if self.consumer_group and fetched:
+            # Records of a partition whose state is not loaded (assigned under
+            # this poll, or dropped after a refused commit) are never handed out.
+            fetched = {
+                tp: part for tp, part in fetched.items() if tp.partition in self._live
+            }
         if not fetched:
             return _EMPTY_TICKS, self.position()
         before = dict(self._next)
@@ -611,6 +657,10 @@ class KafkaSource:
         if self._topic_missing:
             return {"topic": f"topic {self.topic} does not exist"}
         assigned = self._assigned
+        if self.consumer_group and not (self._joined or _stable_member(consumer)):
+            return {"kafka": f"joining consumer group {self.group_id} on {self.topic}"}
+        if self.consumer_group and not assigned:
+            return {}  # a member with no partition (more members than partitions)
         if not assigned:
             return {"kafka": f"looking up topic {self.topic} at {self.bootstrap}"}
         if not _leaders_connected(consumer, assigned):
@@ -666,6 +716,11 @@ class KafkaSource:
             )
             for key, offset in self._next.items()
         }
+        if self.consumer_group:
+            live = self._live
+            offsets = {tp: o for tp, o in offsets.items() if tp.partition in live}
+            if not offsets:
+                return
         try:
             consumer.commit_async(offsets)
         except KafkaError as exc:
@@ -678,6 +733,129 @@ class KafkaSource:
             raise KafkaSourceError("not connected", topic=self.topic)
         ends = consumer.end_offsets(self._assigned)
         return {_key(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+
+    # ----------------------------------------------------------- consumer group
+
+    def rebalance_events(self) -> list[tuple[str, list[int]]]:
+        """The rebalance events since the last call, in order; thread-safe.
+
+        Returns:
+            ``("assigned" | "revoked" | "lost", partitions)`` pairs. Assigned
+            partitions are paused until :meth:`resume_partition`.
+        """
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def resume_partition(self, partition: int, offset: int | None) -> None:
+        """Hand out a partition's ticks from ``offset`` (None: its beginning).
+
+        Call it from the polling thread once the partition's state is loaded.
+        """
+        consumer = self._consumer
+        key = _key(self.topic, partition)
+        tp = TopicPartition(self.topic, partition)
+        if offset is None:
+            self._next.pop(key, None)
+        else:
+            self._next[key] = int(offset)
+        self._live.add(partition)
+        if consumer is None or tp not in consumer.assignment():
+            return
+        if offset is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, int(offset))
+        consumer.resume(tp)
+
+    def drop_partition(self, partition: int) -> None:
+        """Stop handing out a partition's ticks (revoked, or its commit refused).
+
+        Call it from the polling thread.
+        """
+        self._live.discard(partition)
+        self._next.pop(_key(self.topic, partition), None)
+        consumer = self._consumer
+        tp = TopicPartition(self.topic, partition)
+        if consumer is not None and tp in consumer.assignment():
+            consumer.pause(tp)
+
+    def live_partitions(self) -> set[int]:
+        """The partitions whose ticks are handed out now."""
+        return set(self._live)
+
+    def partition_count(self) -> int:
+        """The topic's partitions as last looked up (0 before the first look)."""
+        return self._partition_count
+
+    def partition_of(self, account_id: int) -> int | None:
+        """The partition the default partitioner puts an account's ticks in.
+
+        The tick key is the account id in decimal ASCII (``interfaces.md``
+        section 1); None before the topic was looked up.
+        """
+        count = self._partition_count
+        if not count:
+            return None
+        return int(murmur2(str(int(account_id)).encode()) & 0x7FFFFFFF) % count
+
+    def last_slices(
+        self, committed: Mapping[str, int] | None = None
+    ) -> list[tuple[int, int, int, int]]:
+        """The last poll's ticks by partition, as row ranges.
+
+        Args:
+            committed: The store's committed offsets of partitions being
+                replayed: ticks of earlier messages are archived already.
+
+        Returns:
+            ``(partition, start, end, archive_from)`` per partition of the last
+            poll: its ticks are rows ``start:end`` (the poll returns them in
+            partition then offset order); those from ``archive_from`` on come
+            from messages at or after the committed offset.
+        """
+        records, messages = self._last_records, self._last_messages
+        if records is None or messages is None or not len(messages):
+            return []
+        committed = committed or {}
+        out = []
+        for topic, partition, first, end in _spans(records):
+            start = int(messages.search_sorted(first, "left"))
+            stop = int(messages.search_sorted(end, "left"))
+            if stop <= start:
+                continue
+            archive_from = start
+            offset = committed.get(_key(topic, partition))
+            if offset is not None:
+                lo, hi = first, end
+                while lo < hi:  # the first record at or after the committed offset
+                    mid = (lo + hi) // 2
+                    if int(records[mid].offset) < offset:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                archive_from = int(messages.search_sorted(lo, "left"))
+            out.append((partition, start, stop, archive_from))
+        return out
+
+    def _rebalanced(self, kind: str, partitions: Iterable[TopicPartition]) -> None:
+        """A rebalance listener call (kafka-python's network thread): queue it."""
+        mine = sorted(tp.partition for tp in partitions if tp.topic == self.topic)
+        consumer = self._consumer
+        if kind == "assigned" and consumer is not None:
+            # Nothing is fetched for them until their state is loaded.
+            consumer.pause(*[TopicPartition(self.topic, p) for p in mine])
+        with self._lock:
+            assigned = {tp.partition for tp in self._assigned}
+            if kind == "assigned":
+                assigned |= set(mine)
+                self._joined = True
+            else:
+                assigned -= set(mine)
+            self._assigned = [TopicPartition(self.topic, p) for p in sorted(assigned)]
+            if mine:
+                self._events.append((kind, mine))
+        logger.info("consumer group %s: %s %s", self.group_id, kind, mine)
 
     # ---------------------------------------------------------------- internals
 
@@ -696,7 +874,8 @@ class KafkaSource:
                 return None
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(consumer)
-        if not self._assigned:
+        # A group member polls with nothing assigned: the poll joins the group.
+        if not (self._subscribed if self.consumer_group else self._assigned):
             self._closed.wait(timeout)  # a poll waits its time, also for a topic
             return None
         return consumer
@@ -748,7 +927,7 @@ class KafkaSource:
                     self.topic,
                     self.bootstrap,
                 )
-            if self._assigned:  # it was deleted
+            if self._assigned and not self.consumer_group:  # it was deleted
                 consumer.assign([])
                 self._assigned = []
             return
@@ -756,6 +935,15 @@ class KafkaSource:
         if self._topic_missing:
             self._topic_missing = False
             logger.info("topic %s exists now", self.topic)
+        self._partition_count = len(partitions)
+        if self.consumer_group:
+            if not self._subscribed:
+                consumer.subscribe(topics=[self.topic], listener=_Listener(self))
+                self._subscribed = True
+                logger.info(
+                    "joining consumer group %s on %s", self.group_id, self.topic
+                )
+            return
         wanted = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         if wanted == self._assigned:
             return
@@ -902,6 +1090,22 @@ class KafkaSource:
         self._dlq_ready = True
 
 
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped kafka-python
+    """Hands the group's rebalances to the source (see ``_rebalanced``)."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._source._rebalanced("revoked", revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._source._rebalanced("assigned", assigned)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self._source._rebalanced("lost", lost)
+
+
 def _spans(records: _Records) -> list[tuple[str, int, int, int]]:
     """``(topic, partition, first, end)`` runs of a poll's record indexes."""
     if isinstance(records, RawValues):
@@ -929,6 +1133,15 @@ def _fetch_position(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
     except Exception:  # internals of kafka-python: no position then
         return None
     return None if position is None else int(position.offset)
+
+
+def _stable_member(consumer: KafkaConsumer) -> bool:
+    """Whether the consumer has joined its group (a member may own nothing)."""
+    try:
+        # kafka-python has no public membership state.
+        return consumer._coordinator.generation_if_stable() is not None
+    except Exception:  # a health probe never raises
+        return False
 
 
 def _leaders_connected(

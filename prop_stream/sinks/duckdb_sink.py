@@ -21,7 +21,7 @@ has not committed them yet (:meth:`~prop_stream.evaluator.sources.TickSource.uns
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import duckdb
@@ -187,19 +187,40 @@ class DuckDBSink(BaseSink):
             self._ticks.append(ticks)
         self._position = dict(position)
 
-    def flush(self, *, checkpoint: EngineCheckpoint | None = None) -> None:
+    def flush(
+        self,
+        *,
+        checkpoint: EngineCheckpoint | None = None,
+        fence: Callable[[Connection], object] | None = None,
+        also: Callable[[Connection], object] | None = None,
+    ) -> None:
         """Commit the buffered batches, the position and a checkpoint together.
+
+        Args:
+            checkpoint: An engine checkpoint to commit with them.
+            fence: Runs first in the transaction and raises to refuse it (the
+                scale-out evaluators' epoch check,
+                :func:`prop_stream.store.partitions.check_epoch`); its
+                exception propagates after the rollback.
+            also: Runs last in the transaction (a per-partition checkpoint).
 
         Raises:
             SinkError: The transaction failed and was rolled back; the buffer is
                 kept.
         """
-        if not self._pending and checkpoint is None and self._position is None:
+        if (
+            not self._pending
+            and checkpoint is None
+            and self._position is None
+            and also is None
+        ):
             return
         frames = _merge(self._pending)
         conn = self._conn
         try:
             with transaction(conn):
+                if fence is not None:
+                    fence(conn)
                 for name, frame in frames.items():
                     if frame.height:
                         _write(conn, name, frame)
@@ -213,6 +234,8 @@ class DuckDBSink(BaseSink):
                     _save_position(conn, source=self._source, position=position)
                 if checkpoint is not None:
                     save_checkpoint(conn, checkpoint=checkpoint, keep=self._keep)
+                if also is not None:
+                    also(conn)
         except duckdb.Error as exc:
             raise SinkError(f"could not commit a batch to DuckDB: {exc}") from exc
         self._pending.clear()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from prop_stream.store.db import Connection, transaction
+from prop_stream.store.partitions import MIGRATION_6
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +398,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(2, "risk_* views", _V2_VIEWS),
     Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
     Migration(4, "the tick archive's staging table", _V4_TICK_ARCHIVE),
+    Migration(6, "per-partition fencing epochs and engine checkpoints", MIGRATION_6),
 )
 
 _LEDGER: Final = """

@@ -519,6 +519,33 @@ def test_serve_refuses_a_wrong_db_in_one_line(
         (["session", "a@example.com", "--ttl-hours", "0"], "at least 1"),
         (["serve", "--role", "api"], "needs a PostgreSQL database"),
         (["serve", "--role", "boss"], "invalid choice"),
+        (
+            [
+                "serve",
+                "--role",
+                "evaluator",
+                "--source",
+                "kafka",
+                "--kafka-bootstrap",
+                "127.0.0.1:1",
+                "--group",
+                "g",
+            ],
+            "needs a PostgreSQL database",
+        ),
+        (["serve", "--group", "g"], "--group needs --source kafka"),
+        (
+            [
+                "serve",
+                "--source",
+                "kafka",
+                "--kafka-bootstrap",
+                "127.0.0.1:1",
+                "--group",
+                " ",
+            ],
+            "consumer group name is empty",
+        ),
         (["init"], "required: --db"),
     ],
 )

@@ -1,0 +1,295 @@
+"""Scale-out on one machine: evaluator processes in one group over PostgreSQL.
+
+Real Kafka (the shared broker) and a real PostgreSQL (``scripts/pg-local``): a
+6-partition topic, three ``serve --role evaluator`` processes in one group, then
+one is SIGKILLed mid-stream, another SIGSTOPped past the session timeout and
+SIGCONTinued (its late commit must be refused: ``commit fenced`` in its log),
+and a fourth joins. When every stored position has reached its partition's end,
+breaches, daily snapshots, ``metrics_latest`` and the phase and challenge
+statuses equal those of the backtest (and of nothing doubled: the keys are
+unique and the rows equal the backtest's, row for row).
+
+It needs the PostgreSQL store: while ``prop-stream init --db postgresql://...``
+refuses, the test is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+from service_process import PROP_STREAM, ServiceProcess, run_prop_stream
+
+from integration.conftest import REPO, TopicFactory
+
+pytestmark = pytest.mark.integration
+
+PG_LOCAL = REPO / "scripts" / "pg-local"
+PARTITIONS = 6
+SESSION_TIMEOUT_MS = 6_000
+BREACHES_SQL = (
+    "SELECT account_id, challenge_id, phase_index, breach_seq, rule, severity, "
+    "threshold, actual, action, ts, resolved, resolved_ts FROM breaches "
+    "ORDER BY account_id, ts, breach_seq"
+)
+
+
+def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _pg(command: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own script, fixed arguments
+        [str(PG_LOCAL), command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PROP_STREAM_PG_HOME": str(home)},
+        timeout=120,
+        check=False,
+    )
+
+
+def _psql(url: str, sql: str) -> list[list[str]]:
+    out = subprocess.run(  # noqa: S603 - the machine's psql, fixed arguments
+        ["psql", "-X", "-At", "-F", "\t", url, "-c", sql],  # noqa: S607
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [line.split("\t") for line in out.stdout.splitlines() if line]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh initialised PostgreSQL store (skipped while the backend is missing)."""
+    if shutil.which("psql") is None:
+        pytest.fail("psql (Debian's postgresql-client) is needed")
+    # Not under pytest's tmp_path: the server runs as `postgres` (see pg-local).
+    home = Path(tempfile.mkdtemp(prefix="pg-scale-", dir="/tmp"))
+    home.chmod(0o755)
+    try:
+        started = _pg("start", home)
+        assert started.returncode == 0, started.stderr
+        url = started.stdout.strip()
+        done = run_prop_stream(["init", "--db", url, "--demo"])
+        if done.returncode != 0:
+            pytest.skip(
+                "the PostgreSQL store backend is missing: `prop-stream init --db "
+                f"postgresql://...` refused: {done.stderr.strip()[:200]}"
+            )
+        yield url
+    finally:
+        _pg("stop", home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _ticks(url: str, path: Path, per_account: int) -> pl.DataFrame:
+    """Ticks that drift down on every active phase (breaches on the way)."""
+    rows = _psql(
+        url,
+        "SELECT account_id, started_at, rules FROM challenge_phases "
+        "WHERE status = 'active' AND account_id IS NOT NULL ORDER BY account_id",
+    )
+    assert rows
+    ticks = []
+    for account, started, rules in rows:
+        initial = float(json.loads(rules)["initial_balance"])
+        start = datetime.fromisoformat(started)
+        ticks += [
+            {
+                "account_id": int(account),
+                "ts": start + timedelta(seconds=i + 1),
+                "equity": initial * (1 - 0.0004 * i),
+                "balance": initial,
+            }
+            for i in range(per_account)
+        ]
+    frame = pl.DataFrame(ticks).sort("ts", maintain_order=True)
+    frame.write_parquet(path)
+    return frame
+
+
+def _rules(url: str, path: Path) -> Path:
+    rows = _psql(
+        url,
+        "SELECT account_id, challenge_id, phase_index, started_at, rules "
+        "FROM challenge_phases WHERE account_id IS NOT NULL ORDER BY account_id",
+    )
+    accounts = [
+        {
+            "account_id": int(account),
+            "challenge_id": challenge,
+            "phase_index": int(index),
+            "started_at": datetime.fromisoformat(started).isoformat(),
+            "rules": json.loads(rules),
+        }
+        for account, challenge, index, started, rules in rows
+        if started
+    ]
+    path.write_text(json.dumps({"accounts": accounts}))
+    return path
+
+
+def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
+    tmp_path: Path, pg_url: str, kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    ticks_file = tmp_path / "ticks.parquet"
+    ticks = _ticks(pg_url, ticks_file, per_account=400)
+    parts = []
+    seen = 0
+    for i in range(3):
+        end = ticks.height if i == 2 else (i + 1) * ticks.height // 3
+        part = tmp_path / f"part{i}.parquet"
+        ticks.slice(seen, end - seen).write_parquet(part)
+        parts.append(part)
+        seen = end
+    topic = topic_factory(partitions=PARTITIONS)
+    group = f"group-{topic}"
+
+    def produce(path: Path) -> None:
+        done = subprocess.run(  # noqa: S603 - our own command
+            [str(PROP_STREAM), "produce", str(path), "--kafka-bootstrap",
+             kafka_bootstrap, "--topic", topic],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def evaluator() -> ServiceProcess:
+        return ServiceProcess(
+            ["serve", "--db", pg_url, "--role", "evaluator", "--source", "kafka",
+             "--kafka-bootstrap", kafka_bootstrap, "--topic", topic,
+             "--group", group, "--port", "0"],
+            tmp_path,
+            env={
+                "PROP_STREAM_LOG_FORMAT": "json",
+                "PROP_STREAM_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+                "PROP_STREAM_CHECKPOINT_EVERY": "5",
+                "PROP_STREAM_MAX_BATCH_RECORDS": "2000",
+            },
+        )  # fmt: skip
+
+    def stored() -> dict[str, int]:
+        return {
+            key: int(offset)
+            for key, offset in _psql(
+                pg_url,
+                "SELECT partition, next_offset FROM source_offsets "
+                "WHERE source = 'kafka'",
+            )
+        }
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    procs: list[ServiceProcess] = []
+    try:
+        procs = [evaluator() for _ in range(3)]
+        for proc in procs:
+            proc.wait_ready()
+        produce(parts[0])
+        _until(lambda: bool(stored()), 120, "a first committed batch")
+        killed, paused, steady = procs
+
+        def assignments() -> int:
+            return sum(
+                f"consumer group {group}: assigned" in line for line in steady.lines()
+            )
+
+        before = assignments()
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait(30)
+        # Past the session timeout the group gives the dead member's away.
+        _until(
+            lambda: assignments() > before,
+            SESSION_TIMEOUT_MS / 1000 * 10,
+            "a rebalance without the killed member",
+        )
+        produce(parts[1])
+        before = assignments()
+        paused.proc.send_signal(signal.SIGSTOP)
+        _until(
+            lambda: assignments() > before,
+            SESSION_TIMEOUT_MS / 1000 * 10,
+            "a rebalance without the paused member",
+        )
+        produce(parts[2])
+        paused.proc.send_signal(signal.SIGCONT)
+        fourth = evaluator()
+        procs.append(fourth)
+        fourth.wait_ready()
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        ends = {
+            f"{topic}:{tp.partition}": int(o)
+            for tp, o in consumer.end_offsets(tps).items()
+        }
+        _until(
+            lambda: (
+                {k: v for k, v in stored().items() if ends.get(k)}
+                == {k: v for k, v in ends.items() if v}
+            ),
+            300,
+            "every stored position at its partition's end",
+        )
+        _until(
+            lambda: "commit fenced" in "".join(paused.lines()),
+            60,
+            "the paused member's late commit to be refused",
+        )
+    finally:
+        consumer.close()
+        for proc in procs:
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGCONT)
+                proc.stop(90)
+    for proc in procs[1:]:
+        assert "Traceback" not in "".join(proc.lines())
+
+    out = tmp_path / "backtest"
+    rules = _rules(pg_url, tmp_path / "rules.json")
+    done = run_prop_stream(
+        ["backtest", "--rules", str(rules), "--ticks", str(ticks_file),
+         "--out", str(out)]
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = pl.read_parquet(out / "breaches.parquet")
+    got = _psql(
+        pg_url,
+        BREACHES_SQL,
+    )
+    assert len(got) == expected.height > 0
+    assert [int(r[0]) for r in got] == expected["account_id"].to_list()
+    assert [int(r[3]) for r in got] == expected["breach_seq"].to_list()
+    daily = pl.read_parquet(out / "daily.parquet")
+    days = _psql(
+        pg_url, "SELECT account_id, day FROM prop_daily_snapshots ORDER BY 1, 2"
+    )
+    assert [(int(a), d) for a, d in days] == [
+        (int(a), str(d)) for a, d in zip(daily["account_id"], daily["day"], strict=True)
+    ]
+    accounts = pl.read_parquet(out / "accounts.parquet")
+    status = dict(zip(accounts["account_id"], accounts["status"], strict=True))
+    for account, phase_status in _psql(
+        pg_url,
+        "SELECT account_id, status FROM challenge_phases WHERE account_id IS NOT NULL",
+    ):
+        if int(account) in status:
+            assert status[int(account)] == phase_status
+    latest = _psql(
+        pg_url, "SELECT count(*), count(DISTINCT account_id) FROM metrics_latest"
+    )
+    assert latest[0][0] == latest[0][1]

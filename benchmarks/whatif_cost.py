@@ -34,6 +34,7 @@ import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -257,7 +258,7 @@ def main() -> None:
                     ]
                 )
             )
-    result = {}
+    result: dict[str, Any] = {}
     for name, samples in runs.items():
         wall = statistics.median(w for w, _ in samples)
         cpu = statistics.median(c for _, c in samples)

@@ -678,16 +678,33 @@ def run_whatif(
             path = Path(tmp) / "staged.parquet"
             staged.write_parquet(path)
             files.append(TickFile(path=path, format="parquet", index=len(files)))
-        wanted = pl.Series(ids, dtype=pl.Int64)
-        lazies = [
-            scan_ticks(f).filter(pl.col("account_id").is_in(wanted.implode()))
-            for f in files
+        wanted = pl.Series(ids, dtype=pl.Int64).implode()
+        # The archive keeps the ticks the engine skipped as invalid (NaN,
+        # infinite); the backtest refuses them, so they are dropped here, as
+        # the service did, and counted.
+        valid = (
+            pl.col("ts").is_not_null()
+            & pl.col("equity").is_finite()
+            & pl.col("balance").is_finite()
+        ).fill_null(False)
+        scans = [
+            scan_ticks(f).filter(pl.col("account_id").is_in(wanted)) for f in files
         ]
-        total = int(
-            pl.concat([lf.select(pl.len()) for lf in lazies]).sum().collect().item()
+        tally = (
+            pl.concat(
+                [
+                    lf.select(pl.len().alias("rows"), valid.sum().alias("valid"))
+                    for lf in scans
+                ]
+            )
+            .sum()
+            .collect()
         )
+        total = int(tally["valid"].item())
+        invalid = int(tally["rows"].item()) - total
+        lazies = [lf.filter(valid) for lf in scans]
         if total <= max_rows_in_memory:
-            # Read once, replay twice; values were checked by the service.
+            # Read once, replay twice.
             frame = pl.concat(lazies, how="vertical").collect()
             inputs: tuple[list[TickFile], list[pl.LazyFrame]] = ([], [frame.lazy()])
         else:
@@ -766,6 +783,7 @@ def run_whatif(
                 "phases": result.phases,
                 "cancelled_left_out": cancelled,
                 "ticks": total,
+                "invalid_ticks_skipped": invalid,
                 "changes": counts,
                 "changed_phases": changed.height,
                 "mismatches": result.mismatches,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -376,6 +377,38 @@ def test_the_archive_option_reads_a_moved_archive(
         )
         assert code == 0, err
     assert _outcomes(first).equals(_outcomes(second))
+
+
+def test_invalid_archived_ticks_are_skipped_as_the_service_did(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    moved = tmp_path / "ticks"
+    shutil.copytree(archive_dir(store) / "ticks", moved)
+    day = sorted(moved.iterdir())[-1]
+    # The engine skips a NaN tick as invalid; the archive keeps it.
+    pl.DataFrame(
+        {
+            "account_id": [5000003],
+            "ts": [datetime.now(UTC)],
+            "equity": [float("nan")],
+            "balance": [100_000.0],
+        }
+    ).write_parquet(day / "part-99999999999999999998-99999999999999999999.parquet")
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out, extra in ((first, []), (second, ["--archive", str(moved)])):
+        code, err = _whatif(
+            capsys,
+            *_all_phases(store),
+            "--set",
+            "max_daily_loss=0.004",
+            "--out",
+            str(out),
+            *extra,
+        )
+        assert code == 0, err
+    assert _outcomes(first).equals(_outcomes(second))
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["invalid_ticks_skipped"] == 1
 
 
 def test_change_kinds() -> None:

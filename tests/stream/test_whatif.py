@@ -163,7 +163,19 @@ def test_a_looser_daily_limit_lets_the_failed_phases_go_on(
         str(out),
     )
     assert code == 0, err
-    changed = _outcomes(out).filter(pl.col("change").is_not_null())
+    outcomes = _outcomes(out)
+    # The recorded failures (status, instant, rule, day) are the baseline's.
+    assert outcomes["as_recorded"].all(), outcomes.filter(~pl.col("as_recorded"))
+    assert (
+        set(outcomes.filter(pl.col("recorded_status") == "failed")["account_id"])
+        == failed
+    )
+    assert (
+        outcomes.filter(pl.col("recorded_status") == "failed")["recorded_ts"]
+        .is_not_null()
+        .all()
+    )
+    changed = outcomes.filter(pl.col("change").is_not_null())
     assert set(changed["account_id"]) == failed
     assert set(changed["change"]) == {"failed_to_active"}
     assert set(changed["baseline_rule"]) == {"daily_loss"}
@@ -409,6 +421,33 @@ def test_invalid_archived_ticks_are_skipped_as_the_service_did(
     assert _outcomes(first).equals(_outcomes(second))
     summary = json.loads((second / "summary.json").read_text())
     assert summary["invalid_ticks_skipped"] == 1
+
+
+def test_phases_the_replay_cannot_see_are_listed_as_mismatches(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An archive that lost its files (retention, a bad copy): only the staged
+    # ticks are replayed, which came after the recorded failures.
+    empty = tmp_path / "ticks"
+    empty.mkdir()
+    out = tmp_path / "out"
+    code, err = _whatif(
+        capsys,
+        *_all_phases(store),
+        "--set",
+        "max_daily_loss=0.05",
+        "--out",
+        str(out),
+        "--archive",
+        str(empty),
+    )
+    assert code == 0, err
+    worst = worst_daily_loss(store)
+    failed = {a for a, (status, _) in worst.items() if status == "failed"}
+    mismatches = pl.read_parquet(out / "mismatches.parquet")
+    assert set(mismatches["account_id"]) == failed
+    assert set(mismatches["baseline_status"]) == {"active"}
+    assert f"{len(failed)} not as recorded" in err
 
 
 def test_change_kinds() -> None:

@@ -32,6 +32,7 @@ have been opened): ``earlier_phase_changed`` marks it.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -225,7 +226,7 @@ def _check(
         what = (
             f"--set {name}={json.dumps(value)}"
             if name is not None
-            else "--set (together)"
+            else "--set (the changes together)"
         )
         raise InputFileError(
             f"{what}: rules.{field}: {message} (challenge {spec.challenge_id} "
@@ -661,6 +662,13 @@ def run_whatif(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputFileError(f"--out {out}: exists and is not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputFileError(f"--out {out}: can't write in {existing}")
+    if tmp_dir is not None and not Path(tmp_dir).is_dir():
+        raise InputFileError(f"--tmp-dir {tmp_dir}: not a directory")
     ticks_dir = (
         Path(archive) if archive is not None else archive_dir(db_path) / TICKS_DIR
     )

@@ -328,6 +328,25 @@ def test_a_bad_selection_is_refused(
     assert not out.exists()
 
 
+def test_a_bad_tmp_dir_or_out_is_refused(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    for extra, message in (
+        (
+            ["--out", str(tmp_path / "o"), "--tmp-dir", str(tmp_path / "nope")],
+            "--tmp-dir",
+        ),
+        (["--out", str(tmp_path / "file")], "exists and is not a directory"),
+    ):
+        code, err = _whatif(
+            capsys, *_all_phases(store), "--set", "max_daily_loss=0.04", *extra
+        )
+        assert code == 2
+        assert message in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_program_and_phase_ids_together_are_a_usage_error(
     store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

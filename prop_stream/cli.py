@@ -146,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
     )
     _add_backtest(commands)
+    _add_whatif(commands)
     _add_init(commands)
     _add_session(commands)
     _add_export(commands)
@@ -236,6 +237,103 @@ def _run_backtest(args: argparse.Namespace) -> int:
         f"{_count(result.breaches, 'breach', 'breaches')}, "
         f"{result.passed:,} passed, {result.failed:,} failed "
         f"in {result.seconds:.2f} s; wrote {args.out}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
+    parser = commands.add_parser(
+        "whatif",
+        help="replay recorded phases with changed rules, list the changed outcomes",
+        description=(
+            "Replay the archived ticks of phases recorded in the store with the "
+            "rules they ran with and with --set changes, and write the phases "
+            "whose outcome changes (docs/backtest.md, 'What if'). Exit status 0 "
+            "on success, 2 on bad input (nothing is written then)."
+        ),
+    )
+    parser.add_argument(
+        "--db", required=True, type=Path, metavar="PATH", help="the service's database"
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--program", type=int, metavar="ID", help="every started phase of a program"
+    )
+    which.add_argument(
+        "--phase-ids",
+        nargs="+",
+        metavar="CHALLENGE[:PHASE]",
+        help="phases by challenge id and phase index (a challenge alone: all of them)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        required=True,
+        metavar="RULE=VALUE",
+        help="a rule change (repeat for more); VALUE as JSON (0.04, null) or text",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="output directory"
+    )
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the tick archive (default: PATH.archive/ticks)",
+    )
+    parser.add_argument(
+        "--max-rows-in-memory",
+        type=_positive_int,
+        default=DEFAULT_MAX_ROWS_IN_MEMORY,
+        metavar="N",
+        help="as for backtest (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tmp-dir", type=Path, default=None, metavar="DIR", help="as for backtest"
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write DIR/report.html with the floors before and after the change",
+    )
+    parser.set_defaults(handler=_run_whatif)
+
+
+def _run_whatif(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs it (the CLI imports per command).
+    from prop_stream.backtest.whatif import parse_phase_ids, parse_sets, run_whatif
+
+    changes = parse_sets(args.sets)
+    phase_ids = parse_phase_ids(args.phase_ids) if args.phase_ids else ()
+    result = run_whatif(
+        args.db,
+        changes,
+        args.out,
+        program=args.program,
+        phase_ids=phase_ids,
+        archive=args.archive,
+        max_rows_in_memory=args.max_rows_in_memory,
+        tmp_dir=args.tmp_dir,
+        report=args.report,
+    )
+    if result.staged is None:
+        print(
+            f"{PROG}: whatif: {args.db} is held by a running service: read its "
+            f"risk copy {result.source}; ticks judged since the archive's last "
+            "move are not in the replay (phases they decide are in mismatches)",
+            file=sys.stderr,
+        )
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in result.changes.items())
+    print(
+        f"{PROG}: whatif: {_count(result.phases, 'phase')}, "
+        f"{_count(result.ticks, 'tick')} replayed twice, "
+        f"{_count(sum(result.changes.values()), 'change')}"
+        f"{f' ({kinds})' if kinds else ''}, "
+        f"{result.mismatches:,} not as recorded in {result.seconds:.2f} s; "
+        f"wrote {args.out}",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -27,7 +27,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
@@ -468,6 +468,8 @@ def report_data(
     *,
     points_per_account: int = DEFAULT_POINTS_PER_ACCOUNT,
     total_points: int = DEFAULT_TOTAL_POINTS,
+    baseline: tuple[Sequence[PhaseSpec], BacktestTables] | None = None,
+    compare: Collection[int] = (),
 ) -> dict[str, Any]:
     """Everything the report shows, as a JSON-ready dict.
 
@@ -478,6 +480,12 @@ def report_data(
         tables: The run's outputs.
         points_per_account: Curve points per account at most.
         total_points: Curve points over all accounts at most.
+        baseline: Another run over the same ticks (its phases and outputs):
+            for the accounts in ``compare`` its floors are drawn too
+            (``old_daily_floor``, ``old_overall_floor``), its outcome shown
+            (``old_status``, ``old_end``), and the curve runs to the later of
+            the two runs' last evaluated ticks (``prop-stream whatif``).
+        compare: The accounts drawn with ``baseline``'s floors.
 
     Returns:
         ``summary`` (counts, failures by rule, days to fail, max drawdown
@@ -499,8 +507,23 @@ def report_data(
     ).select(
         "account_id", "ts", "ms", "rule", "severity", "action", "threshold", "actual"
     )
+    compared = frozenset(compare) if baseline is not None else frozenset()
+    if baseline is not None:
+        for row in (
+            baseline[1]
+            .accounts.filter(pl.col("account_id").is_in(list(compared)))
+            .iter_rows(named=True)
+        ):
+            entry = entries.get(row["account_id"])
+            if entry is not None:
+                entry["old_status"] = row["status"]
+                entry["old_end"] = _ms(row["status_ts"])
     for part in ticks:
         floors = derive_floors(part, specs, tables)
+        if baseline is not None and compared:
+            floors = _with_baseline(
+                floors, derive_floors(part, baseline[0], baseline[1]), compared
+            )
         if floors.height:
             _add_curves(entries, floors, breaches, budget)
     listed = [entries[row["account_id"]] for row in accounts.iter_rows(named=True)]
@@ -513,6 +536,40 @@ def report_data(
         "summary": _summary(listed, tables),
         "accounts": listed,
     }
+
+
+def _with_baseline(
+    floors: pl.DataFrame, old: pl.DataFrame, compare: Collection[int]
+) -> pl.DataFrame:
+    """``floors`` with another run's floors beside them, for ``compare``.
+
+    Both runs evaluate the same ticks from the same start in the same order, so
+    the k-th evaluated tick of an account is the same tick in both: they are
+    joined on (account, k), and the curve runs on to the later end.
+    """
+    index = pl.int_range(pl.len()).over("account_id").alias("_k")
+    old = (
+        old.filter(pl.col("account_id").is_in(list(compare)))
+        .with_columns(index)
+        .select(
+            "account_id",
+            "_k",
+            *(pl.col(c).alias(f"_old_{c}") for c in _SHARED_COLUMNS),
+            pl.col("daily_floor").alias("old_daily_floor"),
+            pl.col("overall_floor").alias("old_overall_floor"),
+        )
+    )
+    return (
+        floors.with_columns(index)
+        .join(old, on=["account_id", "_k"], how="full", coalesce=True)
+        .with_columns(pl.coalesce(c, f"_old_{c}").alias(c) for c in _SHARED_COLUMNS)
+        .sort("account_id", "_k")
+        .drop("_k", *(f"_old_{c}" for c in _SHARED_COLUMNS))
+    )
+
+
+#: Columns that are the tick's, whichever run evaluated it.
+_SHARED_COLUMNS: Final = ("ts", "equity", "balance", "day", "initial_balance")
 
 
 def _account_rows(
@@ -642,7 +699,13 @@ def _fill_points(entries: Mapping[int, dict[str, Any]], shown: pl.DataFrame) -> 
     equity = np.round(shown["equity"].to_numpy(), 2).tolist()
     steps = {
         name: _steps(shown[name].to_numpy(), first, starts)
-        for name in ("daily_floor", "overall_floor")
+        for name in (
+            "daily_floor",
+            "overall_floor",
+            "old_daily_floor",
+            "old_overall_floor",
+        )
+        if name in shown.columns
     }
     for a, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         entry = entries[int(ids[start])]
@@ -655,26 +718,36 @@ def _fill_points(entries: Mapping[int, dict[str, Any]], shown: pl.DataFrame) -> 
 
 def _steps(
     values: FloatArray, first: npt.NDArray[np.bool_], starts: IntArray
-) -> list[list[list[float]] | None]:
+) -> list[list[list[float | None]] | None]:
     """Per account, ``[[i, value], ...]`` at each point ``i`` where a floor changes.
 
     Floors are step functions: most points repeat the previous value, so only
     the changes are written (None where the rule is off: the floor is null).
     """
     values = np.asarray(values, dtype=np.float64)
-    changed = first | (values != np.roll(values, 1))
+    previous = np.roll(values, 1)
+    # NaN never equals itself: a run of NaNs (a what-if run that had ended) is
+    # one change, not one per point.
+    same = (values == previous) | (np.isnan(values) & np.isnan(previous))
+    changed = first | ~same
     at = np.flatnonzero(changed)
     position = at - np.repeat(
         starts, np.diff(np.searchsorted(at, np.append(starts, values.size)))
     )
     pairs = np.column_stack([position, np.round(values[at], 2)]).tolist()
     bounds = np.searchsorted(at, np.append(starts, values.size)).tolist()
-    out: list[list[list[float]] | None] = []
+    out: list[list[list[float | None]] | None] = []
     for a, start in enumerate(starts.tolist()):
         if np.isnan(values[start]):
             out.append(None)
         else:
-            out.append([[int(i), v] for i, v in pairs[bounds[a] : bounds[a + 1]]])
+            # NaN (JSON null) where one run of a what-if had ended: a gap.
+            out.append(
+                [
+                    [int(i), v if v == v else None]
+                    for i, v in pairs[bounds[a] : bounds[a + 1]]
+                ]
+            )
     return out
 
 
@@ -765,6 +838,9 @@ def write_report(
     max_rows_in_memory: int,
     points_per_account: int = DEFAULT_POINTS_PER_ACCOUNT,
     total_points: int = DEFAULT_TOTAL_POINTS,
+    baseline: tuple[Sequence[PhaseSpec], BacktestTables] | None = None,
+    compare: Collection[int] = (),
+    title: str = "prop-stream backtest",
 ) -> Path:
     """Write ``report.html`` for a finished run.
 
@@ -780,6 +856,9 @@ def write_report(
         max_rows_in_memory: Rows to hold in memory at once.
         points_per_account: Curve points per account at most.
         total_points: Curve points over all accounts at most.
+        baseline: As :func:`report_data`'s.
+        compare: As :func:`report_data`'s.
+        title: The page title.
 
     Returns:
         ``path``.
@@ -815,8 +894,10 @@ def write_report(
         tables,
         points_per_account=points_per_account,
         total_points=total_points,
+        baseline=baseline,
+        compare=compare,
     )
-    page = render_report(data)
+    page = render_report(data, title)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(page, encoding="utf-8")

@@ -24,6 +24,10 @@ import pytest
 from service_process import PROP_STREAM, ServiceProcess
 
 from integration.conftest import REPO
+from prop_stream.config import StreamSettings
+from prop_stream.evaluator import DemoConfig, DemoSource, build_loop
+from prop_stream.store import connect, cursor
+from prop_stream.store.archive import TickArchiver
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +152,26 @@ def test_readme_backtest_command_as_written(tmp_path: Path) -> None:
     assert (out / "report.html").is_file()
     breaches = pl.read_parquet(out / "breaches.parquet")
     assert breaches["rule"].to_list() == ["daily_loss"]
+
+
+def test_readme_whatif_command_as_written(tmp_path: Path) -> None:
+    # The store and archive a served demo leaves (judged in-process, faster
+    # than the demo's wall clock), then the README's command on them.
+    _run(_inline("prop-stream init "), tmp_path)
+    db = tmp_path / "prop.duckdb"
+    conn = connect(db)
+    try:
+        source = DemoSource(DemoConfig(rate=20_000, realtime=False))
+        loop = build_loop(StreamSettings(db=db, source="demo"), conn, source=source)
+        loop.run(max_batches=20)
+        TickArchiver(cursor(conn), db).archive_once()
+    finally:
+        conn.close()
+    done = _run(_inline("prop-stream whatif "), tmp_path)
+    assert "prop-stream: whatif: 3 phases" in done.stderr
+    summary = json.loads((tmp_path / "whatif" / "summary.json").read_text())
+    assert summary["program"] == 1
+    assert summary["mismatches"] == 0
 
 
 def test_readme_make_help_lists_the_targets() -> None:

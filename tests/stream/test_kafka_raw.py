@@ -30,6 +30,7 @@ from kafka.structs import TopicPartition
 
 from prop_stream.kafka import ARROW_ENCODING, encode_arrow
 from prop_stream.kafka.decode import (
+    EMPTY_DECODED_DEALS,
     EMPTY_DECODED_TICKS,
     JSON_CHUNK,
     Decoded,
@@ -140,6 +141,7 @@ def assert_same(
     assert [raw[i] for i in range(len(raw))] == records
     old, new = decode_old(records), decode_raw(raw)
     assert new.ticks.equals(old.ticks)
+    assert new.deals.equals(old.deals)
     assert new.rejections == old.rejections
 
 
@@ -394,11 +396,18 @@ def test_batch_messages_together_equal_one_by_one(
         pl.Series("known", [0, 1, 2, 5, 2**31 - 1], dtype=pl.Int64) if known else None
     )
     items = [(i * 2 + 1, v) for i, v in enumerate(values)]
-    ticks, rejections = decode_arrow_many(items, known_accounts=accounts)
-    parts, expected = [], []
+    many = decode_arrow_many(items, known_accounts=accounts)
+    parts, deal_parts, expected = [], [], []
     for index, value in items:
-        one_ticks, one_rejections = decode_arrow(value, index, known_accounts=accounts)
-        parts.append(one_ticks)
-        expected.extend(one_rejections)
-    assert ticks.equals(pl.concat([EMPTY_DECODED_TICKS, *parts]))
-    assert rejections == expected
+        one = decode_arrow(value, index, known_accounts=accounts)
+        # before_tick counts the ticks of the whole call: shift each message's.
+        deal_parts.append(
+            one.deals.with_columns(
+                pl.col("before_tick") + sum(p.height for p in parts)
+            )
+        )
+        parts.append(one.ticks)
+        expected.extend(one.rejections)
+    assert many.ticks.equals(pl.concat([EMPTY_DECODED_TICKS, *parts]))
+    assert many.deals.equals(pl.concat([EMPTY_DECODED_DEALS, *deal_parts]))
+    assert many.rejections == expected

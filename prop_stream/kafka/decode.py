@@ -431,6 +431,14 @@ def _parse_json_fast(
     # An empty value or one with a newline would shift the rows: re-parse.
     if frame.height != end - start:
         return None
+    # polars reads a JSON array or object as its text: let the slow path see
+    # whether a deal's text field was one (a mistyped field) or a string.
+    container = pl.any_horizontal(
+        pl.col(name).str.starts_with("[") | pl.col(name).str.starts_with("{")
+        for name in sorted(_TEXT_FIELDS)
+    )
+    if frame.select(((pl.col("type") == DEAL_TYPE) & container).any()).item():
+        return None
     return frame
 
 
@@ -484,7 +492,7 @@ def _parse_one(
         item = doc.get(name)
         if item is None:
             row[name] = None  # reported by the vectorized checks
-        elif isinstance(item, bool):
+        elif isinstance(item, bool) and name not in _TEXT_FIELDS:
             return None, (Reason.MISTYPED_FIELD, f"{name}: a boolean")
         elif name in _INT_FIELDS:
             if not isinstance(item, int) or not _I64_MIN <= item <= _I64_MAX:
@@ -498,11 +506,9 @@ def _parse_one(
             else:
                 return None, (Reason.MISTYPED_FIELD, f"ts: {type(item).__name__}")
         elif name in _TEXT_FIELDS:
-            # polars reads a JSON integer as its text; so does this path.
-            if isinstance(item, str | int):
-                row[name] = str(item)
-            else:
+            if isinstance(item, list | dict):
                 return None, (Reason.MISTYPED_FIELD, f"{name}: {type(item).__name__}")
+            row[name] = _text(item)
         elif isinstance(item, int | float):
             try:
                 row[name] = float(item)
@@ -511,6 +517,22 @@ def _parse_one(
         else:
             return None, (Reason.MISTYPED_FIELD, f"{name}: {type(item).__name__}")
     return row, None
+
+
+def _text(item: object) -> str:
+    """A deal's JSON scalar as text, as polars reads it into a string column.
+
+    A number or boolean where a string belongs is read as its text on both
+    paths (so a numeric symbol works either way; a bad side or entry is then
+    ``bad_side``/``bad_entry``).
+    """
+    if isinstance(item, str):
+        return item
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, float) and math.isfinite(item) and item.is_integer():
+        return ("-" if math.copysign(1.0, item) < 0 else "") + str(abs(int(item)))
+    return str(item)
 
 
 def _parse_ts(text: pl.Expr) -> pl.Expr:

@@ -545,6 +545,17 @@ def _add_produce(
     )
     parser.add_argument("ticks", metavar="TICKS", type=Path, help="tick file")
     parser.add_argument(
+        "--deals",
+        type=Path,
+        metavar="DEALS",
+        default=None,
+        help=(
+            "a Parquet or CSV deal file sent with the ticks on the same topic "
+            '("type": "deal", keyed by account), interleaved by (ts, a deal '
+            "before a tick)"
+        ),
+    )
+    parser.add_argument(
         "--kafka-bootstrap", required=True, metavar="H:P", help="Kafka bootstrap"
     )
     parser.add_argument(
@@ -575,6 +586,7 @@ def _run_produce(args: argparse.Namespace) -> int:
             args.ticks,
             bootstrap=args.kafka_bootstrap,
             topic=args.topic,
+            deals=args.deals,
             encoding=args.encoding,
             progress=sys.stderr.isatty(),
             partitions=args.partitions,
@@ -582,7 +594,8 @@ def _run_produce(args: argparse.Namespace) -> int:
     except KafkaUnavailableError as exc:  # not bad input: the broker may come back
         _error(str(exc))
         return EXIT_FAILURE
-    print(f"{PROG}: produce: {sent} ticks to {args.topic}", file=sys.stderr)
+    what = "ticks" if args.deals is None else "ticks and deals"
+    print(f"{PROG}: produce: {sent} {what} to {args.topic}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -33,8 +33,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -46,7 +46,6 @@ from prop_stream.evaluator.sources import TickSource, reached
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.base import BaseSink
 from prop_stream.store.db import Connection, query_frame
-from prop_stream.telemetry import DEAL_SKIP_REASONS
 from prop_stream.store.lifecycle import (
     active_phase_specs,
     phase_spec_by_account,
@@ -58,6 +57,7 @@ from prop_stream.store.progress import (
     latest_checkpoint,
     load_position,
 )
+from prop_stream.telemetry import DEAL_SKIP_REASONS
 
 logger = logging.getLogger(__name__)
 

@@ -278,7 +278,9 @@ def decode_messages(
                     index_map.gather(decoded.deals["message"]).alias("message")
                 ),
                 [
-                    Rejection(json_index[r.index], r.reason, r.detail, r.payload, r.rows)
+                    Rejection(
+                        json_index[r.index], r.reason, r.detail, r.payload, r.rows
+                    )
                     for r in decoded.rejections
                 ],
             )
@@ -842,8 +844,7 @@ def _arrow_many_rows(
         decoded = _decode_group(indexes, raws, known, not_after)
         if decoded is None:
             parts.extend(
-                _arrow_rows(values[index], index, known, not_after)
-                for index in indexes
+                _arrow_rows(values[index], index, known, not_after) for index in indexes
             )
         else:
             parts.append(decoded)
@@ -961,18 +962,18 @@ def _ipc(table: pa.Table) -> bytes:
 
 __all__ = [
     "ARROW_ENCODING",
+    "DEAL_FRAME_SCHEMA",
+    "DEAL_TYPE",
+    "EMPTY_DECODED_DEALS",
+    "EMPTY_DECODED_TICKS",
     "ENCODINGS",
     "ENCODING_HEADER",
+    "EQUITY_TYPE",
     "JSON_ENCODING",
     "Decoded",
     "MessageValues",
     "Reason",
     "Rejection",
-    "DEAL_FRAME_SCHEMA",
-    "DEAL_TYPE",
-    "EMPTY_DECODED_DEALS",
-    "EMPTY_DECODED_TICKS",
-    "EQUITY_TYPE",
     "convert_column",
     "convert_tick_column",
     "decode_arrow",

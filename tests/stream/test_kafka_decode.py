@@ -328,9 +328,7 @@ def test_decode_deal_reads_every_column() -> None:
     assert not decoded.rejections
     assert not decoded.ticks.height
     deals = decoded.deals
-    assert deals.drop("message", "before_tick").schema == pl.Schema(
-        DEAL_FRAME_SCHEMA
-    )
+    assert deals.drop("message", "before_tick").schema == pl.Schema(DEAL_FRAME_SCHEMA)
     assert deals.row(0, named=True) == {
         "account_id": 1001,
         "ts": datetime(2026, 1, 5, 9, 30, 0, 125_000, UTC),

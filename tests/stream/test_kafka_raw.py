@@ -245,9 +245,7 @@ good_deals = st.fixed_dictionaries(
 
 
 def _deal_with(**fields: object) -> bytes:
-    return orjson.dumps(
-        {k: v for k, v in {**DEAL, **fields}.items() if v is not ...}
-    )
+    return orjson.dumps({k: v for k, v in {**DEAL, **fields}.items() if v is not ...})
 
 
 #: One malformed deal per reason, and some types.
@@ -517,9 +515,7 @@ def test_batch_messages_together_equal_one_by_one(
         one = decode_arrow(value, index, known_accounts=accounts)
         # before_tick counts the ticks of the whole call: shift each message's.
         deal_parts.append(
-            one.deals.with_columns(
-                pl.col("before_tick") + sum(p.height for p in parts)
-            )
+            one.deals.with_columns(pl.col("before_tick") + sum(p.height for p in parts))
         )
         parts.append(one.ticks)
         expected.extend(one.rejections)

@@ -35,7 +35,6 @@ from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
 from prop_stream.store.db import Connection, transaction
-from prop_stream.store.flags import record_deal_opens
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
 from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint
@@ -222,6 +221,11 @@ class DuckDBSink(BaseSink):
                 apply_transitions(conn, frames["transitions"])
                 opens = [e.deal_opens for e in self._pending if e.deal_opens.height]
                 if opens:
+                    # deals-data's module (wip/deals-data); module-level once merged.
+                    from prop_stream.store.flags import (
+                        record_deal_opens,
+                    )
+
                     # The join runs here, not in the engine: a customer's
                     # accounts may sit on other partitions and in other batches.
                     record_deal_opens(

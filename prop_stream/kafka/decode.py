@@ -179,7 +179,7 @@ class Decoded:
 
     ticks: pl.DataFrame
     rejections: list[Rejection] = field(default_factory=list)
-    deals: pl.DataFrame = field(default_factory=lambda: EMPTY_DECODED_DEALS)
+    deals: pl.DataFrame = field(default_factory=lambda: _empty_deals())
 
 
 #: The ``ticks`` of a :class:`Decoded` with no ticks.
@@ -190,6 +190,12 @@ EMPTY_DECODED_TICKS: Final = pl.DataFrame(
 EMPTY_DECODED_DEALS: Final = pl.DataFrame(
     schema={**DEAL_FRAME_SCHEMA, "message": pl.UInt32(), "before_tick": pl.Int64()}
 )
+
+
+def _empty_deals() -> pl.DataFrame:
+    return EMPTY_DECODED_DEALS
+
+
 #: Good ticks or deals before :func:`_finish`: ``message`` and ``row`` in it.
 _EMPTY_TICK_ROWS: Final = pl.DataFrame(
     schema={**TICK_SCHEMA, "message": pl.UInt32(), "row": pl.UInt32()}
@@ -896,8 +902,8 @@ def _decode_group(
     # ``row`` is the row within its message, as decode_arrow numbers it.
     ids = pl.Series(indexes, dtype=pl.UInt32)
     offsets = pl.Series([starts[i] for i in indexes], dtype=pl.UInt32)
-    first = pl.col("message").replace_strict(ids, offsets, return_dtype=pl.UInt32)
-    converted = converted.with_columns((pl.col("row") - first).alias("row"))
+    shift = pl.col("message").replace_strict(ids, offsets, return_dtype=pl.UInt32)
+    converted = converted.with_columns((pl.col("row") - shift).alias("row"))
     checked = _check(
         converted.with_columns(pl.col("ts").alias("ts_parsed")), known, not_after
     )

@@ -116,9 +116,9 @@ def test_sent_messages_decode_to_the_same_events(tmp_path: Path, encoding: str) 
     producer = FakeProducer()
     bar = tqdm(disable=True)
     if encoding == "json":
-        _send_json(producer, "t", events, bar, _Failures())  # type: ignore[arg-type]
+        _send_json(producer, "t", events, bar, _Failures())
     else:
-        _send_batches(producer, "t", events, 1, 3, bar, _Failures())  # type: ignore[arg-type]
+        _send_batches(producer, "t", events, 1, 3, bar, _Failures())
     values = [value for _, value, _ in producer.sent]
     encodings = [None if h is None else "arrow-ipc-v1" for _, _, h in producer.sent]
     if encoding == "json":

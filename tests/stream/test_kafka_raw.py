@@ -34,6 +34,7 @@ from prop_stream.kafka.decode import (
     EMPTY_DECODED_TICKS,
     JSON_CHUNK,
     Decoded,
+    Rejection,
     decode_arrow,
     decode_arrow_many,
     decode_json,
@@ -510,7 +511,9 @@ def test_batch_messages_together_equal_one_by_one(
     )
     items = [(i * 2 + 1, v) for i, v in enumerate(values)]
     many = decode_arrow_many(items, known_accounts=accounts)
-    parts, deal_parts, expected = [], [], []
+    parts: list[pl.DataFrame] = []
+    deal_parts: list[pl.DataFrame] = []
+    expected: list[Rejection] = []
     for index, value in items:
         one = decode_arrow(value, index, known_accounts=accounts)
         # before_tick counts the ticks of the whole call: shift each message's.

@@ -89,6 +89,16 @@ _INT_FIELDS: Final = frozenset({"account_id", "deal_id", "position_id"})
 _TEXT_FIELDS: Final = frozenset({"symbol", "side", "entry"})
 _SIDES: Final = ("buy", "sell")
 _ENTRIES: Final = ("in", "out")
+#: What a chunk of ticks is read with first; a chunk with a ``type`` is read again
+#: with every field (:data:`_RAW_JSON_SCHEMA`), so tick-only streams pay for one
+#: column more than before deals.
+_TICK_JSON_SCHEMA: Final = {
+    "type": pl.String(),
+    "account_id": pl.Int64(),
+    "ts": pl.String(),
+    "equity": pl.Float64(),
+    "balance": pl.Float64(),
+}
 _RAW_JSON_SCHEMA: Final = {
     "type": pl.String(),
     "account_id": pl.Int64(),
@@ -410,6 +420,12 @@ def _json_rows(
 def _good(checked: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The good ticks and the good deals of checked rows, with message and row."""
     good = checked.filter(pl.col("reason").is_null())
+    if "deal_id" not in good.columns:  # a tick-only frame
+        return good.select(
+            *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
+            pl.col("message").cast(pl.UInt32),
+            pl.col("row").cast(pl.UInt32),
+        ), _EMPTY_DEAL_ROWS
     ticks = good.filter(pl.col("_kind") == "tick").select(
         *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
         pl.col("message").cast(pl.UInt32),
@@ -433,6 +449,9 @@ def _parse_json_fast(
     if buffer is None:
         return None
     try:
+        frame = pl.read_ndjson(io.BytesIO(buffer), schema=_TICK_JSON_SCHEMA)
+        if frame.height == end - start and frame["type"].null_count() == frame.height:
+            return frame  # ticks only
         frame = pl.read_ndjson(io.BytesIO(buffer), schema=_RAW_JSON_SCHEMA)
     except pl.exceptions.PolarsError:
         return None
@@ -559,14 +578,20 @@ def _check(
     The first failing check names the reason.
     """
     kind_text = pl.col("type")
+    # Rows without a ``type`` are ticks: a tick-only frame skips the deal checks
+    # (and may lack the deal columns).
+    ticks_only = raw["type"].null_count() == raw.height
     kind = (
-        pl.when(kind_text.is_null() | (kind_text == EQUITY_TYPE))
+        pl.lit("tick")
+        if ticks_only
+        else pl.when(kind_text.is_null() | (kind_text == EQUITY_TYPE))
         .then(pl.lit("tick"))
         .when(kind_text == DEAL_TYPE)
         .then(pl.lit("deal"))
         .otherwise(pl.lit(None, pl.String))
     )
     raw = raw.with_columns(kind.alias("_kind"))
+    fields = _FIELDS if ticks_only else _ALL_FIELDS
     tick = pl.col("_kind") == "tick"
     deal = pl.col("_kind") == "deal"
     reason: Any = pl.when(pl.col("_kind").is_null()).then(
@@ -575,7 +600,7 @@ def _check(
     detail: Any = pl.when(pl.col("_kind").is_null()).then(
         pl.lit("type: ") + kind_text.str.slice(0, 64)
     )
-    for name in _ALL_FIELDS:
+    for name in fields:
         uses = (
             tick if name not in _DEAL_FIELDS else deal if name not in _FIELDS else None
         )
@@ -592,23 +617,22 @@ def _check(
     for name, uses in (
         ("equity", tick),
         ("balance", tick),
-        ("volume", deal),
-        ("price", deal),
+        *(() if ticks_only else (("volume", deal), ("price", deal))),
     ):
         nan = uses & ~pl.col(name).is_finite()
         reason = reason.when(nan).then(pl.lit(Reason.NOT_FINITE.value))
         detail = detail.when(nan).then(
             pl.lit(f"{name}: ") + pl.col(name).cast(pl.String)
         )
-    text = pl.lit("")
-    for name, bad, why in (
+    deal_checks = (
         ("side", ~pl.col("side").is_in(_SIDES), Reason.BAD_SIDE),
         ("entry", ~pl.col("entry").is_in(_ENTRIES), Reason.BAD_ENTRY),
         # round_half_even(volume * 100) >= 1 exactly when volume * 100 > 0.5.
         ("volume", pl.col("volume") * 100 <= 0.5, Reason.BAD_VOLUME),
         ("price", pl.col("price") <= 0, Reason.BAD_PRICE),
-        ("symbol", pl.col("symbol") == text, Reason.BAD_SYMBOL),
-    ):
+        ("symbol", pl.col("symbol") == pl.lit(""), Reason.BAD_SYMBOL),
+    )
+    for name, bad, why in () if ticks_only else deal_checks:
         reason = reason.when(deal & bad).then(pl.lit(why.value))
         detail = detail.when(deal & bad).then(
             pl.lit(f"{name}: ") + pl.col(name).cast(pl.String).str.slice(0, 64)

@@ -403,7 +403,7 @@ def _json_rows(
         raws.append(raw)
     if not raws:
         return _Rows(_EMPTY_TICK_ROWS, _EMPTY_DEAL_ROWS, [])
-    raw = pl.concat(raws).with_columns(
+    raw = pl.concat(raws, how="diagonal").with_columns(
         pl.col("message").cast(pl.UInt32), pl.lit(0, pl.UInt32).alias("row")
     )
     checked = _check(raw.with_columns(_parse_ts(pl.col("ts"))), known, not_after)

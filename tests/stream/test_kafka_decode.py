@@ -444,3 +444,17 @@ def test_decode_deals_beyond_the_skew_bound_and_of_unknown_accounts() -> None:
         (2, Reason.UNKNOWN_ACCOUNT),
     ]
     assert decoded.deals["message"].to_list() == [0]
+
+
+def test_before_tick_across_json_chunks_of_ticks_only_and_with_deals() -> None:
+    # Chunk 1 holds ticks only (read with the tick columns), chunk 2 a deal and a
+    # value polars refuses (parsed one by one), chunk 3 ticks and a deal.
+    values = [_json(account_id=i) for i in range(2 * JSON_CHUNK + 5)]
+    values[JSON_CHUNK + 1] = _deal(deal_id=1)
+    values[JSON_CHUNK + 2] = b"{broken"
+    values[2 * JSON_CHUNK + 3] = _deal(deal_id=2)
+    decoded = decode_json(values)
+    assert [r.index for r in decoded.rejections] == [JSON_CHUNK + 2]
+    assert decoded.deals["deal_id"].to_list() == [1, 2]
+    assert decoded.deals["before_tick"].to_list() == [JSON_CHUNK + 1, 2 * JSON_CHUNK]
+    assert decoded.ticks.height == 2 * JSON_CHUNK + 2

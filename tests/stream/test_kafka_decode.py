@@ -456,5 +456,8 @@ def test_before_tick_across_json_chunks_of_ticks_only_and_with_deals() -> None:
     decoded = decode_json(values)
     assert [r.index for r in decoded.rejections] == [JSON_CHUNK + 2]
     assert decoded.deals["deal_id"].to_list() == [1, 2]
-    assert decoded.deals["before_tick"].to_list() == [JSON_CHUNK + 1, 2 * JSON_CHUNK + 1]
+    assert decoded.deals["before_tick"].to_list() == [
+        JSON_CHUNK + 1,
+        2 * JSON_CHUNK + 1,
+    ]
     assert decoded.ticks.height == 2 * JSON_CHUNK + 2

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: The content type of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-#: Why the engine skips a deal (its counts have ``<reason>_deals``).
+#: Why the engine skips a deal (``Evaluation.deal_counts`` has one count each).
 DEAL_SKIP_REASONS: Final = ("late", "duplicate", "unknown", "inactive", "invalid")
 
 #: Batch durations, seconds: a batch is typically 1 ms (few ticks) to 1 s.

@@ -385,10 +385,11 @@ class EvaluatorLoop:
         stats.batches += 1
         stats.ticks += ticks
         stats.deals += deals
-        stats.deals_judged += counts.deals
-        stats.deals_unmatched += counts.unmatched_deals
+        deal_counts = evaluation.deal_counts
+        stats.deals_judged += deal_counts.processed
+        stats.deals_unmatched += deal_counts.unmatched
         for reason in DEAL_SKIP_REASONS:
-            stats.deals_skipped[reason] += getattr(counts, f"{reason}_deals")
+            stats.deals_skipped[reason] += getattr(deal_counts, reason)
         stats.evaluated += counts.evaluated
         stats.late += counts.late
         stats.unknown += counts.unknown

@@ -30,6 +30,7 @@ from typing import Final
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
@@ -219,7 +220,7 @@ class DuckDBSink(BaseSink):
                     if frame.height:
                         _write(conn, name, frame)
                 apply_transitions(conn, frames["transitions"])
-                opens = [e.deal_opens for e in self._pending if e.deal_opens.height]
+                opens = [e.deal_opens for e in self._pending if e.deal_opens.num_rows]
                 if opens:
                     # deals-data's module (wip/deals-data); module-level once merged.
                     from prop_stream.store.flags import (
@@ -230,7 +231,7 @@ class DuckDBSink(BaseSink):
                     # accounts may sit on other partitions and in other batches.
                     record_deal_opens(
                         conn,
-                        pl.concat(opens, how="vertical_relaxed").to_arrow(),
+                        pa.concat_tables(opens),
                         self._hedge_window,
                     )
                 if self._ticks:

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import polars as pl
 
 from prop_stream.evaluator.sources import EMPTY_TICKS, TickSource
-from prop_stream.rules import TICK_SCHEMA, PhaseSpec
+from prop_stream.rules import DEAL_SCHEMA, TICK_SCHEMA, PhaseSpec
 from prop_stream.store.progress import Position
 
 logger = logging.getLogger(__name__)
@@ -411,18 +411,10 @@ class DemoSource(TickSource):
         )
 
 
-#: The deal columns (``interfaces.md`` section 5).
-_DEAL_SCHEMA: Final[dict[str, pl.DataType]] = {
-    "account_id": pl.Int64(),
-    "ts": pl.Datetime("us", "UTC"),
-    "deal_id": pl.Int64(),
-    "position_id": pl.Int64(),
-    "symbol": pl.String(),
-    "side": pl.String(),
-    "volume": pl.Float64(),
-    "price": pl.Float64(),
-    "entry": pl.String(),
-}
+#: The deal columns (``interfaces.md`` section 5) as polars types.
+_DEAL_SCHEMA: Final[dict[str, pl.DataType]] = dict(
+    pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
+)
 _EMPTY_DEALS: Final = pl.DataFrame(schema=_DEAL_SCHEMA)
 _SYMBOLS: Final = ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "US30")
 _PRICES: Final = np.array([1.0850, 1.2650, 148.20, 2030.0, 37500.0])

@@ -47,7 +47,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from prop_stream.rules import TICK_SCHEMA, parse_ts_text
+from prop_stream.rules import DEAL_SCHEMA, TICK_SCHEMA, parse_ts_text
 
 #: The message header that names a message's encoding.
 ENCODING_HEADER: Final = "encoding"
@@ -69,19 +69,11 @@ _FIELDS: Final = tuple(TICK_SCHEMA)
 DEAL_TYPE: Final = "deal"
 #: The value of ``type`` that makes a message a tick (as does no ``type``).
 EQUITY_TYPE: Final = "equity"
-#: A deal's columns in the engine's types (``interfaces.md`` section 5;
-#: ``prop_stream.rules.DEAL_SCHEMA`` once the engine has deals).
-DEAL_FRAME_SCHEMA: Final[dict[str, pl.DataType]] = {
-    "account_id": pl.Int64(),
-    "ts": pl.Datetime("us", "UTC"),
-    "deal_id": pl.Int64(),
-    "position_id": pl.Int64(),
-    "symbol": pl.String(),
-    "side": pl.String(),
-    "volume": pl.Float64(),
-    "price": pl.Float64(),
-    "entry": pl.String(),
-}
+#: A deal's columns in the engine's types (``interfaces.md`` section 5), as polars
+#: types: :data:`prop_stream.rules.DEAL_SCHEMA`.
+DEAL_FRAME_SCHEMA: Final[dict[str, pl.DataType]] = dict(
+    pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
+)
 _DEAL_FIELDS: Final = tuple(DEAL_FRAME_SCHEMA)
 #: Every field a message may carry, ticks' and deals'.
 _ALL_FIELDS: Final = (*_FIELDS, *(f for f in _DEAL_FIELDS if f not in _FIELDS))

@@ -87,7 +87,7 @@ BAD_DEAL = {
     "entry": "in",
 }
 #: One malformed deal per reason, by the reason.
-BAD_DEALS = {
+BAD_DEALS: dict[str, dict[str, object]] = {
     "bad_side": {"side": "long"},
     "bad_entry": {"entry": "both"},
     "bad_volume": {"volume": 0.004},
@@ -301,7 +301,7 @@ def test_serve_kafka_ticks_and_deals_killed_mid_stream_equal_the_backtest(
         .sort("account_id_1", "deal_id_1", "account_id_2", "deal_id_2")
     )
     assert expected_flags.height > 0
-    assert flags.equals(expected_flags.cast(flags.schema))  # type: ignore[arg-type]
+    assert flags.equals(expected_flags.cast(dict(flags.schema)))
 
     reasons = _dlq_reasons(broker.bootstrap, f"{topic}.dlq")
     # At least once: a replay after the kill may write a dead letter again.

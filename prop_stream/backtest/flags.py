@@ -16,15 +16,15 @@ customer's deals.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Final
 
 import polars as pl
 
+from prop_stream.store.flags import window_limit_us
+
 _UTC_US: Final = pl.Datetime("us", "UTC")
 _US_PER_SECOND: Final = 1_000_000
-_I64_MAX: Final = 2**63 - 1
 # Buckets wider than this are all one bucket in practice (about 146 000 years).
 _MAX_BUCKET_US: Final = 2**62
 
@@ -55,21 +55,6 @@ FLAGS_ORDER: Final = (
 )
 #: The columns of the engine's ``deal_opens`` the join reads.
 DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
-
-
-def window_limit_us(window_seconds: float) -> int:
-    """The largest whole gap in microseconds within ``window_seconds``.
-
-    A gap ``g`` (whole microseconds) is within the window when
-    ``g <= window_seconds * 1e6`` in real numbers, which for an integer ``g`` is
-    ``g <= floor(window_seconds * 1e6)``: comparing integers keeps it exact.
-
-    Raises:
-        ValueError: The window is negative or not finite.
-    """
-    if not math.isfinite(window_seconds) or window_seconds < 0:
-        raise ValueError("hedge_window_seconds: must be a number >= 0 or null")
-    return min(_I64_MAX, math.floor(window_seconds * _US_PER_SECOND))
 
 
 def hedge_flags(

@@ -110,7 +110,7 @@ _METRIC_COLUMNS: Final = """
     daily_start_equity, daily_start_balance, daily_pnl, daily_loss_limit, daily_floor,
     daily_room, daily_paused, max_loss_limit, overall_floor, overall_room, hwm,
     trading_days, days_elapsed, best_day_profit, profit_target_level,
-    profit_progress, trading_days_progress
+    profit_progress, trading_days_progress, open_lots, open_positions
 """
 
 

@@ -36,6 +36,7 @@ from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
 from prop_stream.store.db import Connection, transaction
+from prop_stream.store.flags import record_deal_opens
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
 from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint
@@ -72,6 +73,8 @@ METRIC_COLUMNS: Final = (
     "profit_target_level",
     "profit_progress",
     "trading_days_progress",
+    "open_lots",
+    "open_positions",
 )
 BREACH_COLUMNS: Final = (
     "account_id",
@@ -222,11 +225,6 @@ class DuckDBSink(BaseSink):
                 apply_transitions(conn, frames["transitions"])
                 opens = [e.deal_opens for e in self._pending if e.deal_opens.num_rows]
                 if opens:
-                    # deals-data's module (wip/deals-data); module-level once merged.
-                    from prop_stream.store.flags import (
-                        record_deal_opens,
-                    )
-
                     # The join runs here, not in the engine: a customer's
                     # accounts may sit on other partitions and in other batches.
                     record_deal_opens(

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RuleError, RuleResult};
 use crate::rules::calendar::{DayClock, WeeklyClock};
 use crate::rules::config::{
-    DailyLossAction, DailyLossBase, DailyReference, DealViolationAction, RuleSet,
-    TotalLossMode, TradingDayBasis,
+    DailyLossAction, DailyLossBase, DailyReference, DealViolationAction, RuleSet, TotalLossMode,
+    TradingDayBasis,
 };
 use crate::rules::deals::{Deal, DealInput, DealState, Entry, Update};
 use crate::rules::output::{BatchOutput, BreachRow, DailyRow, DealOpen, TransitionRow};
@@ -449,8 +449,7 @@ impl Phase {
         self.touch(slot, epoch, out);
         out.counts.evaluated += 1;
         let st = &mut self.state;
-        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick
-        {
+        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick {
             // An exact duplicate changes nothing (rules.md step 1). Judging it again
             // could: a tick that paused the day skipped the warnings, its twin
             // would not. After a deal the same values are a new observation.
@@ -739,8 +738,9 @@ impl Phase {
         } else {
             Action::Notify
         };
-        out.breaches
-            .push(BreachRow::new(slot, seq, rule, threshold, actual, action, ts));
+        out.breaches.push(BreachRow::new(
+            slot, seq, rule, threshold, actual, action, ts,
+        ));
         if fail {
             self.state.status = Status::Failed;
             self.state.status_ts = Some(ts);
@@ -863,14 +863,7 @@ impl Phase {
                     if held < min * 1_000_000 {
                         #[allow(clippy::cast_precision_loss)]
                         let (threshold, actual) = (min as f64, held as f64 / 1_000_000.0);
-                        self.deal_violation(
-                            slot,
-                            Rule::ShortHold,
-                            threshold,
-                            actual,
-                            d.ts,
-                            out,
-                        );
+                        self.deal_violation(slot, Rule::ShortHold, threshold, actual, d.ts, out);
                     }
                 }
             }
@@ -1465,7 +1458,10 @@ impl Engine {
                         self.process(&c.slice(start, at), &mut out)?;
                         start = at;
                     }
-                    while deals.get(next).is_some_and(|d| d.before_tick == row + at as u64) {
+                    while deals
+                        .get(next)
+                        .is_some_and(|d| d.before_tick == row + at as u64)
+                    {
                         self.deal(&deals[next], &mut out);
                         next += 1;
                     }

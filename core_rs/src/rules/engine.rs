@@ -1558,3 +1558,173 @@ impl Engine {
         Ok(engine)
     }
 }
+
+#[cfg(test)]
+mod deal_tests {
+    use super::*;
+    use crate::rules::config::RuleValue;
+    use crate::rules::deals::{DealInput, Side};
+
+    const HOUR: i64 = 3_600_000_000;
+    /// 2026-03-02 00:00 UTC, a Monday.
+    const MONDAY: i64 = 1_772_409_600_000_000;
+
+    fn engine(extra: &[(&str, RuleValue)]) -> Engine {
+        let mut pairs = vec![("initial_balance".to_owned(), RuleValue::Int(100_000))];
+        pairs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let mut e = Engine::new();
+        e.register(PhaseSpec {
+            account_id: 1,
+            challenge_id: "c".to_owned(),
+            phase_index: 0,
+            started_at_us: MONDAY,
+            rules: RuleSet::from_pairs(pairs).unwrap(),
+        })
+        .unwrap();
+        e
+    }
+
+    fn deal(id: i64, ts: i64, entry: &str, before_tick: u64) -> DealInput<'static> {
+        DealInput {
+            account_id: Some(1),
+            ts: Some(ts),
+            deal_id: Some(id),
+            position_id: Some(7),
+            symbol: Some("EURUSD"),
+            side: Some(Side::Buy),
+            volume: Some(1.0),
+            price: Some(1.1),
+            entry: Entry::parse(entry),
+            before_tick,
+        }
+    }
+
+    struct Ticks {
+        account_id: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+    }
+
+    impl Ticks {
+        fn at(ts: &[i64]) -> Self {
+            Self {
+                account_id: vec![1; ts.len()],
+                ts: ts.to_vec(),
+                equity: vec![100_000.0; ts.len()],
+            }
+        }
+
+        fn columns(&self) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &self.account_id,
+                ts: &self.ts,
+                equity: &self.equity,
+                balance: &self.equity,
+            }
+        }
+    }
+
+    #[test]
+    fn a_tick_past_the_weekly_close_fails_the_phase_at_w() {
+        let mut e = engine(&[("weekend_close", RuleValue::Str("FRI 22:00".into()))]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR, friday_22 - 1, friday_22 + HOUR]);
+        let out = e
+            .run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].rule, Rule::WeekendHold);
+        assert_eq!(out.breaches[0].ts, friday_22);
+        assert!((out.breaches[0].actual - 1.0).abs() < f64::EPSILON);
+        assert_eq!(out.transitions[0].ts, friday_22);
+        assert_eq!(out.counts.evaluated, 2);
+        assert_eq!(out.counts.inactive, 1);
+        assert_eq!(e.phases()[0].state.status_ts, Some(friday_22));
+    }
+
+    #[test]
+    fn no_positions_no_weekend_check_and_a_close_at_w_was_held() {
+        let mut e = engine(&[
+            ("weekend_close", RuleValue::Str("FRI 22:00".into())),
+            ("deal_violation_action", RuleValue::Str("flag".into())),
+        ]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 1),
+            deal(2, friday_22, "out", 1),
+        ];
+        let out = e.run_with_deals(&[ticks.columns()], &deals).unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].action, Action::Notify);
+        assert_eq!(out.deal_counts.processed, 2);
+        assert_eq!(e.phases()[0].state.next_weekend, i64::MAX);
+        // The next weekend passes with nothing open: nothing to judge.
+        let later = Ticks::at(&[friday_22 + 7 * 24 * HOUR + 1]);
+        let out = e.run(&[later.columns()]).unwrap();
+        assert!(out.breaches.is_empty());
+    }
+
+    #[test]
+    fn before_tick_must_place_deals_in_order_within_the_ticks() {
+        let mut e = engine(&[]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let past_the_end = [deal(1, MONDAY, "in", 2)];
+        assert!(e.run_with_deals(&[ticks.columns()], &past_the_end).is_err());
+        let decreasing = [deal(1, MONDAY, "in", 1), deal(2, MONDAY, "in", 0)];
+        assert!(e.run_with_deals(&[ticks.columns()], &decreasing).is_err());
+        // A refused batch judged nothing.
+        assert_eq!(e.phases()[0].state.ticks, 0);
+        // Deals before, between and after ticks of two chunks.
+        let a = Ticks::at(&[MONDAY + HOUR, MONDAY + 2 * HOUR]);
+        let b = Ticks::at(&[MONDAY + 3 * HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR, "in", 1),
+            deal(3, MONDAY + 3 * HOUR, "out", 2),
+            deal(4, MONDAY + 3 * HOUR, "in", 3),
+        ];
+        let out = e
+            .run_with_deals(&[a.columns(), b.columns()], &deals)
+            .unwrap();
+        assert_eq!(out.deal_counts.processed, 4);
+        assert_eq!(out.deal_counts.late, 0);
+        assert_eq!(out.counts.evaluated, 3);
+        assert_eq!(e.phases()[0].open_positions(), (100, 1));
+    }
+
+    #[test]
+    fn snapshot_keeps_positions_and_deal_ids() {
+        let mut e = engine(&[("min_hold_seconds", RuleValue::Int(3600))]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        e.run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        let mut r = Engine::restore(&e.snapshot(), Grouping::Auto).unwrap();
+        assert_eq!(r.phases()[0].open_positions(), (100, 1));
+        let none = Ticks::at(&[]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR - 1, "out", 0),
+        ];
+        let out = r.run_with_deals(&[none.columns()], &deals).unwrap();
+        assert_eq!(out.deal_counts.duplicate, 1);
+        assert_eq!(out.breaches[0].rule, Rule::ShortHold);
+        assert!((out.breaches[0].actual - 3_599.999_999).abs() < 1e-9);
+        let mut bytes = e.snapshot();
+        bytes[6] = 9;
+        assert!(Engine::restore(&bytes, Grouping::Auto).is_err());
+    }
+
+    #[test]
+    fn phase_state_sizes() {
+        // The deal state costs the hot path three fields and one pointer; the rest
+        // lives behind the pointer. Sizes as built, for docs/engine-state.md.
+        let (state, phase, deals) = (
+            std::mem::size_of::<PhaseState>(),
+            std::mem::size_of::<Phase>(),
+            std::mem::size_of::<DealState>(),
+        );
+        println!("PhaseState {state} B, Phase {phase} B, DealState {deals} B");
+        assert!(phase <= 560, "Phase grew to {phase} bytes");
+    }
+}

@@ -62,9 +62,12 @@ class BatchResult:
         """Phases that passed or failed."""
     @property
     def counts(self) -> dict[str, int]:
-        """Tick counts (evaluated, late, unknown, inactive, invalid) and deal counts
-        (deals, late_deals, duplicate_deals, unmatched_deals, unknown_deals,
-        inactive_deals, invalid_deals)."""
+        """Tick counts and deal counts.
+
+        evaluated, late, unknown, inactive, invalid; deals, late_deals,
+        duplicate_deals, unmatched_deals, unknown_deals, inactive_deals,
+        invalid_deals.
+        """
     @property
     def deal_opens(self) -> pa.Table:
         """The processed ``in`` deals: account_id, deal_id, ts, symbol, side."""
@@ -93,8 +96,10 @@ class Evaluator:
     def remove(self, account_id: int) -> bool:
         """Forget a phase; False if the account had none."""
     def process(self, ticks: Any, deals: Any | None = None) -> BatchResult:
-        """Judge an Arrow stream of ticks and optional deals placed among them by
-        their ``before_tick`` column; releases the GIL while it works."""
+        """Judge Arrow ticks and optional deals; releases the GIL while it works.
+
+        Each deal is judged right before tick row ``before_tick`` of the call.
+        """
     def phases(self) -> pa.Table:
         """The state of every registered phase."""
     def snapshot(self) -> bytes:

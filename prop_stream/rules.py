@@ -280,9 +280,12 @@ def normalize_ticks(ticks: Any) -> pa.Table:
 
 
 def _deal_table(deals: Any) -> Any:
-    """Deals as the engine takes them: polars frames go through Arrow as they are
-    (the engine reads every string layout); anything else goes to the engine,
-    which names a missing or mistyped column."""
+    """Deals as the engine takes them.
+
+    Polars frames go through Arrow as they are (the engine reads every string
+    layout); anything else goes to the engine, which names a missing or mistyped
+    column.
+    """
     if deals is None or not isinstance(deals, pl.DataFrame):
         return deals
     return deals.to_arrow()

@@ -25,10 +25,10 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import PhaseRow, _rows, engine_output, ticks_frame
+from conftest import _rows, engine_output, ticks_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import Tick, to_micros
+from reference import PhaseRow, Tick, to_micros
 from reference_deals import (
     Deal,
     DealCounts,
@@ -84,10 +84,15 @@ def deal_table(placed: Sequence[tuple[Deal, int]]) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def engine_call(engine: RuleEngine, events: Sequence[Event]) -> tuple[DealOutput, list]:
-    """One ``process`` call of ``events`` in delivery order: ticks as a table,
-    deals placed among them by ``before_tick``. Returns the call's outputs as the
-    reference's :class:`DealOutput` and its ``deal_opens`` rows."""
+def engine_call(
+    engine: RuleEngine, events: Sequence[Event]
+) -> tuple[DealOutput, list[tuple[Any, ...]]]:
+    """One ``process`` call of ``events`` in delivery order.
+
+    Ticks go as a table, deals placed among them by ``before_tick``. Returns the
+    call's outputs as the reference's :class:`DealOutput` and its ``deal_opens``
+    rows.
+    """
     ticks: list[Tick] = []
     placed: list[tuple[Deal, int]] = []
     for event in events:
@@ -266,7 +271,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     for _ in range(draw(st.integers(0, 45))):
         account = draw(st.sampled_from(sorted(specs)))
         rules = specs[account].rules
-        state = follower._deal_state[account]  # noqa: SLF001 - the follower's positions
+        state = follower._deal_state[account]
         kind = draw(
             st.sampled_from(
                 ("tick",) * 5
@@ -313,7 +318,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             position = draw(st.integers(1, 4))
             event = new_deal(account, ts, position, "in", room / 100)
         elif kind in ("out", "hold"):
-            if state.positions and draw(st.integers(0, 5)):
+            if state.positions and draw(st.integers(0, 5)) > 0:
                 pos = draw(
                     st.sampled_from(
                         sorted(state.positions.values(), key=lambda p: p.position_id)
@@ -369,7 +374,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             event = new_deal(UNKNOWN_ACCOUNT, ts, 1, "in", 0.5)
         elif kind == "invalid":
             good = new_deal(account, ts, 1, "in", 0.5)
-            spoil = draw(
+            spoil: dict[str, Any] = draw(
                 st.sampled_from(
                     (
                         {"side": "short"},
@@ -564,7 +569,8 @@ def test_deal_rules_are_validated_naming_the_field() -> None:
 def _snapshot_v1() -> ModuleType:
     path = Path(__file__).with_name("data") / "snapshot_v1.py"
     spec = importlib.util.spec_from_file_location("snapshot_v1", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

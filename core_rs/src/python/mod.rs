@@ -11,8 +11,8 @@ mod kafka;
 
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
-use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
 use crate::rules::deals::DealInput;
+use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
 use crate::rules::input::{deal_rows, tick_columns};
 use crate::rules::output;
 

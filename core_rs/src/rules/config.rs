@@ -93,7 +93,10 @@ impl WeekendClose {
         if s.len() != 9 || !s.is_ascii() || s.as_bytes()[3] != b' ' {
             return Err(err());
         }
-        let weekday = WEEKDAYS.iter().position(|d| *d == &s[..3]).ok_or_else(err)?;
+        let weekday = WEEKDAYS
+            .iter()
+            .position(|d| *d == &s[..3])
+            .ok_or_else(err)?;
         let minutes = parse_hh_mm(&s[4..]).ok_or_else(err)?;
         Ok(Self {
             weekday: u8::try_from(weekday).unwrap_or(0),
@@ -597,7 +600,8 @@ impl RuleSet {
             ("max_open_lots", opt(self.max_open_lots)),
             (
                 "min_hold_seconds",
-                self.min_hold_seconds.map_or(RuleValue::Null, RuleValue::Int),
+                self.min_hold_seconds
+                    .map_or(RuleValue::Null, RuleValue::Int),
             ),
             (
                 "weekend_close",

@@ -296,8 +296,14 @@ mod tests {
     #[test]
     fn positions_open_add_reduce_close() {
         let mut s = DealState::new();
-        assert_eq!(apply(&mut s, &deal(1, 10, Entry::In, 1.0, 100)), Update::In(0));
-        assert_eq!(apply(&mut s, &deal(2, 11, Entry::In, 0.5, 200)), Update::In(1));
+        assert_eq!(
+            apply(&mut s, &deal(1, 10, Entry::In, 1.0, 100)),
+            Update::In(0)
+        );
+        assert_eq!(
+            apply(&mut s, &deal(2, 11, Entry::In, 0.5, 200)),
+            Update::In(1)
+        );
         // Adding keeps opened_at, side and symbol, whatever the adding deal says.
         let mut add = deal(3, 10, Entry::In, 1.005, 300);
         add.side = Some(Side::Sell);
@@ -308,7 +314,10 @@ mod tests {
         assert_eq!(s.positions[0].side, Side::Buy);
         assert_eq!(s.positions[0].symbol, "EURUSD");
         assert_eq!(s.open_hundredths(), 250);
-        assert_eq!(apply(&mut s, &deal(4, 10, Entry::Out, 0.75, 400)), Update::Reduced);
+        assert_eq!(
+            apply(&mut s, &deal(4, 10, Entry::Out, 0.75, 400)),
+            Update::Reduced
+        );
         assert_eq!(s.open_hundredths(), 175);
         // An out larger than the open volume closes the position, never below 0.
         assert_eq!(
@@ -318,10 +327,16 @@ mod tests {
         assert_eq!(s.open_hundredths(), 50);
         assert_eq!(s.positions.len(), 1);
         // An out for a position that is not open changes nothing.
-        assert_eq!(apply(&mut s, &deal(6, 10, Entry::Out, 1.0, 600)), Update::Unmatched);
+        assert_eq!(
+            apply(&mut s, &deal(6, 10, Entry::Out, 1.0, 600)),
+            Update::Unmatched
+        );
         assert_eq!(s.open_hundredths(), 50);
         // Reopening a closed position id is a new position.
-        assert_eq!(apply(&mut s, &deal(7, 10, Entry::In, 0.01, 700)), Update::In(1));
+        assert_eq!(
+            apply(&mut s, &deal(7, 10, Entry::In, 0.01, 700)),
+            Update::In(1)
+        );
         assert_eq!(s.positions[1].opened_at, 700);
         assert!(!s.positions[1].size_recorded);
     }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RuleError, RuleResult};
 use crate::rules::calendar::{DayClock, WeeklyClock};
 use crate::rules::config::{
-    DailyLossAction, DailyLossBase, DailyReference, DealViolationAction, RuleSet,
-    TotalLossMode, TradingDayBasis,
+    DailyLossAction, DailyLossBase, DailyReference, DealViolationAction, RuleSet, TotalLossMode,
+    TradingDayBasis,
 };
 use crate::rules::deals::{Deal, DealInput, DealState, Entry, Update};
 use crate::rules::output::{BatchOutput, BreachRow, DailyRow, DealOpen, TransitionRow};
@@ -301,8 +301,6 @@ struct Derived {
     target: Option<f64>,
     overall_limit: Option<f64>,
     deadline: Option<i64>,
-    weekly: Option<WeeklyClock>,
-    max_open_hundredths: Option<i64>,
 }
 
 impl Derived {
@@ -316,10 +314,6 @@ impl Derived {
                 spec.started_at_us
                     .saturating_add(i64::from(d) * 86_400_000_000)
             }),
-            weekly: r
-                .weekend_close
-                .map(|w| WeeklyClock::new(&r.timezone, w.weekday, w.minutes)),
-            max_open_hundredths: r.max_open_hundredths(),
         }
     }
 }
@@ -374,6 +368,15 @@ impl Phase {
         self.deals
             .as_deref()
             .map_or((0, 0), |d| (d.open_hundredths(), d.positions.len()))
+    }
+
+    /// The weekly `weekend_close` clock, built when needed: only deals and the
+    /// rare tick that crosses a close use it, so `Derived` (read by every tick)
+    /// does not carry it.
+    fn weekly(&self) -> Option<WeeklyClock> {
+        let r = &self.spec.rules;
+        r.weekend_close
+            .map(|w| WeeklyClock::new(&r.timezone, w.weekday, w.minutes))
     }
 
     #[inline]
@@ -449,8 +452,7 @@ impl Phase {
         self.touch(slot, epoch, out);
         out.counts.evaluated += 1;
         let st = &mut self.state;
-        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick
-        {
+        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick {
             // An exact duplicate changes nothing (rules.md step 1). Judging it again
             // could: a tick that paused the day skipped the warnings, its twin
             // would not. After a deal the same values are a new observation.
@@ -702,7 +704,7 @@ impl Phase {
     #[cold]
     #[inline(never)]
     fn weekend_hold(&mut self, slot: u32, ts: i64, open: i64, out: &mut BatchOutput) -> bool {
-        let Some(weekly) = self.derived.weekly else {
+        let Some(weekly) = self.weekly() else {
             self.state.next_weekend = i64::MAX;
             return false;
         };
@@ -739,8 +741,9 @@ impl Phase {
         } else {
             Action::Notify
         };
-        out.breaches
-            .push(BreachRow::new(slot, seq, rule, threshold, actual, action, ts));
+        out.breaches.push(BreachRow::new(
+            slot, seq, rule, threshold, actual, action, ts,
+        ));
         if fail {
             self.state.status = Status::Failed;
             self.state.status_ts = Some(ts);
@@ -825,7 +828,7 @@ impl Phase {
 
         // 2. The position update (weekend_hold was judged above).
         let update = ds.apply(d);
-        if let Some(weekly) = self.derived.weekly {
+        if let Some(weekly) = self.weekly() {
             self.state.next_weekend = if ds.positions.is_empty() {
                 i64::MAX
             } else {
@@ -840,7 +843,7 @@ impl Phase {
             Update::In(i) => {
                 // 3. max_position_size, once per position (per opening).
                 let open = ds.open_hundredths();
-                if let Some(limit) = self.derived.max_open_hundredths {
+                if let Some(limit) = self.spec.rules.max_open_hundredths() {
                     if open > limit && !ds.positions[i].size_recorded {
                         ds.positions[i].size_recorded = true;
                         #[allow(clippy::cast_precision_loss)]
@@ -863,14 +866,7 @@ impl Phase {
                     if held < min * 1_000_000 {
                         #[allow(clippy::cast_precision_loss)]
                         let (threshold, actual) = (min as f64, held as f64 / 1_000_000.0);
-                        self.deal_violation(
-                            slot,
-                            Rule::ShortHold,
-                            threshold,
-                            actual,
-                            d.ts,
-                            out,
-                        );
+                        self.deal_violation(slot, Rule::ShortHold, threshold, actual, d.ts, out);
                     }
                 }
             }
@@ -1465,7 +1461,10 @@ impl Engine {
                         self.process(&c.slice(start, at), &mut out)?;
                         start = at;
                     }
-                    while deals.get(next).is_some_and(|d| d.before_tick == row + at as u64) {
+                    while deals
+                        .get(next)
+                        .is_some_and(|d| d.before_tick == row + at as u64)
+                    {
                         self.deal(&deals[next], &mut out);
                         next += 1;
                     }
@@ -1560,5 +1559,176 @@ impl Engine {
             engine.insert(PhaseSpec { rules, ..spec }, state, deals);
         }
         Ok(engine)
+    }
+}
+
+#[cfg(test)]
+mod deal_tests {
+    use super::*;
+    use crate::rules::config::RuleValue;
+    use crate::rules::deals::{DealInput, Side};
+
+    const HOUR: i64 = 3_600_000_000;
+    /// 2026-03-02 00:00 UTC, a Monday.
+    const MONDAY: i64 = 1_772_409_600_000_000;
+
+    fn engine(extra: &[(&str, RuleValue)]) -> Engine {
+        let mut pairs = vec![("initial_balance".to_owned(), RuleValue::Int(100_000))];
+        pairs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let mut e = Engine::new();
+        e.register(PhaseSpec {
+            account_id: 1,
+            challenge_id: "c".to_owned(),
+            phase_index: 0,
+            started_at_us: MONDAY,
+            rules: RuleSet::from_pairs(pairs).unwrap(),
+        })
+        .unwrap();
+        e
+    }
+
+    fn deal(id: i64, ts: i64, entry: &str, before_tick: u64) -> DealInput<'static> {
+        DealInput {
+            account_id: Some(1),
+            ts: Some(ts),
+            deal_id: Some(id),
+            position_id: Some(7),
+            symbol: Some("EURUSD"),
+            side: Some(Side::Buy),
+            volume: Some(1.0),
+            price: Some(1.1),
+            entry: Entry::parse(entry),
+            before_tick,
+        }
+    }
+
+    struct Ticks {
+        account_id: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+    }
+
+    impl Ticks {
+        fn at(ts: &[i64]) -> Self {
+            Self {
+                account_id: vec![1; ts.len()],
+                ts: ts.to_vec(),
+                equity: vec![100_000.0; ts.len()],
+            }
+        }
+
+        fn columns(&self) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &self.account_id,
+                ts: &self.ts,
+                equity: &self.equity,
+                balance: &self.equity,
+            }
+        }
+    }
+
+    #[test]
+    fn a_tick_past_the_weekly_close_fails_the_phase_at_w() {
+        let mut e = engine(&[("weekend_close", RuleValue::Str("FRI 22:00".into()))]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR, friday_22 - 1, friday_22 + HOUR]);
+        let out = e
+            .run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].rule, Rule::WeekendHold);
+        assert_eq!(out.breaches[0].ts, friday_22);
+        assert!((out.breaches[0].actual - 1.0).abs() < f64::EPSILON);
+        assert_eq!(out.transitions[0].ts, friday_22);
+        assert_eq!(out.counts.evaluated, 2);
+        assert_eq!(out.counts.inactive, 1);
+        assert_eq!(e.phases()[0].state.status_ts, Some(friday_22));
+    }
+
+    #[test]
+    fn no_positions_no_weekend_check_and_a_close_at_w_was_held() {
+        let mut e = engine(&[
+            ("weekend_close", RuleValue::Str("FRI 22:00".into())),
+            ("deal_violation_action", RuleValue::Str("flag".into())),
+        ]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 1),
+            deal(2, friday_22, "out", 1),
+        ];
+        let out = e.run_with_deals(&[ticks.columns()], &deals).unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].action, Action::Notify);
+        assert_eq!(out.deal_counts.processed, 2);
+        assert_eq!(e.phases()[0].state.next_weekend, i64::MAX);
+        // The next weekend passes with nothing open: nothing to judge.
+        let later = Ticks::at(&[friday_22 + 7 * 24 * HOUR + 1]);
+        let out = e.run(&[later.columns()]).unwrap();
+        assert!(out.breaches.is_empty());
+    }
+
+    #[test]
+    fn before_tick_must_place_deals_in_order_within_the_ticks() {
+        let mut e = engine(&[]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let past_the_end = [deal(1, MONDAY, "in", 2)];
+        assert!(e.run_with_deals(&[ticks.columns()], &past_the_end).is_err());
+        let decreasing = [deal(1, MONDAY, "in", 1), deal(2, MONDAY, "in", 0)];
+        assert!(e.run_with_deals(&[ticks.columns()], &decreasing).is_err());
+        // A refused batch judged nothing.
+        assert_eq!(e.phases()[0].state.ticks, 0);
+        // Deals before, between and after ticks of two chunks.
+        let a = Ticks::at(&[MONDAY + HOUR, MONDAY + 2 * HOUR]);
+        let b = Ticks::at(&[MONDAY + 3 * HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR, "in", 1),
+            deal(3, MONDAY + 3 * HOUR, "out", 2),
+            deal(4, MONDAY + 3 * HOUR, "in", 3),
+        ];
+        let out = e
+            .run_with_deals(&[a.columns(), b.columns()], &deals)
+            .unwrap();
+        assert_eq!(out.deal_counts.processed, 4);
+        assert_eq!(out.deal_counts.late, 0);
+        assert_eq!(out.counts.evaluated, 3);
+        // 1 lot in, 1 added, 1 out, 1 in: two lots open on one position.
+        assert_eq!(e.phases()[0].open_positions(), (200, 1));
+    }
+
+    #[test]
+    fn snapshot_keeps_positions_and_deal_ids() {
+        let mut e = engine(&[("min_hold_seconds", RuleValue::Int(3600))]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        e.run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        let mut r = Engine::restore(&e.snapshot(), Grouping::Auto).unwrap();
+        assert_eq!(r.phases()[0].open_positions(), (100, 1));
+        let none = Ticks::at(&[]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR - 1, "out", 0),
+        ];
+        let out = r.run_with_deals(&[none.columns()], &deals).unwrap();
+        assert_eq!(out.deal_counts.duplicate, 1);
+        assert_eq!(out.breaches[0].rule, Rule::ShortHold);
+        assert!((out.breaches[0].actual - 3_599.999_999).abs() < 1e-9);
+        let mut bytes = e.snapshot();
+        bytes[6] = 9;
+        assert!(Engine::restore(&bytes, Grouping::Auto).is_err());
+    }
+
+    #[test]
+    fn phase_state_sizes() {
+        // The deal state costs the hot path three fields and one pointer; the rest
+        // lives behind the pointer. Sizes as built, for docs/engine-state.md.
+        let (state, phase, deals) = (
+            std::mem::size_of::<PhaseState>(),
+            std::mem::size_of::<Phase>(),
+            std::mem::size_of::<DealState>(),
+        );
+        println!("PhaseState {state} B, Phase {phase} B, DealState {deals} B");
+        assert!(phase <= 528, "Phase grew to {phase} bytes");
     }
 }

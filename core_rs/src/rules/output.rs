@@ -676,7 +676,9 @@ pub fn deal_opens_batch(rows: &[DealOpen]) -> RecordBatch {
     batch(
         deal_open_schema(),
         vec![
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.account_id))),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.account_id),
+            )),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.deal_id))),
             ts_array(rows.iter().map(|r| r.ts).collect()),
             Arc::new(StringArray::from_iter_values(

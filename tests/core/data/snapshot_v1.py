@@ -1,4 +1,4 @@
-"""The scenario behind ``snapshot_v1.bin``: an engine snapshot in the format before deals.
+"""The scenario behind ``snapshot_v1.bin``, an engine snapshot from before deals.
 
 ``snapshot_v1.bin`` was written by the engine build of main before issue 11 (snapshot
 format v1, magic ``PSENG\\x00\\x01\\x00``) with::

@@ -121,7 +121,7 @@ def _inputs(db: Path, root: Path) -> tuple[Path, Path, Path, list[int]]:
     try:
         phases = query_frame(
             conn,
-            "SELECT p.id, p.account_id, p.challenge_id, p.phase_index, p.started_at, "
+            "SELECT p.account_id, p.challenge_id, p.phase_index, p.started_at, "
             "p.rules, a.customer_id FROM challenge_phases p "
             "JOIN trading_accounts a USING (account_id) "
             "WHERE p.status = 'active' ORDER BY p.account_id",
@@ -129,8 +129,9 @@ def _inputs(db: Path, root: Path) -> tuple[Path, Path, Path, list[int]]:
         for i, row in enumerate(phases.iter_rows(named=True)):
             rules = {**json.loads(row["rules"]), **DEAL_RULES[i % 2]}
             conn.execute(
-                "UPDATE challenge_phases SET rules = ? WHERE id = ?",
-                [json.dumps(rules), row["id"]],
+                "UPDATE challenge_phases SET rules = ? "
+                "WHERE challenge_id = ? AND phase_index = ?",
+                [json.dumps(rules), row["challenge_id"], row["phase_index"]],
             )
     finally:
         conn.close()

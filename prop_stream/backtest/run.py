@@ -622,7 +622,9 @@ def _evaluate(
         in_chunk = pl.col("_at") >= offset
         if not last:
             in_chunk &= pl.col("_at") < offset + chunk.height
-        batch = deals.filter(in_chunk).with_columns(before_tick=pl.col("_at") - offset)
+        batch = deals.filter(in_chunk).with_columns(
+            before_tick=pl.col("_at") - offset
+        )
         upserts.add(engine.process(chunk, _deal_table(batch)))
         bar.update(chunk.height)
 

@@ -107,9 +107,8 @@ ONE_STEP: Final = ProgramIn(
 )
 
 
-def preset_program(
-    preset: Preset, *, price: Decimal, profit_split: Decimal
-) -> ProgramIn:
+
+def preset_program(preset: Preset, *, price: Decimal, profit_split: Decimal) -> ProgramIn:
     """A program of the demo's groups from a firm preset.
 
     Args:

@@ -302,7 +302,7 @@ def test_serve_kafka_ticks_and_deals_killed_mid_stream_equal_the_backtest(
         .sort("account_id_1", "deal_id_1", "account_id_2", "deal_id_2")
     )
     assert expected_flags.height > 0
-    assert flags.equals(expected_flags.cast(dict(flags.schema)))
+    assert flags.equals(expected_flags.cast(flags.schema))
 
     reasons = _dlq_reasons(broker.bootstrap, f"{topic}.dlq")
     # At least once: a replay after the kill may write a dead letter again.

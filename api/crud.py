@@ -110,7 +110,7 @@ _METRIC_COLUMNS: Final = """
     daily_start_equity, daily_start_balance, daily_pnl, daily_loss_limit, daily_floor,
     daily_room, daily_paused, max_loss_limit, overall_floor, overall_room, hwm,
     trading_days, days_elapsed, best_day_profit, profit_target_level,
-    profit_progress, trading_days_progress
+    profit_progress, trading_days_progress, open_lots, open_positions
 """
 
 
@@ -172,9 +172,16 @@ def list_metrics(
     return items, int(total_row[0]) if total_row else 0
 
 
+#: Rules whose threshold and actual are not money: days, lots or seconds.
+_NOT_MONEY: Final = frozenset(
+    {"time_limit", "max_position_size", "short_hold", "weekend_hold"}
+)
+
+
 def _figure(rule: str, value: float) -> str:
-    # time_limit measures days: keep every digit; the others are money.
-    if rule == "time_limit":
+    # time_limit measures days, the deal rules lots or seconds: keep every digit;
+    # the others are money.
+    if rule in _NOT_MONEY:
         return repr(float(value))
     text = money(value)
     return text if text is not None else "0.00"
@@ -493,3 +500,71 @@ def preview_purchase(
             for p in program.phases
         ],
     }
+
+
+def list_flags(
+    *,
+    session: Connection,
+    challenge_id: int,
+    limit: int,
+    offset: int,
+    symbol: str | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of the hedge flags of a challenge's accounts, newest first.
+
+    A flag belongs to the challenge when either of its accounts is one of the
+    challenge's phases' accounts.
+
+    Args:
+        session: A store cursor.
+        challenge_id: The challenge.
+        limit: Page size.
+        offset: Rows skipped.
+        symbol: Only this symbol's flags.
+
+    Returns:
+        The flags and the total count that match.
+    """
+    where = [
+        "(account_id_1 IN (SELECT account_id FROM accounts) "
+        "OR account_id_2 IN (SELECT account_id FROM accounts))"
+    ]
+    params: list[Any] = [challenge_id]
+    if symbol is not None:
+        where.append("symbol = ?")
+        params.append(symbol)
+    clause = " AND ".join(where)
+    accounts = (
+        "WITH accounts AS (SELECT account_id FROM challenge_phases "
+        "WHERE challenge_id = ? AND account_id IS NOT NULL) "
+    )
+    total_row = session.execute(
+        f"{accounts}SELECT count(*) FROM flags WHERE {clause}",  # noqa: S608 - fixed clauses, values bound
+        params,
+    ).fetchone()
+    rows = session.execute(
+        f"{accounts}SELECT symbol, account_id_1, deal_id_1, ts_1, side_1, "  # noqa: S608 - fixed clauses, values bound
+        "account_id_2, deal_id_2, ts_2, side_2, gap_seconds "
+        f"FROM flags WHERE {clause} "
+        "ORDER BY greatest(ts_1, ts_2) DESC, account_id_1 DESC, deal_id_1 DESC, "
+        "account_id_2 DESC, deal_id_2 DESC LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
+    items = [
+        {
+            "symbol": sym,
+            "account_id_1": int(a1),
+            "deal_id_1": int(d1),
+            "ts_1": iso(t1),
+            "side_1": s1,
+            "account_id_2": int(a2),
+            "deal_id_2": int(d2),
+            "ts_2": iso(t2),
+            "side_2": s2,
+            "gap_seconds": float(gap),
+            "severity": "warning",
+            "action": "review",
+        }
+        for (sym, a1, d1, t1, s1, a2, d2, t2, s2, gap) in rows
+    ]
+    return items, int(total_row[0]) if total_row else 0

@@ -52,7 +52,14 @@ def canonical_id(value: object) -> object:
 ChallengeStatusName = Literal["pending", "active", "passed", "failed", "cancelled"]
 PhaseStatus = Literal["pending", "active", "passed", "failed", "cancelled"]
 RuleName = Literal[
-    "time_limit", "max_loss", "daily_loss", "max_loss_warning", "daily_loss_warning"
+    "time_limit",
+    "max_loss",
+    "daily_loss",
+    "max_loss_warning",
+    "daily_loss_warning",
+    "max_position_size",
+    "short_hold",
+    "weekend_hold",
 ]
 Severity = Literal["warning", "critical"]
 Money = str
@@ -104,6 +111,12 @@ class BreachesQuery(PageQuery):
     phase_index: int | None = Field(None, ge=0, le=2**31 - 1)
     rule: RuleName | None = None
     severity: Severity | None = None
+
+
+class FlagsQuery(PageQuery):
+    """Query of ``GET /prop/challenges/{id}/flags``."""
+
+    symbol: str | None = Field(None, min_length=1, max_length=64)
 
 
 # ----------------------------------------------------------------- responses
@@ -183,6 +196,10 @@ class MetricPublic(BaseModel):
     days_elapsed: int
     profit_progress: float | None
     trading_days_progress: float
+    open_lots: float | None = Field(
+        description="lots of the open positions; null before deals were recorded"
+    )
+    open_positions: int | None
 
 
 class MetricHistoryPublic(MetricPublic):
@@ -215,6 +232,11 @@ class ProgressPublic(BaseModel):
     max_loss_limit: Money | None
     days_elapsed: int | None
     max_days: int | None
+    trading_day_basis: Literal["activity", "deals"] = Field(
+        description="what makes a trading day: ticks (activity) or an in deal"
+    )
+    open_lots: float | None
+    max_open_lots: float | None
 
 
 class ChallengePhasePublic(BaseModel):
@@ -268,8 +290,18 @@ class BreachPublic(BaseModel):
     breach_seq: int
     rule: RuleName
     severity: Severity
-    threshold: str = Field(description="money, or days for time_limit")
-    actual: str = Field(description="money, or days for time_limit")
+    threshold: str = Field(
+        description=(
+            "money; days for time_limit; lots for max_position_size and "
+            "weekend_hold; seconds for short_hold"
+        )
+    )
+    actual: str = Field(
+        description=(
+            "money; days for time_limit; lots for max_position_size and "
+            "weekend_hold; seconds for short_hold"
+        )
+    )
     action: Literal["phase_failed", "trading_paused", "notify"]
     ts: datetime
     resolved: bool
@@ -280,6 +312,36 @@ class BreachesPublic(BaseModel):
     """A page of breaches, newest first."""
 
     items: list[BreachPublic]
+    total_count: int
+    has_more: bool
+
+
+class FlagPublic(BaseModel):
+    """A hedge flag (rules.md "Cross-account hedging").
+
+    Two ``in`` deals of two of the customer's accounts, on the same symbol, of
+    opposite sides, within the firm's window; severity ``warning``, action
+    ``review``.
+    """
+
+    symbol: str
+    account_id_1: int = Field(description="the smaller account")
+    deal_id_1: int
+    ts_1: datetime
+    side_1: Literal["buy", "sell"]
+    account_id_2: int
+    deal_id_2: int
+    ts_2: datetime
+    side_2: Literal["buy", "sell"]
+    gap_seconds: float = Field(ge=0, description="|ts_1 - ts_2| in seconds")
+    severity: Literal["warning"]
+    action: Literal["review"]
+
+
+class FlagsPublic(BaseModel):
+    """A page of hedge flags, newest first."""
+
+    items: list[FlagPublic]
     total_count: int
     has_more: bool
 

@@ -152,6 +152,9 @@ def metric_public(row: Mapping[str, Any]) -> dict[str, Any]:
     out["days_elapsed"] = int(row["days_elapsed"])
     out["profit_progress"] = number(row["profit_progress"])
     out["trading_days_progress"] = number(row["trading_days_progress"])
+    out["open_lots"] = number(row.get("open_lots"))
+    positions = row.get("open_positions")
+    out["open_positions"] = None if positions is None else int(positions)
     return out
 
 
@@ -177,10 +180,16 @@ def progress_public(
         ``profit_progress``, ``trading_days_progress``, ``trading_days``,
         ``min_trading_days``, ``profit``, ``profit_target_level``, ``daily_room``,
         ``daily_loss_limit``, ``overall_room``, ``max_loss_limit``,
-        ``days_elapsed``, ``max_days``.
+        ``days_elapsed``, ``max_days``, ``trading_day_basis``, ``open_lots``,
+        ``max_open_lots``.
     """
     min_days = int(rules.get("min_trading_days") or 0)
     max_days = rules.get("max_days")
+    deals = {
+        "trading_day_basis": rules.get("trading_day_basis") or "activity",
+        "open_lots": None if row is None else number(row.get("open_lots")),
+        "max_open_lots": number(rules.get("max_open_lots")),
+    }
     if row is not None:
         return {
             "profit_progress": number(row["profit_progress"]),
@@ -195,6 +204,7 @@ def progress_public(
             "max_loss_limit": money(row["max_loss_limit"]),
             "days_elapsed": int(row["days_elapsed"]),
             "max_days": max_days,
+            **deals,
         }
     initial = float(rules["initial_balance"])
     target = rules.get("profit_target")
@@ -219,6 +229,7 @@ def progress_public(
         "max_loss_limit": money(overall_limit),
         "days_elapsed": None,
         "max_days": max_days,
+        **deals,
     }
 
 

@@ -91,3 +91,106 @@ def test_engine_throughput(benchmark: Any, accounts: int, order: str) -> None:
         seconds = benchmark.stats.stats.min
         benchmark.extra_info["ticks_per_s"] = TICKS / seconds
         print(f"\n{accounts} accounts {order}: {TICKS / seconds / 1e6:.1f}M ticks/s")
+
+
+#: The deal rules on top of :data:`RULES` for the deals case.
+DEAL_RULES = {
+    **RULES,
+    "trading_day_basis": "deals",
+    "max_open_lots": 5.0,
+    "min_hold_seconds": 1,
+    "weekend_close": "FRI 22:00",
+    # Flag rather than fail: the random deals scalp now and then, and a failed
+    # phase would skip the rest of its events.
+    "deal_violation_action": "flag",
+}
+#: One deal per this many ticks.
+TICKS_PER_DEAL = 10
+
+
+def make_deals(ticks: pa.Table, batch: int) -> list[pa.Table]:
+    """One deal per :data:`TICKS_PER_DEAL` ticks, per batch of ``batch`` ticks.
+
+    Each deal takes the account and ``ts`` of a random tick and is delivered right
+    before it (``before_tick``); an account's deals alternate ``in`` and ``out`` on
+    one position at a time, so positions open and close all along.
+    """
+    rng = np.random.default_rng(11)
+    n = ticks.num_rows
+    rows = np.sort(rng.choice(n, n // TICKS_PER_DEAL, replace=False))
+    account = ticks.column("account_id").to_numpy()[rows]
+    ts = ticks.column("ts").cast(pa.int64()).to_numpy()[rows]
+    # The how-many-th deal of its account each deal is (stable by row).
+    by_account = np.argsort(account, kind="stable")
+    sorted_accounts = account[by_account]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_accounts)) + 1]
+    run_lengths = np.diff(np.r_[starts, len(rows)])
+    rank_sorted = np.arange(len(rows)) - np.repeat(starts, run_lengths)
+    rank = np.empty_like(rank_sorted)
+    rank[by_account] = rank_sorted
+    deals = pa.table(
+        {
+            "account_id": pa.array(account, pa.int64()),
+            "ts": pa.array(ts, pa.timestamp("us", "UTC")),
+            "deal_id": pa.array(rows, pa.int64()),
+            "position_id": pa.array(rank // 2, pa.int64()),
+            "symbol": pa.array(np.where(rank % 4 < 2, "EURUSD", "XAUUSD")),
+            "side": pa.array(np.where(rank % 3 == 0, "buy", "sell")),
+            "volume": pa.array(np.full(len(rows), 0.5)),
+            "price": pa.array(np.full(len(rows), 1.1)),
+            "entry": pa.array(np.where(rank % 2 == 0, "in", "out")),
+            "before_tick": pa.array(rows % batch, pa.int64()),
+        }
+    )
+    first_batch = rows // batch
+    return [
+        deals.filter(pa.array(first_batch == k))
+        for k in range((n + batch - 1) // batch)
+    ]
+
+
+def fresh_deal_engine(accounts: int) -> RuleEngine:
+    engine = RuleEngine()
+    for account in range(1, accounts + 1):
+        engine.register(PhaseSpec(account, f"c-{account}", 0, START, DEAL_RULES))
+    return engine
+
+
+@pytest.mark.parametrize("order", ["by_account", "by_time"])
+@pytest.mark.parametrize("accounts", [a // 100 if SMOKE else a for a in ACCOUNTS[:2]])
+@pytest.mark.benchmark(group="engine-ticks-deals")
+def test_engine_throughput_with_deals(
+    benchmark: Any, accounts: int, order: str
+) -> None:
+    """The same ticks with one deal per ten ticks, under every deal rule."""
+    table = make_ticks(accounts, TICKS, order)
+    batches = [table.slice(i, BATCH) for i in range(0, TICKS, BATCH)]
+    deal_batches = make_deals(table, BATCH)
+
+    check = fresh_deal_engine(accounts)
+    evaluations = [
+        check.process_arrow(b, d) for b, d in zip(batches, deal_batches, strict=True)
+    ]
+    deals = sum(d.num_rows for d in deal_batches)
+    counted = [e.deal_counts for e in evaluations]
+    assert sum(c.processed + c.late + c.inactive for c in counted) == deals
+    assert sum(c.unknown + c.invalid + c.duplicate for c in counted) == 0
+    assert sum(c.processed for c in counted) > deals // 2
+    assert check.phases()["deals"].sum() == sum(c.processed for c in counted)
+
+    def setup() -> tuple[tuple[RuleEngine], dict[str, Any]]:
+        return (fresh_deal_engine(accounts),), {}
+
+    def run(engine: RuleEngine) -> None:
+        for b, d in zip(batches, deal_batches, strict=True):
+            engine.process_arrow(b, d)
+
+    benchmark.pedantic(run, setup=setup, rounds=1 if SMOKE else 3)
+    if not SMOKE:
+        seconds = benchmark.stats.stats.min
+        benchmark.extra_info["ticks_per_s"] = TICKS / seconds
+        print(
+            f"\n{accounts} accounts {order} + deals: "
+            f"{TICKS / seconds / 1e6:.1f}M ticks/s, "
+            f"{deals / seconds / 1e6:.2f}M deals/s"
+        )

@@ -62,7 +62,15 @@ class BatchResult:
         """Phases that passed or failed."""
     @property
     def counts(self) -> dict[str, int]:
-        """evaluated, late, unknown, inactive and invalid tick counts."""
+        """Tick counts and deal counts.
+
+        evaluated, late, unknown, inactive, invalid; deals, late_deals,
+        duplicate_deals, unmatched_deals, unknown_deals, inactive_deals,
+        invalid_deals.
+        """
+    @property
+    def deal_opens(self) -> pa.Table:
+        """The processed ``in`` deals: account_id, deal_id, ts, symbol, side."""
 
 @final
 class Evaluator:
@@ -87,8 +95,11 @@ class Evaluator:
         """Start judging a phase; RuleConfigError if the account is taken."""
     def remove(self, account_id: int) -> bool:
         """Forget a phase; False if the account had none."""
-    def process(self, ticks: Any) -> BatchResult:
-        """Judge an Arrow stream of ticks; releases the GIL while it works."""
+    def process(self, ticks: Any, deals: Any | None = None) -> BatchResult:
+        """Judge Arrow ticks and optional deals; releases the GIL while it works.
+
+        Each deal is judged right before tick row ``before_tick`` of the call.
+        """
     def phases(self) -> pa.Table:
         """The state of every registered phase."""
     def snapshot(self) -> bytes:

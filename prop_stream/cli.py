@@ -161,12 +161,15 @@ def _add_backtest(
 ) -> None:
     parser = commands.add_parser(
         "backtest",
-        help="replay tick files through the rules and write breaches, accounts, daily",
+        help=(
+            "replay tick (and deal) files through the rules and write breaches, "
+            "accounts, daily, flags"
+        ),
         description=(
-            "Replay tick files through the rules engine. Writes breaches, accounts "
-            "and daily to DIR, each as .parquet and .csv (and report.html with "
-            "--report). Exit status 0 on success, 2 on bad input (nothing is "
-            "written then)."
+            "Replay tick files, and deal files with --deals, through the rules "
+            "engine. Writes breaches, accounts, daily and flags to DIR, each as "
+            ".parquet and .csv (and report.html with --report). Exit status 0 on "
+            "success, 2 on bad input (nothing is written then)."
         ),
     )
     parser.add_argument(
@@ -177,6 +180,15 @@ def _add_backtest(
         required=True,
         metavar="TICKS",
         help="Parquet or CSV file, directory or glob (quote it) of tick files",
+    )
+    parser.add_argument(
+        "--deals",
+        default=None,
+        metavar="DEALS",
+        help=(
+            "Parquet or CSV file, directory or glob (quote it) of deal files: "
+            "judged with the ticks by the deal rules, joined into hedge flags"
+        ),
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="output directory"
@@ -225,6 +237,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         tmp_dir=args.tmp_dir,
         progress=sys.stderr.isatty(),
         report=args.report,
+        deals=args.deals,
     )
     skipped = [f"{result.late:,} late"]
     if result.unknown:
@@ -235,7 +248,13 @@ def _run_backtest(args: argparse.Namespace) -> int:
         f"{PROG}: backtest: {_count(result.accounts, 'account')}, "
         f"{_count(result.evaluated, 'tick')} evaluated ({', '.join(skipped)}), "
         f"{_count(result.breaches, 'breach', 'breaches')}, "
-        f"{result.passed:,} passed, {result.failed:,} failed "
+        + (
+            f"{_count(result.deals, 'deal')} processed, "
+            f"{_count(result.flags, 'hedge flag')}, "
+            if args.deals is not None
+            else ""
+        )
+        + f"{result.passed:,} passed, {result.failed:,} failed "
         f"in {result.seconds:.2f} s; wrote {args.out}",
         file=sys.stderr,
     )
@@ -679,6 +698,17 @@ def _add_produce(
     )
     parser.add_argument("ticks", metavar="TICKS", type=Path, help="tick file")
     parser.add_argument(
+        "--deals",
+        type=Path,
+        metavar="DEALS",
+        default=None,
+        help=(
+            "a Parquet or CSV deal file sent with the ticks on the same topic "
+            '("type": "deal", keyed by account), interleaved by (ts, a deal '
+            "before a tick)"
+        ),
+    )
+    parser.add_argument(
         "--kafka-bootstrap", required=True, metavar="H:P", help="Kafka bootstrap"
     )
     parser.add_argument(
@@ -709,6 +739,7 @@ def _run_produce(args: argparse.Namespace) -> int:
             args.ticks,
             bootstrap=args.kafka_bootstrap,
             topic=args.topic,
+            deals=args.deals,
             encoding=args.encoding,
             progress=sys.stderr.isatty(),
             partitions=args.partitions,
@@ -716,7 +747,8 @@ def _run_produce(args: argparse.Namespace) -> int:
     except KafkaUnavailableError as exc:  # not bad input: the broker may come back
         _error(str(exc))
         return EXIT_FAILURE
-    print(f"{PROG}: produce: {sent} ticks to {args.topic}", file=sys.stderr)
+    what = "ticks" if args.deals is None else "ticks and deals"
+    print(f"{PROG}: produce: {sent} {what} to {args.topic}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SourceName = Literal["none", "demo", "kafka"]
@@ -71,6 +71,11 @@ class StreamSettings(BaseSettings):
             ahead of the service's clock are dead-lettered as ``future_ts``
             (``interfaces.md`` section 1); 0 turns the check off. Its variable
             is ``PROP_STREAM_MAX_CLOCK_SKEW``.
+        hedge_window_seconds: The firm-wide window of cross-account hedge flags
+            (``rules.md``, "Cross-account hedging"): two opposite ``in`` deals
+            of one customer's accounts at most this many seconds apart are
+            flagged. None (``PROP_STREAM_HEDGE_WINDOW_SECONDS`` empty or
+            ``null``) turns flags off; the deals are still recorded.
     """
 
     # validate_by_name: the one aliased field (max_clock_skew_s) is set by its
@@ -108,6 +113,15 @@ class StreamSettings(BaseSettings):
     max_clock_skew_s: float = Field(
         default=300, ge=0, validation_alias="PROP_STREAM_MAX_CLOCK_SKEW"
     )
+    hedge_window_seconds: float | None = Field(default=60.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("hedge_window_seconds", mode="before")
+    @classmethod
+    def _off_when_empty(cls, value: object) -> object:
+        """An empty value or ``null`` (any case) turns hedge flags off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "null", "none"):
+            return None
+        return value
 
     @property
     def kafka_dlq(self) -> str:

@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -46,6 +46,27 @@ TICK_SCHEMA: Final[dict[str, pl.DataType]] = {
     "equity": pl.Float64(),
     "balance": pl.Float64(),
 }
+
+#: The columns of a deal (``rules.md``, "Deal events"; ``interfaces.md`` §5), as
+#: the engine takes them. ``Evaluator.process`` also needs ``before_tick``
+#: (int64): the tick row of the same call the deal was delivered before.
+DEAL_SCHEMA: Final[pa.Schema] = pa.schema(
+    [
+        pa.field("account_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("deal_id", pa.int64(), nullable=False),
+        pa.field("position_id", pa.int64(), nullable=False),
+        pa.field("symbol", pa.utf8(), nullable=False),
+        pa.field("side", pa.utf8(), nullable=False),
+        pa.field("volume", pa.float64(), nullable=False),
+        pa.field("price", pa.float64(), nullable=False),
+        pa.field("entry", pa.utf8(), nullable=False),
+    ]
+)
+#: The names of :data:`DEAL_SCHEMA`, in order.
+DEAL_COLUMNS: Final[tuple[str, ...]] = tuple(DEAL_SCHEMA.names)
+#: The column that places each deal among the ticks of one ``process`` call.
+BEFORE_TICK: Final = "before_tick"
 
 RULE_DEFAULTS: Final[dict[str, object]] = dict(_core.rule_defaults())
 
@@ -89,13 +110,52 @@ class TickCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class DealCounts:
+    """How the deals of one call were handled.
+
+    Attributes:
+        processed: Deals judged by a phase (positions updated), unmatched ones
+            included.
+        late: Deals older than their account's last processed event (tick or
+            deal) or its phase start.
+        duplicate: Deals whose ``deal_id`` the account already processed.
+        unmatched: Processed ``out`` deals for a position that was not open.
+        unknown: Deals for accounts with no registered phase.
+        inactive: Deals for phases that had already passed or failed, or that
+            revealed a ``weekend_hold`` failure.
+        invalid: Deals with a null or bad value (side, entry, volume, price,
+            symbol).
+    """
+
+    processed: int = 0
+    late: int = 0
+    duplicate: int = 0
+    unmatched: int = 0
+    unknown: int = 0
+    inactive: int = 0
+    invalid: int = 0
+
+
+#: The columns of ``Evaluation.deal_opens``: the processed ``in`` deals.
+DEAL_OPEN_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
+
+
+def _empty_deal_opens() -> pa.Table:
+    return pa.table(
+        {name: pa.array([], DEAL_SCHEMA.field(name).type) for name in DEAL_OPEN_COLUMNS}
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """Everything one ``process`` call produced.
 
     ``breaches`` (key :data:`BREACH_KEY`) and ``daily`` (key :data:`DAILY_KEY`) are
     upserts: a later row for the same key replaces an earlier one. ``metrics`` has
-    the latest state of every phase that evaluated a tick; ``transitions`` the phases
-    that passed or failed.
+    the latest state of every phase whose state the call changed (once it has
+    evaluated a tick); ``transitions`` the phases that passed or failed.
+    ``deal_opens`` (a pyarrow table, :data:`DEAL_OPEN_COLUMNS`) holds the call's
+    processed ``in`` deals, the input of the hedge-flag join.
     """
 
     breaches: pl.DataFrame
@@ -103,6 +163,8 @@ class Evaluation:
     daily: pl.DataFrame
     transitions: pl.DataFrame
     counts: TickCounts
+    deal_counts: DealCounts = field(default_factory=DealCounts)
+    deal_opens: pa.Table = field(default_factory=_empty_deal_opens)
 
 
 def _to_micros(value: datetime) -> int:
@@ -217,6 +279,18 @@ def normalize_ticks(ticks: Any) -> pa.Table:
     return out.to_arrow()
 
 
+def _deal_table(deals: Any) -> Any:
+    """Deals as the engine takes them.
+
+    Polars frames go through Arrow as they are (the engine reads every string
+    layout); anything else goes to the engine, which names a missing or mistyped
+    column.
+    """
+    if deals is None or not isinstance(deals, pl.DataFrame):
+        return deals
+    return deals.to_arrow()
+
+
 def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
@@ -274,18 +348,31 @@ class RuleEngine:
         """Forget a phase and its state; False if the account was not registered."""
         return self._ev.remove(account_id)
 
-    def process(self, ticks: Any) -> Evaluation:
-        """Evaluate one batch of ticks (see :func:`normalize_ticks` for inputs).
+    def process(self, ticks: Any, deals: Any = None) -> Evaluation:
+        """Evaluate one batch of ticks and deals.
 
-        Within an account ticks are taken in the order given; the GIL is released
+        Within an account events are taken in the order given; the GIL is released
         while the engine works.
+
+        Args:
+            ticks: See :func:`normalize_ticks`.
+            deals: None, or a polars DataFrame, pyarrow Table or anything with
+                ``__arrow_c_stream__`` holding :data:`DEAL_COLUMNS` and
+                ``before_tick``: the deal was delivered before tick row
+                ``before_tick`` of ``ticks`` (0 to ``len(ticks)``, non-decreasing
+                down the table; equal values keep the table's order).
+
+        Raises:
+            TickBatchError: A tick or deal column is missing or has another type,
+                or ``before_tick`` is null, decreasing or out of range. Deals with
+                a bad value are counted ``invalid`` and skipped instead.
         """
         table = normalize_ticks(ticks)
-        return self.process_arrow(table)
+        return self.process_arrow(table, _deal_table(deals))
 
-    def process_arrow(self, table: Any) -> Evaluation:
+    def process_arrow(self, table: Any, deals: Any = None) -> Evaluation:
         """Evaluate a batch already in the engine's exact Arrow schema."""
-        out = self._ev.process(table)
+        out = self._ev.process(table, deals)
         c = out.counts
         return Evaluation(
             breaches=_frame(out.breaches),
@@ -299,6 +386,16 @@ class RuleEngine:
                 inactive=c["inactive"],
                 invalid=c["invalid"],
             ),
+            deal_counts=DealCounts(
+                processed=c["deals"],
+                late=c["late_deals"],
+                duplicate=c["duplicate_deals"],
+                unmatched=c["unmatched_deals"],
+                unknown=c["unknown_deals"],
+                inactive=c["inactive_deals"],
+                invalid=c["invalid_deals"],
+            ),
+            deal_opens=out.deal_opens,
         )
 
     def phases(self) -> pl.DataFrame:

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: The content type of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+#: Why the engine skips a deal (``Evaluation.deal_counts`` has one count each).
+DEAL_SKIP_REASONS: Final = ("late", "duplicate", "unknown", "inactive", "invalid")
+
 #: Batch durations, seconds: a batch is typically 1 ms (few ticks) to 1 s.
 BATCH_BUCKETS: Final = (
     0.001,
@@ -248,6 +251,30 @@ def _loop_metrics(stats: Any) -> Iterator[Metric]:
         "Ticks counted and skipped by the engine, by reason.",
         "reason",
         {reason: getattr(stats, reason) for reason in reasons},
+    )
+    # Deals have their own families (not a ``kind`` label on the tick ones):
+    # their skip reasons differ (duplicate) and dashboards summing ticks stay true.
+    yield CounterMetricFamily(
+        "prop_stream_deals_polled",
+        "Deals taken from the source (good ones; dead letters are apart).",
+        value=stats.deals,
+    )
+    yield CounterMetricFamily(
+        "prop_stream_deals_judged",
+        "Deals the engine processed (unmatched closes included).",
+        value=stats.deals_judged,
+    )
+    yield CounterMetricFamily(
+        "prop_stream_deals_unmatched",
+        "Processed out deals whose position was not open.",
+        value=stats.deals_unmatched,
+    )
+    yield _by_label(
+        CounterMetricFamily,
+        "prop_stream_deals_skipped",
+        "Deals counted and skipped by the engine, by reason.",
+        "reason",
+        {reason: stats.deals_skipped[reason] for reason in DEAL_SKIP_REASONS},
     )
     yield CounterMetricFamily(
         "prop_stream_batches", "Batches committed.", value=stats.batches

@@ -6,7 +6,9 @@ reads exactly what the evaluator would have committed.
 
 Demo challenges: alice owns 1 (two-step) and 2 (one-step); bob owns 3, 4 (one-step)
 and 5. Challenge 1 gets a daily-loss warning that resolves; challenge 2 fails on
-its daily loss; challenge 3 gets a few ticks; 4 and 5 none.
+its daily loss; challenge 3 gets a few ticks; 4 and 5 none. Alice's accounts of
+challenges 1 and 2 open opposite EURUSD deals 30 s apart (one hedge flag, see
+:data:`DEAL_OPENS`); the rest of the deals pair with nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from prop_stream.store import (
     create_session,
     init_database,
 )
+from prop_stream.store.flags import record_deal_opens
 
 with warnings.catch_warnings():
     # starlette's TestClient warns that it wants httpx2; httpx is what we have.
@@ -61,6 +64,17 @@ EQUITY_1 = [
 EQUITY_2 = [50_000.0 * (1 - 0.03 * k) for k in range(len(HOURS))]
 #: Challenge 3 (bob, 100k) moves a little on the first day only.
 EQUITY_3 = [100_000.0, 100_100.0, 100_200.0]
+
+#: Processed ``in`` deals recorded for hedge flags: (challenge, deal_id, ts,
+#: symbol, side). Only the first two pair (alice's two accounts, EURUSD, opposite
+#: sides, 30 s apart): XAUUSD is on one side, bob's deal is another customer's.
+DEAL_OPENS = [
+    (1, 1, HOURS[1], "EURUSD", "buy"),
+    (2, 7, HOURS[1] + timedelta(seconds=30), "EURUSD", "sell"),
+    (1, 2, HOURS[3], "XAUUSD", "buy"),
+    (2, 8, HOURS[3], "XAUUSD", "buy"),
+    (3, 1, HOURS[1], "EURUSD", "sell"),
+]
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -130,6 +144,17 @@ def seed_database(path: Path) -> Seeded:
         batches = [
             judge(conn, engine, ticks_for(accounts, hour)) for hour in range(len(HOURS))
         ]
+        opens = pl.DataFrame(
+            {
+                "account_id": [accounts[c] for c, *_ in DEAL_OPENS],
+                "deal_id": [d for _, d, *_ in DEAL_OPENS],
+                "ts": [t for _, _, t, *_ in DEAL_OPENS],
+                "symbol": [s for *_, s, _ in DEAL_OPENS],
+                "side": [side for *_, side in DEAL_OPENS],
+            },
+            schema_overrides={"ts": pl.Datetime("us", "UTC")},
+        )
+        record_deal_opens(conn, opens.to_arrow(), 60)
         now = datetime.now(UTC)
         seeded = Seeded(
             path=path,

@@ -20,7 +20,9 @@ from prop_stream.store import Connection, connect, query_frame
 def demo_backtest_inputs(
     db: Path, root: Path, *, config: DemoConfig, batches: int, active_only: bool
 ) -> tuple[Path, Path, list[int]]:
-    """Write the store's phases as a rules file, and dump their ticks.
+    """Write the store's phases as a rules file, and dump their ticks and deals.
+
+    The deals go to ``deals.parquet`` beside the ticks (:func:`deals_file`).
 
     Args:
         db: The store the phases come from.
@@ -65,10 +67,17 @@ def demo_backtest_inputs(
                 "rules": rules,
             }
         )
-    ticks = source.dump(root / "ticks.parquet", range(batches))
+    ticks = source.dump(
+        root / "ticks.parquet", range(batches), deals=root / "deals.parquet"
+    )
     rules_file = root / "rules.json"
     rules_file.write_text(json.dumps({"accounts": accounts}))
     return rules_file, ticks, [int(a["account_id"]) for a in accounts]
+
+
+def deals_file(ticks: Path) -> Path:
+    """The deals :func:`demo_backtest_inputs` dumped beside ``ticks``."""
+    return ticks.with_name("deals.parquet")
 
 
 def stored_outputs(

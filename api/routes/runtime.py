@@ -1,4 +1,4 @@
-"""The runtime endpoints of a challenge: its state, metric history and breaches.
+"""The runtime endpoints of a challenge: state, metric history, breaches, flags.
 
 All need a customer session and answer ``404`` for a challenge that is missing or
 someone else's, with the same body.
@@ -20,6 +20,8 @@ from api.models import (
     BreachesPublic,
     BreachesQuery,
     ChallengePublic,
+    FlagsPublic,
+    FlagsQuery,
     MetricsPublic,
     MetricsQuery,
     NoQuery,
@@ -104,5 +106,32 @@ def list_breaches(
         phase_index=query.phase_index,
         rule=query.rule,
         severity=query.severity,
+    )
+    return json_bytes(page(items, total=total, offset=query.offset))
+
+
+@router.get("/{challenge_id}/flags", response_model=FlagsPublic, responses=ID_ERRORS)
+def list_flags(
+    challenge_id: ChallengeId,
+    trader: CurrentTrader,
+    cache: CacheDep,
+    session: SessionDep,
+    query: Annotated[FlagsQuery, Query()],
+) -> Response:
+    """Hedge flags of the challenge's accounts, newest first; filter by symbol.
+
+    A flag pairs an ``in`` deal of one of the challenge's accounts with an
+    opposite ``in`` deal of another of the customer's accounts on the same symbol
+    within the firm's window (rules.md, "Cross-account hedging"). It is a review
+    flag: it never fails a phase by itself.
+    """
+    if not cache.owns(challenge_id, customer_id=trader):
+        raise not_found("challenge", challenge_id)
+    items, total = crud.list_flags(
+        session=session,
+        challenge_id=challenge_id,
+        limit=query.limit,
+        offset=query.offset,
+        symbol=query.symbol,
     )
     return json_bytes(page(items, total=total, offset=query.offset))

@@ -45,9 +45,11 @@ _SUFFIXES: Final[Mapping[str, TickFormat]] = {
     ".csv": "csv",
 }
 _ACCOUNT_KEYS: Final = frozenset(
-    {"account_id", "challenge_id", "phase_index", "started_at", "rules"}
+    {"account_id", "challenge_id", "phase_index", "started_at", "rules", "customer_id"}
 )
-_TOP_KEYS: Final = frozenset({"accounts"})
+_TOP_KEYS: Final = frozenset({"accounts", "hedge_window_seconds"})
+#: The hedge window when the rules file does not set one (rules.md).
+DEFAULT_HEDGE_WINDOW_SECONDS: Final = 60.0
 _I64_MIN: Final = -(2**63)
 _I64_MAX: Final = 2**63 - 1
 
@@ -62,19 +64,48 @@ _EXPECTED: Final = {
 # --------------------------------------------------------------------------- rules
 
 
+@dataclass(frozen=True, slots=True)
+class RulesConfig:
+    """Everything a rules file says.
+
+    Attributes:
+        specs: One phase per account, in file order.
+        customers: ``customer_id`` per account, for the accounts that carry one
+            (hedge flags pair only accounts of one customer).
+        hedge_window_seconds: The top-level window of hedge flags; None turns
+            them off.
+    """
+
+    specs: list[PhaseSpec]
+    customers: dict[int, str]
+    hedge_window_seconds: float | None
+
+
 def read_rules(path: str | Path) -> list[PhaseSpec]:
+    """The phases of a ``RULES.json`` file (see :func:`read_rules_config`).
+
+    Raises:
+        InputFileError: As :func:`read_rules_config`.
+    """
+    return read_rules_config(path).specs
+
+
+def read_rules_config(path: str | Path) -> RulesConfig:
     """Read and validate a ``RULES.json`` file.
 
     The file is an object with one key, ``accounts``: a non-empty list of objects
     with ``account_id`` (int), ``challenge_id`` (non-empty string), ``phase_index``
     (int >= 0, default 0), ``started_at`` (ISO 8601 with ``Z`` or an offset) and
-    ``rules`` (rule names of ``rules.md``; omitted rules take their defaults).
+    ``rules`` (rule names of ``rules.md``; omitted rules take their defaults)
+    and optionally ``customer_id`` (non-empty string, for hedge flags). The
+    optional top-level ``hedge_window_seconds`` (number >= 0 or null, default 60)
+    is the window of hedge flags.
 
     Args:
         path: The rules file.
 
     Returns:
-        One phase per account, in file order.
+        The phases, the customers and the hedge window.
 
     Raises:
         InputFileError: The file is missing, not JSON, or invalid; the message names
@@ -103,19 +134,28 @@ def read_rules(path: str | Path) -> list[PhaseSpec]:
     except ValueError as exc:
         raise InputFileError(f"{path}: not valid JSON: {exc}") from exc
     try:
-        return parse_rules(doc)
+        return parse_rules_config(doc)
     except InputFileError as exc:
         raise InputFileError(f"{path}: {exc}") from exc
 
 
 def parse_rules(doc: object) -> list[PhaseSpec]:
-    """Validate a decoded rules document (see :func:`read_rules`).
+    """The phases of a decoded rules document (see :func:`parse_rules_config`).
+
+    Raises:
+        InputFileError: As :func:`parse_rules_config`.
+    """
+    return parse_rules_config(doc).specs
+
+
+def parse_rules_config(doc: object) -> RulesConfig:
+    """Validate a decoded rules document (see :func:`read_rules_config`).
 
     Args:
         doc: The decoded JSON value.
 
     Returns:
-        One phase per account, in document order.
+        The phases in document order, the customers and the hedge window.
 
     Raises:
         InputFileError: The document is invalid; the message names the account and
@@ -135,7 +175,9 @@ def parse_rules(doc: object) -> list[PhaseSpec]:
         raise InputFileError(f"accounts: must be a list, got {_kind(accounts)}")
     if not accounts:
         raise InputFileError("accounts: must list at least one account")
+    window = _parse_hedge_window(doc.get("hedge_window_seconds", _DEFAULT))
     specs: list[PhaseSpec] = []
+    customers: dict[int, str] = {}
     seen: dict[int, int] = {}
     for index, entry in enumerate(accounts):
         spec = _parse_account(index, entry)
@@ -146,7 +188,37 @@ def parse_rules(doc: object) -> list[PhaseSpec]:
             )
         seen[spec.account_id] = index
         specs.append(spec)
-    return specs
+        customer = cast(dict[str, object], entry).get("customer_id")
+        if customer is not None:
+            if not isinstance(customer, str) or not customer:
+                raise InputFileError(
+                    f"account {spec.account_id}: customer_id: must be a non-empty "
+                    f"string, got {customer!r}"
+                )
+            customers[spec.account_id] = customer
+    return RulesConfig(specs=specs, customers=customers, hedge_window_seconds=window)
+
+
+_DEFAULT: Final = object()
+
+
+def _parse_hedge_window(value: object) -> float | None:
+    if value is _DEFAULT:
+        return DEFAULT_HEDGE_WINDOW_SECONDS
+    if value is None:
+        return None
+    bad = InputFileError(
+        f"hedge_window_seconds: must be a number >= 0 or null, got {value!r}"
+    )
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise bad
+    try:
+        window = float(value)
+    except OverflowError:  # an integer beyond binary64
+        raise bad from None
+    if not math.isfinite(window) or window < 0:
+        raise bad
+    return window
 
 
 def _parse_account(index: int, entry: object) -> PhaseSpec:
@@ -282,7 +354,7 @@ class TickFile:
         return f"row {row + 1}"
 
 
-def resolve_tick_files(spec: str | Path) -> list[TickFile]:
+def resolve_tick_files(spec: str | Path, what: str = "tick") -> list[TickFile]:
     """Expand ``--ticks`` into the files to read, in a stable order.
 
     ``spec`` is a Parquet or CSV file, a directory (searched recursively for
@@ -291,7 +363,8 @@ def resolve_tick_files(spec: str | Path) -> list[TickFile]:
     path, so "file order" is path order.
 
     Args:
-        spec: The ``--ticks`` argument.
+        spec: The ``--ticks`` argument (or ``--deals``).
+        what: What the files hold, for messages (``tick`` or ``deal``).
 
     Returns:
         The files with their formats.
@@ -316,15 +389,15 @@ def resolve_tick_files(spec: str | Path) -> list[TickFile]:
         paths = sorted(Path(p) for p in glob.glob(text, recursive=True))
         paths = [p for p in paths if p.is_file()]
         if not paths:
-            raise InputFileError(f"no tick files match {text!r}")
+            raise InputFileError(f"no {what} files match {text!r}")
     else:
-        raise InputFileError(f"ticks file not found: {path}")
+        raise InputFileError(f"{what}s file not found: {path}")
     files = []
     for index, p in enumerate(paths):
         fmt = _SUFFIXES.get(p.suffix.lower())
         if fmt is None:
             raise InputFileError(
-                f"{p}: unknown tick file type {p.suffix!r}; use .parquet or .csv"
+                f"{p}: unknown {what} file type {p.suffix!r}; use .parquet or .csv"
             )
         files.append(TickFile(path=p, format=fmt, index=index))
     return files
@@ -562,3 +635,260 @@ def count_rows(files: Iterable[TickFile]) -> int:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- deals
+
+#: The deal columns, as the engine takes them (``rules.md``, Deal events), without
+#: the delivery position ``before_tick`` the backtest adds. A local copy of
+#: ``prop_stream.rules.DEAL_SCHEMA`` until that lands.
+DEAL_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "account_id": pl.Int64(),
+    "ts": pl.Datetime("us", "UTC"),
+    "deal_id": pl.Int64(),
+    "position_id": pl.Int64(),
+    "symbol": pl.String(),
+    "side": pl.String(),
+    "volume": pl.Float64(),
+    "price": pl.Float64(),
+    "entry": pl.String(),
+}
+#: The columns a deal file must have (others are ignored).
+DEAL_COLUMNS: Final = tuple(DEAL_SCHEMA)
+_DEAL_INTS: Final = frozenset({"account_id", "deal_id", "position_id"})
+_DEAL_TEXTS: Final = frozenset({"symbol", "side", "entry"})
+_DEAL_EXPECTED: Final = {
+    "account_id": "a 64-bit integer",
+    "ts": _EXPECTED["ts"],
+    "deal_id": "a 64-bit integer",
+    "position_id": "a 64-bit integer",
+    "symbol": "text",
+    "side": "text",
+    "volume": "a number",
+    "price": "a number",
+    "entry": "text",
+}
+
+
+def _deal_problems() -> dict[str, tuple[pl.Expr, str]]:
+    """Per column: when a converted value is refused, and why (null aside)."""
+    return {
+        "symbol": (pl.col("symbol") == "", "must be a non-empty symbol"),
+        "side": (~pl.col("side").is_in(["buy", "sell"]), "must be buy or sell"),
+        "entry": (~pl.col("entry").is_in(["in", "out"]), "must be in or out"),
+        # round_half_even(volume * 100) >= 1 exactly when volume * 100 > 0.5.
+        "volume": (
+            ~pl.col("volume").is_finite() | ~(pl.col("volume") * 100 > 0.5),
+            "must be a finite number of lots >= 0.01 (at least one hundredth)",
+        ),
+        "price": (
+            ~pl.col("price").is_finite() | ~(pl.col("price") > 0),
+            "must be a finite number > 0",
+        ),
+    }
+
+
+def scan_deals(file: TickFile) -> pl.LazyFrame:
+    """Scan one deal file as the engine's deal columns.
+
+    Values that can't be converted (and missing ones) are null in the result;
+    :func:`check_deals` finds them and every other refused value,
+    :func:`diagnose_deal_file` names the first.
+
+    Args:
+        file: The file to scan.
+
+    Returns:
+        A lazy frame with the columns of :data:`DEAL_SCHEMA`.
+
+    Raises:
+        InputFileError: The file can't be opened, lacks a column, or a column has
+            a type that can't hold the field.
+    """
+    raw = file.scan_raw()
+    return raw.select(_deal_file_exprs(file, raw))
+
+
+def _deal_file_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
+    try:
+        schema = raw.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputFileError(
+            f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
+        ) from exc
+    return _deal_exprs(str(file.path), schema)
+
+
+def _deal_exprs(where: str, schema: pl.Schema) -> list[pl.Expr]:
+    missing = [name for name in DEAL_COLUMNS if name not in schema]
+    if missing:
+        raise InputFileError(
+            f"{where}: missing column(s): {', '.join(missing)} "
+            f"(a deal file needs {', '.join(DEAL_COLUMNS)})"
+        )
+    return [
+        _convert_deal(where, name, schema[name]).alias(name) for name in DEAL_COLUMNS
+    ]
+
+
+def _convert_deal(where: str, name: str, dtype: pl.DataType) -> pl.Expr:
+    col = pl.col(name)
+    if name in _DEAL_TEXTS:
+        # Text is taken as written (no trimming): "buy " is not a side.
+        if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
+            return col.cast(pl.String)
+        raise InputFileError(f"{where}: column {name}: has type {dtype}, expected text")
+    if name in _DEAL_INTS:
+        if dtype == pl.String:
+            return col.str.strip_chars().cast(pl.Int64, strict=False)
+        if dtype.is_integer():
+            return col.cast(pl.Int64, strict=False)
+        raise InputFileError(
+            f"{where}: column {name}: has type {dtype}, expected an integer"
+        )
+    if name == "ts":
+        return _convert(where, "ts", dtype)
+    # volume and price convert as a tick's amounts do.
+    if dtype == pl.String:
+        return col.str.strip_chars().cast(pl.Float64, strict=False)
+    if dtype.is_numeric():
+        return col.cast(pl.Float64, strict=False)
+    raise InputFileError(f"{where}: column {name}: has type {dtype}, expected a number")
+
+
+def _deal_bad_row() -> pl.Expr:
+    problems = _deal_problems()
+    return pl.any_horizontal(
+        *(pl.col(n).is_null() for n in DEAL_COLUMNS),
+        *(bad.fill_null(False) for bad, _ in problems.values()),
+    )
+
+
+def check_deals(frame: pl.DataFrame | pl.LazyFrame) -> bool:
+    """Whether converted deals are all valid (``rules.md``, Deal events).
+
+    Args:
+        frame: Deals as :func:`scan_deals` returns them (extra columns ignored).
+
+    Returns:
+        True when every row can go to the engine.
+    """
+    bad = frame.lazy().select(_deal_bad_row().any()).collect().item()
+    return not bad
+
+
+def first_bad_deal_index(frame: pl.LazyFrame) -> int | None:
+    """The smallest ``_file`` index among bad deal rows, if any.
+
+    Args:
+        frame: Deals with a ``_file`` column (the partitions of a large run).
+
+    Returns:
+        The index of the first file with a bad row, or None.
+    """
+    value = frame.filter(_deal_bad_row()).select(pl.col("_file").min()).collect()
+    item = value.item()
+    return None if item is None else int(item)
+
+
+def diagnose_deal_file(file: TickFile) -> None:
+    """Raise the error for the first bad deal row in a file, if it has one.
+
+    Args:
+        file: The file to inspect.
+
+    Raises:
+        InputFileError: For the first bad row (lowest row, then column order),
+            naming the file, the row and the field.
+    """
+    raw = file.scan_raw()
+    _raise_first_bad_deal(
+        raw, _deal_file_exprs(file, raw), str(file.path), file.position
+    )
+
+
+def raise_first_bad_deal_file(files: Iterable[TickFile]) -> None:
+    """Diagnose deal files in order and raise the first file's first error.
+
+    Raises:
+        InputFileError: For the first bad value found.
+    """
+    for file in files:
+        diagnose_deal_file(file)
+
+
+def scan_deal_frame(deals: object, name: str = "deals") -> pl.LazyFrame:
+    """Convert an in-memory deal table to the engine's deal columns, checked.
+
+    Args:
+        deals: A polars DataFrame or LazyFrame, a pyarrow Table, or anything
+            :class:`polars.DataFrame` accepts.
+        name: What error messages call the table.
+
+    Returns:
+        A lazy frame with the columns of :data:`DEAL_SCHEMA`, every row valid.
+
+    Raises:
+        InputFileError: A column is missing or has the wrong type, or a value is
+            missing or refused; the message names the column and the 1-based row.
+    """
+    raw = _lazy_table(deals, name)
+    try:
+        schema = raw.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise InputFileError(f"{name}: can't read: {_first_line(exc)}") from exc
+    converted = _deal_exprs(name, schema)
+    frame = raw.select(converted)
+    if not check_deals(frame):
+        _raise_first_bad_deal(raw, converted, name, lambda row: f"row {row + 1}")
+    return frame
+
+
+def _lazy_table(table: object, name: str) -> pl.LazyFrame:
+    if isinstance(table, pl.LazyFrame):
+        return table
+    if isinstance(table, pl.DataFrame):
+        return table.lazy()
+    try:
+        return pl.DataFrame(cast(Any, table)).lazy()
+    except (TypeError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise InputFileError(
+            f"{name}: can't read {type(table).__name__} as a table: {_first_line(exc)}"
+        ) from exc
+
+
+def _raise_first_bad_deal(
+    raw: pl.LazyFrame,
+    converted: list[pl.Expr],
+    label: str,
+    position: Callable[[int], str],
+) -> None:
+    try:
+        frame = (
+            raw.select(*(pl.col(n).alias(f"raw_{n}") for n in DEAL_COLUMNS), *converted)
+            .with_row_index("_row")
+            .filter(_deal_bad_row())
+            .head(1)
+            .collect()
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise InputFileError(f"{label}: can't read: {_first_line(exc)}") from exc
+    if frame.height == 0:
+        return
+    problems = _deal_problems()
+    checked = frame.select(
+        pl.col("_row"),
+        *(bad.fill_null(False).alias(f"bad_{n}") for n, (bad, _) in problems.items()),
+    ).row(0, named=True)
+    row = frame.row(0, named=True)
+    for name in DEAL_COLUMNS:
+        where = f"{label}: column {name}, {position(row['_row'])}"
+        raw_value, value = row[f"raw_{name}"], row[name]
+        if raw_value is None:
+            raise InputFileError(f"{where}: missing value")
+        if value is None:
+            raise InputFileError(
+                f"{where}: can't read {str(raw_value)!r} as {_DEAL_EXPECTED[name]}"
+            )
+        if checked.get(f"bad_{name}"):
+            raise InputFileError(f"{where}: {problems[name][1]}, got {value!r}")

@@ -12,11 +12,14 @@ from typing import Any
 import polars as pl
 
 from prop_stream.backtest.files import (
+    RulesConfig,
     TickFile,
     count_rows,
-    parse_rules,
-    read_rules,
+    parse_rules_config,
+    read_rules_config,
     resolve_tick_files,
+    scan_deal_frame,
+    scan_deals,
     scan_tick_frame,
     scan_ticks,
 )
@@ -24,13 +27,10 @@ from prop_stream.backtest.run import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     BacktestTables,
+    DealInput,
     judge,
 )
 from prop_stream.exceptions import InputFileError
-from prop_stream.rules import PhaseSpec
-
-#: The issue that tracks deal rules in the backtest.
-DEALS_ISSUE = 11
 
 
 def backtest(
@@ -41,36 +41,37 @@ def backtest(
     max_rows_in_memory: int = DEFAULT_MAX_ROWS_IN_MEMORY,
     tmp_dir: str | Path | None = None,
 ) -> BacktestTables:
-    """Replay ticks through the rules engine and return the outputs as frames.
+    """Replay ticks and deals through the rules engine, return the outputs as frames.
 
     The same run as ``prop-stream backtest`` (same checks, same tie order, same
-    tables, bit for bit), but nothing is written: the three tables come back as
+    tables, bit for bit), but nothing is written: the four tables come back as
     polars frames.
 
     Args:
         rules: A ``RULES.json`` path, or a dict of the same shape
-            (``{"accounts": [...]}``); in a dict, ``started_at`` may also be a
-            timezone-aware :class:`~datetime.datetime`.
+            (``{"accounts": [...], "hedge_window_seconds": ...}``); in a dict,
+            ``started_at`` may also be a timezone-aware
+            :class:`~datetime.datetime`.
         ticks: A path (Parquet or CSV file, directory or glob, as ``--ticks``), or
             a table with ``account_id, ts, equity, balance``: a polars DataFrame
             or LazyFrame, a pyarrow Table, or anything with
             ``__arrow_c_stream__``. ``ts`` may be a timestamp (naive means UTC),
             epoch milliseconds or ISO 8601 text.
-        deals: Deal events. Deal rules are not implemented yet (issue 11): any
-            value other than None raises :class:`NotImplementedError`. The
-            argument is here so that calls written today keep working then.
+        deals: Deal events, or None: a path (as ``--deals``) or a table with the
+            deal columns (``account_id, ts, deal_id, position_id, symbol, side,
+            volume, price, entry``), of the same kinds as ``ticks``.
         max_rows_in_memory: For path inputs above this many rows, sort through
             temporary partitions (as ``--max-rows-in-memory``). In-memory tables
             are sorted in memory.
         tmp_dir: Where those partitions go (default: the system temp directory).
 
     Returns:
-        ``breaches``, ``accounts`` and ``daily`` (schemas of ``docs/backtest.md``).
+        ``breaches``, ``accounts``, ``daily`` and ``flags`` (schemas of
+        ``docs/backtest.md``).
 
     Raises:
-        InputFileError: The rules or the ticks are invalid; the message names the
-            account and field, or the column and row.
-        NotImplementedError: ``deals`` is not None.
+        InputFileError: The rules, the ticks or the deals are invalid; the
+            message names the account and field, or the column and row.
 
     Examples:
         >>> import polars as pl
@@ -89,14 +90,10 @@ def backtest(
         >>> result.accounts["status"].to_list()
         ['failed']
     """
-    if deals is not None:
-        raise NotImplementedError(
-            f"deals: deal rules are not implemented in the backtest yet "
-            f"(issue {DEALS_ISSUE}); pass deals=None"
-        )
     if max_rows_in_memory < 1:
         raise ValueError("max_rows_in_memory must be positive")
-    specs = _specs(rules)
+    config = _config(rules)
+    specs = config.specs
     files: list[TickFile] = []
     if isinstance(ticks, str | Path):
         files = resolve_tick_files(ticks)
@@ -108,6 +105,9 @@ def backtest(
         total = int(lazy.select(pl.len()).collect().item())
         # The table is in memory already: no partitions.
         max_rows_in_memory = max(max_rows_in_memory, total)
+    deal_input = _deals(deals, config)
+    if not isinstance(deals, str | Path):
+        max_rows_in_memory = max(max_rows_in_memory, total + deal_input.rows)
     if tmp_dir is not None and not Path(tmp_dir).is_dir():
         raise InputFileError(f"tmp_dir {tmp_dir}: not a directory")
     tables, _, _ = judge(
@@ -119,16 +119,39 @@ def backtest(
         chunk_rows=DEFAULT_CHUNK_ROWS,
         tmp_dir=tmp_dir,
         progress=False,
+        deals=deal_input,
     )
     return tables
 
 
-def _specs(rules: str | Path | Mapping[str, Any]) -> list[PhaseSpec]:
+def _deals(deals: Any, config: RulesConfig) -> DealInput:
+    files: list[TickFile] = []
+    if deals is None:
+        lazies: list[pl.LazyFrame] = []
+        rows = 0
+    elif isinstance(deals, str | Path):
+        files = resolve_tick_files(deals, "deal")
+        lazies = [scan_deals(file) for file in files]
+        rows = count_rows(files)
+    else:
+        lazy = scan_deal_frame(deals)
+        lazies = [lazy]
+        rows = int(lazy.select(pl.len()).collect().item())
+    return DealInput(
+        files=files,
+        lazies=lazies,
+        rows=rows,
+        customers=config.customers,
+        hedge_window_seconds=config.hedge_window_seconds,
+    )
+
+
+def _config(rules: str | Path | Mapping[str, Any]) -> RulesConfig:
     if isinstance(rules, str | Path):
-        return read_rules(rules)
+        return read_rules_config(rules)
     if isinstance(rules, Mapping):
         try:
-            return parse_rules(dict(rules))
+            return parse_rules_config(dict(rules))
         except InputFileError as exc:
             raise InputFileError(f"rules: {exc}") from exc
     raise InputFileError(

@@ -2,23 +2,31 @@
 
 The run has two halves, and the first never evaluates a tick:
 
-1. **Check.** Read and validate the rules file, resolve the tick files, check
-   each file's columns and types, check that ``--out`` can be written, count the
-   rows, read (and sort) the ticks and refuse any null, unparseable or non-finite
-   value. Any problem raises :class:`~prop_stream.exceptions.InputFileError` and
-   nothing is written.
-2. **Evaluate.** Feed the sorted ticks to one :class:`~prop_stream.rules.RuleEngine`
-   in chunks, keep the last row per key of the engine's upserts, and write
-   ``breaches``, ``accounts`` and ``daily`` as Parquet and CSV.
+1. **Check.** Read and validate the rules file, resolve the tick (and deal) files,
+   check each file's columns and types, check that ``--out`` can be written, count
+   the rows, read (and sort) the ticks and deals and refuse any null, unparseable,
+   non-finite or out-of-range value. Any problem raises
+   :class:`~prop_stream.exceptions.InputFileError` and nothing is written.
+2. **Evaluate.** Feed the sorted events to one :class:`~prop_stream.rules.RuleEngine`
+   in chunks, keep the last row per key of the engine's upserts, join the hedge
+   flags (:mod:`prop_stream.backtest.flags`), and write ``breaches``,
+   ``accounts``, ``daily`` and ``flags`` as Parquet and CSV.
+
+Ticks and deals of one account are one stream: the engine sees them in the
+stable order of (``account_id``, ``ts``), a deal before a tick at an equal ``ts``
+(``rules.md``, Deal events); each call gets its ticks and its deals with each
+deal's ``before_tick``, the tick row it was delivered before.
 
 Memory: the engine's state is bounded by the number of accounts; the ticks are
 not, and they must be sorted by (``account_id``, ``ts``) before the engine sees
-them. Up to ``max_rows_in_memory`` rows are sorted in memory (about 32 bytes a
-row, plus the sort's working copy). Above that the ticks are hash-partitioned by
-``account_id`` into temporary Parquet files by polars' streaming engine, and each
-partition is then sorted and evaluated on its own: an account's ticks all land in
-one partition, and accounts are independent, so the result is the same. The bound
-is then the largest partition, so one account's ticks must fit in memory.
+them. Up to ``max_rows_in_memory`` rows (ticks plus deals) are sorted in memory
+(about 32 bytes a tick row, plus the sort's working copy). Above that the ticks
+and the deals are hash-partitioned by ``account_id`` into temporary Parquet files
+by polars' streaming engine, and each partition is then sorted and evaluated on
+its own: an account's events all land in one partition, and accounts are
+independent (hedge flags are joined afterwards, across partitions), so the
+result is the same. The bound is then the largest partition, so one account's
+events must fit in memory.
 """
 
 from __future__ import annotations
@@ -34,19 +42,29 @@ from pathlib import Path
 from typing import Final
 
 import polars as pl
+import pyarrow as pa
 from tqdm import tqdm
 
 from prop_stream.backtest.files import (
+    DEAL_COLUMNS,
+    DEAL_SCHEMA,
+    DEFAULT_HEDGE_WINDOW_SECONDS,
     TICK_COLUMNS,
     TickFile,
+    check_deals,
     check_ticks,
     count_rows,
+    diagnose_deal_file,
     diagnose_tick_file,
+    first_bad_deal_index,
+    raise_first_bad_deal_file,
     raise_first_bad_file,
-    read_rules,
+    read_rules_config,
     resolve_tick_files,
+    scan_deals,
     scan_ticks,
 )
+from prop_stream.backtest.flags import DEAL_OPENS_COLUMNS, hedge_flags
 from prop_stream.exceptions import InputFileError, RuleConfigError
 from prop_stream.rules import (
     BREACH_KEY,
@@ -93,6 +111,12 @@ ACCOUNTS_SCHEMA: Final = pl.Schema(
         "trading_days": pl.Int64(),
         "ticks": pl.Int64(),
         "late_ticks": pl.Int64(),
+        "deals": pl.Int64(),
+        "late_deals": pl.Int64(),
+        "duplicate_deals": pl.Int64(),
+        "unmatched_deals": pl.Int64(),
+        "open_lots": pl.Float64(),
+        "open_positions": pl.Int64(),
     }
 )
 DAILY_SCHEMA: Final = pl.Schema(
@@ -105,28 +129,45 @@ DAILY_SCHEMA: Final = pl.Schema(
         "close_equity": pl.Float64(),
     }
 )
-OUTPUT_TABLES: Final = ("breaches", "accounts", "daily")
+OUTPUT_TABLES: Final = ("breaches", "accounts", "daily", "flags")
 #: The file ``--report`` writes in the output directory.
 REPORT_FILE: Final = "report.html"
 
 _CSV_TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.6fZ"
+#: The deal batch the engine takes: the deal columns and ``before_tick``.
+_DEAL_ARROW: Final = pa.schema(
+    [
+        ("account_id", pa.int64()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("deal_id", pa.int64()),
+        ("position_id", pa.int64()),
+        ("symbol", pa.string()),
+        ("side", pa.string()),
+        ("volume", pa.float64()),
+        ("price", pa.float64()),
+        ("entry", pa.string()),
+        ("before_tick", pa.int64()),
+    ]
+)
 # Columns only set once an account has evaluated a tick.
 _STATE_COLUMNS: Final = ("equity", "balance", "daily_start_equity")
 
 
 @dataclass(frozen=True, slots=True)
 class BacktestTables:
-    """The three outputs of a backtest as polars frames.
+    """The outputs of a backtest as polars frames.
 
     Attributes:
         breaches: One row per breach (:data:`BREACHES_SCHEMA`).
         accounts: One row per phase of the rules (:data:`ACCOUNTS_SCHEMA`).
         daily: One row per account and local day (:data:`DAILY_SCHEMA`).
+        flags: One row per hedge pair (:data:`FLAGS_SCHEMA`); empty without deals.
     """
 
     breaches: pl.DataFrame
     accounts: pl.DataFrame
     daily: pl.DataFrame
+    flags: pl.DataFrame
 
     def as_dict(self) -> dict[str, pl.DataFrame]:
         """The tables by name, in :data:`OUTPUT_TABLES` order."""
@@ -134,6 +175,7 @@ class BacktestTables:
             "breaches": self.breaches,
             "accounts": self.accounts,
             "daily": self.daily,
+            "flags": self.flags,
         }
 
 
@@ -148,6 +190,9 @@ class BacktestResult:
         late: Ticks skipped as late or before their phase's start.
         unknown: Ticks for accounts not in the rules file.
         inactive: Ticks after their phase had passed or failed.
+        deal_rows: Deal rows read.
+        deals: Deals processed by a phase.
+        flags: Rows in the ``flags`` output.
         breaches: Rows in the ``breaches`` output.
         passed: Phases that passed.
         failed: Phases that failed.
@@ -162,6 +207,9 @@ class BacktestResult:
     late: int
     unknown: int
     inactive: int
+    deal_rows: int
+    deals: int
+    flags: int
     breaches: int
     passed: int
     failed: int
@@ -180,15 +228,16 @@ def run_backtest(
     tmp_dir: str | Path | None = None,
     progress: bool = False,
     report: bool = False,
+    deals: str | Path | None = None,
 ) -> BacktestResult:
-    """Replay tick files through the rules engine and write the results.
+    """Replay tick (and deal) files through the rules engine and write the results.
 
     Args:
         rules: The ``RULES.json`` file.
         ticks: A Parquet or CSV file, a directory or a glob of them.
-        out_dir: Receives ``breaches``, ``accounts`` and ``daily`` as ``.parquet``
-            and ``.csv``; created if missing, existing files of those names are
-            replaced.
+        out_dir: Receives ``breaches``, ``accounts``, ``daily`` and ``flags`` as
+            ``.parquet`` and ``.csv``; created if missing, existing files of those
+            names are replaced.
         max_rows_in_memory: Above this many tick rows, sort through temporary
             partitions on disk instead of in memory.
         chunk_rows: Rows per engine call.
@@ -196,6 +245,8 @@ def run_backtest(
             directory, ``TMPDIR``).
         progress: Show a progress bar on stderr.
         report: Also write ``report.html`` (:mod:`prop_stream.backtest.report`).
+        deals: Deal files (``--deals``): a Parquet or CSV file, a directory or a
+            glob, with the deal columns of ``rules.md``.
 
     Returns:
         Counts and timings of the run.
@@ -206,9 +257,18 @@ def run_backtest(
     if max_rows_in_memory < 1 or chunk_rows < 1:
         raise ValueError("max_rows_in_memory and chunk_rows must be positive")
     started = time.perf_counter()
-    specs = read_rules(rules)
+    config = read_rules_config(rules)
+    specs = config.specs
     files = resolve_tick_files(ticks)
     lazies = [scan_ticks(file) for file in files]
+    deal_files = [] if deals is None else resolve_tick_files(deals, "deal")
+    deal_input = DealInput(
+        files=deal_files,
+        lazies=[scan_deals(file) for file in deal_files],
+        rows=count_rows(deal_files),
+        customers=config.customers,
+        hedge_window_seconds=config.hedge_window_seconds,
+    )
     out = _check_out_dir(Path(out_dir))
     if tmp_dir is not None and not Path(tmp_dir).is_dir():
         raise InputFileError(f"--tmp-dir {tmp_dir}: not a directory")
@@ -222,6 +282,7 @@ def run_backtest(
         chunk_rows=chunk_rows,
         tmp_dir=tmp_dir,
         progress=progress,
+        deals=deal_input,
     )
     outputs = write_outputs(out, tables.as_dict())
     if report:
@@ -246,6 +307,9 @@ def run_backtest(
         late=upserts.late,
         unknown=upserts.unknown,
         inactive=upserts.inactive,
+        deal_rows=deal_input.rows,
+        deals=upserts.deals,
+        flags=tables.flags.height,
         breaches=tables.breaches.height,
         passed=int((status == "passed").sum()),
         failed=int((status == "failed").sum()),
@@ -253,6 +317,27 @@ def run_backtest(
         seconds=time.perf_counter() - started,
         outputs=outputs,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DealInput:
+    """The deals of a run and what the hedge join needs.
+
+    Attributes:
+        files: The deal files behind ``lazies`` (empty for an in-memory table),
+            used only to name a bad value in an error.
+        lazies: The deals as :func:`~prop_stream.backtest.files.scan_deals`
+            returns them, in input order.
+        rows: Rows in ``lazies``.
+        customers: ``customer_id`` per account (the rules file's).
+        hedge_window_seconds: The window of hedge flags; None turns them off.
+    """
+
+    files: Sequence[TickFile] = ()
+    lazies: Sequence[pl.LazyFrame] = ()
+    rows: int = 0
+    customers: Mapping[int, str] | None = None
+    hedge_window_seconds: float | None = DEFAULT_HEDGE_WINDOW_SECONDS
 
 
 def judge(
@@ -265,8 +350,9 @@ def judge(
     chunk_rows: int,
     tmp_dir: str | Path | None,
     progress: bool,
+    deals: DealInput | None = None,
 ) -> tuple[BacktestTables, _Upserts, int]:
-    """Judge the ticks and build the three output tables, writing nothing.
+    """Judge the ticks and deals and build the output tables, writing nothing.
 
     Args:
         specs: The phases, one per account.
@@ -280,15 +366,19 @@ def judge(
         chunk_rows: Rows per engine call.
         tmp_dir: Where the temporary partitions go.
         progress: Show a progress bar on stderr.
+        deals: The deals of the run, if any.
 
     Returns:
         The tables, the engine's counts and the number of partitions used.
 
     Raises:
-        InputFileError: A phase is refused by the engine or a tick value is bad.
+        InputFileError: A phase is refused by the engine or a tick or deal value
+            is bad.
     """
+    deals = deals if deals is not None else DealInput()
     engine = _engine(specs)
     upserts = _Upserts()
+    events = total + deals.rows
     bar = tqdm(
         total=total,
         unit="tick",
@@ -299,32 +389,44 @@ def judge(
         leave=False,
     )
     with bar:
-        if total <= max_rows_in_memory:
+        if events <= max_rows_in_memory:
             partitions = 0
             bar.set_description("sorting")
             frame = _read_sorted(files, lazies)
+            deal_frame = _read_sorted_deals(deals.files, deals.lazies)
             bar.set_description("backtest")
-            _evaluate(engine, frame, chunk_rows, upserts, bar)
-            del frame
+            _evaluate(engine, frame, deal_frame, chunk_rows, upserts, bar)
+            del frame, deal_frame
         else:
             partitions = min(
-                _MAX_PARTITIONS, max(2, math.ceil(2 * total / max_rows_in_memory))
+                _MAX_PARTITIONS, max(2, math.ceil(2 * events / max_rows_in_memory))
             )
             with tempfile.TemporaryDirectory(
                 prefix="prop-stream-backtest-", dir=tmp_dir
             ) as tmp:
                 bar.set_description("partitioning")
-                parts = _partition(files, lazies, Path(tmp), partitions)
+                parts = _partition(files, lazies, Path(tmp) / "ticks", partitions)
+                deal_parts = _partition_deals(
+                    deals.files, deals.lazies, Path(tmp) / "deals", partitions
+                )
                 bar.set_description("backtest")
                 for part in range(partitions):
                     frame = _read_partition(parts, part)
-                    _evaluate(engine, frame, chunk_rows, upserts, bar)
-                    del frame
+                    deal_frame = _read_deal_partition(deal_parts, part)
+                    _evaluate(engine, frame, deal_frame, chunk_rows, upserts, bar)
+                    del frame, deal_frame
 
+    try:
+        flags = hedge_flags(
+            upserts.deal_opens(), deals.customers or {}, deals.hedge_window_seconds
+        )
+    except ValueError as exc:
+        raise InputFileError(str(exc)) from exc
     tables = BacktestTables(
         breaches=_breaches_table(upserts.breaches()),
         accounts=_accounts_table(engine.phases()),
         daily=_daily_table(upserts.daily()),
+        flags=flags,
     )
     return tables, upserts, partitions
 
@@ -369,6 +471,74 @@ def _read_sorted(
         raise_first_bad_file(files)
         raise InputFileError("ticks contain nulls or non-finite values")
     return frame
+
+
+def _read_sorted_deals(
+    files: Sequence[TickFile], lazies: Sequence[pl.LazyFrame]
+) -> pl.DataFrame:
+    # Stable, like the ticks: deals of one account at one ts keep file order.
+    if not lazies:
+        return pl.DataFrame(schema=DEAL_SCHEMA)
+    query = pl.concat(lazies, how="vertical").sort(
+        ["account_id", "ts"], maintain_order=True
+    )
+    try:
+        frame = query.collect(engine="in-memory")
+    except pl.exceptions.PolarsError as exc:
+        raise_first_bad_deal_file(files)
+        raise InputFileError(f"can't read deals: {exc}") from exc
+    if not check_deals(frame):
+        raise_first_bad_deal_file(files)
+        raise InputFileError("deals contain missing or invalid values")
+    return frame
+
+
+def _partition_deals(
+    files: Sequence[TickFile],
+    lazies: Sequence[pl.LazyFrame],
+    tmp: Path,
+    partitions: int,
+) -> list[Path]:
+    if not lazies:
+        return []
+    # The same hash as the ticks': an account's deals land in its ticks' partition.
+    query = pl.concat(
+        [
+            lazy.with_row_index("_row").with_columns(
+                _file=pl.lit(file.index, dtype=pl.UInt32)
+            )
+            for file, lazy in zip(files, lazies, strict=True)
+        ],
+        how="vertical",
+    ).with_columns(
+        _part=(pl.col("account_id").hash(seed=0) % partitions).cast(pl.UInt32)
+    )
+    try:
+        query.sink_parquet(
+            pl.PartitionBy(tmp, key="_part", include_key=True), mkdir=True
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise_first_bad_deal_file(files)
+        raise InputFileError(f"can't read deals: {exc}") from exc
+    parts = sorted(tmp.rglob("*.parquet"))
+    if parts:
+        first = first_bad_deal_index(pl.scan_parquet(parts))
+        if first is not None:
+            diagnose_deal_file(files[first])
+            raise InputFileError("deals contain missing or invalid values")
+    return parts
+
+
+def _read_deal_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
+    if not parts:
+        return pl.DataFrame(schema=DEAL_SCHEMA)
+    return (
+        pl.scan_parquet(list(parts), hive_partitioning=False)
+        .filter(pl.col("_part") == part)
+        .sort(["account_id", "ts", "_file", "_row"])
+        .select(DEAL_COLUMNS)
+        .collect(engine="in-memory")
+    )
 
 
 def _partition(
@@ -430,14 +600,59 @@ def _read_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
 def _evaluate(
     engine: RuleEngine,
     frame: pl.DataFrame,
+    deals: pl.DataFrame,
     chunk_rows: int,
     upserts: _Upserts,
     bar: tqdm,
 ) -> None:
-    for offset in range(0, frame.height, chunk_rows):
+    """Feed sorted ticks, and the deals merged into them, in chunks of ticks."""
+    if deals.height == 0:
+        for offset in range(0, frame.height, chunk_rows):
+            chunk = frame.slice(offset, chunk_rows)
+            upserts.add(engine.process(chunk))
+            bar.update(chunk.height)
+        return
+    deals = deals.with_columns(_at=_deal_positions(frame, deals))
+    offsets = list(range(0, frame.height, chunk_rows)) or [0]
+    for number, offset in enumerate(offsets):
         chunk = frame.slice(offset, chunk_rows)
-        upserts.add(engine.process(chunk))
+        last = number == len(offsets) - 1
+        # The deals delivered before a tick of this chunk, and after the last
+        # chunk the deals after every tick.
+        in_chunk = pl.col("_at") >= offset
+        if not last:
+            in_chunk &= pl.col("_at") < offset + chunk.height
+        batch = deals.filter(in_chunk).with_columns(
+            before_tick=pl.col("_at") - offset
+        )
+        upserts.add(engine.process(chunk, _deal_table(batch)))
         bar.update(chunk.height)
+
+
+def _deal_positions(ticks: pl.DataFrame, deals: pl.DataFrame) -> pl.Series:
+    """Per deal, the index of the first sorted tick it comes before.
+
+    Both frames are sorted by (``account_id``, ``ts``), stably. In the merged
+    order a deal precedes every tick of its account at its ``ts`` or later, so
+    its position is the number of ticks whose (``account_id``, ``ts``) is
+    smaller: one stable sort of the keys, deals first at equal keys.
+    """
+    keys = pl.concat(
+        [
+            deals.select("account_id", "ts", _tick=pl.lit(0, dtype=pl.Int64)),
+            ticks.select("account_id", "ts", _tick=pl.lit(1, dtype=pl.Int64)),
+        ],
+        how="vertical",
+    ).with_row_index("_i")
+    merged = keys.sort(["account_id", "ts", "_tick"], maintain_order=True)
+    before = merged.with_columns(_at=pl.col("_tick").cum_sum() - pl.col("_tick"))
+    # Back to the deals' own order (their row indices come first in ``keys``).
+    return before.filter(pl.col("_tick") == 0).sort("_i")["_at"]
+
+
+def _deal_table(deals: pl.DataFrame) -> pa.Table:
+    table = deals.select(_DEAL_ARROW.names).to_arrow()
+    return table.cast(_DEAL_ARROW)
 
 
 class _Upserts:
@@ -449,8 +664,10 @@ class _Upserts:
 
     def __init__(self) -> None:
         self.evaluated = self.late = self.unknown = self.inactive = 0
+        self.deals = 0
         self._breaches: list[pl.DataFrame] = []
         self._daily: list[pl.DataFrame] = []
+        self._opens: list[pl.DataFrame] = []
 
     def add(self, evaluation: Evaluation) -> None:
         counts = evaluation.counts
@@ -458,8 +675,21 @@ class _Upserts:
         self.late += counts.late
         self.unknown += counts.unknown
         self.inactive += counts.inactive
+        self.deals += evaluation.deal_counts.processed
         self._push(self._breaches, evaluation.breaches, BREACH_KEY)
         self._push(self._daily, evaluation.daily, DAILY_KEY)
+        if evaluation.deal_opens.num_rows:
+            opens = pl.from_arrow(evaluation.deal_opens.select(DEAL_OPENS_COLUMNS))
+            assert isinstance(opens, pl.DataFrame)  # noqa: S101 - from a Table
+            self._opens.append(opens)
+
+    def deal_opens(self) -> pl.DataFrame:
+        """Every processed ``in`` deal of the run (each deal once)."""
+        if not self._opens:
+            return pl.DataFrame(
+                schema={name: DEAL_SCHEMA[name] for name in DEAL_OPENS_COLUMNS}
+            )
+        return pl.concat(self._opens, how="vertical_relaxed")
 
     def breaches(self) -> pl.DataFrame | None:
         return _last_per_key(self._breaches, BREACH_KEY)

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import polars as pl
 
 from prop_stream.evaluator.sources import EMPTY_TICKS, TickSource
-from prop_stream.rules import TICK_SCHEMA, PhaseSpec
+from prop_stream.rules import DEAL_SCHEMA, TICK_SCHEMA, PhaseSpec
 from prop_stream.store.progress import Position
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class DemoConfig:
         realtime: Hand a batch out only once the wall clock has passed its end.
         epoch: Start of the demo clock (default: the wall clock at first start).
         cycle_s: Mean length of a trade cycle in demo seconds.
+        deals: Produce deals besides the ticks.
+        hedge_every_s: Demo seconds between two hedge slots.
     """
 
     seed: int = 7
@@ -73,6 +75,8 @@ class DemoConfig:
     realtime: bool = True
     epoch: datetime | None = None
     cycle_s: float = 180.0
+    deals: bool = True
+    hedge_every_s: float = 600.0
 
 
 def _mix(x: U64Array) -> U64Array:
@@ -176,6 +180,7 @@ class DemoSource(TickSource):
         self._epoch_us: int | None = None
         self._tick_us: int | None = None
         self._span_us = self._config.batch_ms * 1000
+        self._last_deals: pl.DataFrame | None = None
 
     @property
     def config(self) -> DemoConfig:
@@ -254,6 +259,7 @@ class DemoSource(TickSource):
         A demo batch is never split: ``max_records`` is not applied.
         """
         with self._lock:
+            self._last_deals = None
             self._start()
             assert self._epoch_us is not None  # noqa: S101 - set by _start
             due = (self._epoch_us + (self._batch + 1) * self._span_us) / 1e6
@@ -264,9 +270,31 @@ class DemoSource(TickSource):
                 if self._clock() < due:
                     return EMPTY_TICKS, self.position()
         with self._lock:
-            ticks = self._generate(self._batch, self._table())
+            table = self._table()
+            ticks = self._generate(self._batch, table)
+            if self._config.deals:
+                deals = self._generate_deals(self._batch, table)
+                if deals.height:
+                    self._last_deals = _with_before_tick(deals, ticks)
             self._batch += 1
             return ticks, self._position()
+
+    def deals(self) -> pl.DataFrame | None:
+        """The deals of the batch :meth:`poll` just returned; None when none."""
+        with self._lock:
+            return self._last_deals
+
+    def deal_rows(self, batches: Iterable[int]) -> pl.DataFrame:
+        """The deals of some batches for the accounts tracked now, in order.
+
+        The deal counterpart of :meth:`ticks` (without ``before_tick``): what
+        :meth:`poll` hands out, for a backtest's ``--deals``.
+        """
+        with self._lock:
+            self._start()
+            table = self._table()
+            frames = [self._generate_deals(n, table) for n in batches]
+        return pl.concat([_EMPTY_DEALS, *frames], how="vertical")
 
     def ticks(self, batches: Iterable[int]) -> pl.DataFrame:
         """The ticks of some batches for the accounts tracked now, in order.
@@ -280,18 +308,29 @@ class DemoSource(TickSource):
             frames = [self._generate(n, table) for n in batches]
         return pl.concat([EMPTY_TICKS, *frames], how="vertical")
 
-    def dump(self, path: str | Path, batches: Iterable[int]) -> Path:
+    def dump(
+        self,
+        path: str | Path,
+        batches: Iterable[int],
+        *,
+        deals: str | Path | None = None,
+    ) -> Path:
         """Write :meth:`ticks` to a Parquet file (a backtest's ``--ticks``).
 
         Args:
             path: The file to write.
             batches: The batches to include.
+            deals: Also write :meth:`deal_rows` of the same batches there (a
+                backtest's ``--deals``).
 
         Returns:
             The path written.
         """
         path = Path(path)
-        self.ticks(batches).write_parquet(path)
+        chosen = list(batches)
+        self.ticks(chosen).write_parquet(path)
+        if deals is not None:
+            self.deal_rows(chosen).write_parquet(Path(deals))
         return path
 
     def close(self) -> None:
@@ -355,6 +394,174 @@ class DemoSource(TickSource):
                 "balance": np.where(open_, begin, finish)[order],
             }
         )
+
+    def _generate_deals(self, batch: int, table: _Table) -> pl.DataFrame:
+        """Every deal of batch ``batch``, sorted by (ts, account, deal_id)."""
+        assert self._epoch_us is not None  # noqa: S101 - set by _start
+        if not table.accounts:
+            return _EMPTY_DEALS
+        lo = self._epoch_us + batch * self._span_us
+        return _deals_between(
+            table,
+            self._config.seed,
+            self._epoch_us,
+            round(self._config.hedge_every_s * 1e6),
+            lo,
+            lo + self._span_us,
+        )
+
+
+#: The deal columns (``interfaces.md`` section 5) as polars types.
+_DEAL_SCHEMA: Final[dict[str, pl.DataType]] = dict(
+    pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
+)
+_EMPTY_DEALS: Final = pl.DataFrame(schema=_DEAL_SCHEMA)
+_SYMBOLS: Final = ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "US30")
+_PRICES: Final = np.array([1.0850, 1.2650, 148.20, 2030.0, 37500.0])
+_HEDGE_SYMBOL: Final = 3  # XAUUSD
+#: Deal and position ids of each kind of position start at these.
+_MAIN, _SCALP, _SWING, _HEDGE = 0, 1_000_000_000, 2_000_000_000, 3_000_000_000
+_SWING_HOLD_US: Final = 3 * 86_400_000_000
+_HEDGE_HOLD_US: Final = 120_000_000
+_HEDGE_JITTER_US: Final = 20_000_000
+_SCALP_HOLD_US: Final = 20_000_000
+_KIND_SALT: Final = {"main": 11, "scalp": 12, "swing": 13, "hedge": 14}
+
+
+def _deals_between(
+    table: _Table, seed: int, epoch: int, hedge_us: int, lo: int, hi: int
+) -> pl.DataFrame:
+    """The deals with ``lo <= ts < hi`` of every position kind (module docs)."""
+    base = np.maximum(epoch, table.started_us)
+    cycle, open_us = table.cycle_us, table.open_us
+    flat = cycle - open_us
+    scalp_at = open_us + flat // 4
+    scalp_hold = np.minimum(_SCALP_HOLD_US, flat // 2)
+    zero = np.zeros_like(cycle)
+    parts: list[dict[str, npt.NDArray[np.generic]]] = []
+    # (kind, first id, the event's offset in its cycle, entry, chance of a cycle)
+    plans = (
+        ("main", _MAIN, zero, "in", 1.0),
+        ("main", _MAIN, open_us, "out", 1.0),
+        ("scalp", _SCALP, scalp_at, "in", 1 / 12),
+        ("scalp", _SCALP, scalp_at + scalp_hold, "out", 1 / 12),
+        ("swing", _SWING, cycle // 2, "in", 1 / 100),
+        ("swing", _SWING, cycle // 2 + _SWING_HOLD_US, "out", 1 / 100),
+    )
+    for kind, first_id, offset, entry, chance in plans:
+        parts.append(
+            _slot_events(
+                table, seed, kind, first_id, base, cycle, offset, entry, chance, lo, hi
+            )
+        )
+    if hedge_us > 0:
+        period = np.full_like(cycle, hedge_us)
+        hedge_base = np.full_like(cycle, epoch)
+        jitter = (_mix(table.key ^ _U64(0x4EDCE)) % _U64(_HEDGE_JITTER_US)).astype(
+            np.int64
+        )
+        for offset, entry in ((jitter, "in"), (jitter + _HEDGE_HOLD_US, "out")):
+            parts.append(
+                _slot_events(
+                    table,
+                    seed,
+                    "hedge",
+                    _HEDGE,
+                    hedge_base,
+                    period,
+                    offset,
+                    entry,
+                    0.5,
+                    lo,
+                    hi,
+                )
+            )
+    frames = [pl.DataFrame(p) for p in parts if len(p["account_id"])]
+    if not frames:
+        return _EMPTY_DEALS
+    frame = pl.concat(frames)
+    return frame.sort("ts", "account_id", "deal_id").select(
+        pl.col(name).cast(dtype) for name, dtype in _DEAL_SCHEMA.items()
+    )
+
+
+def _slot_events(
+    table: _Table,
+    seed: int,
+    kind: str,
+    first_id: int,
+    base: I64Array,
+    period: I64Array,
+    offset: I64Array,
+    entry: str,
+    chance: float,
+    lo: int,
+    hi: int,
+) -> dict[str, npt.NDArray[np.generic]]:
+    """The ``entry`` deals at ``base + j·period + offset`` in ``[lo, hi)``.
+
+    Slot ``j`` (j ≥ 0) of an account holds a position of ``kind`` when its hash
+    is below ``chance``; its open must be at or after the phase start. Every
+    property of the position (side, symbol, lots, price) is a hash of the seed,
+    the account, the kind and ``j``, so its ``in`` and ``out`` deals agree.
+    """
+    first = -((base + offset - lo) // period)  # ceil((lo - base - offset) / period)
+    end = -((base + offset - hi) // period)
+    first = np.maximum(first, 0)
+    counts = np.maximum(end - first, 0)
+    total = int(counts.sum())
+    empty: dict[str, npt.NDArray[np.generic]] = {"account_id": np.zeros(0, np.int64)}
+    if not total:
+        return empty
+    which = np.repeat(np.arange(len(table.accounts)), counts)
+    starts = np.cumsum(counts) - counts
+    j = first[which] + np.arange(total) - starts[which]
+    salt = _U64(int(_key(seed, _KIND_SALT[kind])[0]))
+    h = _mix(table.key[which] ^ salt ^ _mix(j.astype(np.uint64)))
+    keep = _unit(h) <= chance
+    ts = base[which] + j * period[which] + offset[which]
+    which, j, h, ts = which[keep], j[keep], h[keep], ts[keep]
+    if kind == "hedge":
+        # A hedge slot before the phase start opens nothing (nor closes).
+        open_ts = ts - (_HEDGE_HOLD_US if entry == "out" else 0)
+        alive = open_ts >= table.started_us[which]
+        which, j, h, ts = which[alive], j[alive], h[alive], ts[alive]
+    if not len(ts):
+        return empty
+    h2 = _mix(h ^ _U64(0x51DE))
+    h3 = _mix(h ^ _U64(0x7075))
+    symbol_ix = (
+        np.full(len(ts), _HEDGE_SYMBOL)
+        if kind == "hedge"
+        else (h2 % _U64(len(_SYMBOLS))).astype(np.int64)
+    )
+    lots = (
+        np.round(0.1 + _unit(h3) * 2.9, 2) if kind != "hedge" else np.full(len(ts), 0.5)
+    )
+    price_move = 1.0 + (_unit(_mix(h ^ ts.astype(np.uint64))) - 0.5) * 0.002
+    side = np.where(_unit(_mix(h ^ _U64(0x51D3))) < 0.5, "buy", "sell")
+    position = first_id + j + 1
+    return {
+        "account_id": table.account_id[which],
+        "ts": ts,
+        "deal_id": first_id * 2 + 2 * j + (1 if entry == "in" else 2),
+        "position_id": position,
+        "symbol": np.array(_SYMBOLS, dtype=object)[symbol_ix],
+        "side": side,
+        "volume": lots,
+        "price": np.round(_PRICES[symbol_ix] * price_move, 5),
+        "entry": np.full(len(ts), entry),
+    }
+
+
+def _with_before_tick(deals: pl.DataFrame, ticks: pl.DataFrame) -> pl.DataFrame:
+    """``before_tick``: a deal comes before the batch's ticks at its ``ts`` or later.
+
+    The batch's ticks are sorted by ``ts``; per account this is the backtest's
+    order (``ts``, a deal before a tick at an equal ``ts``).
+    """
+    before = ticks["ts"].search_sorted(deals["ts"], side="left")
+    return deals.with_columns(before.cast(pl.Int64).alias("before_tick"))
 
 
 class _Table:

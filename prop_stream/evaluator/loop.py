@@ -1,8 +1,9 @@
 """The evaluator loop: ticks in, rules judged, results committed.
 
-Each batch: poll the source → ``RuleEngine.process`` → one sink flush (outputs,
-phase transitions and the source position in one transaction) → the in-memory
-latest metrics. Every ``checkpoint_every`` batches, and at start and at a graceful
+Each batch: poll the source (its ticks and deals) → ``RuleEngine.process`` →
+one sink flush (outputs, phase transitions, the deals opened and their hedge
+flags, and the source position in one transaction) → the in-memory latest
+metrics. Every ``checkpoint_every`` batches, and at start and at a graceful
 stop, the flush also carries an engine checkpoint (its snapshot and the position
 after the batch).
 
@@ -32,8 +33,9 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
@@ -55,6 +57,7 @@ from prop_stream.store.progress import (
     latest_checkpoint,
     load_position,
 )
+from prop_stream.telemetry import DEAL_SKIP_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,11 @@ class LoopStats:
     Attributes:
         batches: Batches committed (empty polls are not batches).
         ticks: Ticks polled.
+        deals: Deals polled.
+        deals_judged: Deals the engine processed (``unmatched`` ones included).
+        deals_unmatched: Processed ``out`` deals of a position that was not open.
+        deals_skipped: Deals counted and skipped by the engine, by reason
+            (:data:`DEAL_SKIP_REASONS`).
         evaluated: Ticks judged.
         late: Late ticks skipped.
         unknown: Ticks for accounts without a registered phase.
@@ -83,6 +91,10 @@ class LoopStats:
 
     batches: int = 0
     ticks: int = 0
+    deals: int = 0
+    deals_judged: int = 0
+    deals_unmatched: int = 0
+    deals_skipped: Counter[str] = field(default_factory=Counter)
     evaluated: int = 0
     late: int = 0
     unknown: int = 0
@@ -305,12 +317,16 @@ class EvaluatorLoop:
         archived_to = self._archived_to
         before = self._source.position() if archived_to is not None else None
         ticks, position = self._source.poll(self._max_records, self._timeout)
+        deals = self._source.deals()
+        if deals is not None and not deals.height:
+            deals = None
         began = time.perf_counter()
         # Phases registered while the poll waited may own ticks in this batch.
         self._apply_ops()
-        if not ticks.height:
+        if not ticks.height and deals is None:
             return False
-        evaluation = self._engine.process(ticks)
+        # One call judges the batch's ticks and deals in delivery order.
+        evaluation = self._engine.process(ticks, deals)
         archive = None
         if self._archive:
             archive = ticks
@@ -327,7 +343,12 @@ class EvaluatorLoop:
         self._sink.flush(checkpoint=checkpoint)
         if archived_to is not None and reached(position, archived_to):
             self._archived_to = None  # the replay is over
-        self._committed(evaluation, ticks.height, checkpoint is not None)
+        self._committed(
+            evaluation,
+            ticks.height,
+            0 if deals is None else deals.height,
+            checkpoint is not None,
+        )
         if self._on_batch is not None:
             self._on_batch(evaluation, time.perf_counter() - began)
         return True
@@ -356,11 +377,19 @@ class EvaluatorLoop:
             created_at=datetime.now(UTC),
         )
 
-    def _committed(self, evaluation: Evaluation, ticks: int, checkpoint: bool) -> None:
+    def _committed(
+        self, evaluation: Evaluation, ticks: int, deals: int, checkpoint: bool
+    ) -> None:
         stats = self.stats
         counts = evaluation.counts
         stats.batches += 1
         stats.ticks += ticks
+        stats.deals += deals
+        deal_counts = evaluation.deal_counts
+        stats.deals_judged += deal_counts.processed
+        stats.deals_unmatched += deal_counts.unmatched
+        for reason in DEAL_SKIP_REASONS:
+            stats.deals_skipped[reason] += getattr(deal_counts, reason)
         stats.evaluated += counts.evaluated
         stats.late += counts.late
         stats.unknown += counts.unknown

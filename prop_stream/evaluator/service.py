@@ -125,6 +125,7 @@ def build_loop(
             cursor(conn),
             source=source.name,
             checkpoints_kept=settings.checkpoints_kept,
+            hedge_window_seconds=settings.hedge_window_seconds,
         ),
         max_batch_records=settings.max_batch_records,
         poll_timeout_s=settings.poll_timeout_s,

@@ -55,6 +55,20 @@ class TickSource(ABC):
     def position(self) -> Position:
         """The position of the next tick :meth:`poll` would return."""
 
+    def deals(self) -> pl.DataFrame | None:
+        """The deals of the batch :meth:`poll` just returned; None when none.
+
+        Deals are the second event kind of an account's stream (``rules.md``,
+        "Deal rules"); they go to the engine with the batch's ticks. Sources
+        without deals keep this default.
+
+        Returns:
+            The deal columns (``interfaces.md`` section 5) plus ``before_tick``
+            (Int64): the deal was delivered before that row of the batch's
+            ticks (non-decreasing; equal values keep the frame's order).
+        """
+        return None
+
     def unseen(
         self, ticks: pl.DataFrame, *, before: Position, committed: Position
     ) -> pl.DataFrame:

@@ -1,4 +1,12 @@
-"""Decode Kafka tick messages in bulk, and say exactly why a bad one is bad.
+"""Decode Kafka tick and deal messages in bulk, and say exactly why a bad one is bad.
+
+Ticks and deals share the topic (``interfaces.md`` section 5): a value whose
+``type`` is ``"deal"`` is a deal (``account_id``, ``ts``, ``deal_id``,
+``position_id``, ``symbol``, ``side``, ``volume``, ``price``, ``entry``); no
+``type`` or ``"type": "equity"`` is a tick; any other ``type`` is a dead letter
+(``unknown_type``). A batch message carries deals as rows whose ``type`` column
+says ``deal``. A poll's deals come back beside its ticks, with ``before_tick``:
+the delivery order (the deal was delivered before tick row ``before_tick``).
 
 Two encodings, named by the message header ``encoding`` (``interfaces.md``
 section 1):
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +47,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from prop_stream.rules import TICK_SCHEMA, parse_ts_text
+from prop_stream.rules import DEAL_SCHEMA, TICK_SCHEMA, parse_ts_text
 
 #: The message header that names a message's encoding.
 ENCODING_HEADER: Final = "encoding"
@@ -55,11 +64,46 @@ JSON_CHUNK: Final = 16_384
 _I64_MIN: Final = -(2**63)
 _I64_MAX: Final = 2**63 - 1
 _FIELDS: Final = tuple(TICK_SCHEMA)
-_RAW_JSON_SCHEMA: Final = {
+
+#: The value of ``type`` that makes a message (or batch row) a deal.
+DEAL_TYPE: Final = "deal"
+#: The value of ``type`` that makes a message a tick (as does no ``type``).
+EQUITY_TYPE: Final = "equity"
+#: A deal's columns in the engine's types (``interfaces.md`` section 5), as polars
+#: types: :data:`prop_stream.rules.DEAL_SCHEMA`.
+DEAL_FRAME_SCHEMA: Final[dict[str, pl.DataType]] = dict(
+    pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
+)
+_DEAL_FIELDS: Final = tuple(DEAL_FRAME_SCHEMA)
+#: Every field a message may carry, ticks' and deals'.
+_ALL_FIELDS: Final = (*_FIELDS, *(f for f in _DEAL_FIELDS if f not in _FIELDS))
+_INT_FIELDS: Final = frozenset({"account_id", "deal_id", "position_id"})
+_TEXT_FIELDS: Final = frozenset({"symbol", "side", "entry"})
+_SIDES: Final = ("buy", "sell")
+_ENTRIES: Final = ("in", "out")
+#: What a chunk of ticks is read with first; a chunk with a ``type`` is read again
+#: with every field (:data:`_RAW_JSON_SCHEMA`), so tick-only streams pay for one
+#: column more than before deals.
+_TICK_JSON_SCHEMA: Final = {
+    "type": pl.String(),
     "account_id": pl.Int64(),
     "ts": pl.String(),
     "equity": pl.Float64(),
     "balance": pl.Float64(),
+}
+_RAW_JSON_SCHEMA: Final = {
+    "type": pl.String(),
+    "account_id": pl.Int64(),
+    "ts": pl.String(),
+    "equity": pl.Float64(),
+    "balance": pl.Float64(),
+    "deal_id": pl.Int64(),
+    "position_id": pl.Int64(),
+    "symbol": pl.String(),
+    "side": pl.String(),
+    "volume": pl.Float64(),
+    "price": pl.Float64(),
+    "entry": pl.String(),
 }
 
 
@@ -86,6 +130,18 @@ class Reason(StrEnum):
     BAD_BATCH = "bad_batch"
     #: The ``encoding`` header names an encoding this version does not read.
     UNKNOWN_ENCODING = "unknown_encoding"
+    #: ``type`` is neither ``equity`` nor ``deal``.
+    UNKNOWN_TYPE = "unknown_type"
+    #: A deal's ``side`` is neither ``buy`` nor ``sell``.
+    BAD_SIDE = "bad_side"
+    #: A deal's ``entry`` is neither ``in`` nor ``out``.
+    BAD_ENTRY = "bad_entry"
+    #: A deal's ``volume`` is not above 0, or rounds to 0 hundredths of a lot.
+    BAD_VOLUME = "bad_volume"
+    #: A deal's ``price`` is not above 0.
+    BAD_PRICE = "bad_price"
+    #: A deal's ``symbol`` is empty.
+    BAD_SYMBOL = "bad_symbol"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +173,77 @@ class Decoded:
             one batch message in their order), plus ``message`` (UInt32): the
             index of the message each came from.
         rejections: The rejected messages and rows, by message index.
+        deals: The good deals (:data:`DEAL_FRAME_SCHEMA`) in message order, plus
+            ``message`` (UInt32) and ``before_tick`` (Int64): the number of
+            ``ticks`` rows delivered before the deal, so the engine judges the
+            events in delivery order.
     """
 
     ticks: pl.DataFrame
     rejections: list[Rejection] = field(default_factory=list)
+    deals: pl.DataFrame = field(default_factory=lambda: _empty_deals())
 
 
 #: The ``ticks`` of a :class:`Decoded` with no ticks.
 EMPTY_DECODED_TICKS: Final = pl.DataFrame(
     schema={**TICK_SCHEMA, "message": pl.UInt32()}
 )
+#: The ``deals`` of a :class:`Decoded` with no deals.
+EMPTY_DECODED_DEALS: Final = pl.DataFrame(
+    schema={**DEAL_FRAME_SCHEMA, "message": pl.UInt32(), "before_tick": pl.Int64()}
+)
+
+
+def _empty_deals() -> pl.DataFrame:
+    return EMPTY_DECODED_DEALS
+
+
+#: Good ticks or deals before :func:`_finish`: ``message`` and ``row`` in it.
+_EMPTY_TICK_ROWS: Final = pl.DataFrame(
+    schema={**TICK_SCHEMA, "message": pl.UInt32(), "row": pl.UInt32()}
+)
+_EMPTY_DEAL_ROWS: Final = pl.DataFrame(
+    schema={**DEAL_FRAME_SCHEMA, "message": pl.UInt32(), "row": pl.UInt32()}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """Good ticks and deals with ``message`` and ``row`` (the row in a batch)."""
+
+    ticks: pl.DataFrame
+    deals: pl.DataFrame
+    rejections: list[Rejection]
+
+
+def _finish(parts: Sequence[_Rows], *, resort: bool) -> Decoded:
+    """Join decoded parts into one :class:`Decoded`, ``before_tick`` computed.
+
+    Args:
+        parts: The parts; each one's rows are in (message, row) order.
+        resort: The parts interleave (sort by message again).
+    """
+    tick_parts = [p.ticks for p in parts if p.ticks.height]
+    deal_parts = [p.deals for p in parts if p.deals.height]
+    ticks = pl.concat(tick_parts) if tick_parts else _EMPTY_TICK_ROWS
+    deals = pl.concat(deal_parts) if deal_parts else _EMPTY_DEAL_ROWS
+    if resort and len(tick_parts) > 1:
+        ticks = ticks.sort("message", "row", maintain_order=True)
+    if resort and len(deal_parts) > 1:
+        deals = deals.sort("message", "row", maintain_order=True)
+    rejections = [r for p in parts for r in p.rejections]
+    rejections.sort(key=lambda r: r.index)
+    if deals.height:
+        # A deal and a tick never share (message, row): count the ticks before.
+        before = _order_key(ticks).search_sorted(_order_key(deals), side="left")
+        deals = deals.with_columns(before.cast(pl.Int64).alias("before_tick"))
+    else:
+        deals = deals.with_columns(pl.lit(None, pl.Int64).alias("before_tick"))
+    return Decoded(ticks.drop("row"), rejections, deals.drop("row"))
+
+
+def _order_key(rows: pl.DataFrame) -> pl.Series:
+    return rows["message"].cast(pl.UInt64) * (1 << 32) + rows["row"].cast(pl.UInt64)
 
 
 def decode_messages(
@@ -136,63 +253,62 @@ def decode_messages(
     known_accounts: pl.Series | None = None,
     not_after: datetime | None = None,
 ) -> Decoded:
-    """Decode a poll's message values into ticks and rejections.
+    """Decode a poll's message values into ticks, deals and rejections.
 
     Args:
         values: The message values, in delivery order.
         encodings: Each message's ``encoding`` header (None: JSON); None for all
             JSON.
-        known_accounts: If given, ticks of other accounts are rejected with
-            :attr:`Reason.UNKNOWN_ACCOUNT`.
-        not_after: If given (an aware datetime), ticks with a later ``ts`` are
-            rejected with :attr:`Reason.FUTURE_TS` (the service's clock plus
-            the clock-skew bound).
+        known_accounts: If given, ticks and deals of other accounts are rejected
+            with :attr:`Reason.UNKNOWN_ACCOUNT`.
+        not_after: If given (an aware datetime), ticks and deals with a later
+            ``ts`` are rejected with :attr:`Reason.FUTURE_TS` (the service's
+            clock plus the clock-skew bound).
 
     Returns:
-        The good ticks and the rejections.
+        The good ticks and deals, and the rejections.
     """
     if encodings is None or all(e is None or e == JSON_ENCODING for e in encodings):
         return decode_json(values, known_accounts=known_accounts, not_after=not_after)
     json_index = [i for i, e in enumerate(encodings) if e is None or e == JSON_ENCODING]
-    parts: list[pl.DataFrame] = []
-    rejections: list[Rejection] = []
+    parts: list[_Rows] = []
     if json_index:
-        decoded = decode_json(
-            [values[i] for i in json_index],
-            known_accounts=known_accounts,
-            not_after=not_after,
+        decoded = _json_rows(
+            _ListValues([values[i] for i in json_index]), known_accounts, not_after
         )
         index_map = pl.Series("map", json_index, dtype=pl.UInt32)
         parts.append(
-            decoded.ticks.with_columns(
-                index_map.gather(decoded.ticks["message"]).alias("message")
+            _Rows(
+                decoded.ticks.with_columns(
+                    index_map.gather(decoded.ticks["message"]).alias("message")
+                ),
+                decoded.deals.with_columns(
+                    index_map.gather(decoded.deals["message"]).alias("message")
+                ),
+                [
+                    Rejection(
+                        json_index[r.index], r.reason, r.detail, r.payload, r.rows
+                    )
+                    for r in decoded.rejections
+                ],
             )
         )
-        rejections.extend(
-            Rejection(json_index[r.index], r.reason, r.detail, r.payload, r.rows)
-            for r in decoded.rejections
-        )
     arrow: list[tuple[int, bytes | None]] = []
+    unknown: list[Rejection] = []
     for i, encoding in enumerate(encodings):
         if encoding is None or encoding == JSON_ENCODING:
             continue
         if encoding != ARROW_ENCODING:
-            rejections.append(
+            unknown.append(
                 Rejection(i, Reason.UNKNOWN_ENCODING, f"encoding {encoding!r}")
             )
             continue
         arrow.append((i, values[i]))
+    if unknown:
+        parts.append(_Rows(_EMPTY_TICK_ROWS, _EMPTY_DEAL_ROWS, unknown))
     if arrow:
-        ticks, rejected = decode_arrow_many(
-            arrow, known_accounts=known_accounts, not_after=not_after
-        )
-        parts.append(ticks)
-        rejections.extend(rejected)
-    ticks = pl.concat(parts) if parts else EMPTY_DECODED_TICKS
-    if json_index and len(parts) > 1:
-        ticks = ticks.sort("message", maintain_order=True)
-    rejections.sort(key=lambda r: r.index)
-    return Decoded(ticks, rejections)
+        parts.append(_arrow_many_rows(arrow, known_accounts, not_after))
+    return _finish(parts, resort=bool(json_index))
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -243,18 +359,25 @@ def decode_json(
     known_accounts: pl.Series | None = None,
     not_after: datetime | None = None,
 ) -> Decoded:
-    """Decode JSON tick messages, one tick per message.
+    """Decode JSON messages, one tick or deal per message.
 
     Args:
         values: The message values (a sequence, or :class:`MessageValues`).
-        known_accounts: If given, ticks of other accounts are rejected.
-        not_after: If given, ticks with a later ``ts`` are rejected
+        known_accounts: If given, ticks and deals of other accounts are rejected.
+        not_after: If given, ticks and deals with a later ``ts`` are rejected
             (:attr:`Reason.FUTURE_TS`).
 
     Returns:
-        The good ticks (``message`` = index in ``values``) and the rejections.
+        The good ticks and deals (``message`` = index in ``values``) and the
+        rejections.
     """
     column = values if isinstance(values, MessageValues) else _ListValues(values)
+    return _finish([_json_rows(column, known_accounts, not_after)], resort=False)
+
+
+def _json_rows(
+    column: MessageValues, known: pl.Series | None, not_after: datetime | None
+) -> _Rows:
     raws: list[pl.DataFrame] = []
     rejections: list[Rejection] = []
     for start in range(0, len(column), JSON_CHUNK):
@@ -271,22 +394,41 @@ def decode_json(
             raw = raw.with_columns(pl.col("message") + start)
         raws.append(raw)
     if not raws:
-        return Decoded(EMPTY_DECODED_TICKS)
-    raw = pl.concat(raws)
-    checked = _check(
-        raw.with_columns(_parse_ts(pl.col("ts"))), known_accounts, not_after
+        return _Rows(_EMPTY_TICK_ROWS, _EMPTY_DEAL_ROWS, [])
+    raw = pl.concat(raws, how="diagonal").with_columns(
+        pl.col("message").cast(pl.UInt32), pl.lit(0, pl.UInt32).alias("row")
     )
+    checked = _check(raw.with_columns(_parse_ts(pl.col("ts"))), known, not_after)
     bad = checked.filter(pl.col("reason").is_not_null())
     rejections.extend(
         Rejection(int(i), Reason(r), str(d))
         for i, r, d in bad.select("message", "reason", "detail").iter_rows()
     )
     rejections.sort(key=lambda r: r.index)
-    good = checked.filter(pl.col("reason").is_null()).select(
+    ticks, deals = _good(checked)
+    return _Rows(ticks, deals, rejections)
+
+
+def _good(checked: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The good ticks and the good deals of checked rows, with message and row."""
+    good = checked.filter(pl.col("reason").is_null())
+    if "deal_id" not in good.columns:  # a tick-only frame
+        return good.select(
+            *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
+            pl.col("message").cast(pl.UInt32),
+            pl.col("row").cast(pl.UInt32),
+        ), _EMPTY_DEAL_ROWS
+    ticks = good.filter(pl.col("_kind") == "tick").select(
         *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
         pl.col("message").cast(pl.UInt32),
+        pl.col("row").cast(pl.UInt32),
     )
-    return Decoded(good, rejections)
+    deals = good.filter(pl.col("_kind") == "deal").select(
+        *(pl.col(name).cast(dtype) for name, dtype in DEAL_FRAME_SCHEMA.items()),
+        pl.col("message").cast(pl.UInt32),
+        pl.col("row").cast(pl.UInt32),
+    )
+    return ticks, deals
 
 
 def _parse_json_fast(
@@ -299,11 +441,22 @@ def _parse_json_fast(
     if buffer is None:
         return None
     try:
+        frame = pl.read_ndjson(io.BytesIO(buffer), schema=_TICK_JSON_SCHEMA)
+        if frame.height == end - start and frame["type"].null_count() == frame.height:
+            return frame  # ticks only
         frame = pl.read_ndjson(io.BytesIO(buffer), schema=_RAW_JSON_SCHEMA)
     except pl.exceptions.PolarsError:
         return None
     # An empty value or one with a newline would shift the rows: re-parse.
     if frame.height != end - start:
+        return None
+    # polars reads a JSON array or object as its text: let the slow path see
+    # whether a deal's text field was one (a mistyped field) or a string.
+    container = pl.any_horizontal(
+        pl.col(name).str.starts_with("[") | pl.col(name).str.starts_with("{")
+        for name in sorted(_TEXT_FIELDS)
+    )
+    if frame.select(((pl.col("type") == DEAL_TYPE) & container).any()).item():
         return None
     return frame
 
@@ -316,7 +469,7 @@ def _parse_json_slow(
     Indexes (``message``, :attr:`Rejection.index`) count from ``start``.
     """
     index: list[int] = []
-    columns: dict[str, list[Any]] = {name: [] for name in _FIELDS}
+    columns: dict[str, list[Any]] = {name: [] for name in _RAW_JSON_SCHEMA}
     refused: list[Rejection] = []
     for i in range(end - start):
         row, why = _parse_one(values.value(start + i))
@@ -325,8 +478,8 @@ def _parse_json_slow(
             refused.append(Rejection(i, why[0], why[1]))
             continue
         index.append(i)
-        for name in _FIELDS:
-            columns[name].append(row[name])
+        for name in _RAW_JSON_SCHEMA:
+            columns[name].append(row.get(name))
     frame = pl.DataFrame(
         {"message": index, **columns},
         schema={"message": pl.UInt32(), **_RAW_JSON_SCHEMA},
@@ -349,16 +502,20 @@ def _parse_one(
             return None, (Reason.NOT_JSON, str(exc))
     if not isinstance(doc, dict):
         return None, (Reason.NOT_OBJECT, f"a JSON {type(doc).__name__}")
-    row: dict[str, Any] = {}
-    for name in _FIELDS:
+    kind = doc.get("type")
+    if kind is not None and not isinstance(kind, str):
+        return None, (Reason.UNKNOWN_TYPE, f"type: {kind!r}"[:80])
+    row: dict[str, Any] = {"type": kind}
+    # Only the fields of the message's kind are read (a tick may carry others).
+    for name in _DEAL_FIELDS if kind == DEAL_TYPE else _FIELDS:
         item = doc.get(name)
         if item is None:
             row[name] = None  # reported by the vectorized checks
-        elif isinstance(item, bool):
+        elif isinstance(item, bool) and name not in _TEXT_FIELDS:
             return None, (Reason.MISTYPED_FIELD, f"{name}: a boolean")
-        elif name == "account_id":
+        elif name in _INT_FIELDS:
             if not isinstance(item, int) or not _I64_MIN <= item <= _I64_MAX:
-                return None, (Reason.MISTYPED_FIELD, f"account_id: {item!r}")
+                return None, (Reason.MISTYPED_FIELD, f"{name}: {item!r}"[:80])
             row[name] = item
         elif name == "ts":
             if isinstance(item, int):
@@ -367,11 +524,34 @@ def _parse_one(
                 row[name] = item
             else:
                 return None, (Reason.MISTYPED_FIELD, f"ts: {type(item).__name__}")
+        elif name in _TEXT_FIELDS:
+            if isinstance(item, list | dict):
+                return None, (Reason.MISTYPED_FIELD, f"{name}: {type(item).__name__}")
+            row[name] = _text(item)
         elif isinstance(item, int | float):
-            row[name] = float(item)
+            try:
+                row[name] = float(item)
+            except OverflowError:
+                row[name] = math.inf  # reported as not finite
         else:
             return None, (Reason.MISTYPED_FIELD, f"{name}: {type(item).__name__}")
     return row, None
+
+
+def _text(item: object) -> str:
+    """A deal's JSON scalar as text, as polars reads it into a string column.
+
+    A number or boolean where a string belongs is read as its text on both
+    paths (so a numeric symbol works either way; a bad side or entry is then
+    ``bad_side``/``bad_entry``).
+    """
+    if isinstance(item, str):
+        return item
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, float) and math.isfinite(item) and item.is_integer():
+        return ("-" if math.copysign(1.0, item) < 0 else "") + str(abs(int(item)))
+    return str(item)
 
 
 def _parse_ts(text: pl.Expr) -> pl.Expr:
@@ -382,15 +562,43 @@ def _parse_ts(text: pl.Expr) -> pl.Expr:
 def _check(
     raw: pl.DataFrame, known: pl.Series | None, not_after: datetime | None
 ) -> pl.DataFrame:
-    """Add ``reason``/``detail`` (null when good) and the parsed ``ts``.
+    """Add ``reason``/``detail`` (null when good), ``_kind`` and the parsed ``ts``.
 
-    ``raw`` has ``message``, the four tick fields (``ts`` as received) and
-    ``ts_parsed``. The first failing check names the reason.
+    ``raw`` has ``message``, ``row``, ``type`` and every field (``ts`` as
+    received; a field a row's kind does not use may be anything) and
+    ``ts_parsed``. ``_kind`` is ``tick``, ``deal`` or null (an unknown ``type``).
+    The first failing check names the reason.
     """
-    reason: Any = pl.when(False).then(pl.lit(None, pl.String))
-    detail: Any = pl.when(False).then(pl.lit(None, pl.String))
-    for name in _FIELDS:
+    kind_text = pl.col("type")
+    # Rows without a ``type`` are ticks: a tick-only frame skips the deal checks
+    # (and may lack the deal columns).
+    ticks_only = raw["type"].null_count() == raw.height
+    kind = (
+        pl.lit("tick")
+        if ticks_only
+        else pl.when(kind_text.is_null() | (kind_text == EQUITY_TYPE))
+        .then(pl.lit("tick"))
+        .when(kind_text == DEAL_TYPE)
+        .then(pl.lit("deal"))
+        .otherwise(pl.lit(None, pl.String))
+    )
+    raw = raw.with_columns(kind.alias("_kind"))
+    fields = _FIELDS if ticks_only else _ALL_FIELDS
+    tick = pl.col("_kind") == "tick"
+    deal = pl.col("_kind") == "deal"
+    reason: Any = pl.when(pl.col("_kind").is_null()).then(
+        pl.lit(Reason.UNKNOWN_TYPE.value)
+    )
+    detail: Any = pl.when(pl.col("_kind").is_null()).then(
+        pl.lit("type: ") + kind_text.str.slice(0, 64)
+    )
+    for name in fields:
+        uses = (
+            tick if name not in _DEAL_FIELDS else deal if name not in _FIELDS else None
+        )
         missing = pl.col(name).is_null()
+        if uses is not None:
+            missing = uses & missing
         reason = reason.when(missing).then(pl.lit(Reason.MISSING_FIELD.value))
         detail = detail.when(missing).then(pl.lit(name))
     bad_ts = pl.col("ts_parsed").is_null()
@@ -398,11 +606,28 @@ def _check(
     detail = detail.when(bad_ts).then(
         pl.lit("ts: ") + pl.col("ts").cast(pl.String).str.slice(0, 64)
     )
-    for name in ("equity", "balance"):
-        nan = ~pl.col(name).is_finite()
+    for name, uses in (
+        ("equity", tick),
+        ("balance", tick),
+        *(() if ticks_only else (("volume", deal), ("price", deal))),
+    ):
+        nan = uses & ~pl.col(name).is_finite()
         reason = reason.when(nan).then(pl.lit(Reason.NOT_FINITE.value))
         detail = detail.when(nan).then(
             pl.lit(f"{name}: ") + pl.col(name).cast(pl.String)
+        )
+    deal_checks = (
+        ("side", ~pl.col("side").is_in(_SIDES), Reason.BAD_SIDE),
+        ("entry", ~pl.col("entry").is_in(_ENTRIES), Reason.BAD_ENTRY),
+        # round_half_even(volume * 100) >= 1 exactly when volume * 100 > 0.5.
+        ("volume", pl.col("volume") * 100 <= 0.5, Reason.BAD_VOLUME),
+        ("price", pl.col("price") <= 0, Reason.BAD_PRICE),
+        ("symbol", pl.col("symbol") == pl.lit(""), Reason.BAD_SYMBOL),
+    )
+    for name, bad, why in () if ticks_only else deal_checks:
+        reason = reason.when(deal & bad).then(pl.lit(why.value))
+        detail = detail.when(deal & bad).then(
+            pl.lit(f"{name}: ") + pl.col(name).cast(pl.String).str.slice(0, 64)
         )
     if not_after is not None:
         if not_after.tzinfo is None:
@@ -439,20 +664,23 @@ def _iso(moment: datetime) -> str:
 
 
 def encode_arrow(ticks: pl.DataFrame) -> bytes:
-    """Encode ticks as one ``arrow-ipc-v1`` message value.
+    """Encode ticks (and deals) as one ``arrow-ipc-v1`` message value.
 
     Args:
-        ticks: The four tick columns (others are dropped).
+        ticks: The four tick columns (others are dropped); or, with a ``type``
+            column, ticks and deals in delivery order: ``type`` and every tick
+            and deal column present are kept (a deal row's ``type`` is
+            ``deal``, a tick row's null or ``equity``).
 
     Returns:
         An Arrow IPC stream (uncompressed: ticks barely compress and the reader
         then maps the buffers without copying).
     """
-    table = ticks.select(_FIELDS).to_arrow()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
+    if "type" in ticks.columns:
+        names = ["type", *(n for n in _ALL_FIELDS if n in ticks.columns)]
+    else:
+        names = list(_FIELDS)
+    return _ipc(ticks.select(names).to_arrow())
 
 
 def decode_arrow(
@@ -461,36 +689,45 @@ def decode_arrow(
     *,
     known_accounts: pl.Series | None = None,
     not_after: datetime | None = None,
-) -> tuple[pl.DataFrame, list[Rejection]]:
+) -> Decoded:
     """Decode one ``arrow-ipc-v1`` message.
 
     Args:
         value: The message value.
         index: The message's index (for ``message`` and the rejections).
-        known_accounts: If given, ticks of other accounts are rejected.
-        not_after: If given, ticks with a later ``ts`` are rejected
+        known_accounts: If given, ticks and deals of other accounts are rejected.
+        not_after: If given, ticks and deals with a later ``ts`` are rejected
             (:attr:`Reason.FUTURE_TS`).
 
     Returns:
-        The good ticks (``message`` = ``index``) and the rejections: the whole
-        message if it is unreadable, else one per reason with the rejected rows
-        as an Arrow IPC stream.
+        The good ticks and deals (``message`` = ``index``) and the rejections:
+        the whole message if it is unreadable, else one per reason with the
+        rejected rows as an Arrow IPC stream.
     """
+    return _finish([_arrow_rows(value, index, known_accounts, not_after)], resort=False)
+
+
+def _arrow_rows(
+    value: bytes | None,
+    index: int,
+    known: pl.Series | None,
+    not_after: datetime | None,
+) -> _Rows:
     try:
         raw = _read_arrow(value)
         converted = raw.select(
             pl.lit(index, pl.UInt32).alias("message"),
             pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
-            *(convert_tick_column(name, raw.schema[name]) for name in _FIELDS),
+            *_convert_all(raw),
         )
     except _UNREADABLE as exc:
-        return EMPTY_DECODED_TICKS, [
-            Rejection(index, Reason.BAD_BATCH, _first_line(exc))
-        ]
+        return _Rows(
+            _EMPTY_TICK_ROWS,
+            _EMPTY_DEAL_ROWS,
+            [Rejection(index, Reason.BAD_BATCH, _first_line(exc))],
+        )
     checked = _check(
-        converted.with_columns(pl.col("ts").alias("ts_parsed")),
-        known_accounts,
-        not_after,
+        converted.with_columns(pl.col("ts").alias("ts_parsed")), known, not_after
     )
     return _split(checked, lambda _, rows: raw[rows])
 
@@ -505,16 +742,38 @@ _UNREADABLE: Final = (
 
 
 def _read_arrow(value: bytes | None) -> pl.DataFrame:
-    """An ``arrow-ipc-v1`` value as a frame with every tick column (or raise)."""
+    """An ``arrow-ipc-v1`` value as a frame with its columns (or raise).
+
+    Without a ``type`` column every row is a tick and the tick columns must all
+    be there; with one, a column a row needs and the stream lacks is a missing
+    field of that row.
+    """
     if not value:
         raise ValueError("empty value")
     table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
     raw = pl.from_arrow(table)
     assert isinstance(raw, pl.DataFrame)  # noqa: S101 - a table gives a frame
-    missing = [name for name in _FIELDS if name not in raw.columns]
-    if missing:
-        raise ValueError(f"missing column(s): {', '.join(missing)}")
+    if "type" not in raw.columns:
+        missing = [name for name in _FIELDS if name not in raw.columns]
+        if missing:
+            raise ValueError(f"missing column(s): {', '.join(missing)}")
     return raw
+
+
+def _convert_all(raw: pl.DataFrame) -> list[pl.Expr]:
+    """The conversions of every column to the checked types (absent ones null)."""
+    exprs = [
+        convert_column("type", raw.schema["type"])
+        if "type" in raw.columns
+        else pl.lit(None, pl.String).alias("type")
+    ]
+    for name in _ALL_FIELDS:
+        if name in raw.columns:
+            exprs.append(convert_column(name, raw.schema[name]).alias(name))
+        else:
+            dtype = TICK_SCHEMA["ts"] if name == "ts" else _RAW_JSON_SCHEMA[name]
+            exprs.append(pl.lit(None, dtype).alias(name))
+    return exprs
 
 
 def _first_line(exc: BaseException) -> str:
@@ -523,16 +782,13 @@ def _first_line(exc: BaseException) -> str:
 
 def _split(
     checked: pl.DataFrame, rows_of: Callable[[int, pl.Series], pl.DataFrame]
-) -> tuple[pl.DataFrame, list[Rejection]]:
-    """Checked rows (with ``message`` and ``row``) into good ticks and rejections.
+) -> _Rows:
+    """Checked rows (with ``message`` and ``row``) into good rows and rejections.
 
     ``rows_of(index, rows)`` gives message ``index``'s received rows, for the
     rejection's payload.
     """
-    good = checked.filter(pl.col("reason").is_null()).select(
-        *(pl.col(name).cast(dtype) for name, dtype in TICK_SCHEMA.items()),
-        pl.col("message"),
-    )
+    ticks, deals = _good(checked)
     rejections: list[Rejection] = []
     bad = checked.filter(pl.col("reason").is_not_null())
     if bad.height:
@@ -548,7 +804,7 @@ def _split(
                     rows=rows.height,
                 )
             )
-    return good, rejections
+    return _Rows(ticks, deals, rejections)
 
 
 def decode_arrow_many(
@@ -556,58 +812,77 @@ def decode_arrow_many(
     *,
     known_accounts: pl.Series | None = None,
     not_after: datetime | None = None,
-) -> tuple[pl.DataFrame, list[Rejection]]:
+) -> Decoded:
     """Decode many ``arrow-ipc-v1`` messages as :func:`decode_arrow` does each.
 
-    The messages whose tick columns have the same types are converted and
-    checked together: one set of polars calls instead of one per message (about
-    a millisecond each). A group whose conversion fails is decoded message by
+    The messages whose columns have the same types are converted and checked
+    together: one set of polars calls instead of one per message (about a
+    millisecond each). A group whose conversion fails is decoded message by
     message, so every message gets the outcome it would get alone.
 
     Args:
         messages: ``(index, value)`` of each message, in order.
-        known_accounts: If given, ticks of other accounts are rejected.
-        not_after: If given, ticks with a later ``ts`` are rejected
+        known_accounts: If given, ticks and deals of other accounts are rejected.
+        not_after: If given, ticks and deals with a later ``ts`` are rejected
             (:attr:`Reason.FUTURE_TS`).
 
     Returns:
-        The good ticks (``message`` = the index) in message order, and the
-        rejections in message order.
+        The good ticks and deals (``message`` = the index) in message order,
+        and the rejections in message order.
     """
-    rejections: list[Rejection] = []
+    return _finish(
+        [_arrow_many_rows(messages, known_accounts, not_after)], resort=False
+    )
+
+
+def _arrow_many_rows(
+    messages: Sequence[tuple[int, bytes | None]],
+    known: pl.Series | None,
+    not_after: datetime | None,
+) -> _Rows:
+    parts: list[_Rows] = []
     raws: dict[int, pl.DataFrame] = {}
-    groups: dict[tuple[pl.DataType, ...], list[int]] = {}
+    groups: dict[tuple[pl.DataType | None, ...], list[int]] = {}
     for index, value in messages:
         try:
             raw = _read_arrow(value)
         except _UNREADABLE as exc:
-            rejections.append(Rejection(index, Reason.BAD_BATCH, _first_line(exc)))
+            parts.append(
+                _Rows(
+                    _EMPTY_TICK_ROWS,
+                    _EMPTY_DEAL_ROWS,
+                    [Rejection(index, Reason.BAD_BATCH, _first_line(exc))],
+                )
+            )
             continue
         raws[index] = raw
-        key = tuple(raw.schema[name] for name in _FIELDS)
+        key = tuple(
+            raw.schema[name] if name in raw.columns else None
+            for name in ("type", *_ALL_FIELDS)
+        )
         groups.setdefault(key, []).append(index)
     values = dict(messages)
-    parts: list[pl.DataFrame] = []
     for indexes in groups.values():
-        decoded = _decode_group(indexes, raws, known_accounts, not_after)
+        decoded = _decode_group(indexes, raws, known, not_after)
         if decoded is None:
-            for index in indexes:
-                ticks, rejected = decode_arrow(
-                    values[index],
-                    index,
-                    known_accounts=known_accounts,
-                    not_after=not_after,
-                )
-                parts.append(ticks)
-                rejections.extend(rejected)
+            parts.extend(
+                _arrow_rows(values[index], index, known, not_after) for index in indexes
+            )
         else:
-            parts.append(decoded[0])
-            rejections.extend(decoded[1])
-    ticks = pl.concat(parts) if parts else EMPTY_DECODED_TICKS
-    if len(parts) > 1:
-        ticks = ticks.sort("message", maintain_order=True)
+            parts.append(decoded)
+    if not parts:
+        return _Rows(_EMPTY_TICK_ROWS, _EMPTY_DEAL_ROWS, [])
+    tick_parts = [p.ticks for p in parts if p.ticks.height]
+    deal_parts = [p.deals for p in parts if p.deals.height]
+    ticks = pl.concat(tick_parts) if tick_parts else _EMPTY_TICK_ROWS
+    deals = pl.concat(deal_parts) if deal_parts else _EMPTY_DEAL_ROWS
+    if len(tick_parts) > 1:
+        ticks = ticks.sort("message", "row", maintain_order=True)
+    if len(deal_parts) > 1:
+        deals = deals.sort("message", "row", maintain_order=True)
+    rejections = [r for p in parts for r in p.rejections]
     rejections.sort(key=lambda r: r.index)
-    return ticks, rejections
+    return _Rows(ticks, deals, rejections)
 
 
 def _decode_group(
@@ -615,9 +890,11 @@ def _decode_group(
     raws: dict[int, pl.DataFrame],
     known: pl.Series | None,
     not_after: datetime | None,
-) -> tuple[pl.DataFrame, list[Rejection]] | None:
-    """Messages whose tick columns have the same types; None if conversion fails."""
-    picked = [raws[i].select(_FIELDS) for i in indexes]
+) -> _Rows | None:
+    """Messages whose columns have the same types; None if conversion fails."""
+    first = raws[indexes[0]]
+    names = [n for n in ("type", *_ALL_FIELDS) if n in first.columns]
+    picked = [raws[i].select(names) for i in indexes]
     starts: dict[int, int] = {}
     total = 0
     for index, frame in zip(indexes, picked, strict=True):
@@ -634,21 +911,27 @@ def _decode_group(
         converted = raw.select(
             pl.lit(message),
             pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
-            *(convert_tick_column(name, raw.schema[name]) for name in _FIELDS),
+            *_convert_all(raw),
         )
     except (pl.exceptions.PolarsError, ValueError):
         return None
+    # ``row`` is the row within its message, as decode_arrow numbers it.
+    ids = pl.Series(indexes, dtype=pl.UInt32)
+    offsets = pl.Series([starts[i] for i in indexes], dtype=pl.UInt32)
+    shift = pl.col("message").replace_strict(ids, offsets, return_dtype=pl.UInt32)
+    converted = converted.with_columns((pl.col("row") - shift).alias("row"))
     checked = _check(
         converted.with_columns(pl.col("ts").alias("ts_parsed")), known, not_after
     )
-    return _split(checked, lambda index, rows: raws[index][rows - starts[index]])
+    return _split(checked, lambda index, rows: raws[index][rows])
 
 
-def convert_tick_column(name: str, dtype: pl.DataType) -> pl.Expr:
-    """An expression converting a received tick column to the engine's type.
+def convert_column(name: str, dtype: pl.DataType) -> pl.Expr:
+    """An expression converting a received batch column to the checked type.
 
     Args:
-        name: ``account_id``, ``ts``, ``equity`` or ``balance``.
+        name: ``type``, a tick column (``account_id``, ``ts``, ``equity``,
+            ``balance``) or a deal column.
         dtype: The column's type as received.
 
     Returns:
@@ -672,14 +955,24 @@ def convert_tick_column(name: str, dtype: pl.DataType) -> pl.Expr:
             ).dt.replace_time_zone("UTC")
         if dtype == pl.String:
             return _parse_ts(col).alias("ts")
+        if dtype == pl.Null:
+            return col.cast(pl.Datetime("us", "UTC"))
         raise ValueError(f"column ts has type {dtype}")
-    if name == "account_id":
-        if not dtype.is_integer():
-            raise ValueError(f"column account_id has type {dtype}")
+    if name in _INT_FIELDS:
+        if not (dtype.is_integer() or dtype == pl.Null):
+            raise ValueError(f"column {name} has type {dtype}")
         return col.cast(pl.Int64)
-    if not dtype.is_numeric():
+    if name in _TEXT_FIELDS or name == "type":
+        if dtype not in (pl.String, pl.Categorical, pl.Null):
+            raise ValueError(f"column {name} has type {dtype}")
+        return col.cast(pl.String)
+    if not (dtype.is_numeric() or dtype == pl.Null):
         raise ValueError(f"column {name} has type {dtype}")
     return col.cast(pl.Float64)
+
+
+#: The tick columns' conversion (the name before deals).
+convert_tick_column = convert_column
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -691,13 +984,19 @@ def _ipc(table: pa.Table) -> bytes:
 
 __all__ = [
     "ARROW_ENCODING",
+    "DEAL_FRAME_SCHEMA",
+    "DEAL_TYPE",
+    "EMPTY_DECODED_DEALS",
+    "EMPTY_DECODED_TICKS",
     "ENCODINGS",
     "ENCODING_HEADER",
+    "EQUITY_TYPE",
     "JSON_ENCODING",
     "Decoded",
     "MessageValues",
     "Reason",
     "Rejection",
+    "convert_column",
     "convert_tick_column",
     "decode_arrow",
     "decode_arrow_many",

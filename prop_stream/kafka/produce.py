@@ -14,6 +14,14 @@ does), keyed so that one account's ticks stay in one partition:
   header ``encoding: arrow-ipc-v1`` and no key. The partition of an account is
   the one Kafka's default partitioner gives its decimal key, so JSON and batch
   producers can share a topic.
+
+With a deals file (``--deals``, ``interfaces.md`` section 5) the deals travel on
+the same topic with the same key: JSON messages with ``"type": "deal"``, or rows
+of the batch messages whose ``type`` column says ``deal``. Ticks and deals are
+sent in one stable order by (``ts``, a deal before a tick), so each account's
+events arrive in the order the backtest judges them (a stable sort by
+(``account_id``, ``ts``), a deal before a tick at an equal ``ts``, file order
+breaking the remaining ties).
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ from tqdm import tqdm
 from prop_stream.kafka.admin import DEFAULT_BOOTSTRAP_TIMEOUT_S, ensure_topic
 from prop_stream.kafka.decode import (
     ARROW_ENCODING,
+    DEAL_FRAME_SCHEMA,
+    DEAL_TYPE,
     ENCODING_HEADER,
+    convert_column,
     convert_tick_column,
     encode_arrow,
 )
@@ -84,11 +95,84 @@ def read_tick_file(path: str | Path) -> pl.DataFrame:
     return frame.sort("ts", maintain_order=True)
 
 
+def read_deal_file(path: str | Path) -> pl.DataFrame:
+    """Read a Parquet or CSV deal file as the deal columns, in time order.
+
+    The values are not judged here: a malformed deal is sent as it is and the
+    service's decoder sends it to the DLQ with its reason (docs/kafka.md).
+
+    Args:
+        path: A ``.parquet``/``.pq`` or ``.csv`` file with ``account_id``, ``ts``
+            (timestamp, ISO 8601 text or epoch ms), ``deal_id``, ``position_id``,
+            ``symbol``, ``side``, ``volume``, ``price`` and ``entry``.
+
+    Returns:
+        The deals, stably sorted by ``ts``.
+
+    Raises:
+        ProduceError: The file can't be read, lacks a column or has a column of
+            a type that can't hold its field.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            raw = pl.read_parquet(path)
+        elif suffix == ".csv":
+            raw = pl.read_csv(
+                path,
+                infer_schema_length=10_000,
+                schema_overrides=dict.fromkeys(("symbol", "side", "entry"), pl.String),
+            )
+        else:
+            raise ProduceError(f"{path}: not a .parquet or .csv file")
+        missing = [name for name in DEAL_FRAME_SCHEMA if name not in raw.columns]
+        if missing:
+            raise ProduceError(f"{path}: missing column(s): {', '.join(missing)}")
+        frame = raw.select(
+            convert_column(name, raw.schema[name]).alias(name)
+            for name in DEAL_FRAME_SCHEMA
+        )
+    except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
+        raise ProduceError(f"{path}: can't read deals: {exc}") from exc
+    if frame["ts"].null_count():
+        row = int(frame.with_row_index().filter(pl.col("ts").is_null())["index"][0])
+        raise ProduceError(f"{path}: row {row + 1}: ts is not a timestamp")
+    return frame.sort("ts", maintain_order=True)
+
+
+def merge_events(ticks: pl.DataFrame, deals: pl.DataFrame) -> pl.DataFrame:
+    """Ticks and deals as one frame in sending order, ``type`` saying which.
+
+    Args:
+        ticks: The tick columns, in file order sorted stably by ``ts``.
+        deals: The deal columns, likewise.
+
+    Returns:
+        ``type`` (``deal`` or null for a tick) and every tick and deal column
+        (null where a row's kind has none), sorted stably by (``ts``, a deal
+        before a tick).
+    """
+    deal_rows = deals.select(
+        pl.lit(DEAL_TYPE).alias("type"),
+        *(pl.col(n) for n in DEAL_FRAME_SCHEMA),
+        pl.lit(0, pl.Int8).alias("_kind"),
+    )
+    tick_rows = ticks.select(
+        pl.lit(None, pl.String).alias("type"),
+        *(pl.col(n) for n in TICK_SCHEMA),
+        pl.lit(1, pl.Int8).alias("_kind"),
+    )
+    merged = pl.concat([deal_rows, tick_rows], how="diagonal_relaxed")
+    return merged.sort("ts", "_kind", maintain_order=True).drop("_kind")
+
+
 def produce_file(
     path: str | Path,
     *,
     bootstrap: str,
     topic: str,
+    deals: str | Path | None = None,
     encoding: Encoding = "json",
     progress: bool = False,
     batch_rows: int = DEFAULT_BATCH_ROWS,
@@ -102,6 +186,8 @@ def produce_file(
         bootstrap: ``host:port`` of a broker.
         topic: The topic; created with ``partitions`` partitions unless it
             exists.
+        deals: A Parquet or CSV deal file to send with the ticks, interleaved
+            by (``ts``, a deal before a tick); None sends ticks only.
         encoding: ``json`` (one tick per message) or ``batch`` (Arrow IPC).
         progress: Show a progress bar on stderr when it is a terminal.
         batch_rows: Ticks per batch message.
@@ -109,10 +195,10 @@ def produce_file(
         bootstrap_timeout_s: Longest wait for a broker to answer at all.
 
     Returns:
-        The number of ticks sent.
+        The number of ticks and deals sent.
 
     Raises:
-        ProduceError: The file is unreadable or the settings are bad.
+        ProduceError: A file is unreadable or the settings are bad.
         KafkaUnavailableError: No broker answered, or the broker did not
             acknowledge every message.
         KafkaSourceError: The topic could not be created.
@@ -124,6 +210,7 @@ def produce_file(
     if partitions < 1:
         raise ProduceError(f"partitions must be at least 1, got {partitions}")
     ticks = read_tick_file(path)
+    events = ticks if deals is None else merge_events(ticks, read_deal_file(deals))
     ensure_topic(
         bootstrap,
         topic,
@@ -151,8 +238,8 @@ def produce_file(
         ) from exc
     failures = _Failures()
     bar = tqdm(
-        total=ticks.height,
-        unit="tick",
+        total=events.height,
+        unit="event" if deals is not None else "tick",
         unit_scale=True,
         desc=f"produce {topic}",
         disable=not (progress and sys.stderr.isatty()),
@@ -165,10 +252,10 @@ def produce_file(
             raise ProduceError(f"topic {topic!r} does not exist on {bootstrap}")
         with bar:
             if encoding == "json":
-                _send_json(producer, topic, ticks, bar, failures)
+                _send_json(producer, topic, events, bar, failures)
             else:
                 _send_batches(
-                    producer, topic, ticks, len(found), batch_rows, bar, failures
+                    producer, topic, events, len(found), batch_rows, bar, failures
                 )
             producer.flush(timeout=ACK_TIMEOUT_S)
     except KafkaError as exc:
@@ -183,7 +270,7 @@ def produce_file(
             f"{failures.first}",
             bootstrap=bootstrap,
         )
-    return ticks.height
+    return events.height
 
 
 class _Failures:
@@ -222,18 +309,31 @@ def _send_json(
     failures: _Failures,
 ) -> None:
     chunk = 100_000
+    has_deals = "type" in ticks.columns
     for start in range(0, ticks.height, chunk):
         part = ticks.slice(start, chunk)
-        encoded = part.select(
-            pl.col("account_id").cast(pl.String).alias("key"),
-            pl.struct(
+        tick_value = pl.struct(
+            "account_id",
+            pl.col("ts").dt.strftime(_TS_FORMAT),
+            "equity",
+            "balance",
+        ).struct.json_encode()
+        value = tick_value
+        if has_deals:
+            deal_value = pl.struct(
+                "type",
                 "account_id",
                 pl.col("ts").dt.strftime(_TS_FORMAT),
-                "equity",
-                "balance",
+                *(n for n in DEAL_FRAME_SCHEMA if n not in ("account_id", "ts")),
+            ).struct.json_encode()
+            value = (
+                pl.when(pl.col("type") == DEAL_TYPE)
+                .then(deal_value)
+                .otherwise(tick_value)
             )
-            .struct.json_encode()
-            .alias("value"),
+        encoded = part.select(
+            pl.col("account_id").cast(pl.String).alias("key"),
+            value.alias("value"),
         )
         for key, value in encoded.iter_rows():
             producer.send(topic, key=key.encode(), value=value.encode()).add_errback(
@@ -277,7 +377,9 @@ __all__ = [
     "DEFAULT_BATCH_ROWS",
     "DEFAULT_PARTITIONS",
     "Encoding",
+    "merge_events",
     "partition_of",
     "produce_file",
+    "read_deal_file",
     "read_tick_file",
 ]

@@ -135,6 +135,7 @@ class KafkaSourceStats:
     Attributes:
         messages: Messages polled (replays count again).
         ticks: Good ticks handed out.
+        deals: Good deals handed out.
         rejected: Rejected messages (or batch-row groups) by reason code.
         rejected_ticks: Ticks rejected.
         dead_letters: Dead letters written.
@@ -146,6 +147,7 @@ class KafkaSourceStats:
 
     messages: int = 0
     ticks: int = 0
+    deals: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     rejected_ticks: int = 0
     dead_letters: int = 0
@@ -381,6 +383,7 @@ class KafkaSource:
         self._events: list[tuple[str, list[int]]] = []
         self._live: set[int] = set()
         self._partition_count = 0
+        self._last_deals: pl.DataFrame | None = None
 
     # ------------------------------------------------------------ TickSource API
 
@@ -489,10 +492,11 @@ class KafkaSource:
 
         Returns:
             The good ticks in the engine's schema, in partition then offset order,
-            and the position after them (rejected messages included).
+            and the position after them (rejected messages included). The poll's
+            deals are kept for :meth:`deals`.
         """
         # The last poll's records are kept for unseen() until this one.
-        self._last_records = self._last_messages = None
+        self._last_records = self._last_messages = self._last_deals = None
         consumer = self._ensure_consumer(timeout)
         if consumer is None:
             return _EMPTY_TICKS, self.position()
@@ -574,14 +578,32 @@ class KafkaSource:
         self._last_records = records
         self._last_messages = decoded.ticks.get_column("message")
         ticks = decoded.ticks.drop("message")
+        if decoded.deals.height:
+            self._last_deals = decoded.deals.drop("message")
         stats = self.stats
         stats.messages += len(records)
         stats.ticks += ticks.height
-        total = ticks.height + sum(r.rows for r in decoded.rejections)
+        stats.deals += decoded.deals.height
+        total = (
+            ticks.height
+            + decoded.deals.height
+            + sum(r.rows for r in decoded.rejections)
+        )
         self._ticks_per_message = max(
             1.0, 0.5 * self._ticks_per_message + 0.5 * total / len(records)
         )
         return ticks, self.position()
+
+    def deals(self) -> pl.DataFrame | None:
+        """The deals of the last :meth:`poll`, None when it had none.
+
+        Returns:
+            The deal columns (``interfaces.md`` section 5) in delivery order,
+            plus ``before_tick``: the deal was delivered before that row of the
+            poll's ticks (each partition's order kept, partitions one after
+            the other as the ticks are).
+        """
+        return self._last_deals
 
     def unseen(
         self,

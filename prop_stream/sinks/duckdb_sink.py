@@ -8,6 +8,10 @@ A flush writes, in one transaction, every batch added since the last one:
 - ``metrics_latest``: upsert by ``account_id``, only by a row at least as new;
 - ``metric_history``: insert by ``(account_id, ts)``, ignoring rows already there;
 - the phase transitions (:func:`prop_stream.store.lifecycle.apply_transitions`);
+- ``deal_opens`` and ``flags``: the batches' processed ``in`` deals
+  (``Evaluation.deal_opens``) and the hedge flags they form with the deals
+  recorded before (:func:`prop_stream.store.flags.record_deal_opens`, keyed by
+  ``(account_id, deal_id)`` and by the pair);
 - ``tick_archive_staging``: the batches' ticks handed to :meth:`DuckDBSink.add`,
   numbered on from ``tick_archive_state.next_seq`` (the tick archive,
   :mod:`prop_stream.store.archive`);
@@ -26,15 +30,20 @@ from typing import Final
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
 from prop_stream.store.db import Connection, transaction
+from prop_stream.store.flags import record_deal_opens
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
 from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint
 from prop_stream.store.progress import save_position as _save_position
+
+#: The default window of hedge flags (``PROP_STREAM_HEDGE_WINDOW_SECONDS``).
+DEFAULT_HEDGE_WINDOW_SECONDS: Final = 60.0
 
 #: The engine's metric columns, in the order of ``metrics_latest``.
 METRIC_COLUMNS: Final = (
@@ -64,6 +73,8 @@ METRIC_COLUMNS: Final = (
     "profit_target_level",
     "profit_progress",
     "trading_days_progress",
+    "open_lots",
+    "open_positions",
 )
 BREACH_COLUMNS: Final = (
     "account_id",
@@ -144,14 +155,22 @@ class DuckDBSink(BaseSink):
         conn: A connection (or cursor) of the store, used only by this sink.
         source: The tick source's name, under which positions are saved.
         checkpoints_kept: Engine checkpoints kept per source.
+        hedge_window_seconds: The window of hedge flags (``rules.md``,
+            "Cross-account hedging"); None records the deals and flags nothing.
     """
 
     def __init__(
-        self, conn: Connection, *, source: str, checkpoints_kept: int = 3
+        self,
+        conn: Connection,
+        *,
+        source: str,
+        checkpoints_kept: int = 3,
+        hedge_window_seconds: float | None = DEFAULT_HEDGE_WINDOW_SECONDS,
     ) -> None:
         self._conn = conn
         self._source = source
         self._keep = checkpoints_kept
+        self._hedge_window = hedge_window_seconds
         self._pending: list[Evaluation] = []
         self._ticks: list[pl.DataFrame] = []
         self._position: Position | None = None
@@ -225,6 +244,15 @@ class DuckDBSink(BaseSink):
                     if frame.height:
                         _write(conn, name, frame)
                 apply_transitions(conn, frames["transitions"])
+                opens = [e.deal_opens for e in self._pending if e.deal_opens.num_rows]
+                if opens:
+                    # The join runs here, not in the engine: a customer's
+                    # accounts may sit on other partitions and in other batches.
+                    record_deal_opens(
+                        conn,
+                        pa.concat_tables(opens),
+                        self._hedge_window,
+                    )
                 if self._ticks:
                     _stage_ticks(conn, self._ticks)
                 position = self._position

@@ -1,7 +1,8 @@
 """Demo reference data for ``prop-stream init --demo``.
 
-Two account groups (``DEMO`` and ``REAL``, USD), two programs (a two-step evaluation
-with a funded phase, a one-step one), customers ``alice@example.com`` and
+Two account groups (``DEMO`` and ``REAL``, USD), four programs (a two-step evaluation
+with a funded phase, a one-step one, and the FTMO and Topstep presets of
+:mod:`prop_stream.store.presets`, with their deal rules), customers ``alice@example.com`` and
 ``bob@example.com`` with a funded ``REAL`` payer account each, and a few active
 challenges whose first phase runs on a ``DEMO`` account, so the demo tick source
 has accounts to move.
@@ -25,6 +26,7 @@ from prop_stream.store.catalog import (
 )
 from prop_stream.store.db import Connection
 from prop_stream.store.lifecycle import start_challenge
+from prop_stream.store.presets import FTMO, TOPSTEP, Preset
 
 DEMO_GROUP: Final = "DEMO"
 REAL_GROUP: Final = "REAL"
@@ -104,6 +106,49 @@ ONE_STEP: Final = ProgramIn(
     ),
 )
 
+
+
+def preset_program(preset: Preset, *, price: Decimal, profit_split: Decimal) -> ProgramIn:
+    """A program of the demo's groups from a firm preset.
+
+    Args:
+        preset: The preset.
+        price: The program's price (USD).
+        profit_split: The funded phase's split.
+
+    Returns:
+        The program: evaluation phases on ``DEMO``, the funded phase on ``REAL``.
+    """
+    return ProgramIn(
+        name=f"{preset.firm} {preset.program}",
+        description=(
+            f"The {preset.firm} preset of docs/presets.md (as published by the "
+            "firm; check the current terms)."
+        ),
+        price=price,
+        currency="USD",
+        phases=tuple(
+            ProgramPhaseIn(
+                name=phase.name,
+                phase_type=phase.phase_type,
+                account_group=REAL_GROUP if phase.phase_type == FUNDED else DEMO_GROUP,
+                rules=dict(phase.rules),
+                profit_split=profit_split if phase.phase_type == FUNDED else None,
+            )
+            for phase in preset.phases
+        ),
+    )
+
+
+FTMO_100K: Final = preset_program(
+    FTMO, price=Decimal("540.00"), profit_split=Decimal("0.8")
+)
+TOPSTEP_50K: Final = preset_program(
+    TOPSTEP, price=Decimal("49.00"), profit_split=Decimal("0.9")
+)
+#: The demo's programs, in id order.
+DEMO_PROGRAMS: Final = (TWO_STEP, ONE_STEP, FTMO_100K, TOPSTEP_50K)
+
 #: (customer index, program) of the demo challenges.
 _CHALLENGES: Final = ((0, 0), (0, 1), (1, 0), (1, 1), (1, 0))
 
@@ -130,7 +175,7 @@ def seed_demo(conn: Connection, *, now: datetime | None = None) -> bool:
     create_account_group(
         conn, name=REAL_GROUP, kind="REAL", currency="USD", leverage=30
     )
-    programs = [create_program(conn, program=p) for p in (TWO_STEP, ONE_STEP)]
+    programs = [create_program(conn, program=p) for p in DEMO_PROGRAMS]
     customers = []
     for email in DEMO_CUSTOMERS:
         customer_id = create_customer(conn, email=email)
@@ -142,7 +187,7 @@ def seed_demo(conn: Connection, *, now: datetime | None = None) -> bool:
         )
         customers.append(customer_id)
     for customer, program in _CHALLENGES:
-        spec = (TWO_STEP, ONE_STEP)[program]
+        spec = DEMO_PROGRAMS[program]
         account_id = open_account(
             conn,
             customer_id=customers[customer],

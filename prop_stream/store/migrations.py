@@ -392,12 +392,86 @@ _V4_TICK_ARCHIVE: Final = (
     "INSERT INTO tick_archive_state VALUES (0)",
 )
 
+_V5_DEALS: Final = (
+    # The processed ``in`` deals, kept for the hedge join (docs/store.md, "Hedge
+    # flags"): a deal pairs with any deal of the table, so the partner of a deal
+    # may arrive in a later batch or from another partition. ``customer_id`` is
+    # the account's owner when the deal was recorded (null: never pairs).
+    """
+    CREATE TABLE deal_opens (
+        account_id BIGINT NOT NULL,
+        deal_id BIGINT NOT NULL,
+        customer_id BIGINT,
+        symbol VARCHAR NOT NULL,
+        side VARCHAR NOT NULL CHECK (side IN ('buy', 'sell')),
+        ts TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (account_id, deal_id)
+    )
+    """,
+    # One row per hedge pair, the smaller account first; written by the batch
+    # that records the later of the two deals (rules.md, Cross-account hedging).
+    """
+    CREATE TABLE flags (
+        customer_id BIGINT NOT NULL,
+        symbol VARCHAR NOT NULL,
+        account_id_1 BIGINT NOT NULL,
+        deal_id_1 BIGINT NOT NULL,
+        ts_1 TIMESTAMPTZ NOT NULL,
+        side_1 VARCHAR NOT NULL,
+        account_id_2 BIGINT NOT NULL,
+        deal_id_2 BIGINT NOT NULL,
+        ts_2 TIMESTAMPTZ NOT NULL,
+        side_2 VARCHAR NOT NULL,
+        gap_seconds DOUBLE NOT NULL CHECK (gap_seconds >= 0),
+        CHECK (account_id_1 < account_id_2),
+        PRIMARY KEY (account_id_1, deal_id_1, account_id_2, deal_id_2)
+    )
+    """,
+    # The engine's positions in its metrics (rules.md, Positions); null in rows
+    # written before deals.
+    "ALTER TABLE metrics_latest ADD COLUMN open_lots DOUBLE",
+    "ALTER TABLE metrics_latest ADD COLUMN open_positions INTEGER",
+    "ALTER TABLE metric_history ADD COLUMN open_lots DOUBLE",
+    "ALTER TABLE metric_history ADD COLUMN open_positions INTEGER",
+    # A flag counts on the (UTC) day of its earlier deal.
+    """
+    CREATE VIEW risk_flags_by_customer_day AS
+    SELECT
+        customer_id,
+        CAST(least(ts_1, ts_2) AT TIME ZONE 'UTC' AS DATE) AS day,
+        count(*) AS flags,
+        count(DISTINCT symbol) AS symbols,
+        len(list_distinct(flatten(list([account_id_1, account_id_2]))))
+            AS accounts,
+        min(gap_seconds) AS min_gap_seconds,
+        max(gap_seconds) AS max_gap_seconds
+    FROM flags
+    GROUP BY ALL
+    """,
+    # Each flag with the challenges its two accounts serve, for review.
+    """
+    CREATE VIEW risk_flags AS
+    SELECT
+        f.*,
+        'warning' AS severity,
+        'review' AS action,
+        p1.challenge_id AS challenge_id_1,
+        p1.phase_index AS phase_index_1,
+        p2.challenge_id AS challenge_id_2,
+        p2.phase_index AS phase_index_2
+    FROM flags AS f
+    LEFT JOIN challenge_phases AS p1 ON p1.account_id = f.account_id_1
+    LEFT JOIN challenge_phases AS p2 ON p2.account_id = f.account_id_2
+    """,
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
     Migration(2, "risk_* views", _V2_VIEWS),
     Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
     Migration(4, "the tick archive's staging table", _V4_TICK_ARCHIVE),
+    Migration(5, "deals: deal_opens, hedge flags, open lots in metrics", _V5_DEALS),
     Migration(6, "per-partition fencing epochs and engine checkpoints", MIGRATION_6),
 )
 

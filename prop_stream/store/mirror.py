@@ -86,6 +86,8 @@ CURRENT_TABLES: Final = (
     "program_phases",
     "challenge_statuses",
     "purchase_statuses",
+    # Hedge flags (migration 5): the risk_flags* views read them.
+    "flags",
     "metrics_latest",
 )
 #: The mirror's database, in the mirror's directory.

@@ -36,6 +36,7 @@ ID_ROUTES = [
     ("GET", "/prop/challenges/{id}", "challenge_id"),
     ("GET", "/prop/challenges/{id}/metrics", "challenge_id"),
     ("GET", "/prop/challenges/{id}/breaches", "challenge_id"),
+    ("GET", "/prop/challenges/{id}/flags", "challenge_id"),
     ("GET", "/prop/programs/{id}", "program_id"),
     ("GET", "/prop/purchases/{id}", "purchase_id"),
     ("POST", "/prop/purchases/{id}/retry", "purchase_id"),

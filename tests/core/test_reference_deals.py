@@ -1,10 +1,10 @@
 """Worked examples of the deal rules and hedge flags, computed by hand from rules.md.
 
 Every example runs through the plain-Python deal reference
-(``tests/reference_deals.py``) only: the Rust engine does not judge deals yet.
-When it does, this table is the first thing it must agree with. The property
-tests at the end check the reference against itself: batching, redelivered deals
-and input order change nothing.
+(``tests/reference_deals.py``); ``test_deal_agreement.py`` runs the Rust engine
+on the same table and holds the two equal. The property tests at the end check
+the reference against itself: batching, redelivered deals and input order change
+nothing.
 """
 
 from __future__ import annotations

@@ -799,6 +799,11 @@ def test_rules_validation_fills_defaults() -> None:
         "warning_level": None,
         "timezone": "UTC",
         "day_rollover": "00:00",
+        "trading_day_basis": "activity",
+        "max_open_lots": None,
+        "min_hold_seconds": None,
+        "weekend_close": None,
+        "deal_violation_action": "fail",
     }
 
 

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from replay_support import (
     assert_matches_backtest,
+    deals_file,
     demo_backtest_inputs,
     stored_outputs,
 )
@@ -166,7 +167,8 @@ def test_evaluator_demo_run_matches_backtest(
         batches=BATCHES,
         active_only=False,
     )
-    run_backtest(rules_file, ticks, tmp_path / "out")
+    # The demo source trades in deals too: the backtest judges them with the ticks.
+    run_backtest(rules_file, ticks, tmp_path / "out", deals=deals_file(ticks))
 
     assert_matches_backtest(expected, tmp_path / "out")
 
@@ -555,3 +557,18 @@ def test_evaluator_sigkill_restart_equals_uninterrupted_run(
     service.close()
     for name, frame in expected.items():
         assert got[name].equals(frame), name
+
+
+def test_evaluator_demo_deals_are_judged_with_the_ticks(tmp_path: Path) -> None:
+    service = _service(_fresh_db(tmp_path / "prop.duckdb"))
+    stats = service.loop.run(max_batches=30)
+    assert stats.deals > 0
+    assert stats.deals_judged + sum(stats.deals_skipped.values()) == stats.deals
+    assert stats.deals_judged > 0
+    latest = query_frame(
+        service.conn, "SELECT open_lots, open_positions FROM metrics_latest"
+    )
+    service.close()
+    assert latest.height
+    assert latest["open_lots"].null_count() == 0
+    assert latest["open_positions"].null_count() == 0

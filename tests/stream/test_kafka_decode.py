@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from prop_stream.kafka import ARROW_ENCODING, Reason, decode_messages, encode_arrow
-from prop_stream.kafka.decode import JSON_CHUNK, decode_json
+from prop_stream.kafka.decode import DEAL_FRAME_SCHEMA, JSON_CHUNK, decode_json
 from prop_stream.rules import TICK_SCHEMA
 
 GOOD = {"account_id": 1001, "equity": 100_250.5, "balance": 100_000.0}
@@ -232,3 +232,232 @@ def test_decode_arrow_rejects_only_the_future_rows_of_a_batch() -> None:
 def test_decode_future_bound_must_be_aware() -> None:
     with pytest.raises(ValueError, match="aware"):
         decode_json([_json()], not_after=datetime(2026, 1, 5))
+
+
+# ---------------------------------------------------------------------- deals
+
+DEAL = {
+    "type": "deal",
+    "account_id": 1001,
+    "ts": "2026-01-05T09:30:00.125Z",
+    "deal_id": 9,
+    "position_id": 4,
+    "symbol": "EURUSD",
+    "side": "buy",
+    "volume": 1.5,
+    "price": 1.0843,
+    "entry": "in",
+}
+
+
+def _deal(**fields: object) -> bytes:
+    doc = {**DEAL, **fields}
+    return orjson.dumps({k: v for k, v in doc.items() if v is not _ABSENT})
+
+
+_ABSENT = object()
+
+#: Every malformed deal and the reason it goes to the DLQ with.
+BAD_DEALS = [
+    (_deal(side="long"), Reason.BAD_SIDE),
+    (_deal(side="BUY"), Reason.BAD_SIDE),
+    (_deal(entry="inout"), Reason.BAD_ENTRY),
+    (_deal(volume=0), Reason.BAD_VOLUME),
+    (_deal(volume=-1.0), Reason.BAD_VOLUME),
+    (_deal(volume=0.004), Reason.BAD_VOLUME),  # 0.4 hundredths
+    (_deal(volume=0.005), Reason.BAD_VOLUME),  # 0.5 rounds half-even to 0
+    (_deal(price=0), Reason.BAD_PRICE),
+    (_deal(price=-2.5), Reason.BAD_PRICE),
+    (_deal(symbol=""), Reason.BAD_SYMBOL),
+    (_deal(symbol=None), Reason.MISSING_FIELD),
+    (_deal(symbol=_ABSENT), Reason.MISSING_FIELD),
+    (_deal(deal_id=_ABSENT), Reason.MISSING_FIELD),
+    (_deal(position_id=None), Reason.MISSING_FIELD),
+    (_deal(entry=_ABSENT), Reason.MISSING_FIELD),
+    (_deal(account_id=_ABSENT), Reason.MISSING_FIELD),
+    (_deal(deal_id=1.5), Reason.MISTYPED_FIELD),
+    (_deal(deal_id="9"), Reason.MISTYPED_FIELD),
+    (_deal(volume="1.5"), Reason.MISTYPED_FIELD),
+    (_deal(volume=True), Reason.MISTYPED_FIELD),
+    (_deal(symbol=["EURUSD"]), Reason.MISTYPED_FIELD),
+    (_deal(ts="yesterday"), Reason.BAD_TS),
+    (_deal(ts=_ABSENT), Reason.MISSING_FIELD),
+    (
+        _deal().replace(b'"volume":1.5', b'"volume":NaN'),
+        Reason.NOT_FINITE,
+    ),
+    (
+        _deal().replace(b'"price":1.0843', b'"price":Infinity'),
+        Reason.NOT_FINITE,
+    ),
+    (_deal().replace(b'"price":1.0843', b'"price":1e999'), Reason.NOT_FINITE),
+    (_deal(type="order"), Reason.UNKNOWN_TYPE),
+    (_deal(type=5), Reason.UNKNOWN_TYPE),
+    (_deal(type=""), Reason.UNKNOWN_TYPE),
+]
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD_DEALS)
+def test_decode_json_rejects_malformed_deal_with_reason(
+    value: bytes, reason: Reason
+) -> None:
+    decoded = decode_messages([_json(), value, _deal(deal_id=10)])
+    assert [(r.index, r.reason) for r in decoded.rejections] == [(1, reason)]
+    assert decoded.ticks["message"].to_list() == [0]
+    assert decoded.deals["deal_id"].to_list() == [10]
+    assert decoded.deals["message"].to_list() == [2]
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD_DEALS)
+def test_decode_json_slow_path_gives_the_same_reason(
+    value: bytes, reason: Reason
+) -> None:
+    # b"not json" makes polars refuse the chunk: every value is parsed alone.
+    decoded = decode_messages([b"not json", value, _deal(deal_id=10)])
+    assert [(r.index, r.reason) for r in decoded.rejections] == [
+        (0, Reason.NOT_JSON),
+        (1, reason),
+    ]
+    assert decoded.deals["deal_id"].to_list() == [10]
+
+
+def test_decode_deal_reads_every_column() -> None:
+    decoded = decode_messages(
+        [_deal(ts=1767605400125), _deal(type="deal", volume=2, price=3, entry="out")]
+    )
+    assert not decoded.rejections
+    assert not decoded.ticks.height
+    deals = decoded.deals
+    assert deals.drop("message", "before_tick").schema == pl.Schema(DEAL_FRAME_SCHEMA)
+    assert deals.row(0, named=True) == {
+        "account_id": 1001,
+        "ts": datetime(2026, 1, 5, 9, 30, 0, 125_000, UTC),
+        "deal_id": 9,
+        "position_id": 4,
+        "symbol": "EURUSD",
+        "side": "buy",
+        "volume": 1.5,
+        "price": 1.0843,
+        "entry": "in",
+        "message": 0,
+        "before_tick": 0,
+    }
+    assert deals["volume"].to_list() == [1.5, 2.0]
+    assert deals["entry"].to_list() == ["in", "out"]
+
+
+def test_decode_type_equity_is_a_tick_and_volume_boundary_is_one_hundredth() -> None:
+    decoded = decode_messages(
+        [_json(type="equity"), _deal(volume=0.006), _deal(volume=0.01)]
+    )
+    assert not decoded.rejections
+    assert decoded.ticks.height == 1
+    assert decoded.deals["volume"].to_list() == [0.006, 0.01]
+
+
+def test_before_tick_is_the_delivery_order() -> None:
+    values = [
+        _deal(deal_id=1),
+        _json(),
+        _json(),
+        _deal(deal_id=2),
+        b"bad",
+        _deal(deal_id=3),
+        _json(),
+        _deal(deal_id=4),
+    ]
+    decoded = decode_messages(values)
+    assert decoded.deals["deal_id"].to_list() == [1, 2, 3, 4]
+    assert decoded.deals["before_tick"].to_list() == [0, 2, 2, 3]
+    assert decoded.ticks.height == 3
+
+
+def _events() -> pl.DataFrame:
+    """Ticks and deals in one batch frame, ``type`` saying which."""
+    base = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+    rows = [
+        ("deal", 1, 0, 1, "EURUSD", "buy", 1.0, 1.1, "in", None),
+        (None, 1, 1, None, None, None, None, None, None, 100.0),
+        ("equity", 1, 2, None, None, None, None, None, None, 101.0),
+        ("deal", 1, 3, 2, "EURUSD", "sell", 0.0, 1.1, "out", None),  # bad volume
+        ("deal", 1, 4, 3, "EURUSD", "sell", 1.0, 1.1, "out", None),
+        ("quote", 1, 5, None, None, None, None, None, None, 1.0),  # unknown type
+        (None, 1, 6, None, None, None, None, None, None, 102.0),
+    ]
+    return pl.DataFrame(
+        {
+            "type": [r[0] for r in rows],
+            "account_id": [r[1] for r in rows],
+            "ts": [base.replace(second=r[2]) for r in rows],
+            "deal_id": [r[3] for r in rows],
+            "symbol": [r[4] for r in rows],
+            "side": [r[5] for r in rows],
+            "volume": [r[6] for r in rows],
+            "price": [r[7] for r in rows],
+            "entry": [r[8] for r in rows],
+            "position_id": [r[3] for r in rows],
+            "equity": [r[9] for r in rows],
+            "balance": [r[9] for r in rows],
+        }
+    )
+
+
+def test_decode_arrow_batch_carries_deals_in_order() -> None:
+    value = encode_arrow(_events())
+    decoded = decode_messages(
+        [_deal(deal_id=50), value, _json()], [None, ARROW_ENCODING, None]
+    )
+    assert decoded.ticks["equity"].to_list() == [100.0, 101.0, 102.0, 100_250.5]
+    assert decoded.deals["deal_id"].to_list() == [50, 1, 3]
+    assert decoded.deals["before_tick"].to_list() == [0, 0, 2]
+    assert decoded.deals["message"].to_list() == [0, 1, 1]
+    got = [(r.index, r.reason, r.rows) for r in decoded.rejections]
+    assert got == [(1, Reason.BAD_VOLUME, 1), (1, Reason.UNKNOWN_TYPE, 1)]
+    payload = decoded.rejections[0].payload
+    assert payload is not None
+    assert pl.read_ipc_stream(payload)["deal_id"].to_list() == [2]
+
+
+def test_decode_arrow_deal_only_batch_without_tick_columns() -> None:
+    deals = _events().filter(pl.col("type") == "deal").drop("equity", "balance")
+    decoded = decode_messages([encode_arrow(deals)], [ARROW_ENCODING])
+    assert decoded.deals["deal_id"].to_list() == [1, 3]
+    assert [r.reason for r in decoded.rejections] == [Reason.BAD_VOLUME]
+    # A tick row in such a batch lacks its equity: a missing field, not a bad batch.
+    mixed = _events().drop("equity")
+    decoded = decode_messages([encode_arrow(mixed)], [ARROW_ENCODING])
+    assert Reason.MISSING_FIELD in [r.reason for r in decoded.rejections]
+    assert not decoded.ticks.height
+
+
+def test_decode_deals_beyond_the_skew_bound_and_of_unknown_accounts() -> None:
+    values = [
+        _deal(ts="2026-01-05T12:04:00Z"),
+        _deal(ts="2026-01-11T12:00:00Z"),
+        _deal(account_id=7),
+    ]
+    decoded = decode_messages(
+        values, not_after=BOUND, known_accounts=pl.Series([1001], dtype=pl.Int64)
+    )
+    assert [(r.index, r.reason) for r in decoded.rejections] == [
+        (1, Reason.FUTURE_TS),
+        (2, Reason.UNKNOWN_ACCOUNT),
+    ]
+    assert decoded.deals["message"].to_list() == [0]
+
+
+def test_before_tick_across_json_chunks_of_ticks_only_and_with_deals() -> None:
+    # Chunk 1 holds ticks only (read with the tick columns), chunk 2 a deal and a
+    # value polars refuses (parsed one by one), chunk 3 ticks and a deal.
+    values = [_json(account_id=i) for i in range(2 * JSON_CHUNK + 5)]
+    values[JSON_CHUNK + 1] = _deal(deal_id=1)
+    values[JSON_CHUNK + 2] = b"{broken"
+    values[2 * JSON_CHUNK + 3] = _deal(deal_id=2)
+    decoded = decode_json(values)
+    assert [r.index for r in decoded.rejections] == [JSON_CHUNK + 2]
+    assert decoded.deals["deal_id"].to_list() == [1, 2]
+    assert decoded.deals["before_tick"].to_list() == [
+        JSON_CHUNK + 1,
+        2 * JSON_CHUNK + 1,
+    ]
+    assert decoded.ticks.height == 2 * JSON_CHUNK + 2

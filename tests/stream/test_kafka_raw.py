@@ -30,9 +30,11 @@ from kafka.structs import TopicPartition
 
 from prop_stream.kafka import ARROW_ENCODING, encode_arrow
 from prop_stream.kafka.decode import (
+    EMPTY_DECODED_DEALS,
     EMPTY_DECODED_TICKS,
     JSON_CHUNK,
     Decoded,
+    Rejection,
     decode_arrow,
     decode_arrow_many,
     decode_json,
@@ -140,6 +142,7 @@ def assert_same(
     assert [raw[i] for i in range(len(raw))] == records
     old, new = decode_old(records), decode_raw(raw)
     assert new.ticks.equals(old.ticks)
+    assert new.deals.equals(old.deals)
     assert new.rejections == old.rejections
 
 
@@ -213,6 +216,62 @@ bad_values = st.one_of(
     ),
 )
 
+DEAL = {
+    "type": "deal",
+    "account_id": 1001,
+    "ts": "2026-01-05T09:30:00.125Z",
+    "deal_id": 9,
+    "position_id": 4,
+    "symbol": "EURUSD",
+    "side": "buy",
+    "volume": 1.5,
+    "price": 1.0843,
+    "entry": "in",
+}
+good_deals = st.fixed_dictionaries(
+    {
+        "type": st.just("deal"),
+        "account_id": st.integers(-(2**63), 2**63 - 1),
+        "ts": timestamps,
+        "deal_id": st.integers(-(2**63), 2**63 - 1),
+        "position_id": st.integers(0, 10),
+        "symbol": st.text(min_size=1, max_size=6),
+        "side": st.sampled_from(["buy", "sell"]),
+        "volume": st.floats(0.006, 1e6),
+        "price": st.floats(1e-9, 1e9),
+        "entry": st.sampled_from(["in", "out"]),
+    },
+    optional={"equity": finite, "note": st.text(max_size=5)},
+).map(orjson.dumps)
+
+
+def _deal_with(**fields: object) -> bytes:
+    return orjson.dumps({k: v for k, v in {**DEAL, **fields}.items() if v is not ...})
+
+
+#: One malformed deal per reason, and some types.
+bad_deals = st.sampled_from(
+    [
+        _deal_with(side="long"),
+        _deal_with(entry="both"),
+        _deal_with(volume=0),
+        _deal_with(volume=0.005),
+        _deal_with(price=-1),
+        _deal_with(symbol=""),
+        _deal_with(symbol=...),
+        _deal_with(symbol=["x"]),
+        _deal_with(symbol=12),
+        _deal_with(side=True),
+        _deal_with(deal_id="9"),
+        _deal_with(position_id=None),
+        _deal_with(ts="soon"),
+        _deal_with(type="order"),
+        _deal_with(type=3),
+        _deal_with(type="equity"),  # a tick without equity: missing_field
+        _deal_with().replace(b'"volume":1.5', b'"volume":NaN'),
+    ]
+)
+
 _ARROW_OK = encode_arrow(
     pl.DataFrame(
         {
@@ -235,9 +294,31 @@ other_headers = st.sampled_from(
     ]
 )
 keys = st.one_of(st.none(), st.binary(max_size=8))
-json_messages = st.tuples(keys, st.one_of(good_ticks, bad_values), json_headers)
+json_messages = st.tuples(
+    keys, st.one_of(good_ticks, bad_values, good_deals, bad_deals), json_headers
+)
+_ARROW_DEALS = encode_arrow(
+    pl.DataFrame(
+        {
+            "type": ["deal", None, "deal", "deal", "equity", "swap"],
+            "account_id": [1, 1, 1, 2, 2, 2],
+            "ts": [1_767_605_400_000 + i for i in range(6)],
+            "equity": [None, 1.0, None, None, 2.0, 3.0],
+            "balance": [None, 1.0, None, None, 2.0, 3.0],
+            "deal_id": [1, None, 2, 3, None, None],
+            "position_id": [1, None, 1, 2, None, None],
+            "symbol": ["X", None, "X", "", None, None],
+            "side": ["buy", None, "sell", "buy", None, None],
+            "volume": [1.0, None, 1.0, 1.0, None, None],
+            "price": [1.0, None, 1.0, 1.0, None, None],
+            "entry": ["in", None, "out", "in", None, None],
+        }
+    )
+)
 other_messages = st.tuples(
-    keys, st.sampled_from([_ARROW_OK, b"not arrow", b"", None]), other_headers
+    keys,
+    st.sampled_from([_ARROW_OK, _ARROW_DEALS, b"not arrow", b"", None]),
+    other_headers,
 )
 
 
@@ -265,6 +346,41 @@ def test_mixed_encodings_decode_the_same(
     messages: list[Message], per_batch: int, takes: list[int]
 ) -> None:
     assert_same(build(messages, per_batch=per_batch), 0, takes)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (_deal_with(side="long"), "bad_side"),
+        (_deal_with(entry="both"), "bad_entry"),
+        (_deal_with(volume=-2.0), "bad_volume"),
+        (_deal_with(volume=0.004), "bad_volume"),
+        (_deal_with(price=0), "bad_price"),
+        (_deal_with(symbol=""), "bad_symbol"),
+        (_deal_with(symbol=...), "missing_field"),
+        (_deal_with(symbol={"a": 1}), "mistyped_field"),
+        (_deal_with(deal_id=1.5), "mistyped_field"),
+        (_deal_with(ts="soon"), "bad_ts"),
+        (_deal_with(type="order"), "unknown_type"),
+        (_deal_with().replace(b'"price":1.0843', b'"price":Infinity'), "not_finite"),
+    ],
+)
+def test_a_malformed_deal_is_rejected_alike_on_both_record_paths(
+    value: bytes, reason: str
+) -> None:
+    messages: list[Message] = [
+        (b"1001", _with(), []),
+        (b"1001", value, []),
+        (b"1001", _deal_with(deal_id=10), []),
+    ]
+    buffer = build(messages, per_batch=2)
+    records, _ = read_old(buffer, 0)
+    raw, _ = read_raw(buffer, 0)
+    for decoded in (decode_old(records), decode_raw(raw)):
+        assert [(r.index, r.reason) for r in decoded.rejections] == [(1, reason)]
+        assert decoded.deals["deal_id"].to_list() == [10]
+        assert decoded.deals["before_tick"].to_list() == [1]
+    assert_same(buffer)
 
 
 def _ticks(n: int, bad: dict[int, bytes | None]) -> list[Message]:
@@ -394,11 +510,18 @@ def test_batch_messages_together_equal_one_by_one(
         pl.Series("known", [0, 1, 2, 5, 2**31 - 1], dtype=pl.Int64) if known else None
     )
     items = [(i * 2 + 1, v) for i, v in enumerate(values)]
-    ticks, rejections = decode_arrow_many(items, known_accounts=accounts)
-    parts, expected = [], []
+    many = decode_arrow_many(items, known_accounts=accounts)
+    parts: list[pl.DataFrame] = []
+    deal_parts: list[pl.DataFrame] = []
+    expected: list[Rejection] = []
     for index, value in items:
-        one_ticks, one_rejections = decode_arrow(value, index, known_accounts=accounts)
-        parts.append(one_ticks)
-        expected.extend(one_rejections)
-    assert ticks.equals(pl.concat([EMPTY_DECODED_TICKS, *parts]))
-    assert rejections == expected
+        one = decode_arrow(value, index, known_accounts=accounts)
+        # before_tick counts the ticks of the whole call: shift each message's.
+        deal_parts.append(
+            one.deals.with_columns(pl.col("before_tick") + sum(p.height for p in parts))
+        )
+        parts.append(one.ticks)
+        expected.extend(one.rejections)
+    assert many.ticks.equals(pl.concat([EMPTY_DECODED_TICKS, *parts]))
+    assert many.deals.equals(pl.concat([EMPTY_DECODED_DEALS, *deal_parts]))
+    assert many.rejections == expected

@@ -96,12 +96,16 @@ def test_migrations_create_every_table_and_view(tmp_path: Path) -> None:
         "breaches",
         "source_offsets",
         "engine_checkpoints",
+        "deal_opens",
+        "flags",
     }
     assert expected <= {n for n, k in tables.items() if k == "BASE TABLE"}
     assert {n for n, k in tables.items() if k == "VIEW"} == {
         "risk_breaches_by_day_rule",
         "risk_challenges_by_status",
         "risk_phases_near_floor",
+        "risk_flags_by_customer_day",
+        "risk_flags",
     }
 
 

@@ -11,8 +11,9 @@ mod kafka;
 
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
+use crate::rules::deals::DealInput;
 use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
-use crate::rules::input::tick_columns;
+use crate::rules::input::{deal_rows, tick_columns};
 use crate::rules::output;
 
 create_exception!(
@@ -158,6 +159,7 @@ pub struct BatchResult {
     daily: Py<PyAny>,
     transitions: Py<PyAny>,
     counts: Py<PyDict>,
+    deal_opens: Py<PyAny>,
 }
 
 fn to_pyarrow(py: Python<'_>, batch: RecordBatch) -> PyResult<Py<PyAny>> {
@@ -226,39 +228,62 @@ impl Evaluator {
         self.engine.remove(account_id)
     }
 
-    /// Judge a batch of ticks (any Arrow stream with the engine's schema); the GIL is
-    /// released while the engine works.
-    fn process(&mut self, py: Python<'_>, ticks: PyTable) -> PyResult<BatchResult> {
+    /// Judge a batch of ticks (any Arrow stream with the engine's schema) and,
+    /// optionally, deals placed among them by their `before_tick` column; the GIL
+    /// is released while the engine works.
+    #[pyo3(signature = (ticks, deals = None))]
+    fn process(
+        &mut self,
+        py: Python<'_>,
+        ticks: PyTable,
+        deals: Option<PyTable>,
+    ) -> PyResult<BatchResult> {
         let (batches, _schema) = ticks.into_inner();
+        let deal_batches = deals.map(|d| d.into_inner().0).unwrap_or_default();
         let engine = &mut self.engine;
         let result = py.detach(|| {
             let chunks = batches
                 .iter()
                 .map(tick_columns)
                 .collect::<Result<Vec<TickColumns<'_>>, _>>()?;
-            let out = engine.run(&chunks)?;
+            let mut deal_inputs: Vec<DealInput<'_>> = Vec::new();
+            for b in &deal_batches {
+                deal_rows(b, &mut deal_inputs)?;
+            }
+            let out = engine.run_with_deals(&chunks, &deal_inputs)?;
             let engine = &*engine;
             Ok::<_, RuleError>((
                 output::breaches_batch(engine, &out.breaches),
                 output::metrics_batch(engine, &out.touched),
                 output::daily_batch(engine, &out.daily),
                 output::transitions_batch(engine, &out.transitions),
+                output::deal_opens_batch(&out.deal_opens),
                 out.counts,
+                out.deal_counts,
             ))
         });
-        let (breaches, metrics, daily, transitions, c) = result.map_err(|e| to_py(py, e))?;
+        let (breaches, metrics, daily, transitions, deal_opens, c, d) =
+            result.map_err(|e| to_py(py, e))?;
         let counts = PyDict::new(py);
         counts.set_item("evaluated", c.evaluated)?;
         counts.set_item("late", c.late)?;
         counts.set_item("unknown", c.unknown)?;
         counts.set_item("inactive", c.inactive)?;
         counts.set_item("invalid", c.invalid)?;
+        counts.set_item("deals", d.processed)?;
+        counts.set_item("late_deals", d.late)?;
+        counts.set_item("duplicate_deals", d.duplicate)?;
+        counts.set_item("unmatched_deals", d.unmatched)?;
+        counts.set_item("unknown_deals", d.unknown)?;
+        counts.set_item("inactive_deals", d.inactive)?;
+        counts.set_item("invalid_deals", d.invalid)?;
         Ok(BatchResult {
             breaches: to_pyarrow(py, breaches)?,
             metrics: to_pyarrow(py, metrics)?,
             daily: to_pyarrow(py, daily)?,
             transitions: to_pyarrow(py, transitions)?,
             counts: counts.unbind(),
+            deal_opens: to_pyarrow(py, deal_opens)?,
         })
     }
 

@@ -63,31 +63,111 @@ impl DayClock {
             NaiveDate::from_num_days_from_ce_opt(day + 1 + UNIX_EPOCH_CE_DAYS).unwrap_or_default();
         let wall =
             date.and_hms_opt(0, 0, 0).unwrap_or_default() - Duration::minutes(self.shift_minutes);
-        self.first_instant_at_or_after(wall)
+        first_instant_at_or_after(&self.tz, wall)
+    }
+}
+
+/// The first UTC instant (microseconds) whose local wall time in `tz` is at or
+/// after `wall`: in a DST gap the end of the gap, in a fold the first instant.
+fn first_instant_at_or_after(tz: &Tz, wall: NaiveDateTime) -> i64 {
+    match tz.from_local_datetime(&wall) {
+        LocalResult::Single(t) => t.timestamp_micros(),
+        LocalResult::Ambiguous(a, b) => a.timestamp_micros().min(b.timestamp_micros()),
+        LocalResult::None => {
+            // Inside a DST gap: the first valid wall minute after it is the
+            // transition instant itself.
+            for minutes in 1..=2 * 1440 {
+                match tz.from_local_datetime(&(wall + Duration::minutes(minutes))) {
+                    LocalResult::Single(t) => return t.timestamp_micros(),
+                    LocalResult::Ambiguous(a, b) => {
+                        return a.timestamp_micros().min(b.timestamp_micros())
+                    }
+                    LocalResult::None => {}
+                }
+            }
+            wall.and_utc().timestamp_micros()
+        }
+    }
+}
+
+/// The weekly `weekend_close` instants of one time zone (`rules.md`,
+/// `weekend_hold`): on every local date whose weekday is the close's, the first UTC
+/// instant whose local wall time is at or after the close's time, found as a day
+/// boundary is (the end of a DST gap, the first instant of a fold). The instants
+/// grow with the date, so "the latest W ≤ ts" and "the first W > ts" are each a
+/// walk over the dates next to `ts`'s local date.
+#[derive(Clone, Copy, Debug)]
+pub struct WeeklyClock {
+    tz: Tz,
+    weekday: u32,
+    minutes: u32,
+}
+
+impl WeeklyClock {
+    /// A clock for an IANA zone, a weekday (0 = Monday) and minutes after midnight.
+    ///
+    /// # Panics
+    /// If `timezone` is not a zone name; rule sets are validated before this.
+    #[must_use]
+    pub fn new(timezone: &str, weekday: u8, minutes: u16) -> Self {
+        let tz = Tz::from_str(timezone).expect("time zone validated with the rule set");
+        Self {
+            tz,
+            weekday: u32::from(weekday % 7),
+            minutes: u32::from(minutes),
+        }
     }
 
-    fn first_instant_at_or_after(&self, wall: NaiveDateTime) -> i64 {
-        match self.tz.from_local_datetime(&wall) {
-            LocalResult::Single(t) => t.timestamp_micros(),
-            LocalResult::Ambiguous(a, b) => a.timestamp_micros().min(b.timestamp_micros()),
-            LocalResult::None => {
-                // Inside a DST gap: the first valid wall minute after it is the
-                // transition instant itself.
-                for minutes in 1..=2 * 1440 {
-                    match self
-                        .tz
-                        .from_local_datetime(&(wall + Duration::minutes(minutes)))
-                    {
-                        LocalResult::Single(t) => return t.timestamp_micros(),
-                        LocalResult::Ambiguous(a, b) => {
-                            return a.timestamp_micros().min(b.timestamp_micros())
-                        }
-                        LocalResult::None => {}
-                    }
+    fn local_date(&self, ts_us: i64) -> NaiveDate {
+        let utc = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
+        utc.with_timezone(&self.tz).date_naive()
+    }
+
+    /// The instant of the close on local date `date`.
+    fn on(&self, date: NaiveDate) -> i64 {
+        let wall = date
+            .and_hms_opt(self.minutes / 60, self.minutes % 60, 0)
+            .unwrap_or_default();
+        first_instant_at_or_after(&self.tz, wall)
+    }
+
+    fn is_close_day(&self, date: NaiveDate) -> bool {
+        date.weekday().num_days_from_monday() == self.weekday
+    }
+
+    /// The latest weekly instant `W ≤ ts_us`.
+    #[must_use]
+    pub fn latest_at_or_before(&self, ts_us: i64) -> i64 {
+        let local = self.local_date(ts_us);
+        // The close on the day after `ts`'s local date can still be ≤ ts (a close
+        // late in the evening inside a DST gap ends at the gap's end); from there
+        // down, the first close ≤ ts is the latest one.
+        for back in 0..16 {
+            let date = local + Duration::days(1 - back);
+            if self.is_close_day(date) {
+                let w = self.on(date);
+                if w <= ts_us {
+                    return w;
                 }
-                wall.and_utc().timestamp_micros()
             }
         }
+        i64::MIN
+    }
+
+    /// The first weekly instant `W > ts_us`.
+    #[must_use]
+    pub fn first_after(&self, ts_us: i64) -> i64 {
+        let local = self.local_date(ts_us);
+        for ahead in 0..16 {
+            let date = local + Duration::days(ahead - 1);
+            if self.is_close_day(date) {
+                let w = self.on(date);
+                if w > ts_us {
+                    return w;
+                }
+            }
+        }
+        i64::MAX
     }
 }
 
@@ -138,6 +218,58 @@ mod tests {
         assert_eq!(c.day_end(day("2026-10-25")), us("2026-10-25T00:30:00Z"));
         assert_eq!(c.locate(us("2026-10-25T01:10:00Z")).0, day("2026-10-26"));
         assert_eq!(c.locate(us("2026-10-25T00:29:59Z")).0, day("2026-10-25"));
+    }
+
+    #[test]
+    fn weekly_close_in_utc() {
+        // 2026-01-09 is a Friday.
+        let w = WeeklyClock::new("UTC", 4, 22 * 60);
+        let fri = us("2026-01-09T22:00:00Z");
+        assert_eq!(w.latest_at_or_before(fri), fri);
+        assert_eq!(w.latest_at_or_before(fri - 1), fri - 7 * 86_400_000_000);
+        assert_eq!(w.first_after(fri - 1), fri);
+        assert_eq!(w.first_after(fri), fri + 7 * 86_400_000_000);
+        assert_eq!(w.latest_at_or_before(us("2026-01-12T08:00:00Z")), fri);
+    }
+
+    #[test]
+    fn weekly_close_follows_dst() {
+        // New York springs forward on Sunday 2026-03-08: Friday 03-06 17:00 EST is
+        // 22:00 UTC, Friday 03-13 17:00 EDT is 21:00 UTC.
+        let w = WeeklyClock::new("America/New_York", 4, 17 * 60);
+        assert_eq!(
+            w.first_after(us("2026-03-06T12:00:00Z")),
+            us("2026-03-06T22:00:00Z")
+        );
+        assert_eq!(
+            w.first_after(us("2026-03-06T22:00:00Z")),
+            us("2026-03-13T21:00:00Z")
+        );
+        assert_eq!(
+            w.latest_at_or_before(us("2026-03-13T21:59:00Z")),
+            us("2026-03-13T21:00:00Z")
+        );
+        assert_eq!(
+            w.latest_at_or_before(us("2026-03-13T20:59:59Z")),
+            us("2026-03-06T22:00:00Z")
+        );
+        // London springs forward on Sunday 2026-03-29 at 01:00 UTC: a close at
+        // Sunday 01:30 falls in the gap and is the gap's end, 01:00 UTC.
+        let london = WeeklyClock::new("Europe/London", 6, 90);
+        assert_eq!(
+            london.first_after(us("2026-03-28T12:00:00Z")),
+            us("2026-03-29T01:00:00Z")
+        );
+        // London falls back on Sunday 2026-10-25: 01:30 happens twice, the first
+        // (00:30 UTC) is the close.
+        assert_eq!(
+            london.first_after(us("2026-10-24T12:00:00Z")),
+            us("2026-10-25T00:30:00Z")
+        );
+        assert_eq!(
+            london.latest_at_or_before(us("2026-10-25T01:10:00Z")),
+            us("2026-10-25T00:30:00Z")
+        );
     }
 
     #[test]

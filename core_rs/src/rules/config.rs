@@ -46,6 +46,86 @@ pub enum TotalLossMode {
     TrailingEod,
 }
 
+/// What counts as a trading day (`rules.md`, deal rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TradingDayBasis {
+    /// A local day on which some tick shows activity.
+    Activity,
+    /// A local day on which at least one `in` deal was executed.
+    Deals,
+}
+
+/// What a deal-rule violation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DealViolationAction {
+    /// A critical breach that fails the phase.
+    Fail,
+    /// A warning; the phase goes on.
+    Flag,
+}
+
+/// A weekly instant `"DDD HH:MM"`, local to the phase's time zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeekendClose {
+    /// Day of the week, 0 = Monday … 6 = Sunday.
+    pub weekday: u8,
+    /// Minutes after local midnight.
+    pub minutes: u16,
+}
+
+/// Day names of `weekend_close`, Monday first.
+pub const WEEKDAYS: [&str; 7] = ["MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+
+impl WeekendClose {
+    fn parse(value: &RuleValue) -> RuleResult<Self> {
+        let err = || {
+            RuleError::invalid(
+                "weekend_close",
+                format!(
+                    "must be \"DDD HH:MM\" (DDD one of MON…SUN) or null, got {}",
+                    describe(value)
+                ),
+            )
+        };
+        let RuleValue::Str(s) = value else {
+            return Err(err());
+        };
+        if s.len() != 9 || !s.is_ascii() || s.as_bytes()[3] != b' ' {
+            return Err(err());
+        }
+        let weekday = WEEKDAYS
+            .iter()
+            .position(|d| *d == &s[..3])
+            .ok_or_else(err)?;
+        let minutes = parse_hh_mm(&s[4..]).ok_or_else(err)?;
+        Ok(Self {
+            weekday: u8::try_from(weekday).unwrap_or(0),
+            minutes,
+        })
+    }
+
+    /// The `"DDD HH:MM"` text.
+    #[must_use]
+    pub fn text(&self) -> String {
+        format!(
+            "{} {:02}:{:02}",
+            WEEKDAYS[usize::from(self.weekday) % 7],
+            self.minutes / 60,
+            self.minutes % 60
+        )
+    }
+}
+
+/// A deal's volume (or `max_open_lots`) in whole hundredths of a lot:
+/// `round_half_even(x × 100)` in binary64 (`rules.md`, deal events).
+#[must_use]
+#[allow(clippy::cast_possible_truncation)]
+pub fn hundredths(lots: f64) -> i64 {
+    // Finite lots below 2^53 / 100 convert exactly; larger ones saturate, which
+    // no real volume reaches.
+    (lots * 100.0).round_ties_even() as i64
+}
+
 /// A rule value as it arrives from Python or JSON, before validation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RuleValue {
@@ -92,10 +172,20 @@ pub struct RuleSet {
     pub timezone: String,
     /// Local time (minutes after midnight) at which a trading day starts.
     pub day_rollover_minutes: u16,
+    /// What counts as a trading day.
+    pub trading_day_basis: TradingDayBasis,
+    /// Open lots must stay ≤ this.
+    pub max_open_lots: Option<f64>,
+    /// A position closed sooner than this many seconds after it opened violates.
+    pub min_hold_seconds: Option<i64>,
+    /// Positions may not be held across this weekly instant.
+    pub weekend_close: Option<WeekendClose>,
+    /// What a deal-rule violation does.
+    pub deal_violation_action: DealViolationAction,
 }
 
 /// Every rule name, in the order of `rules.md`.
-pub const RULE_NAMES: [&str; 14] = [
+pub const RULE_NAMES: [&str; 19] = [
     "initial_balance",
     "profit_target",
     "max_daily_loss",
@@ -110,6 +200,11 @@ pub const RULE_NAMES: [&str; 14] = [
     "warning_level",
     "timezone",
     "day_rollover",
+    "trading_day_basis",
+    "max_open_lots",
+    "min_hold_seconds",
+    "weekend_close",
+    "deal_violation_action",
 ];
 
 impl Default for RuleSet {
@@ -131,6 +226,11 @@ impl Default for RuleSet {
             warning_level: None,
             timezone: "UTC".to_owned(),
             day_rollover_minutes: 0,
+            trading_day_basis: TradingDayBasis::Activity,
+            max_open_lots: None,
+            min_hold_seconds: None,
+            weekend_close: None,
+            deal_violation_action: DealViolationAction::Fail,
         }
     }
 }
@@ -220,6 +320,11 @@ fn parse_rollover(value: &RuleValue) -> RuleResult<u16> {
     let RuleValue::Str(s) = value else {
         return Err(err());
     };
+    parse_hh_mm(s).ok_or_else(err)
+}
+
+/// `HH:MM` (two digits each, `HH < 24`, `MM < 60`) as minutes after midnight.
+fn parse_hh_mm(s: &str) -> Option<u16> {
     let b = s.as_bytes();
     if b.len() != 5
         || b[2] != b':'
@@ -228,14 +333,14 @@ fn parse_rollover(value: &RuleValue) -> RuleResult<u16> {
             .enumerate()
             .all(|(i, c)| i == 2 || c.is_ascii_digit())
     {
-        return Err(err());
+        return None;
     }
     let hours = u16::from(b[0] - b'0') * 10 + u16::from(b[1] - b'0');
     let minutes = u16::from(b[3] - b'0') * 10 + u16::from(b[4] - b'0');
     if hours > 23 || minutes > 59 {
-        return Err(err());
+        return None;
     }
-    Ok(hours * 60 + minutes)
+    Some(hours * 60 + minutes)
 }
 
 impl RuleSet {
@@ -348,6 +453,69 @@ impl RuleSet {
                     rules.timezone.clone_from(s);
                 }
                 "day_rollover" => rules.day_rollover_minutes = parse_rollover(&value)?,
+                "trading_day_basis" => {
+                    rules.trading_day_basis = choice(
+                        field,
+                        &value,
+                        &[
+                            ("activity", TradingDayBasis::Activity),
+                            ("deals", TradingDayBasis::Deals),
+                        ],
+                    )?;
+                }
+                "max_open_lots" => {
+                    rules.max_open_lots = if value == RuleValue::Null {
+                        None
+                    } else {
+                        let x = number(field, &value)?;
+                        if x <= 0.0 {
+                            return Err(RuleError::invalid(
+                                field,
+                                format!("must be a number > 0 or null, got {}", describe(&value)),
+                            ));
+                        }
+                        // A limit that rounds to 0 hundredths is refused, like a volume.
+                        if hundredths(x) < 1 {
+                            return Err(RuleError::invalid(
+                                field,
+                                format!("must be at least 0.01 lots, got {}", describe(&value)),
+                            ));
+                        }
+                        Some(x)
+                    };
+                }
+                "min_hold_seconds" => {
+                    rules.min_hold_seconds = if value == RuleValue::Null {
+                        None
+                    } else {
+                        let n = integer(field, &value)?;
+                        // Bounded so that `n × 1 000 000` µs never overflows.
+                        if n <= 0 || n > 1_000_000_000_000 {
+                            return Err(RuleError::invalid(
+                                field,
+                                format!("must be an integer > 0 or null, got {n}"),
+                            ));
+                        }
+                        Some(n)
+                    };
+                }
+                "weekend_close" => {
+                    rules.weekend_close = if value == RuleValue::Null {
+                        None
+                    } else {
+                        Some(WeekendClose::parse(&value)?)
+                    };
+                }
+                "deal_violation_action" => {
+                    rules.deal_violation_action = choice(
+                        field,
+                        &value,
+                        &[
+                            ("fail", DealViolationAction::Fail),
+                            ("flag", DealViolationAction::Flag),
+                        ],
+                    )?;
+                }
                 other => {
                     return Err(RuleError::invalid(
                         other,
@@ -422,7 +590,38 @@ impl RuleSet {
                     self.day_rollover_minutes % 60
                 )),
             ),
+            (
+                "trading_day_basis",
+                s(match self.trading_day_basis {
+                    TradingDayBasis::Activity => "activity",
+                    TradingDayBasis::Deals => "deals",
+                }),
+            ),
+            ("max_open_lots", opt(self.max_open_lots)),
+            (
+                "min_hold_seconds",
+                self.min_hold_seconds
+                    .map_or(RuleValue::Null, RuleValue::Int),
+            ),
+            (
+                "weekend_close",
+                self.weekend_close
+                    .map_or(RuleValue::Null, |w| RuleValue::Str(w.text())),
+            ),
+            (
+                "deal_violation_action",
+                s(match self.deal_violation_action {
+                    DealViolationAction::Fail => "fail",
+                    DealViolationAction::Flag => "flag",
+                }),
+            ),
         ]
+    }
+
+    /// `max_open_lots` in hundredths, converted like a deal's volume.
+    #[must_use]
+    pub fn max_open_hundredths(&self) -> Option<i64> {
+        self.max_open_lots.map(hundredths)
     }
 }
 
@@ -465,6 +664,19 @@ mod tests {
             ("min_trading_days", RuleValue::Int(-1)),
             ("total_loss_mode", RuleValue::Str("sometimes".into())),
             ("bogus_rule", RuleValue::Int(1)),
+            ("trading_day_basis", RuleValue::Str("ticks".into())),
+            ("max_open_lots", RuleValue::Float(0.004)),
+            ("max_open_lots", RuleValue::Int(0)),
+            ("max_open_lots", RuleValue::Float(f64::NAN)),
+            ("min_hold_seconds", RuleValue::Int(0)),
+            ("min_hold_seconds", RuleValue::Float(1.5)),
+            ("min_hold_seconds", RuleValue::Bool(true)),
+            ("weekend_close", RuleValue::Str("fri 22:00".into())),
+            ("weekend_close", RuleValue::Str("FRI 24:00".into())),
+            ("weekend_close", RuleValue::Str("FRI 22:00 ".into())),
+            ("weekend_close", RuleValue::Str("FRI22:00".into())),
+            ("weekend_close", RuleValue::Int(5)),
+            ("deal_violation_action", RuleValue::Str("pause".into())),
         ];
         for (field, value) in cases {
             let err = RuleSet::from_pairs(pairs(&[(field, value)])).unwrap_err();
@@ -480,8 +692,31 @@ mod tests {
             ("day_rollover", RuleValue::Str("17:05".into())),
             ("max_days", RuleValue::Int(30)),
             ("total_loss_mode", RuleValue::Str("trailing_eod".into())),
+            ("trading_day_basis", RuleValue::Str("deals".into())),
+            ("max_open_lots", RuleValue::Float(2.5)),
+            ("min_hold_seconds", RuleValue::Int(60)),
+            ("weekend_close", RuleValue::Str("FRI 22:00".into())),
+            ("deal_violation_action", RuleValue::Str("flag".into())),
         ]))
         .unwrap();
         assert_eq!(RuleSet::from_pairs(r.to_pairs()).unwrap(), r);
+        assert_eq!(
+            r.weekend_close,
+            Some(WeekendClose {
+                weekday: 4,
+                minutes: 22 * 60
+            })
+        );
+        assert_eq!(r.max_open_hundredths(), Some(250));
+    }
+
+    #[test]
+    fn hundredths_round_half_even_in_binary64() {
+        assert_eq!(hundredths(1.005), 100); // 100.49999… in binary64
+        assert_eq!(hundredths(0.125), 12);
+        assert_eq!(hundredths(0.135), 14);
+        assert_eq!(hundredths(0.004), 0);
+        assert_eq!(hundredths(0.005), 0); // 0.5 ties to even
+        assert_eq!(hundredths(0.015), 2); // 1.5 ties to even
     }
 }

@@ -4,11 +4,13 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RuleError, RuleResult};
-use crate::rules::calendar::DayClock;
+use crate::rules::calendar::{DayClock, WeeklyClock};
 use crate::rules::config::{
-    DailyLossAction, DailyLossBase, DailyReference, RuleSet, TotalLossMode,
+    DailyLossAction, DailyLossBase, DailyReference, DealViolationAction, RuleSet, TotalLossMode,
+    TradingDayBasis,
 };
-use crate::rules::output::{BatchOutput, BreachRow, DailyRow, TransitionRow};
+use crate::rules::deals::{Deal, DealInput, DealState, Entry, Update};
+use crate::rules::output::{BatchOutput, BreachRow, DailyRow, DealOpen, TransitionRow};
 
 /// Round to the cent, half to even, in binary64 (`rules.md`, definitions).
 #[inline]
@@ -97,6 +99,12 @@ pub enum Rule {
     MaxLossWarning,
     /// Daily loss at or past the warning level.
     DailyLossWarning,
+    /// Open lots above `max_open_lots` after an `in` deal.
+    MaxPositionSize,
+    /// A position closed sooner than `min_hold_seconds` after it opened.
+    ShortHold,
+    /// A position held across the weekly `weekend_close`.
+    WeekendHold,
 }
 
 impl Rule {
@@ -109,14 +117,21 @@ impl Rule {
             Self::DailyLoss => "daily_loss",
             Self::MaxLossWarning => "max_loss_warning",
             Self::DailyLossWarning => "daily_loss_warning",
+            Self::MaxPositionSize => "max_position_size",
+            Self::ShortHold => "short_hold",
+            Self::WeekendHold => "weekend_hold",
         }
     }
 
-    /// `critical` or `warning`.
+    /// `critical` or `warning`: a deal rule's depends on `deal_violation_action`,
+    /// which its breach's action shows (`notify` under `flag`).
     #[must_use]
-    pub fn severity(self) -> &'static str {
-        match self {
-            Self::MaxLossWarning | Self::DailyLossWarning => "warning",
+    pub fn severity(self, action: Action) -> &'static str {
+        match (self, action) {
+            (Self::MaxLossWarning | Self::DailyLossWarning, _)
+            | (Self::MaxPositionSize | Self::ShortHold | Self::WeekendHold, Action::Notify) => {
+                "warning"
+            }
             _ => "critical",
         }
     }
@@ -205,6 +220,16 @@ pub struct PhaseState {
     breach_seq: u32,
     max_warning: Option<OpenWarning>,
     daily_warning: Option<OpenWarning>,
+    /// The `ts` of the last processed event, tick or deal (lateness is judged
+    /// against it; `last_ts` stays the last evaluated tick's, for the metrics).
+    last_event_ts: i64,
+    /// The first weekly `weekend_close` instant after `last_event_ts` while
+    /// positions are open, else `i64::MAX`: the one number a tick compares to
+    /// know whether `weekend_hold` has anything to judge.
+    next_weekend: i64,
+    /// Whether a deal was processed since the last evaluated tick (then the same
+    /// tick again is a new observation, not a duplicate).
+    deal_since_tick: bool,
 }
 
 impl OpenWarning {
@@ -256,6 +281,9 @@ impl PhaseState {
             breach_seq: 0,
             max_warning: None,
             daily_warning: None,
+            last_event_ts: i64::MIN,
+            next_weekend: i64::MAX,
+            deal_since_tick: false,
         }
     }
 
@@ -299,6 +327,9 @@ pub struct Phase {
     pub state: PhaseState,
     derived: Derived,
     touched_epoch: u64,
+    /// Deal state (cold: deals and the rare weekend check only); `None` until the
+    /// first deal reaches the phase.
+    deals: Option<Box<DealState>>,
 }
 
 /// Levels of the current tick, shared by the rules and the metrics.
@@ -314,13 +345,45 @@ pub struct Levels {
 }
 
 impl Phase {
-    fn new(spec: PhaseSpec, state: PhaseState) -> Self {
+    fn new(spec: PhaseSpec, state: PhaseState, deals: Option<DealState>) -> Self {
         let derived = Derived::new(&spec);
         Self {
             spec,
             state,
             derived,
             touched_epoch: 0,
+            deals: deals.map(Box::new),
+        }
+    }
+
+    /// The account's deal state, if a deal ever reached the phase.
+    #[must_use]
+    pub fn deals(&self) -> Option<&DealState> {
+        self.deals.as_deref()
+    }
+
+    /// Open lots in hundredths and open positions.
+    #[must_use]
+    pub fn open_positions(&self) -> (i64, usize) {
+        self.deals
+            .as_deref()
+            .map_or((0, 0), |d| (d.open_hundredths(), d.positions.len()))
+    }
+
+    /// The weekly `weekend_close` clock, built when needed: only deals and the
+    /// rare tick that crosses a close use it, so `Derived` (read by every tick)
+    /// does not carry it.
+    fn weekly(&self) -> Option<WeeklyClock> {
+        let r = &self.spec.rules;
+        r.weekend_close
+            .map(|w| WeeklyClock::new(&r.timezone, w.weekday, w.minutes))
+    }
+
+    #[inline]
+    fn touch(&mut self, slot: u32, epoch: u64, out: &mut BatchOutput) {
+        if self.touched_epoch != epoch {
+            self.touched_epoch = epoch;
+            out.touched.push(slot);
         }
     }
 
@@ -374,21 +437,25 @@ impl Phase {
             out.counts.inactive += 1;
             return;
         }
-        if t < self.spec.started_at_us || t < self.state.last_ts {
+        if t < self.spec.started_at_us || t < self.state.last_event_ts {
             self.state.late_ticks += 1;
             out.counts.late += 1;
             return;
         }
-        if self.touched_epoch != epoch {
-            self.touched_epoch = epoch;
-            out.touched.push(slot);
+        if t >= self.state.next_weekend && self.weekend_hold(slot, t, self.open_positions().0, out)
+        {
+            // The phase failed at the weekly close: this tick came after its end.
+            self.touch(slot, epoch, out);
+            out.counts.inactive += 1;
+            return;
         }
+        self.touch(slot, epoch, out);
         out.counts.evaluated += 1;
         let st = &mut self.state;
-        if t == st.last_ts && equity == st.equity && balance == st.balance {
+        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick {
             // An exact duplicate changes nothing (rules.md step 1). Judging it again
             // could: a tick that paused the day skipped the warnings, its twin
-            // would not.
+            // would not. After a deal the same values are a new observation.
             st.ticks += 1;
             return;
         }
@@ -478,7 +545,9 @@ impl Phase {
             st.daily_start_equity = equity;
             st.daily_start_balance = balance;
             st.day_min_equity = equity;
-            st.day_counted = false;
+            // Under the deals basis ticks never count a trading day: the day
+            // starts as counted for them (deals count theirs apart).
+            st.day_counted = rules.trading_day_basis == TradingDayBasis::Deals;
             st.day_paused = false;
             st.daily_warning_fired = false;
         }
@@ -491,6 +560,8 @@ impl Phase {
         }
         st.ticks += 1;
         st.last_ts = ts;
+        st.last_event_ts = ts;
+        st.deal_since_tick = false;
         st.equity = equity;
         st.balance = balance;
         st.day_min_equity = st.day_min_equity.min(equity);
@@ -626,6 +697,183 @@ impl Phase {
         }
     }
 
+    /// `weekend_hold` for an event at `ts ≥ next_weekend` (`rules.md`): positions
+    /// are open and a weekly close W with `last event < W ≤ ts` passed, so they
+    /// were held at W. Records the violation at W; returns whether the phase
+    /// failed (then the event is not processed).
+    #[cold]
+    #[inline(never)]
+    fn weekend_hold(&mut self, slot: u32, ts: i64, open: i64, out: &mut BatchOutput) -> bool {
+        let Some(weekly) = self.weekly() else {
+            self.state.next_weekend = i64::MAX;
+            return false;
+        };
+        let w = weekly.latest_at_or_before(ts);
+        #[allow(clippy::cast_precision_loss)]
+        let lots = open as f64 / 100.0;
+        let failed = self.deal_violation(slot, Rule::WeekendHold, 0.0, lots, w, out);
+        // The event is processed under `flag` (it becomes the last event): the
+        // next close to watch is the first after it.
+        self.state.next_weekend = if failed {
+            i64::MAX
+        } else {
+            weekly.first_after(ts)
+        };
+        failed
+    }
+
+    /// Record a deal-rule violation; returns whether it failed the phase. Under
+    /// `deal_violation_action = fail` a critical breach fails the phase at `ts`;
+    /// under `flag` a warning with action `notify`. Never resolved.
+    fn deal_violation(
+        &mut self,
+        slot: u32,
+        rule: Rule,
+        threshold: f64,
+        actual: f64,
+        ts: i64,
+        out: &mut BatchOutput,
+    ) -> bool {
+        let seq = self.next_seq();
+        let fail = self.spec.rules.deal_violation_action == DealViolationAction::Fail;
+        let action = if fail {
+            Action::PhaseFailed
+        } else {
+            Action::Notify
+        };
+        out.breaches.push(BreachRow::new(
+            slot, seq, rule, threshold, actual, action, ts,
+        ));
+        if fail {
+            self.state.status = Status::Failed;
+            self.state.status_ts = Some(ts);
+            self.state.next_weekend = i64::MAX;
+            out.transitions.push(TransitionRow {
+                slot,
+                status: Status::Failed,
+                ts,
+            });
+        }
+        fail
+    }
+
+    /// Judge one valid deal of this phase's account (`rules.md`, "Deal rules";
+    /// the order of the checks is docs/rules.md's).
+    fn deal(&mut self, slot: u32, epoch: u64, d: &Deal<'_>, out: &mut BatchOutput) {
+        if self.state.status != Status::Active {
+            out.deal_counts.inactive += 1;
+            return;
+        }
+        let mut ds = self
+            .deals
+            .take()
+            .unwrap_or_else(|| Box::new(DealState::new()));
+        self.judge_deal(slot, epoch, &mut ds, d, out);
+        self.deals = Some(ds);
+    }
+
+    fn judge_deal(
+        &mut self,
+        slot: u32,
+        epoch: u64,
+        ds: &mut DealState,
+        d: &Deal<'_>,
+        out: &mut BatchOutput,
+    ) {
+        // A repeated deal_id is a duplicate, never late, and changes nothing else.
+        if ds.is_duplicate(d.deal_id) {
+            ds.duplicate_deals += 1;
+            out.deal_counts.duplicate += 1;
+            return;
+        }
+        if d.ts < self.spec.started_at_us || d.ts < self.state.last_event_ts {
+            ds.late_deals += 1;
+            out.deal_counts.late += 1;
+            return;
+        }
+        if d.ts >= self.state.next_weekend {
+            if self.weekend_hold(slot, d.ts, ds.open_hundredths(), out) {
+                self.touch(slot, epoch, out);
+                out.deal_counts.inactive += 1;
+                return;
+            }
+        }
+
+        // Processed: counted, its deal_id taken, the last event time moves.
+        out.deal_counts.processed += 1;
+        ds.deals += 1;
+        ds.take_id(d.deal_id);
+        self.state.last_event_ts = d.ts;
+        self.state.deal_since_tick = true;
+        self.touch(slot, epoch, out);
+        if d.entry == Entry::In {
+            out.deal_opens.push(DealOpen {
+                account_id: d.account_id,
+                deal_id: d.deal_id,
+                ts: d.ts,
+                symbol: d.symbol.to_owned(),
+                side: d.side,
+            });
+            // 1. Under the deals basis an `in` deal marks its local day a trading
+            // day. Processed deals come in `ts` order, so a day not yet counted
+            // is one that starts after the last counted one ends.
+            if self.spec.rules.trading_day_basis == TradingDayBasis::Deals
+                && d.ts >= ds.deal_day_end
+            {
+                let (_, end) = self.derived.clock.locate(d.ts);
+                ds.deal_day_end = end;
+                self.state.trading_days += 1;
+            }
+        }
+
+        // 2. The position update (weekend_hold was judged above).
+        let update = ds.apply(d);
+        if let Some(weekly) = self.weekly() {
+            self.state.next_weekend = if ds.positions.is_empty() {
+                i64::MAX
+            } else {
+                weekly.first_after(d.ts)
+            };
+        }
+        match update {
+            Update::Unmatched => {
+                ds.unmatched_deals += 1;
+                out.deal_counts.unmatched += 1;
+            }
+            Update::In(i) => {
+                // 3. max_position_size, once per position (per opening).
+                let open = ds.open_hundredths();
+                if let Some(limit) = self.spec.rules.max_open_hundredths() {
+                    if open > limit && !ds.positions[i].size_recorded {
+                        ds.positions[i].size_recorded = true;
+                        #[allow(clippy::cast_precision_loss)]
+                        let (threshold, actual) = (limit as f64 / 100.0, open as f64 / 100.0);
+                        self.deal_violation(
+                            slot,
+                            Rule::MaxPositionSize,
+                            threshold,
+                            actual,
+                            d.ts,
+                            out,
+                        );
+                    }
+                }
+            }
+            Update::Closed { opened_at } => {
+                // 4. short_hold, compared in microseconds exactly.
+                if let Some(min) = self.spec.rules.min_hold_seconds {
+                    let held = d.ts - opened_at;
+                    if held < min * 1_000_000 {
+                        #[allow(clippy::cast_precision_loss)]
+                        let (threshold, actual) = (min as f64, held as f64 / 1_000_000.0);
+                        self.deal_violation(slot, Rule::ShortHold, threshold, actual, d.ts, out);
+                    }
+                }
+            }
+            Update::Reduced => {}
+        }
+    }
+
     /// The best day's profit so far, the current day included.
     #[must_use]
     pub fn best_day_profit(&self) -> f64 {
@@ -645,6 +893,47 @@ pub struct TickColumns<'a> {
     pub equity: &'a [f64],
     /// Balance.
     pub balance: &'a [f64],
+}
+
+impl TickColumns<'_> {
+    /// Rows `start..end` (in bounds: checked by the caller).
+    fn slice(&self, start: usize, end: usize) -> Self {
+        Self {
+            account_id: &self.account_id[start..end],
+            ts: &self.ts[start..end],
+            equity: &self.equity[start..end],
+            balance: &self.balance[start..end],
+        }
+    }
+
+    fn check_lengths(&self) -> RuleResult<usize> {
+        let n = self.account_id.len();
+        if self.ts.len() != n || self.equity.len() != n || self.balance.len() != n {
+            return Err(RuleError::BadBatch("columns differ in length".to_owned()));
+        }
+        Ok(n)
+    }
+}
+
+/// Deal counts of one `process` call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DealCounts {
+    /// Deals processed (positions updated, rules judged), `unmatched` included.
+    pub processed: u64,
+    /// Deals older than their account's last processed event, or before its
+    /// phase start.
+    pub late: u64,
+    /// Deals whose `deal_id` the account already processed.
+    pub duplicate: u64,
+    /// Processed `out` deals for a position that was not open.
+    pub unmatched: u64,
+    /// Deals of accounts without a registered phase.
+    pub unknown: u64,
+    /// Deals of phases that already ended (or that revealed a `weekend_hold`
+    /// failure).
+    pub inactive: u64,
+    /// Deals with a null or invalid value.
+    pub invalid: u64,
 }
 
 /// Tick counts of one `process` call.
@@ -709,10 +998,143 @@ pub struct Engine {
     scratch_ticks: Vec<(i64, f64, f64)>,
 }
 
-/// The serialized form of an [`Engine`].
+/// The serialized form of an [`Engine`] (format v2: with deal state).
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
-    phases: Vec<(PhaseSpec, PhaseState)>,
+    phases: Vec<(PhaseSpec, PhaseState, Option<DealState>)>,
+}
+
+/// Snapshot format v1 (before deals), read to restore old checkpoints: the
+/// same fields in the same order as the types of that time, so bincode reads
+/// them; converted to today's types with the deal fields at their defaults.
+mod v1 {
+    use serde::Deserialize;
+
+    use super::{OpenWarning, PhaseSpec, PhaseState, Status};
+    use crate::rules::config::{
+        DailyLossAction, DailyLossBase, DailyReference, RuleSet, TotalLossMode,
+    };
+
+    #[derive(Deserialize)]
+    pub(super) struct Snapshot {
+        pub(super) phases: Vec<(Spec, State)>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Rules {
+        initial_balance: f64,
+        profit_target: Option<f64>,
+        max_daily_loss: Option<f64>,
+        daily_reference: DailyReference,
+        daily_loss_base: DailyLossBase,
+        daily_loss_action: DailyLossAction,
+        max_total_loss: Option<f64>,
+        total_loss_mode: TotalLossMode,
+        min_trading_days: u32,
+        max_days: Option<u32>,
+        max_best_day_share: Option<f64>,
+        warning_level: Option<f64>,
+        timezone: String,
+        day_rollover_minutes: u16,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Spec {
+        account_id: i64,
+        challenge_id: String,
+        phase_index: i32,
+        started_at_us: i64,
+        rules: Rules,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(clippy::struct_excessive_bools)]
+    pub(super) struct State {
+        status: Status,
+        status_ts: Option<i64>,
+        ticks: u64,
+        late_ticks: u64,
+        last_ts: i64,
+        equity: f64,
+        balance: f64,
+        day: i32,
+        next_boundary: i64,
+        daily_start_equity: f64,
+        daily_start_balance: f64,
+        day_min_equity: f64,
+        day_counted: bool,
+        day_paused: bool,
+        daily_warning_fired: bool,
+        day_dirty: bool,
+        hwm: f64,
+        trading_days: u32,
+        best_closed_day: f64,
+        breach_seq: u32,
+        max_warning: Option<OpenWarning>,
+        daily_warning: Option<OpenWarning>,
+    }
+
+    impl From<Spec> for PhaseSpec {
+        fn from(s: Spec) -> Self {
+            let r = s.rules;
+            Self {
+                account_id: s.account_id,
+                challenge_id: s.challenge_id,
+                phase_index: s.phase_index,
+                started_at_us: s.started_at_us,
+                rules: RuleSet {
+                    initial_balance: r.initial_balance,
+                    profit_target: r.profit_target,
+                    max_daily_loss: r.max_daily_loss,
+                    daily_reference: r.daily_reference,
+                    daily_loss_base: r.daily_loss_base,
+                    daily_loss_action: r.daily_loss_action,
+                    max_total_loss: r.max_total_loss,
+                    total_loss_mode: r.total_loss_mode,
+                    min_trading_days: r.min_trading_days,
+                    max_days: r.max_days,
+                    max_best_day_share: r.max_best_day_share,
+                    warning_level: r.warning_level,
+                    timezone: r.timezone,
+                    day_rollover_minutes: r.day_rollover_minutes,
+                    ..RuleSet::default()
+                },
+            }
+        }
+    }
+
+    impl From<State> for PhaseState {
+        fn from(s: State) -> Self {
+            Self {
+                status: s.status,
+                status_ts: s.status_ts,
+                ticks: s.ticks,
+                late_ticks: s.late_ticks,
+                last_ts: s.last_ts,
+                equity: s.equity,
+                balance: s.balance,
+                day: s.day,
+                next_boundary: s.next_boundary,
+                daily_start_equity: s.daily_start_equity,
+                daily_start_balance: s.daily_start_balance,
+                day_min_equity: s.day_min_equity,
+                day_counted: s.day_counted,
+                day_paused: s.day_paused,
+                daily_warning_fired: s.daily_warning_fired,
+                day_dirty: s.day_dirty,
+                hwm: s.hwm,
+                trading_days: s.trading_days,
+                best_closed_day: s.best_closed_day,
+                breach_seq: s.breach_seq,
+                max_warning: s.max_warning,
+                daily_warning: s.daily_warning,
+                // Before deals the last event was the last tick; no positions.
+                last_event_ts: s.last_ts,
+                next_weekend: i64::MAX,
+                deal_since_tick: false,
+            }
+        }
+    }
 }
 
 /// How many groups ahead [`Engine::process`] prefetches a phase's state.
@@ -741,7 +1163,10 @@ pub(crate) fn prefetch<T>(value: &T) {
 /// Slot of a tick that no phase takes (unknown account or invalid values).
 const NONE: u32 = u32::MAX;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"PSENG\x00\x01\x00";
+/// The current snapshot format (v2: positions and deal state).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"PSENG\x00\x02\x00";
+/// The format before deals; still restored.
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"PSENG\x00\x01\x00";
 
 impl Engine {
     /// An engine with no phases.
@@ -793,15 +1218,15 @@ impl Engine {
             return Err(RuleError::DuplicateAccount(spec.account_id));
         }
         let state = PhaseState::new(spec.rules.initial_balance);
-        self.insert(spec, state);
+        self.insert(spec, state, None);
         Ok(())
     }
 
-    fn insert(&mut self, spec: PhaseSpec, state: PhaseState) {
+    fn insert(&mut self, spec: PhaseSpec, state: PhaseState, deals: Option<DealState>) {
         let slot = u32::try_from(self.phases.len()).expect("fewer than 2^32 phases");
         self.index.insert(spec.account_id, slot);
         self.dense_stale = true;
-        self.phases.push(Phase::new(spec, state));
+        self.phases.push(Phase::new(spec, state, deals));
     }
 
     /// Forget a phase; `false` if the account had none.
@@ -824,10 +1249,7 @@ impl Engine {
     /// once per tick: with many accounts interleaved in time, the per-tick random
     /// access to phase state is what costs, not the rules.
     fn process(&mut self, c: &TickColumns<'_>, out: &mut BatchOutput) -> RuleResult<()> {
-        let n = c.account_id.len();
-        if c.ts.len() != n || c.equity.len() != n || c.balance.len() != n {
-            return Err(RuleError::BadBatch("columns differ in length".to_owned()));
-        }
+        let n = c.check_lengths()?;
         if u32::try_from(n).is_err() {
             return Err(RuleError::BadBatch(
                 "more than 2^32 ticks in one chunk".to_owned(),
@@ -980,13 +1402,100 @@ impl Engine {
     /// # Errors
     /// [`RuleError::BadBatch`] if a chunk's columns differ in length.
     pub fn run(&mut self, chunks: &[TickColumns<'_>]) -> RuleResult<BatchOutput> {
+        self.run_with_deals(chunks, &[])
+    }
+
+    /// Judge one batch of ticks and deals in delivery order: deal `d` is judged
+    /// right before tick row `d.before_tick` of the chunks taken as one sequence
+    /// (after every tick when it equals the number of rows); deals with equal
+    /// `before_tick` keep their order. Without deals this is [`Engine::run`].
+    ///
+    /// # Errors
+    /// [`RuleError::BadBatch`] if a chunk's columns differ in length or the
+    /// deals' `before_tick` decrease or point past the last tick row (checked
+    /// before anything is judged).
+    pub fn run_with_deals(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        deals: &[DealInput<'_>],
+    ) -> RuleResult<BatchOutput> {
+        let mut rows = 0u64;
+        for c in chunks {
+            rows += c.check_lengths()? as u64;
+        }
+        let mut previous = 0u64;
+        for (i, d) in deals.iter().enumerate() {
+            if d.before_tick < previous || d.before_tick > rows {
+                return Err(RuleError::BadBatch(format!(
+                    "column before_tick: row {i} is {}, expected a non-decreasing \
+                     value in 0..={rows} (the number of tick rows)",
+                    d.before_tick
+                )));
+            }
+            previous = d.before_tick;
+        }
         self.epoch += 1;
         let mut out = BatchOutput::default();
-        for c in chunks {
-            self.process(c, &mut out)?;
+        if deals.is_empty() {
+            for c in chunks {
+                self.process(c, &mut out)?;
+            }
+        } else {
+            if self.dense_stale {
+                self.rebuild_dense();
+            }
+            let mut next = 0usize;
+            let mut row = 0u64;
+            for c in chunks {
+                let n = c.account_id.len();
+                let mut start = 0usize;
+                // Ticks up to the next deal's place, then the deals placed there.
+                while let Some(d) = deals.get(next) {
+                    let Ok(at) = usize::try_from(d.before_tick - row) else {
+                        break;
+                    };
+                    if at > n {
+                        break;
+                    }
+                    if at > start {
+                        self.process(&c.slice(start, at), &mut out)?;
+                        start = at;
+                    }
+                    while deals
+                        .get(next)
+                        .is_some_and(|d| d.before_tick == row + at as u64)
+                    {
+                        self.deal(&deals[next], &mut out);
+                        next += 1;
+                    }
+                }
+                if start < n {
+                    self.process(&c.slice(start, n), &mut out)?;
+                }
+                row += n as u64;
+            }
+            for d in &deals[next..] {
+                self.deal(d, &mut out);
+            }
         }
         self.finish(&mut out);
         Ok(out)
+    }
+
+    /// Judge one deal: invalid and unknown-account deals are counted here, the
+    /// rest by the account's phase.
+    fn deal(&mut self, input: &DealInput<'_>, out: &mut BatchOutput) {
+        let Some(d) = input.checked() else {
+            out.deal_counts.invalid += 1;
+            return;
+        };
+        let slot = self.slot_of(d.account_id);
+        if slot == NONE {
+            out.deal_counts.unknown += 1;
+            return;
+        }
+        let epoch = self.epoch;
+        self.phases[slot as usize].deal(slot, epoch, &d, out);
     }
 
     /// Finish a batch: the open day of every touched phase goes into `daily`.
@@ -1007,7 +1516,7 @@ impl Engine {
             phases: self
                 .phases
                 .iter()
-                .map(|p| (p.spec.clone(), p.state.clone()))
+                .map(|p| (p.spec.clone(), p.state.clone(), p.deals.as_deref().cloned()))
                 .collect(),
         };
         let mut bytes = SNAPSHOT_MAGIC.to_vec();
@@ -1020,15 +1529,23 @@ impl Engine {
     /// # Errors
     /// [`RuleError::BadSnapshot`] if the bytes are not a snapshot of this version.
     pub fn restore(bytes: &[u8], grouping: Grouping) -> RuleResult<Self> {
-        let body = bytes
-            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
-            .ok_or_else(|| {
-                RuleError::BadSnapshot("not a prop-stream engine snapshot (v1)".to_owned())
-            })?;
-        let snap: Snapshot =
-            bincode::deserialize(body).map_err(|e| RuleError::BadSnapshot(e.to_string()))?;
+        let bad = |e: bincode::Error| RuleError::BadSnapshot(e.to_string());
+        let phases = if let Some(body) = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) {
+            bincode::deserialize::<Snapshot>(body).map_err(bad)?.phases
+        } else if let Some(body) = bytes.strip_prefix(SNAPSHOT_MAGIC_V1.as_slice()) {
+            bincode::deserialize::<v1::Snapshot>(body)
+                .map_err(bad)?
+                .phases
+                .into_iter()
+                .map(|(spec, state)| (spec.into(), state.into(), None))
+                .collect()
+        } else {
+            return Err(RuleError::BadSnapshot(
+                "not a prop-stream engine snapshot (v1 or v2)".to_owned(),
+            ));
+        };
         let mut engine = Self::with_grouping(grouping);
-        for (spec, state) in snap.phases {
+        for (spec, state, deals) in phases {
             // Rules were validated when first registered; validate again in case the
             // bytes were tampered with or written by another build.
             let rules = RuleSet::from_pairs(spec.rules.to_pairs())
@@ -1039,8 +1556,179 @@ impl Engine {
                     spec.account_id
                 )));
             }
-            engine.insert(PhaseSpec { rules, ..spec }, state);
+            engine.insert(PhaseSpec { rules, ..spec }, state, deals);
         }
         Ok(engine)
+    }
+}
+
+#[cfg(test)]
+mod deal_tests {
+    use super::*;
+    use crate::rules::config::RuleValue;
+    use crate::rules::deals::{DealInput, Side};
+
+    const HOUR: i64 = 3_600_000_000;
+    /// 2026-03-02 00:00 UTC, a Monday.
+    const MONDAY: i64 = 1_772_409_600_000_000;
+
+    fn engine(extra: &[(&str, RuleValue)]) -> Engine {
+        let mut pairs = vec![("initial_balance".to_owned(), RuleValue::Int(100_000))];
+        pairs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let mut e = Engine::new();
+        e.register(PhaseSpec {
+            account_id: 1,
+            challenge_id: "c".to_owned(),
+            phase_index: 0,
+            started_at_us: MONDAY,
+            rules: RuleSet::from_pairs(pairs).unwrap(),
+        })
+        .unwrap();
+        e
+    }
+
+    fn deal(id: i64, ts: i64, entry: &str, before_tick: u64) -> DealInput<'static> {
+        DealInput {
+            account_id: Some(1),
+            ts: Some(ts),
+            deal_id: Some(id),
+            position_id: Some(7),
+            symbol: Some("EURUSD"),
+            side: Some(Side::Buy),
+            volume: Some(1.0),
+            price: Some(1.1),
+            entry: Entry::parse(entry),
+            before_tick,
+        }
+    }
+
+    struct Ticks {
+        account_id: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+    }
+
+    impl Ticks {
+        fn at(ts: &[i64]) -> Self {
+            Self {
+                account_id: vec![1; ts.len()],
+                ts: ts.to_vec(),
+                equity: vec![100_000.0; ts.len()],
+            }
+        }
+
+        fn columns(&self) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &self.account_id,
+                ts: &self.ts,
+                equity: &self.equity,
+                balance: &self.equity,
+            }
+        }
+    }
+
+    #[test]
+    fn a_tick_past_the_weekly_close_fails_the_phase_at_w() {
+        let mut e = engine(&[("weekend_close", RuleValue::Str("FRI 22:00".into()))]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR, friday_22 - 1, friday_22 + HOUR]);
+        let out = e
+            .run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].rule, Rule::WeekendHold);
+        assert_eq!(out.breaches[0].ts, friday_22);
+        assert!((out.breaches[0].actual - 1.0).abs() < f64::EPSILON);
+        assert_eq!(out.transitions[0].ts, friday_22);
+        assert_eq!(out.counts.evaluated, 2);
+        assert_eq!(out.counts.inactive, 1);
+        assert_eq!(e.phases()[0].state.status_ts, Some(friday_22));
+    }
+
+    #[test]
+    fn no_positions_no_weekend_check_and_a_close_at_w_was_held() {
+        let mut e = engine(&[
+            ("weekend_close", RuleValue::Str("FRI 22:00".into())),
+            ("deal_violation_action", RuleValue::Str("flag".into())),
+        ]);
+        let friday_22 = MONDAY + (4 * 24 + 22) * HOUR;
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 1),
+            deal(2, friday_22, "out", 1),
+        ];
+        let out = e.run_with_deals(&[ticks.columns()], &deals).unwrap();
+        assert_eq!(out.breaches.len(), 1);
+        assert_eq!(out.breaches[0].action, Action::Notify);
+        assert_eq!(out.deal_counts.processed, 2);
+        assert_eq!(e.phases()[0].state.next_weekend, i64::MAX);
+        // The next weekend passes with nothing open: nothing to judge.
+        let later = Ticks::at(&[friday_22 + 7 * 24 * HOUR + 1]);
+        let out = e.run(&[later.columns()]).unwrap();
+        assert!(out.breaches.is_empty());
+    }
+
+    #[test]
+    fn before_tick_must_place_deals_in_order_within_the_ticks() {
+        let mut e = engine(&[]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        let past_the_end = [deal(1, MONDAY, "in", 2)];
+        assert!(e.run_with_deals(&[ticks.columns()], &past_the_end).is_err());
+        let decreasing = [deal(1, MONDAY, "in", 1), deal(2, MONDAY, "in", 0)];
+        assert!(e.run_with_deals(&[ticks.columns()], &decreasing).is_err());
+        // A refused batch judged nothing.
+        assert_eq!(e.phases()[0].state.ticks, 0);
+        // Deals before, between and after ticks of two chunks.
+        let a = Ticks::at(&[MONDAY + HOUR, MONDAY + 2 * HOUR]);
+        let b = Ticks::at(&[MONDAY + 3 * HOUR]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR, "in", 1),
+            deal(3, MONDAY + 3 * HOUR, "out", 2),
+            deal(4, MONDAY + 3 * HOUR, "in", 3),
+        ];
+        let out = e
+            .run_with_deals(&[a.columns(), b.columns()], &deals)
+            .unwrap();
+        assert_eq!(out.deal_counts.processed, 4);
+        assert_eq!(out.deal_counts.late, 0);
+        assert_eq!(out.counts.evaluated, 3);
+        // 1 lot in, 1 added, 1 out, 1 in: two lots open on one position.
+        assert_eq!(e.phases()[0].open_positions(), (200, 1));
+    }
+
+    #[test]
+    fn snapshot_keeps_positions_and_deal_ids() {
+        let mut e = engine(&[("min_hold_seconds", RuleValue::Int(3600))]);
+        let ticks = Ticks::at(&[MONDAY + HOUR]);
+        e.run_with_deals(&[ticks.columns()], &[deal(1, MONDAY + HOUR, "in", 1)])
+            .unwrap();
+        let mut r = Engine::restore(&e.snapshot(), Grouping::Auto).unwrap();
+        assert_eq!(r.phases()[0].open_positions(), (100, 1));
+        let none = Ticks::at(&[]);
+        let deals = [
+            deal(1, MONDAY + HOUR, "in", 0),
+            deal(2, MONDAY + 2 * HOUR - 1, "out", 0),
+        ];
+        let out = r.run_with_deals(&[none.columns()], &deals).unwrap();
+        assert_eq!(out.deal_counts.duplicate, 1);
+        assert_eq!(out.breaches[0].rule, Rule::ShortHold);
+        assert!((out.breaches[0].actual - 3_599.999_999).abs() < 1e-9);
+        let mut bytes = e.snapshot();
+        bytes[6] = 9;
+        assert!(Engine::restore(&bytes, Grouping::Auto).is_err());
+    }
+
+    #[test]
+    fn phase_state_sizes() {
+        // The deal state costs the hot path three fields and one pointer; the rest
+        // lives behind the pointer. Sizes as built, for docs/engine-state.md.
+        let (state, phase, deals) = (
+            std::mem::size_of::<PhaseState>(),
+            std::mem::size_of::<Phase>(),
+            std::mem::size_of::<DealState>(),
+        );
+        println!("PhaseState {state} B, Phase {phase} B, DealState {deals} B");
+        assert!(phase <= 528, "Phase grew to {phase} bytes");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod calendar;
 pub mod config;
+pub mod deals;
 pub mod engine;
 pub mod input;
 pub mod output;

@@ -9,8 +9,10 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
+use crate::rules::deals::{DealState, Side};
 use crate::rules::engine::{
-    cent, prefetch, Action, Engine, OpenWarning, Phase, PhaseState, Rule, Status, TickCounts,
+    cent, prefetch, Action, DealCounts, Engine, OpenWarning, Phase, PhaseState, Rule, Status,
+    TickCounts,
 };
 
 /// A breach, or a warning's resolution (the same `seq` again with `resolved`).
@@ -112,6 +114,21 @@ pub struct TransitionRow {
     pub ts: i64,
 }
 
+/// A processed `in` deal, for the hedge join outside the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DealOpen {
+    /// Trading account login.
+    pub account_id: i64,
+    /// The deal's id.
+    pub deal_id: i64,
+    /// Execution time, UTC microseconds.
+    pub ts: i64,
+    /// Instrument.
+    pub symbol: String,
+    /// Direction.
+    pub side: Side,
+}
+
 /// Everything one batch produced, before conversion to Arrow.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
@@ -121,10 +138,15 @@ pub struct BatchOutput {
     pub daily: Vec<DailyRow>,
     /// Phases that passed or failed.
     pub transitions: Vec<TransitionRow>,
-    /// Slots of the phases that evaluated a tick, in first-touch order.
+    /// Slots of the phases whose state the batch changed (an evaluated tick, a
+    /// processed deal, a `weekend_hold` failure), in first-touch order.
     pub touched: Vec<u32>,
     /// How the ticks were handled.
     pub counts: TickCounts,
+    /// How the deals were handled.
+    pub deal_counts: DealCounts,
+    /// The processed `in` deals, in processing order.
+    pub deal_opens: Vec<DealOpen>,
 }
 
 fn utc_ts() -> DataType {
@@ -207,7 +229,7 @@ pub fn breaches_batch(engine: &Engine, rows: &[BreachRow]) -> RecordBatch {
                 rows.iter().map(|r| r.rule.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.rule.severity()),
+                rows.iter().map(|r| r.rule.severity(r.action)),
             )),
             Arc::new(Float64Array::from_iter_values(
                 rows.iter().map(|r| r.threshold),
@@ -362,6 +384,8 @@ pub fn metric_schema() -> SchemaRef {
         float_null("profit_target_level"),
         float_null("profit_progress"),
         float("trading_days_progress"),
+        float("open_lots"),
+        f("open_positions", DataType::Int32, false),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -399,6 +423,8 @@ struct MetricColumns {
     profit_target_level: Vec<Option<f64>>,
     profit_progress: Vec<Option<f64>>,
     trading_days_progress: Vec<f64>,
+    open_lots: Vec<f64>,
+    open_positions: Vec<i32>,
 }
 
 impl MetricColumns {
@@ -430,6 +456,8 @@ impl MetricColumns {
             profit_target_level: Vec::with_capacity(n),
             profit_progress: Vec::with_capacity(n),
             trading_days_progress: Vec::with_capacity(n),
+            open_lots: Vec::with_capacity(n),
+            open_positions: Vec::with_capacity(n),
         }
     }
 
@@ -464,6 +492,10 @@ impl MetricColumns {
         self.profit_target_level.push(p.target());
         self.profit_progress.push(m.profit_progress);
         self.trading_days_progress.push(m.trading_days_progress);
+        let (open, positions) = p.open_positions();
+        self.open_lots.push(lots(open));
+        self.open_positions
+            .push(i32::try_from(positions).unwrap_or(i32::MAX));
     }
 
     fn finish(mut self) -> RecordBatch {
@@ -498,6 +530,8 @@ impl MetricColumns {
                 float_null(self.profit_target_level),
                 float_null(self.profit_progress),
                 float(self.trading_days_progress),
+                float(self.open_lots),
+                Arc::new(Int32Array::from(self.open_positions)),
             ],
         )
     }
@@ -512,7 +546,11 @@ pub fn metrics_batch(engine: &Engine, slots: &[u32]) -> RecordBatch {
         if let Some(&ahead) = slots.get(i + METRIC_PREFETCH_AHEAD) {
             prefetch(&phases[ahead as usize]);
         }
-        columns.push(&phases[slot as usize]);
+        let p = &phases[slot as usize];
+        // A metric needs equity: a phase only deals touched so far has none.
+        if p.state.has_ticks() {
+            columns.push(p);
+        }
     }
     columns.finish()
 }
@@ -535,8 +573,20 @@ pub fn phase_schema() -> SchemaRef {
         f("trading_days", DataType::Int32, false),
         f("ticks", DataType::Int64, false),
         f("late_ticks", DataType::Int64, false),
+        f("open_lots", DataType::Float64, false),
+        f("open_positions", DataType::Int32, false),
+        f("deals", DataType::Int64, false),
+        f("late_deals", DataType::Int64, false),
+        f("duplicate_deals", DataType::Int64, false),
+        f("unmatched_deals", DataType::Int64, false),
     ]);
     Arc::new(Schema::new(fields))
+}
+
+/// Lots of whole hundredths.
+#[allow(clippy::cast_precision_loss)]
+fn lots(hundredths: i64) -> f64 {
+    hundredths as f64 / 100.0
 }
 
 /// Every registered phase's state, as Arrow.
@@ -586,6 +636,56 @@ pub fn phases_batch(engine: &Engine) -> RecordBatch {
             )),
             Arc::new(Int64Array::from_iter_values(
                 phases.iter().map(|p| p.state.late_ticks as i64),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                phases.iter().map(|p| lots(p.open_positions().0)),
+            )),
+            Arc::new(Int32Array::from_iter_values(phases.iter().map(|p| {
+                i32::try_from(p.open_positions().1).unwrap_or(i32::MAX)
+            }))),
+            deal_counter(phases, |d| d.deals),
+            deal_counter(phases, |d| d.late_deals),
+            deal_counter(phases, |d| d.duplicate_deals),
+            deal_counter(phases, |d| d.unmatched_deals),
+        ],
+    )
+}
+
+fn deal_counter(phases: &[Phase], get: impl Fn(&DealState) -> u64) -> ArrayRef {
+    Arc::new(Int64Array::from_iter_values(phases.iter().map(|p| {
+        p.deals()
+            .map_or(0, |d| i64::try_from(get(d)).unwrap_or(i64::MAX))
+    })))
+}
+
+/// The schema of the `deal_opens` output.
+#[must_use]
+pub fn deal_open_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        f("account_id", DataType::Int64, false),
+        f("deal_id", DataType::Int64, false),
+        f("ts", utc_ts(), false),
+        f("symbol", DataType::Utf8, false),
+        f("side", DataType::Utf8, false),
+    ]))
+}
+
+/// The processed `in` deals of a batch, as Arrow.
+#[must_use]
+pub fn deal_opens_batch(rows: &[DealOpen]) -> RecordBatch {
+    batch(
+        deal_open_schema(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.account_id),
+            )),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.deal_id))),
+            ts_array(rows.iter().map(|r| r.ts).collect()),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.symbol.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.side.as_str()),
             )),
         ],
     )

@@ -109,6 +109,9 @@ def test_progress_before_the_first_tick(client: TestClient, seeded: Seeded) -> N
         "max_loss_limit": "10000.00",
         "days_elapsed": None,
         "max_days": 30,
+        "trading_day_basis": "activity",
+        "open_lots": None,
+        "max_open_lots": None,
     }
 
 
@@ -126,7 +129,8 @@ def test_failed_phase_fails_the_challenge(client: TestClient, seeded: Seeded) ->
 # ---------------------------------------------------------------- ownership
 
 ID_ROUTES = ["/prop/challenges/{id}", "/prop/challenges/{id}/metrics",
-             "/prop/challenges/{id}/breaches"]  # fmt: skip
+             "/prop/challenges/{id}/breaches",
+             "/prop/challenges/{id}/flags"]  # fmt: skip
 
 
 @pytest.mark.parametrize("route", ID_ROUTES)
@@ -354,3 +358,50 @@ def test_challenge_route_refuses_query_parameters(
     )
     assert response.status_code == 422
     assert response.json()["error"]["message"] == "unknown query parameter 'fields'"
+
+
+# -------------------------------------------------------------------- flags
+
+
+def test_flags_of_a_challenge_are_its_accounts_hedges(
+    client: TestClient, seeded: Seeded
+) -> None:
+    one = seeded.accounts[1]
+    two = seeded.accounts[2]
+    expected = {
+        "symbol": "EURUSD",
+        "account_id_1": min(one, two),
+        "account_id_2": max(one, two),
+        "gap_seconds": 30.0,
+        "severity": "warning",
+        "action": "review",
+    }
+    for challenge in (1, 2):
+        body = get(client, seeded, f"/prop/challenges/{challenge}/flags")
+        assert (body["total_count"], body["has_more"]) == (1, False)
+        flag = body["items"][0]
+        assert {k: flag[k] for k in expected} == expected
+        deals = {
+            (flag["account_id_1"], flag["deal_id_1"], flag["side_1"]),
+            (flag["account_id_2"], flag["deal_id_2"], flag["side_2"]),
+        }
+        assert deals == {(one, 1, "buy"), (two, 7, "sell")}
+    assert get(client, seeded, "/prop/challenges/1/flags", symbol="XAUUSD") == {
+        "items": [],
+        "total_count": 0,
+        "has_more": False,
+    }
+    # Bob's challenge: his deal pairs with no one (alice is another customer).
+    response = client.get(
+        "/prop/challenges/3/flags", headers=seeded.headers(seeded.bob)
+    )
+    assert response.json()["total_count"] == 0
+
+
+def test_flags_refuse_unknown_parameters(client: TestClient, seeded: Seeded) -> None:
+    response = client.get(
+        "/prop/challenges/1/flags",
+        params={"rule": "max_loss"},
+        headers=seeded.headers(seeded.alice),
+    )
+    assert response.status_code == 422

@@ -1,0 +1,155 @@
+"""Hedge flags in the store: the processed ``in`` deals and the pairs they form.
+
+The engine judges each account alone; a hedge pairs two accounts of one customer,
+which may sit on different Kafka partitions, in different batches or in different
+processes. So the join runs here, in the store every evaluator commits to, in the
+transaction of the batch that brings a deal (docs/store.md, "Hedge flags"):
+
+1. the batch's processed ``in`` deals go into ``deal_opens`` with the account's
+   ``customer_id`` (from ``trading_accounts``);
+2. one set-based ``INSERT ... SELECT`` pairs each new deal with every recorded deal
+   (the batch's own included) and inserts the new pairs into ``flags``, ``ON
+   CONFLICT DO NOTHING``.
+
+A pair is written by the batch that records the later-arriving of its two deals,
+whichever that is; a pair found twice (both deals in one batch, or a replayed
+batch) is one row. The flags are therefore a function of the set of recorded
+deals: the same whatever the batching and the order of arrival.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import pyarrow as pa
+
+from prop_stream.store.db import Connection
+
+#: The columns of the engine's ``deal_opens`` this reads (others are ignored).
+DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
+_BATCH_VIEW: Final = "_deal_opens_batch"
+_US_PER_SECOND: Final = 1_000_000
+_I64_MAX: Final = 2**63 - 1
+
+_INSERT_OPENS: Final = f"""
+    INSERT INTO deal_opens (account_id, deal_id, customer_id, symbol, side, ts)
+    SELECT DISTINCT ON (b.account_id, b.deal_id)
+        b.account_id, b.deal_id, a.customer_id, b.symbol, b.side, b.ts
+    FROM {_BATCH_VIEW} AS b
+    LEFT JOIN trading_accounts AS a ON a.account_id = b.account_id
+    ORDER BY b.account_id, b.deal_id
+    ON CONFLICT (account_id, deal_id) DO NOTHING
+"""  # noqa: S608 - a constant view name
+
+# ``n`` are the batch's deals as recorded (the first row of a key wins, as in
+# deal_opens), ``o`` every recorded deal. Opposite sides make each unordered pair
+# appear twice (n buy/o sell and n sell/o buy when both are new): ON CONFLICT
+# keeps one. The time filter lets DuckDB skip row groups far from the batch.
+_INSERT_FLAGS: Final = f"""
+    INSERT INTO flags (
+        customer_id, symbol,
+        account_id_1, deal_id_1, ts_1, side_1,
+        account_id_2, deal_id_2, ts_2, side_2,
+        gap_seconds
+    )
+    WITH n AS (
+        SELECT d.*
+        FROM deal_opens AS d
+        SEMI JOIN {_BATCH_VIEW} AS b
+            ON b.account_id = d.account_id AND b.deal_id = d.deal_id
+        WHERE d.customer_id IS NOT NULL
+    ),
+    pairs AS (
+        SELECT
+            n.customer_id,
+            n.symbol,
+            n.account_id < o.account_id AS n_first,
+            n.account_id AS a_n, n.deal_id AS d_n, n.ts AS t_n, n.side AS s_n,
+            o.account_id AS a_o, o.deal_id AS d_o, o.ts AS t_o, o.side AS s_o,
+            abs(epoch_us(n.ts) - epoch_us(o.ts)) AS gap_us
+        FROM n
+        JOIN deal_opens AS o
+            ON o.customer_id = n.customer_id
+            AND o.symbol = n.symbol
+            AND o.side <> n.side
+            AND o.account_id <> n.account_id
+        WHERE o.ts BETWEEN n.ts - to_microseconds($limit)
+            AND n.ts + to_microseconds($limit)
+    )
+    SELECT
+        customer_id, symbol,
+        CASE WHEN n_first THEN a_n ELSE a_o END,
+        CASE WHEN n_first THEN d_n ELSE d_o END,
+        CASE WHEN n_first THEN t_n ELSE t_o END,
+        CASE WHEN n_first THEN s_n ELSE s_o END,
+        CASE WHEN n_first THEN a_o ELSE a_n END,
+        CASE WHEN n_first THEN d_o ELSE d_n END,
+        CASE WHEN n_first THEN t_o ELSE t_n END,
+        CASE WHEN n_first THEN s_o ELSE s_n END,
+        gap_us / 1000000.0
+    FROM pairs
+    WHERE gap_us <= $limit
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+"""  # noqa: S608 - a constant view name
+
+
+def window_limit_us(window_seconds: float) -> int:
+    """The largest whole gap in microseconds within ``window_seconds``.
+
+    A gap ``g`` (whole microseconds) is within the window when
+    ``g <= window_seconds * 1e6`` in real numbers, which for an integer ``g`` is
+    ``g <= floor(window_seconds * 1e6)``: comparing integers keeps it exact.
+
+    Raises:
+        ValueError: The window is negative or not finite.
+    """
+    if not math.isfinite(window_seconds) or window_seconds < 0:
+        raise ValueError("hedge_window_seconds: must be a number >= 0 or null")
+    return min(_I64_MAX, math.floor(window_seconds * _US_PER_SECOND))
+
+
+def record_deal_opens(
+    conn: Connection,
+    deal_opens: pa.Table,
+    hedge_window_seconds: float | None,
+) -> int:
+    """Record a batch's processed ``in`` deals and insert the hedge flags they form.
+
+    Call it inside the batch's transaction (the sink's flush), after the deals'
+    accounts exist in ``trading_accounts`` (an account that doesn't is recorded
+    without a customer and never pairs).
+
+    Args:
+        conn: The store, in the batch's transaction.
+        deal_opens: The engine's ``BatchResult.deal_opens``: ``account_id, deal_id,
+            ts, symbol, side`` (a deal already recorded is skipped).
+        hedge_window_seconds: The firm-wide window
+            (``PROP_STREAM_HEDGE_WINDOW_SECONDS``); None records the deals but
+            pairs nothing.
+
+    Returns:
+        The number of new flags.
+
+    Raises:
+        ValueError: The window is negative or not finite, or a column is missing.
+    """
+    limit = (
+        None if hedge_window_seconds is None else window_limit_us(hedge_window_seconds)
+    )
+    missing = [c for c in DEAL_OPENS_COLUMNS if c not in deal_opens.column_names]
+    if missing:
+        raise ValueError(f"deal_opens: missing column(s): {', '.join(missing)}")
+    if deal_opens.num_rows == 0:
+        return 0
+    conn.register(_BATCH_VIEW, deal_opens.select(list(DEAL_OPENS_COLUMNS)))
+    try:
+        conn.execute(_INSERT_OPENS)
+        if limit is None:
+            return 0
+        # RETURNING yields the rows actually inserted (not those ON CONFLICT
+        # skipped); fetching them all also completes the statement.
+        return len(conn.execute(_INSERT_FLAGS, {"limit": limit}).fetchall())
+    finally:
+        conn.unregister(_BATCH_VIEW)

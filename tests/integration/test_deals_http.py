@@ -374,6 +374,10 @@ def test_bobs_position_is_open_and_his_phase_active(served: dict[str, Any]) -> N
     assert phase["status"] == "active"
     assert phase["progress"]["trading_day_basis"] == "deals"
     assert phase["progress"]["max_open_lots"] == 2
+    # His 1-lot EURUSD sell is still open (the metric after the deals' batch).
+    assert phase["progress"]["open_lots"] == 1.0
+    assert phase["latest_metric"]["open_positions"] == 1
+    assert phase["progress"]["trading_days"] == 1  # the day of his in deal
 
 
 @pytest.mark.parametrize("route", ["", "/breaches", "/flags", "/metrics"])

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, cast
 import polars as pl
 
 from prop_stream.exceptions import InputFileError, RuleConfigError
+from prop_stream.rules import DEAL_COLUMNS as ENGINE_DEAL_COLUMNS
 from prop_stream.rules import (
     TICK_SCHEMA,
     PhaseSpec,
@@ -639,9 +640,9 @@ def _first_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- deals
 
-#: The deal columns, as the engine takes them (``rules.md``, Deal events), without
-#: the delivery position ``before_tick`` the backtest adds. A local copy of
-#: ``prop_stream.rules.DEAL_SCHEMA`` until that lands.
+#: The deal columns as polars types: the engine's
+#: :data:`prop_stream.rules.DEAL_SCHEMA` (``rules.md``, Deal events), without the
+#: delivery position ``before_tick`` the backtest adds per call.
 DEAL_SCHEMA: Final[dict[str, pl.DataType]] = {
     "account_id": pl.Int64(),
     "ts": pl.Datetime("us", "UTC"),
@@ -654,7 +655,8 @@ DEAL_SCHEMA: Final[dict[str, pl.DataType]] = {
     "entry": pl.String(),
 }
 #: The columns a deal file must have (others are ignored).
-DEAL_COLUMNS: Final = tuple(DEAL_SCHEMA)
+DEAL_COLUMNS: Final = ENGINE_DEAL_COLUMNS
+assert tuple(DEAL_SCHEMA) == DEAL_COLUMNS  # noqa: S101 - the two lists agree
 _DEAL_INTS: Final = frozenset({"account_id", "deal_id", "position_id"})
 _DEAL_TEXTS: Final = frozenset({"symbol", "side", "entry"})
 _DEAL_EXPECTED: Final = {

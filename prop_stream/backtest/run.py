@@ -67,12 +67,14 @@ from prop_stream.backtest.files import (
 from prop_stream.backtest.flags import DEAL_OPENS_COLUMNS, hedge_flags
 from prop_stream.exceptions import InputFileError, RuleConfigError
 from prop_stream.rules import (
+    BEFORE_TICK,
     BREACH_KEY,
     DAILY_KEY,
     Evaluation,
     PhaseSpec,
     RuleEngine,
 )
+from prop_stream.rules import DEAL_SCHEMA as ENGINE_DEAL_SCHEMA
 
 #: Inputs with more rows than this are sorted through temporary partitions.
 DEFAULT_MAX_ROWS_IN_MEMORY: Final = 20_000_000
@@ -136,18 +138,8 @@ REPORT_FILE: Final = "report.html"
 _CSV_TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.6fZ"
 #: The deal batch the engine takes: the deal columns and ``before_tick``.
 _DEAL_ARROW: Final = pa.schema(
-    [
-        ("account_id", pa.int64()),
-        ("ts", pa.timestamp("us", tz="UTC")),
-        ("deal_id", pa.int64()),
-        ("position_id", pa.int64()),
-        ("symbol", pa.string()),
-        ("side", pa.string()),
-        ("volume", pa.float64()),
-        ("price", pa.float64()),
-        ("entry", pa.string()),
-        ("before_tick", pa.int64()),
-    ]
+    [field.with_nullable(True) for field in ENGINE_DEAL_SCHEMA]
+    + [pa.field(BEFORE_TICK, pa.int64())]
 )
 # Columns only set once an account has evaluated a tick.
 _STATE_COLUMNS: Final = ("equity", "balance", "daily_start_equity")
@@ -623,7 +615,7 @@ def _evaluate(
         if not last:
             in_chunk &= pl.col("_at") < offset + chunk.height
         batch = deals.filter(in_chunk).with_columns(
-            before_tick=pl.col("_at") - offset
+            (pl.col("_at") - offset).alias(BEFORE_TICK)
         )
         upserts.add(engine.process(chunk, _deal_table(batch)))
         bar.update(chunk.height)

@@ -73,6 +73,7 @@ METRIC_COLUMNS: Final = (
     "profit_target_level",
     "profit_progress",
     "trading_days_progress",
+    # Migration 5: the engine's positions (rules.md, Positions).
     "open_lots",
     "open_positions",
 )

@@ -1,11 +1,11 @@
 """Demo reference data for ``prop-stream init --demo``.
 
-Two account groups (``DEMO`` and ``REAL``, USD), four programs (a two-step evaluation
-with a funded phase, a one-step one, and the FTMO and Topstep presets of
-:mod:`prop_stream.store.presets`, with their deal rules), customers ``alice@example.com`` and
-``bob@example.com`` with a funded ``REAL`` payer account each, and a few active
-challenges whose first phase runs on a ``DEMO`` account, so the demo tick source
-has accounts to move.
+Two account groups (``DEMO`` and ``REAL``, USD), four programs (a two-step
+evaluation with a funded phase, a one-step one, and the FTMO and Topstep presets
+of :mod:`prop_stream.store.presets`, with their deal rules), customers
+``alice@example.com`` and ``bob@example.com`` with a funded ``REAL`` payer account
+each, and a few active challenges whose first phase runs on a ``DEMO`` account, so
+the demo tick source has accounts to move.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ ONE_STEP: Final = ProgramIn(
 )
 
 
-
-def preset_program(preset: Preset, *, price: Decimal, profit_split: Decimal) -> ProgramIn:
+def preset_program(
+    preset: Preset, *, price: Decimal, profit_split: Decimal
+) -> ProgramIn:
     """A program of the demo's groups from a firm preset.
 
     Args:

@@ -20,6 +20,7 @@ deals: the same whatever the batching and the order of arrival.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import pyarrow as pa
@@ -43,9 +44,11 @@ _INSERT_OPENS: Final = f"""
 """  # noqa: S608 - a constant view name
 
 # ``n`` are the batch's deals as recorded (the first row of a key wins, as in
-# deal_opens), ``o`` every recorded deal. Opposite sides make each unordered pair
-# appear twice (n buy/o sell and n sell/o buy when both are new): ON CONFLICT
-# keeps one. The time filter lets DuckDB skip row groups far from the batch.
+# deal_opens), ``o`` every recorded deal within the window of the batch's time
+# span. Opposite sides make each unordered pair appear twice when both deals are
+# new (n buy/o sell and n sell/o buy): ON CONFLICT keeps one. ``$lo``/``$hi`` are
+# constants, so DuckDB prunes deal_opens' row groups by their ts zone maps instead
+# of scanning the whole table (the batch's own deals lie in the same span).
 _INSERT_FLAGS: Final = f"""
     INSERT INTO flags (
         customer_id, symbol,
@@ -53,12 +56,15 @@ _INSERT_FLAGS: Final = f"""
         account_id_2, deal_id_2, ts_2, side_2,
         gap_seconds
     )
-    WITH n AS (
+    WITH near AS (
+        SELECT * FROM deal_opens
+        WHERE ts BETWEEN $lo AND $hi AND customer_id IS NOT NULL
+    ),
+    n AS (
         SELECT d.*
-        FROM deal_opens AS d
+        FROM near AS d
         SEMI JOIN {_BATCH_VIEW} AS b
             ON b.account_id = d.account_id AND b.deal_id = d.deal_id
-        WHERE d.customer_id IS NOT NULL
     ),
     pairs AS (
         SELECT
@@ -69,13 +75,11 @@ _INSERT_FLAGS: Final = f"""
             o.account_id AS a_o, o.deal_id AS d_o, o.ts AS t_o, o.side AS s_o,
             abs(epoch_us(n.ts) - epoch_us(o.ts)) AS gap_us
         FROM n
-        JOIN deal_opens AS o
+        JOIN near AS o
             ON o.customer_id = n.customer_id
             AND o.symbol = n.symbol
             AND o.side <> n.side
             AND o.account_id <> n.account_id
-        WHERE o.ts BETWEEN n.ts - to_microseconds($limit)
-            AND n.ts + to_microseconds($limit)
     )
     SELECT
         customer_id, symbol,
@@ -148,8 +152,28 @@ def record_deal_opens(
         conn.execute(_INSERT_OPENS)
         if limit is None:
             return 0
+        # The span of the batch's deals as recorded (a replayed deal keeps its
+        # first ts), widened by the window: every partner lies within it.
+        span = conn.execute(
+            f"SELECT min(d.ts), max(d.ts) FROM deal_opens AS d "  # noqa: S608 - constant view name
+            f"SEMI JOIN {_BATCH_VIEW} AS b "
+            "ON b.account_id = d.account_id AND b.deal_id = d.deal_id"
+        ).fetchall()
+        lo, hi = span[0]
+        if lo is None:
+            return 0
+        params = {"limit": limit, "lo": _shift(lo, -limit), "hi": _shift(hi, limit)}
         # RETURNING yields the rows actually inserted (not those ON CONFLICT
         # skipped); fetching them all also completes the statement.
-        return len(conn.execute(_INSERT_FLAGS, {"limit": limit}).fetchall())
+        return len(conn.execute(_INSERT_FLAGS, params).fetchall())
     finally:
         conn.unregister(_BATCH_VIEW)
+
+
+def _shift(ts: datetime, micros: int) -> datetime:
+    """``ts`` moved by ``micros``, clamped to the datetime range (huge windows)."""
+    try:
+        return ts + timedelta(microseconds=micros)
+    except OverflowError:
+        edge = datetime.min if micros < 0 else datetime.max
+        return edge.replace(tzinfo=UTC)

@@ -21,6 +21,7 @@ ID_ROUTES = (
     "/prop/challenges/{id}",
     "/prop/challenges/{id}/metrics",
     "/prop/challenges/{id}/breaches",
+    "/prop/challenges/{id}/flags",
 )
 
 
@@ -125,7 +126,12 @@ def test_http_owner_reads_the_runtime(http: httpx.Client, seeded_file: Seeded) -
     ).json()
     assert [b["rule"] for b in breaches["items"]] == ["daily_loss"]
     programs = http.get("/prop/programs").json()
-    assert [p["price"] for p in programs["items"]] == ["499.00", "299.00"]
+    assert [p["price"] for p in programs["items"]] == [
+        "499.00",
+        "299.00",
+        "540.00",
+        "49.00",
+    ]
 
 
 @pytest.mark.parametrize("route", ID_ROUTES)

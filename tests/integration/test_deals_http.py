@@ -270,6 +270,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         bought = [_buy(base, alice, program_id, f"a{i}") for i in range(3)]
         bought.append(_buy(base, bob, program_id, "b0"))
     accounts = _judge(db, bought)
+    conn = connect(db)
+    try:
+        views = {
+            "rules": conn.execute(
+                "SELECT rule, severity, sum(breaches) FROM risk_breaches_by_day_rule "
+                "WHERE rule IN ('max_position_size', 'short_hold', 'weekend_hold') "
+                "GROUP BY ALL ORDER BY rule"
+            ).fetchall(),
+            "flags": conn.execute(
+                "SELECT c.email, f.flags, f.accounts FROM risk_flags_by_customer_day "
+                "AS f JOIN customers AS c ON c.id = f.customer_id"
+            ).fetchall(),
+        }
+    finally:
+        conn.close()
     with uvicorn(db) as base:
         yield {
             "base": base,
@@ -278,6 +293,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "challenges": bought,
             "accounts": accounts,
             "program": listed,
+            "views": views,
         }
 
 
@@ -374,6 +390,10 @@ def test_bobs_position_is_open_and_his_phase_active(served: dict[str, Any]) -> N
     assert phase["status"] == "active"
     assert phase["progress"]["trading_day_basis"] == "deals"
     assert phase["progress"]["max_open_lots"] == 2
+    # His 1-lot EURUSD sell is still open (the metric after the deals' batch).
+    assert phase["progress"]["open_lots"] == 1.0
+    assert phase["latest_metric"]["open_positions"] == 1
+    assert phase["progress"]["trading_days"] == 1  # the day of his in deal
 
 
 @pytest.mark.parametrize("route", ["", "/breaches", "/flags", "/metrics"])
@@ -386,3 +406,14 @@ def test_others_get_404_and_no_session_401(served: dict[str, Any], route: str) -
     assert other.status_code == missing.status_code == 404
     assert other.json()["error"]["code"] == "not_found"
     assert _get(served, path, None).status_code == 401
+
+
+def test_the_risk_views_count_the_deal_breaches_and_the_flag(
+    served: dict[str, Any],
+) -> None:
+    assert served["views"]["rules"] == [
+        ("max_position_size", "critical", 1),
+        ("short_hold", "critical", 1),
+        ("weekend_hold", "critical", 1),
+    ]
+    assert served["views"]["flags"] == [("alice@example.com", 1, 2)]

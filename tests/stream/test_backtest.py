@@ -23,6 +23,7 @@ from prop_stream.backtest import (
     ACCOUNTS_SCHEMA,
     BREACHES_SCHEMA,
     DAILY_SCHEMA,
+    FLAGS_SCHEMA,
     OUTPUT_TABLES,
     run_backtest,
 )
@@ -118,18 +119,20 @@ EXPECTED_BREACHES = [
      100_000 - 94_999.99, "trading_paused", ts("2026-01-05T09:00:00Z"), False),
 ]  # fmt: skip
 
+NO_DEALS = (0, 0, 0, 0, 0.0, 0)
 EXPECTED_ACCOUNTS = [
     # account, challenge, phase, status, status_ts, equity, balance, hwm,
-    # daily_start_equity, trading_days, ticks, late_ticks
+    # daily_start_equity, trading_days, ticks, late_ticks; no deals: the deal
+    # columns are 0 (deals, late, duplicate, unmatched, open lots, positions).
     (1001, "c-static", 0, "failed", ts("2026-01-05T11:00:00Z"), 89_999.99,
-     100_000.0, 100_000.0, 100_000.0, 1, 3, 0),
+     100_000.0, 100_000.0, 100_000.0, 1, 3, 0, *NO_DEALS),
     (1002, "c-pass", 1, "passed", ts("2026-01-06T10:00:00Z"), 55_100.0,
-     55_000.0, 50_000.0, 55_000.0, 2, 5, 0),
+     55_000.0, 50_000.0, 55_000.0, 2, 5, 0, *NO_DEALS),
     (1003, "c-pause", 0, "active", None, 91_000.0, 100_000.0, 100_000.0,
-     91_000.0, 2, 5, 1),
-    (1004, "c-idle", 0, "active", None, None, None, None, None, 0, 0, 0),
+     91_000.0, 2, 5, 1, *NO_DEALS),
+    (1004, "c-idle", 0, "active", None, None, None, None, None, 0, 0, 0, *NO_DEALS),
     (1005, "c-ties", 0, "active", None, 100_700.0, 100_000.0, 100_000.0,
-     100_500.0, 1, 2, 0),
+     100_500.0, 1, 2, 0, *NO_DEALS),
 ]  # fmt: skip
 
 EXPECTED_DAILY = [
@@ -277,7 +280,13 @@ def test_backtest_output_columns_are_the_contract(golden_out: Path) -> None:
     assert list(ACCOUNTS_SCHEMA) == [
         "account_id", "challenge_id", "phase_index", "status", "status_ts",
         "equity", "balance", "hwm", "daily_start_equity", "trading_days", "ticks",
-        "late_ticks",
+        "late_ticks", "deals", "late_deals", "duplicate_deals", "unmatched_deals",
+        "open_lots", "open_positions",
+    ]  # fmt: skip
+    assert outputs["flags"].schema == FLAGS_SCHEMA
+    assert list(FLAGS_SCHEMA) == [
+        "customer_id", "symbol", "account_id_1", "deal_id_1", "ts_1", "side_1",
+        "account_id_2", "deal_id_2", "ts_2", "side_2", "gap_seconds",
     ]  # fmt: skip
     assert list(DAILY_SCHEMA) == [
         "account_id", "day", "daily_start_equity", "daily_start_balance",

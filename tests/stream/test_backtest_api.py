@@ -82,11 +82,11 @@ def test_backtest_api_partitioned_path_equals_command(
     assert_tables(result, expected)
 
 
-def test_backtest_api_deals_not_implemented_11(
+def test_backtest_api_deals_missing_columns_are_named(
     inputs: tuple[dict[str, Any], pl.DataFrame, Path, dict[str, pl.DataFrame]],
 ) -> None:
     rules, ticks, _, _ = inputs
-    with pytest.raises(NotImplementedError, match="issue 11"):
+    with pytest.raises(InputFileError, match=r"deals: missing column\(s\): account_id"):
         prop_stream.backtest(rules, ticks, deals=pl.DataFrame({"deal_id": [1]}))
 
 

@@ -327,3 +327,36 @@ def test_without_deals_flags_are_empty_and_deal_columns_zero() -> None:
     assert got.flags.height == 0
     row = got.accounts.row(0, named=True)
     assert (row["deals"], row["open_lots"], row["open_positions"]) == (0, 0.0, 0)
+
+
+def test_cli_with_deals_writes_flags_and_summarizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    phases = [
+        PhaseSpec(a, f"c-{a}", 0, START, {"initial_balance": 100_000})
+        for a in (1001, 1002)
+    ]
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(rules_doc(phases)))
+    ticks = tmp_path / "ticks.csv"
+    ticks.write_text("account_id,ts,equity,balance\n1001,2026-03-05T09:00:00Z,1,1\n")
+    deals = tmp_path / "deals.csv"
+    deals.write_text(
+        ",".join(DEAL_COLUMNS)
+        + f"\n{GOOD}\n1002,2026-03-05T09:00:30Z,7,3,EURUSD,sell,2.0,1.08,in\n"
+    )
+    out = tmp_path / "out"
+    code = main(["backtest", "--rules", str(rules), "--ticks", str(ticks),
+                 "--deals", str(deals), "--out", str(out)])  # fmt: skip
+    assert code == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "2 deals processed, 1 hedge flag," in line
+    flags = pl.read_csv(out / "flags.csv")
+    assert flags.select("account_id_1", "deal_id_1", "account_id_2", "deal_id_2",
+                        "gap_seconds", "customer_id").rows() == [
+        (1001, 1, 1002, 7, 30.0, "alice")
+    ]  # fmt: skip
+    accounts = pl.read_parquet(out / "accounts.parquet").sort("account_id")
+    assert accounts["deals"].to_list() == [1, 1]
+    assert accounts["open_lots"].to_list() == [1.0, 2.0]
+    assert accounts["open_positions"].to_list() == [1, 1]

@@ -360,6 +360,8 @@ def test_cli_success_prints_summary_on_stderr(
         "breaches.parquet",
         "daily.csv",
         "daily.parquet",
+        "flags.csv",
+        "flags.parquet",
     ]
 
 

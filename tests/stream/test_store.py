@@ -187,8 +187,14 @@ def test_demo_data_has_groups_programs_customers_and_challenges(
         "FROM programs p JOIN program_phases ph ON ph.program_id = p.id "
         "GROUP BY p.id ORDER BY p.id",
     )
-    assert programs["phases"].to_list() == [3, 1]
-    assert programs["split"].to_list() == [Decimal("0.8"), None]
+    # Two-step, one-step, then the FTMO and Topstep presets (docs/presets.md).
+    assert programs["phases"].to_list() == [3, 1, 3, 2]
+    assert programs["split"].to_list() == [
+        Decimal("0.8"),
+        None,
+        Decimal("0.8"),
+        Decimal("0.9"),
+    ]
 
     specs = active_phase_specs(db)
     assert len(specs) >= 3

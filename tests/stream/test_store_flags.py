@@ -69,7 +69,7 @@ def _store_flags(conn: Connection) -> pl.DataFrame:
 )
 @given(
     deals=in_deals(),
-    window=st.one_of(st.none(), st.sampled_from([0.0, 1.0, 2.5, 60.0])),
+    window=st.one_of(st.none(), st.sampled_from([0.0, 1.0, 2.5, 60.0, 1e300])),
     cuts=st.lists(st.integers(0, 40), max_size=5),
     seed=st.integers(0, 2**32),
 )

@@ -13,9 +13,9 @@ def test_programs_list_active_programs_with_profit_split(client: TestClient) -> 
     response = client.get("/prop/programs")
     assert response.status_code == 200
     body = response.json()
-    assert body["total_count"] == 2
+    assert body["total_count"] == 4
     assert body["has_more"] is False
-    two_step, one_step = body["items"]
+    two_step, one_step, ftmo, topstep = body["items"]
     assert two_step["name"] == "Two-Step Evaluation 100K"
     assert two_step["price"] == "499.00"
     assert two_step["currency"] == "USD"
@@ -26,13 +26,19 @@ def test_programs_list_active_programs_with_profit_split(client: TestClient) -> 
     assert two_step["phases"][0]["rules"]["profit_target"] == 0.08
     assert one_step["price"] == "299.00"
     assert one_step["profit_split"] is None
+    # The FTMO and Topstep presets (docs/presets.md), deal rules included.
+    assert ftmo["name"].startswith("FTMO ")
+    assert ftmo["phases"][0]["rules"]["trading_day_basis"] == "deals"
+    assert ftmo["phases"][0]["rules"]["weekend_close"] == "FRI 22:45"
+    assert topstep["phases"][0]["rules"]["max_open_lots"] == 5
+    assert topstep["phases"][0]["rules"]["total_loss_mode"] == "trailing_eod"
 
 
 def test_programs_paginate(client: TestClient) -> None:
     first = client.get("/prop/programs", params={"limit": 1}).json()
-    second = client.get("/prop/programs", params={"limit": 1, "offset": 1}).json()
-    assert (first["total_count"], first["has_more"]) == (2, True)
-    assert (second["total_count"], second["has_more"]) == (2, False)
+    second = client.get("/prop/programs", params={"limit": 1, "offset": 3}).json()
+    assert (first["total_count"], first["has_more"]) == (4, True)
+    assert (second["total_count"], second["has_more"]) == (4, False)
     assert first["items"][0]["id"] != second["items"][0]["id"]
 
 

@@ -1,0 +1,196 @@
+"""The PostgreSQL backend's connection: the store's DuckDB-shaped API over psycopg 3.
+
+The store's SQL is written once, for both backends, in the shape DuckDB's Python
+API gives it: ``conn.execute(sql, params).fetchone()``, positional parameters,
+``BEGIN``/``COMMIT`` statements (:func:`prop_stream.store.db.transaction`). A
+:class:`PgConnection` gives PostgreSQL the same shape, so a store function takes
+either backend's connection; the few statements whose SQL differs branch on
+:func:`prop_stream.store.db.is_postgres` in their resource's module.
+
+What this adapter evens out, once:
+
+- Parameters: ``?`` and ``$1`` placeholders are both accepted (``?`` outside
+  quotes is numbered ``$1, $2, ...``); the statement is sent as written
+  (psycopg's :class:`~psycopg.RawCursor`, server-side binding), so ``%`` needs no
+  escaping.
+- Row counts: DuckDB answers an ``INSERT``/``UPDATE``/``DELETE`` without
+  ``RETURNING`` with one row holding the count; so does this adapter.
+- ``JSON`` columns come back as their text, as DuckDB returns them (psycopg
+  would parse them).
+- Every session runs in UTC, autocommit on: transactions are the statements the
+  store sends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any, Final
+
+import psycopg
+from psycopg.types.string import TextLoader
+
+#: URL schemes that name a PostgreSQL database.
+URL_PREFIXES: Final = ("postgresql://", "postgres://")
+
+# A '?' placeholder outside string literals, quoted identifiers and comments.
+_TOKENS: Final = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?")
+
+
+@lru_cache(maxsize=4096)
+def numbered(sql: str) -> str:
+    """Number a statement's ``?`` placeholders ``$1, $2, ...`` (``$n`` pass as is).
+
+    Args:
+        sql: One statement with ``?`` or ``$n`` placeholders.
+
+    Returns:
+        The statement with ``$n`` placeholders only.
+    """
+    count = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group(0) != "?":
+            return match.group(0)
+        count += 1
+        return f"${count}"
+
+    return _TOKENS.sub(replace, sql)
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class PgConnection:
+    """A PostgreSQL session with the DuckDB connection's calling conventions.
+
+    Not thread-safe (neither is a DuckDB cursor): one per thread, made with
+    :meth:`cursor`.
+
+    Args:
+        url: The ``postgresql://`` URL.
+        raw: An open psycopg connection in autocommit mode.
+    """
+
+    dialect: Final = "postgres"
+
+    def __init__(self, url: str, raw: psycopg.Connection[Any]) -> None:
+        self.url = url
+        self.raw = raw
+        self._cur: psycopg.RawCursor[Any] = psycopg.RawCursor(raw)
+        self._count: int | None = None
+
+    # ------------------------------------------------------------ statements
+
+    def execute(
+        self, sql: str, parameters: Sequence[Any] | None = None
+    ) -> PgConnection:
+        """Run one statement; read its rows with :meth:`fetchone`/:meth:`fetchall`.
+
+        Args:
+            sql: The statement (``?`` or ``$n`` placeholders).
+            parameters: The placeholders' values.
+
+        Returns:
+            This connection (as DuckDB's ``execute`` returns its connection).
+        """
+        self._cur.execute(numbered(sql), list(parameters) if parameters else None)
+        self._count = None if self._cur.description is not None else self._cur.rowcount
+        return self
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> PgConnection:
+        """Run one statement once per row of parameters (pipelined).
+
+        Returns:
+            This connection.
+        """
+        self._cur.executemany(numbered(sql), [list(r) for r in rows])
+        self._count = self._cur.rowcount
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The next row of the last statement (its row count if it had none)."""
+        if self._count is not None:
+            count, self._count = self._count, None
+            return (max(count, 0),)
+        row = self._cur.fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """The remaining rows of the last statement (its row count if it had none)."""
+        if self._count is not None:
+            count, self._count = self._count, None
+            return [(max(count, 0),)]
+        return [tuple(r) for r in self._cur.fetchall()]
+
+    @property
+    def description(self) -> Any:
+        """The last statement's column descriptions (None without rows)."""
+        return self._cur.description
+
+    def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        """Bulk-load rows into a table with ``COPY ... FROM STDIN``.
+
+        Args:
+            table: The table (a trusted name: this package's constants).
+            columns: The columns given, in the rows' order.
+            rows: The values.
+        """
+        names = ", ".join(columns)
+        with self._cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def copy_text(self, table: str, columns: Sequence[str], data: bytes) -> None:
+        """Bulk-load CSV text (header-less, empty = NULL) into a table."""
+        names = ", ".join(columns)
+        with self._cur.copy(
+            f"COPY {table} ({names}) FROM STDIN WITH (FORMAT csv)"
+        ) as copy:
+            copy.write(data)
+
+    # ---------------------------------------------------------------- session
+
+    def cursor(self) -> PgConnection:
+        """A new session on the same database, for another thread."""
+        return connect_url(self.url)
+
+    def close(self) -> None:
+        """Close the session (an open transaction is rolled back)."""
+        self.raw.close()
+
+
+def connect_url(url: str) -> PgConnection:
+    """Open a session on a PostgreSQL database.
+
+    Args:
+        url: A ``postgresql://`` URL.
+
+    Returns:
+        The session.
+
+    Raises:
+        psycopg.OperationalError: The server can't be reached or refuses.
+    """
+    raw = psycopg.connect(
+        url,
+        autocommit=True,
+        connect_timeout=10,
+        options="-c TimeZone=UTC",
+        application_name="prop-stream",
+    )
+    # JSON columns come back as text, as DuckDB returns them.
+    raw.adapters.register_loader("json", TextLoader)
+    raw.adapters.register_loader("jsonb", TextLoader)
+    return PgConnection(url, raw)
+
+
+def is_url(db: object) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (else a DuckDB file)."""
+    return isinstance(db, str) and db.startswith(URL_PREFIXES)

@@ -416,7 +416,7 @@ class RuntimeCache:
 
 
 def _read(conn: Connection, ids: Sequence[int] | None) -> list[ChallengeRecord]:
-    where = "" if ids is None else " WHERE {col} IN (SELECT unnest(?))"
+    where = "" if ids is None else " WHERE {col} IN (SELECT unnest(?::BIGINT[]))"
     params = None if ids is None else [list(ids)]
     challenges = conn.execute(
         _CHALLENGES_SQL + where.format(col="c.id"), params

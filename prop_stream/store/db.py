@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import duckdb
 import polars as pl
@@ -204,3 +204,64 @@ def query_frame(
     frame = pl.from_arrow(relation.to_arrow_table())
     assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
     return frame
+
+
+_PG_TYPES: Final = {
+    pl.Int8: "SMALLINT",
+    pl.Int16: "SMALLINT",
+    pl.Int32: "INTEGER",
+    pl.Int64: "BIGINT",
+    pl.UInt8: "SMALLINT",
+    pl.UInt16: "INTEGER",
+    pl.UInt32: "BIGINT",
+    pl.UInt64: "NUMERIC(20)",
+    pl.Float32: "REAL",
+    pl.Float64: "DOUBLE PRECISION",
+    pl.Boolean: "BOOLEAN",
+    pl.String: "TEXT",
+    pl.Date: "DATE",
+}
+
+
+def _pg_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime):
+        return "TIMESTAMPTZ" if dtype.time_zone else "TIMESTAMP"
+    if isinstance(dtype, pl.Decimal):
+        return "NUMERIC"
+    name = _PG_TYPES.get(dtype.base_type())  # type: ignore[call-overload]  # dtype classes as keys
+    if name is None:
+        raise StoreError(f"no PostgreSQL type for a column of {dtype}")
+    return str(name)
+
+
+@contextmanager
+def frame_table(conn: Connection, name: str, frame: pl.DataFrame) -> Iterator[str]:
+    """Make a polars frame queryable as the table ``name`` for a block.
+
+    DuckDB scans the frame's Arrow data in place (``register``). PostgreSQL gets
+    a temporary table of the session, created once, loaded with ``COPY`` (CSV:
+    the fastest path psycopg has for a frame; measured in ``docs/store.md``) and
+    emptied at the end of the block. Use it inside the caller's transaction.
+
+    Args:
+        conn: The connection.
+        name: The table's name (this package's constants, never input).
+        frame: The rows.
+
+    Yields:
+        ``name``.
+    """
+    if not isinstance(conn, PgConnection):
+        conn.register(name, frame.to_arrow())
+        try:
+            yield name
+        finally:
+            conn.unregister(name)
+        return
+    columns = ", ".join(f"{col} {_pg_type(dt)}" for col, dt in frame.schema.items())
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns})")
+    conn.copy_text(name, frame.columns, frame.write_csv(include_header=False).encode())
+    try:
+        yield name
+    finally:
+        conn.execute(f"TRUNCATE {name}")

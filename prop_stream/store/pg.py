@@ -166,6 +166,19 @@ class PgConnection:
         self.raw.close()
 
 
+
+class _Session(psycopg.Connection[Any]):
+    """A psycopg connection that a dropped :class:`PgConnection` closes quietly.
+
+    DuckDB cursors end silently when they are garbage; psycopg warns about an
+    open connection. The store (and its callers) drop cursors like DuckDB's.
+    """
+
+    def __del__(self) -> None:
+        if not self.closed:
+            self.close()
+
+
 def connect_url(url: str) -> PgConnection:
     """Open a session on a PostgreSQL database.
 
@@ -178,7 +191,7 @@ def connect_url(url: str) -> PgConnection:
     Raises:
         psycopg.OperationalError: The server can't be reached or refuses.
     """
-    raw = psycopg.connect(
+    raw = _Session.connect(
         url,
         autocommit=True,
         connect_timeout=10,

@@ -53,10 +53,9 @@ RULES: dict[str, Any] = {
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Connection]:
-    path = tmp_path / "prop.duckdb"
-    init_database(path, demo=True, now=START)
-    conn = connect(path)
+def db(store_db: Path | str) -> Iterator[Connection]:
+    init_database(store_db, demo=True, now=START)
+    conn = connect(store_db)
     yield conn
     conn.close()
 

@@ -1,4 +1,4 @@
-"""Both store backends for the store's tests: a DuckDB file or a fresh PostgreSQL database.
+"""Both store backends for tests: a DuckDB file or a fresh PostgreSQL database.
 
 One PostgreSQL server per test session (``scripts/pg-local``, in a folder under
 ``/tmp`` the ``postgres`` user can enter); every test that asks for

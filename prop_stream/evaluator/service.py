@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from prop_stream.config import StreamSettings
+from prop_stream.config import StreamSettings, is_url
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
 from prop_stream.evaluator.loop import EvaluatorLoop, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
@@ -120,7 +120,9 @@ def build_loop(
         hooks=hooks,
         stats=stats,
         on_batch=on_batch,
-        archive=settings.archive,
+        # The tick archive is DuckDB's (Parquet beside the file): on PostgreSQL
+        # nothing is staged, or the staging table would only grow.
+        archive=settings.archive and not is_url(settings.db),
     )
 
 

@@ -29,7 +29,7 @@ import polars as pl
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
-from prop_stream.store.db import DatabaseError, Connection, frame_table, transaction
+from prop_stream.store.db import Connection, DatabaseError, frame_table, transaction
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
 from prop_stream.store.progress import EngineCheckpoint, Position, save_checkpoint

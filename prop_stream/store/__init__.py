@@ -1,4 +1,4 @@
-"""The service's store (DuckDB or PostgreSQL): schema, reference data, challenges, progress.
+"""The service's store (DuckDB or PostgreSQL): schema, reference data, progress.
 
 Store functions take a connection and keyword-only arguments and run in the
 caller's transaction (:func:`transaction`); ``docs/store.md`` documents every table

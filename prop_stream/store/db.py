@@ -145,7 +145,9 @@ def is_conflict(exc: BaseException) -> bool:
     PostgreSQL refuses a serialization failure or breaks a deadlock; a unique
     key another transaction committed is not retried (the caller reads the row).
     """
-    if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+    if isinstance(
+        exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
+    ):
         return True
     return isinstance(exc, duckdb.TransactionException) and (
         "conflict" in str(exc).lower()
@@ -228,7 +230,7 @@ def _pg_type(dtype: pl.DataType) -> str:
         return "TIMESTAMPTZ" if dtype.time_zone else "TIMESTAMP"
     if isinstance(dtype, pl.Decimal):
         return "NUMERIC"
-    name = _PG_TYPES.get(dtype.base_type())  # type: ignore[call-overload]  # dtype classes as keys
+    name = _PG_TYPES.get(dtype.base_type())
     if name is None:
         raise StoreError(f"no PostgreSQL type for a column of {dtype}")
     return str(name)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from prop_stream.store.db import Connection, connect, is_postgres, transaction
+from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.demo import seed_demo
 from prop_stream.store.exceptions import StoreError
 from prop_stream.store.migrations import current_version, migrate
-from prop_stream.store.pg import is_url, redact
+from prop_stream.store.pg import PgConnection, is_url, redact
 from prop_stream.store.roles import grant_risk_role
 
 
@@ -98,7 +98,7 @@ def init_database(
 
 
 def _risk_role(conn: Connection) -> str | None:
-    if not is_postgres(conn):
+    if not isinstance(conn, PgConnection):
         return None
     return grant_risk_role(conn)
 

@@ -438,7 +438,8 @@ def phase_specs_of(conn: Connection, *, challenge_ids: list[int]) -> list[PhaseS
     if not challenge_ids:
         return []
     rows = conn.execute(
-        _SPEC_QUERY + " AND challenge_id IN (SELECT unnest(?::BIGINT[])) ORDER BY account_id",
+        _SPEC_QUERY
+        + " AND challenge_id IN (SELECT unnest(?::BIGINT[])) ORDER BY account_id",
         [challenge_ids],
     ).fetchall()
     return [_spec(row) for row in rows]

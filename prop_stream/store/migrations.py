@@ -369,8 +369,7 @@ _V2_VIEWS: Final = (
 # The same views for PostgreSQL: explicit GROUP BY (no GROUP BY ALL) and a
 # division by a zero limit answering NULL, as it does in DuckDB.
 _V2_VIEWS_POSTGRES: Final = (
-    _V2_VIEWS[0]
-    .replace("GROUP BY ALL", "GROUP BY CAST(ts AS DATE), rule, severity"),
+    _V2_VIEWS[0].replace("GROUP BY ALL", "GROUP BY CAST(ts AS DATE), rule, severity"),
     _V2_VIEWS[1].replace("GROUP BY ALL", "GROUP BY p.id, p.name, c.status, s.name"),
     _V2_VIEWS[2]
     .replace(

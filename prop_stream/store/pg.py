@@ -31,8 +31,9 @@ from typing import Any, Final
 import psycopg
 from psycopg.types.string import TextLoader
 
-#: URL schemes that name a PostgreSQL database.
-URL_PREFIXES: Final = ("postgresql://", "postgres://")
+from prop_stream.config import is_url
+
+__all__ = ["PgConnection", "connect_url", "is_url", "numbered", "redact"]
 
 # A '?' placeholder outside string literals, quoted identifiers and comments.
 _TOKENS: Final = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?")
@@ -165,6 +166,11 @@ class PgConnection:
         """Close the session (an open transaction is rolled back)."""
         self.raw.close()
 
+    def __enter__(self) -> PgConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Session(psycopg.Connection[Any]):
@@ -174,7 +180,7 @@ class _Session(psycopg.Connection[Any]):
     open connection. The store (and its callers) drop cursors like DuckDB's.
     """
 
-    def __del__(self) -> None:
+    def __del__(self, *args: Any) -> None:
         if not self.closed:
             self.close()
 
@@ -202,8 +208,3 @@ def connect_url(url: str) -> PgConnection:
     raw.adapters.register_loader("json", TextLoader)
     raw.adapters.register_loader("jsonb", TextLoader)
     return PgConnection(url, raw)
-
-
-def is_url(db: object) -> bool:
-    """Whether ``--db`` names a PostgreSQL database (else a DuckDB file)."""
-    return isinstance(db, str) and db.startswith(URL_PREFIXES)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -63,25 +64,32 @@ def _with_database(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database of this test's own."""
+@contextmanager
+def fresh_database(server: str) -> Iterator[str]:
+    """A new, empty database on ``server`` (its URL), dropped at the end."""
     name = f"t_{os.getpid()}_{next(_names)}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
+    with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
                 sql.Identifier(name)
             )
         )
     try:
-        yield _with_database(pg_server, name)
+        yield _with_database(server, name)
     finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
+        with psycopg.connect(server, autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     sql.Identifier(name)
                 )
             )
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database of this test's own."""
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
@@ -93,4 +101,4 @@ def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     return url
 
 
-__all__ = ["BACKENDS", "pg_server", "pg_url", "store_db"]
+__all__ = ["BACKENDS", "fresh_database", "pg_server", "pg_url", "store_db"]

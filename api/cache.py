@@ -283,7 +283,8 @@ class RuntimeCache:
         """
         with self._db.cursor() as conn:
             current = {
-                int(k): int(v) for k, v in conn.execute(_fingerprint_sql(conn)).fetchall()
+                int(k): int(v)
+                for k, v in conn.execute(_fingerprint_sql(conn)).fetchall()
             }
         changed = [
             cid for cid, h in current.items() if self._fingerprints.get(cid) != h

@@ -54,14 +54,14 @@ def test_risk_role_reads_only_the_risk_views(
     risk_url = pg_url.replace("prop_stream:prop_stream@", f"{RISK_ROLE}:risk-secret@")
     with psycopg.connect(risk_url, autocommit=True) as risk:
         for view in RISK_VIEWS:
-            risk.execute(f"SELECT * FROM {view}").fetchall()
+            risk.execute(f"SELECT * FROM {view}").fetchall()  # noqa: S608 - constants
         rows = risk.execute(
             "SELECT status_name, challenges FROM risk_challenges_by_status"
         ).fetchall()
         assert rows  # the demo's challenges, through the view
         for table in ("purchases", "trading_accounts", "breaches", "sessions"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                risk.execute(f"SELECT * FROM {table}")
+                risk.execute(f"SELECT * FROM {table}")  # noqa: S608 - constants
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             risk.execute("DELETE FROM customers")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -110,7 +110,8 @@ def test_serve_refuses_a_wrong_url_in_one_line(
             assert err[0].startswith("prop-stream: error: ")
             assert redact(url) in err[0]
             assert says in err[0]
-            assert "wrong" not in err[0] and ":prop_stream@" not in err[0]
+            assert "wrong" not in err[0]
+            assert ":prop_stream@" not in err[0]
         # Refusing never initialised it.
         with psycopg.connect(bare) as check:
             assert check.execute(

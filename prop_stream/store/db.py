@@ -242,8 +242,9 @@ def frame_table(conn: Connection, name: str, frame: pl.DataFrame) -> Iterator[st
 
     DuckDB scans the frame's Arrow data in place (``register``). PostgreSQL gets
     a temporary table of the session, created once, loaded with ``COPY`` (CSV:
-    the fastest path psycopg has for a frame; measured in ``docs/store.md``) and
-    emptied at the end of the block. Use it inside the caller's transaction.
+    the fastest of the ways measured in ``docs/store.md``) and emptied when the
+    transaction ends (``ON COMMIT DELETE ROWS``, cheaper than a ``TRUNCATE``).
+    Use it inside the caller's transaction.
 
     Args:
         conn: The connection.
@@ -260,10 +261,11 @@ def frame_table(conn: Connection, name: str, frame: pl.DataFrame) -> Iterator[st
         finally:
             conn.unregister(name)
         return
+    if not conn.in_transaction:
+        raise StoreError(f"frame_table({name}) needs a transaction")
     columns = ", ".join(f"{col} {_pg_type(dt)}" for col, dt in frame.schema.items())
-    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns})")
+    conn.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns}) ON COMMIT DELETE ROWS"
+    )
     conn.copy_text(name, frame.columns, frame.write_csv(include_header=False).encode())
-    try:
-        yield name
-    finally:
-        conn.execute(f"TRUNCATE {name}")
+    yield name

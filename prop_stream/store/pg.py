@@ -129,6 +129,11 @@ class PgConnection:
         return [tuple(r) for r in self._cur.fetchall()]
 
     @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (``BEGIN`` sent, not yet ended)."""
+        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    @property
     def description(self) -> Any:
         """The last statement's column descriptions (None without rows)."""
         return self._cur.description

@@ -24,16 +24,26 @@ What this adapter evens out, once:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Final
 
 import psycopg
 from psycopg.types.string import TextLoader
+from psycopg_pool import ConnectionPool
 
 from prop_stream.config import is_url
 
-__all__ = ["PgConnection", "connect_url", "is_url", "numbered", "redact"]
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "PgConnection",
+    "SessionPool",
+    "connect_url",
+    "is_url",
+    "numbered",
+    "redact",
+]
 
 # A '?' placeholder outside string literals, quoted identifiers and comments.
 _TOKENS: Final = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?")
@@ -190,6 +200,21 @@ class _Session(psycopg.Connection[Any]):
             self.close()
 
 
+#: The session settings every store session gets.
+_CONNECT_KWARGS: Final[dict[str, Any]] = {
+    "autocommit": True,
+    "connect_timeout": 10,
+    "options": "-c TimeZone=UTC",
+    "application_name": "prop-stream",
+}
+
+
+def _configure(raw: psycopg.Connection[Any]) -> None:
+    # JSON columns come back as text, as DuckDB returns them.
+    raw.adapters.register_loader("json", TextLoader)
+    raw.adapters.register_loader("jsonb", TextLoader)
+
+
 def connect_url(url: str) -> PgConnection:
     """Open a session on a PostgreSQL database.
 
@@ -202,14 +227,54 @@ def connect_url(url: str) -> PgConnection:
     Raises:
         psycopg.OperationalError: The server can't be reached or refuses.
     """
-    raw = _Session.connect(
-        url,
-        autocommit=True,
-        connect_timeout=10,
-        options="-c TimeZone=UTC",
-        application_name="prop-stream",
-    )
-    # JSON columns come back as text, as DuckDB returns them.
-    raw.adapters.register_loader("json", TextLoader)
-    raw.adapters.register_loader("jsonb", TextLoader)
+    raw = _Session.connect(url, **_CONNECT_KWARGS)
+    _configure(raw)
     return PgConnection(url, raw)
+
+
+#: Most sessions one :class:`SessionPool` opens (anyio's default thread limit:
+#: every request thread of an API process can hold one).
+DEFAULT_POOL_SIZE: Final = 40
+
+
+class SessionPool:
+    """A bounded pool of store sessions for request handlers (psycopg-pool).
+
+    An API process borrows a session per request; the pool keeps them open,
+    caps how many one process holds (``max_connections`` is the server's), checks
+    a connection that came back broken and rolls back one returned mid-transaction.
+
+    Args:
+        url: The database.
+        max_size: The most sessions open at once.
+    """
+
+    def __init__(self, url: str, *, max_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.url = url
+        self._pool: ConnectionPool[_Session] = ConnectionPool(
+            url,
+            connection_class=_Session,
+            kwargs=dict(_CONNECT_KWARGS),
+            configure=_configure,
+            min_size=1,
+            max_size=max_size,
+            name="prop-stream",
+            open=True,
+        )
+
+    @contextmanager
+    def session(self, *, timeout_s: float = 30.0) -> Iterator[PgConnection]:
+        """Borrow a session for a block.
+
+        Args:
+            timeout_s: How long to wait for a free session.
+
+        Yields:
+            The session; it goes back to the pool after the block.
+        """
+        with self._pool.connection(timeout=timeout_s) as raw:
+            yield PgConnection(self.url, raw)
+
+    def close(self) -> None:
+        """Close every session of the pool."""
+        self._pool.close()

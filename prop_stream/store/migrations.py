@@ -459,6 +459,10 @@ _LEDGER: Final = """
 """
 
 
+#: The advisory lock key that serializes migrations on PostgreSQL.
+_MIGRATION_LOCK: Final = 0x70726F70  # "prop"
+
+
 def current_version(conn: Connection) -> int:
     """The highest migration applied to a database (0 for an empty one).
 
@@ -487,6 +491,18 @@ def migrate(conn: Connection) -> list[int]:
     Returns:
         The versions applied now, in order (empty when it was up to date).
     """
+    if not is_postgres(conn):
+        return _migrate(conn)
+    # Two inits at once (several processes share a PostgreSQL database): the
+    # second waits for the first's session lock, then finds its versions applied.
+    conn.execute("SELECT pg_advisory_lock(?)", [_MIGRATION_LOCK])
+    try:
+        return _migrate(conn)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(?)", [_MIGRATION_LOCK])
+
+
+def _migrate(conn: Connection) -> list[int]:
     conn.execute(_LEDGER)
     done = current_version(conn)
     applied: list[int] = []

@@ -119,3 +119,13 @@ def test_serve_refuses_a_wrong_url_in_one_line(
                 "WHERE table_schema = 'public'"
             ).fetchone() == (0,)
     assert not list(tmp_path.iterdir())
+
+
+def test_two_inits_at_once_migrate_once(pg_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda _: init_database(pg_url), range(3)))
+    applied = sorted(r.applied for r in results)
+    assert applied == [(), (), tuple(m.version for m in MIGRATIONS)]
+    assert {r.version for r in results} == {MIGRATIONS[-1].version}

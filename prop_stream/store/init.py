@@ -9,7 +9,7 @@ from pathlib import Path
 from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.demo import seed_demo
 from prop_stream.store.exceptions import StoreError
-from prop_stream.store.migrations import current_version, migrate
+from prop_stream.store.migrations import current_version, migrate, schema_lock
 from prop_stream.store.pg import PgConnection, is_url, redact
 from prop_stream.store.roles import grant_risk_role
 
@@ -85,13 +85,14 @@ def init_database(
                 f"{name} is not a prop-stream database (never initialised: "
                 f"run prop-stream init --db {name})"
             )
-        applied = migrate(conn)
-        seeded = False
-        if demo:
-            with transaction(conn):
-                seeded = seed_demo(conn, now=now)
-        version = current_version(conn)
-        role = _risk_role(conn) if create else None
+        with schema_lock(conn):  # the grants and the demo data too
+            applied = migrate(conn)
+            seeded = False
+            if demo:
+                with transaction(conn):
+                    seeded = seed_demo(conn, now=now)
+            version = current_version(conn)
+            role = _risk_role(conn) if create else None
     finally:
         conn.close()
     return InitResult(target, tuple(applied), version, seeded, role)

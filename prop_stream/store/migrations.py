@@ -22,6 +22,8 @@ same order.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -491,13 +493,24 @@ def migrate(conn: Connection) -> list[int]:
     Returns:
         The versions applied now, in order (empty when it was up to date).
     """
-    if not is_postgres(conn):
+    with schema_lock(conn):
         return _migrate(conn)
-    # Two inits at once (several processes share a PostgreSQL database): the
-    # second waits for the first's session lock, then finds its versions applied.
+
+
+@contextmanager
+def schema_lock(conn: Connection) -> Iterator[None]:
+    """Serialize schema changes between processes (PostgreSQL; DuckDB: no-op).
+
+    Two inits at once (several processes share a PostgreSQL database): the second
+    waits for the first's session-level advisory lock, then finds its versions
+    applied. The lock is reentrant within a session.
+    """
+    if not is_postgres(conn):
+        yield
+        return
     conn.execute("SELECT pg_advisory_lock(?)", [_MIGRATION_LOCK])
     try:
-        return _migrate(conn)
+        yield
     finally:
         conn.execute("SELECT pg_advisory_unlock(?)", [_MIGRATION_LOCK])
 

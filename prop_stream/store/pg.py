@@ -24,7 +24,7 @@ What this adapter evens out, once:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Final
@@ -113,16 +113,6 @@ class PgConnection:
         self._count = None if self._cur.description is not None else self._cur.rowcount
         return self
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> PgConnection:
-        """Run one statement once per row of parameters (pipelined).
-
-        Returns:
-            This connection.
-        """
-        self._cur.executemany(numbered(sql), [list(r) for r in rows])
-        self._count = self._cur.rowcount
-        return self
-
     def fetchone(self) -> tuple[Any, ...] | None:
         """The next row of the last statement (its row count if it had none)."""
         if self._count is not None:
@@ -147,21 +137,6 @@ class PgConnection:
     def description(self) -> Any:
         """The last statement's column descriptions (None without rows)."""
         return self._cur.description
-
-    def copy_rows(
-        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-    ) -> None:
-        """Bulk-load rows into a table with ``COPY ... FROM STDIN``.
-
-        Args:
-            table: The table (a trusted name: this package's constants).
-            columns: The columns given, in the rows' order.
-            rows: The values.
-        """
-        names = ", ".join(columns)
-        with self._cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
 
     def copy_text(self, table: str, columns: Sequence[str], data: bytes) -> None:
         """Bulk-load CSV text (header-less, empty = NULL) into a table."""

@@ -15,6 +15,7 @@ it); without it ``init`` migrates, skips the role and says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Final
@@ -47,7 +48,11 @@ def grant_risk_role(conn: PgConnection, *, role: str = RISK_ROLE) -> str | None:
     exists = raw.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
     try:
         if exists is None:
-            raw.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            # Another database's init on this server may create it at once.
+            with contextlib.suppress(psycopg.errors.DuplicateObject):
+                raw.execute(
+                    sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role))
+                )
         if password:
             raw.execute(
                 sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(

@@ -37,7 +37,7 @@ from typing import Any, Final
 from api.db import Database
 from api.serialize import dumps, iso, metric_public, progress_public, ratio
 from prop_stream.evaluator import LatestMetrics
-from prop_stream.store import CHALLENGE_STATUS_NAMES, Connection
+from prop_stream.store import CHALLENGE_STATUS_NAMES, Connection, is_postgres
 
 MetricRow = Mapping[str, Any]
 
@@ -51,7 +51,7 @@ _PHASES_SQL: Final = """
         status, started_at, ended_at, rules, profit_split
     FROM challenge_phases
 """
-_FINGERPRINT_SQL: Final = """
+_FINGERPRINT_DUCKDB: Final = """
     SELECT c.id, hash(c.status, c.current_phase_index, c.ended_at, c.purchase_id,
         c.customer_id, p.h)
     FROM challenges AS c LEFT JOIN (
@@ -60,6 +60,22 @@ _FINGERPRINT_SQL: Final = """
         FROM challenge_phases GROUP BY challenge_id
     ) AS p ON p.challenge_id = c.id
 """
+# PostgreSQL has no row hash: the first 64 bits of an md5 of the row's text.
+_FINGERPRINT_POSTGRES: Final = """
+    SELECT c.id, ('x' || left(md5(ROW(c.status, c.current_phase_index, c.ended_at,
+        c.purchase_id, c.customer_id, p.h)::text), 16))::bit(64)::bigint
+    FROM challenges AS c LEFT JOIN (
+        SELECT challenge_id,
+            string_agg(ROW(phase_index, status, account_id, started_at,
+                ended_at)::text, ';' ORDER BY phase_index) AS h
+        FROM challenge_phases GROUP BY challenge_id
+    ) AS p ON p.challenge_id = c.id
+"""
+
+
+def _fingerprint_sql(conn: Connection) -> str:
+    """Per challenge, a number that changes when its row or its phases change."""
+    return _FINGERPRINT_POSTGRES if is_postgres(conn) else _FINGERPRINT_DUCKDB
 
 
 @dataclass(slots=True)
@@ -232,7 +248,7 @@ class RuntimeCache:
         """
         with self._db.cursor() as conn:
             records = _read(conn, None)
-            fingerprints = dict(conn.execute(_FINGERPRINT_SQL).fetchall())
+            fingerprints = dict(conn.execute(_fingerprint_sql(conn)).fetchall())
         with self._lock:
             self._challenges = {r.id: r for r in records}
             self._fingerprints = {int(k): int(v) for k, v in fingerprints.items()}
@@ -267,7 +283,8 @@ class RuntimeCache:
         """
         with self._db.cursor() as conn:
             current = {
-                int(k): int(v) for k, v in conn.execute(_FINGERPRINT_SQL).fetchall()
+                int(k): int(v)
+                for k, v in conn.execute(_fingerprint_sql(conn)).fetchall()
             }
         changed = [
             cid for cid, h in current.items() if self._fingerprints.get(cid) != h
@@ -416,7 +433,7 @@ class RuntimeCache:
 
 
 def _read(conn: Connection, ids: Sequence[int] | None) -> list[ChallengeRecord]:
-    where = "" if ids is None else " WHERE {col} IN (SELECT unnest(?))"
+    where = "" if ids is None else " WHERE {col} IN (SELECT unnest(?::BIGINT[]))"
     params = None if ids is None else [list(ids)]
     challenges = conn.execute(
         _CHALLENGES_SQL + where.format(col="c.id"), params

@@ -30,7 +30,7 @@ _PROGRAM_SQL: Final = """
 _PROGRAM_PHASES_SQL: Final = """
     SELECT program_id, phase_index, name, phase_type, account_group, rules,
         profit_split
-    FROM program_phases WHERE program_id IN (SELECT unnest(?))
+    FROM program_phases WHERE program_id IN (SELECT unnest(?::BIGINT[]))
     ORDER BY program_id, phase_index
 """
 

@@ -1,9 +1,11 @@
-"""The API's handle on the store: a pool of DuckDB cursors over one database.
+"""The API's handle on the store: a pool of cursors over one database.
 
 DuckDB lets one process hold a database file, and a connection object must not be
 used by two threads at once. The service owns one connection; every request that
 reads the database borrows a cursor (a connection to the same database instance)
 from this pool and gives it back, so requests in the thread pool never share one.
+On PostgreSQL a request borrows a session from a bounded
+:class:`~prop_stream.store.pg.SessionPool` (psycopg-pool) instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prop_stream.store import Connection, cursor
+from prop_stream.store.pg import PgConnection, SessionPool
 
 
 class Database:
@@ -28,6 +31,7 @@ class Database:
         self._owned = owned
         self._idle: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         self._closed = False
+        self._pool = SessionPool(conn.url) if isinstance(conn, PgConnection) else None
 
     @property
     def closed(self) -> bool:
@@ -41,6 +45,10 @@ class Database:
         Yields:
             A cursor with the store's session settings (UTC); don't keep it.
         """
+        if self._pool is not None:
+            with self._pool.session() as session:
+                yield session
+            return
         try:
             cur = self._idle.get_nowait()
         except queue.Empty:
@@ -71,6 +79,8 @@ class Database:
     def close(self) -> None:
         """Close the pooled cursors (and the connection when the API owns it)."""
         self._closed = True
+        if self._pool is not None:
+            self._pool.close()
         while True:
             try:
                 self._idle.get_nowait().close()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import duckdb
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -274,5 +275,6 @@ def install(app: FastAPI) -> None:
     # Handled here rather than by the catch-all: Starlette re-raises what reaches
     # the catch-all, and a transient outage must not log a traceback per request.
     app.add_exception_handler(duckdb.Error, _storage)
+    app.add_exception_handler(psycopg.Error, _storage)
     app.add_exception_handler(OSError, _storage)
     app.add_exception_handler(Exception, _unexpected)

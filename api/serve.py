@@ -32,7 +32,7 @@ from api.core.config import ApiSettings
 from api.limits import uvicorn_options
 from api.main import create_app
 from prop_stream.admin import AdminEndpoint, new_token, publish, withdraw
-from prop_stream.config import StreamSettings
+from prop_stream.config import StreamSettings, is_url
 from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
@@ -41,6 +41,7 @@ from prop_stream.store.archive import TickArchiver, staged_rows
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
 from prop_stream.store.mirror import RiskMirror
+from prop_stream.store.pg import redact
 from prop_stream.store.purchases import outbox_summary
 from prop_stream.supervisor import EXIT_FATAL, Supervisor
 from prop_stream.telemetry import Probes, ServiceMetrics
@@ -144,19 +145,24 @@ def run(
         restarts=supervisor.restarts,
         store=functools.partial(_store_numbers, conn),
     )
+    postgres = is_url(settings.db)
+    if postgres and (settings.risk_mirror_interval_s > 0 or settings.archive):
+        # DuckDB-only by design (docs/scale-out.md): on PostgreSQL the risk team
+        # reads the database itself (role prop_stream_risk), and the tick archive
+        # (staged ticks moved to Parquet beside the DuckDB file) is not written.
+        log.info("postgresql: no risk mirror file and no tick archive (DuckDB only)")
     # The risk team's read-only copy of the store (docs/store.md).
-    if settings.risk_mirror_interval_s > 0 and role == "all":
+    db_file = settings.db if isinstance(settings.db, Path) else None
+    if settings.risk_mirror_interval_s > 0 and role == "all" and db_file is not None:
         interval = settings.risk_mirror_interval_s
-        supervisor.add(
-            "risk", lambda: _RiskMirrorComponent(conn, settings.db, interval)
-        )
+        supervisor.add("risk", lambda: _RiskMirrorComponent(conn, db_file, interval))
     # The tick archive: staged ticks moved to DB.archive/ticks (docs/store.md).
-    if settings.archive and runs_jobs:
+    if settings.archive and runs_jobs and db_file is not None:
         supervisor.add(
             "archive",
             lambda: _ArchiveComponent(
                 conn,
-                settings.db,
+                db_file,
                 settings.archive_interval_s,
                 settings.archive_retention_days,
             ),
@@ -187,15 +193,16 @@ def run(
                 published = AdminEndpoint(
                     f"http://{_loopback(host)}:{bound}", admin_token, os.getpid()
                 )
-                if role == "all":
+                if role == "all" and not postgres:
                     # The operator commands reach the process that owns the
-                    # DuckDB file; the scale-out roles own no file.
+                    # DuckDB file; the scale-out roles own no file, and
+                    # PostgreSQL is shared: commands open it directly.
                     publish(settings.db, published)
                     endpoint.append(published)
                 log.info("ready: listening at %s:%d", host, bound)
                 line = (
                     f"prop-stream: ready on http://{host}:{bound} "
-                    f"(db {settings.db}, source {settings.source})"
+                    f"(db {_shown(settings.db)}, source {settings.source})"
                 )
                 if role != "all":
                     line += f" as {role}"
@@ -328,3 +335,7 @@ def _bound_port(server: uvicorn.Server) -> int | None:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _shown(db: Path | str) -> str:
+    return redact(db) if isinstance(db, str) else str(db)

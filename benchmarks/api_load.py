@@ -81,7 +81,7 @@ class Result:
     metric_lag_s: float | None = None
 
 
-def seed(path: Path, challenges: int) -> tuple[str, list[int]]:
+def seed(path: Path | str, challenges: int) -> tuple[str, list[int]]:
     """Make the database; return a token and the challenge ids its customer owns."""
     init_database(path, demo=True, now=T0)
     conn = connect(path)

@@ -11,10 +11,17 @@ in one run: two stores seeded alike, the batches timed in alternating blocks of
 five, so both see the same machine load. It prints each one's ms per batch and
 their ratio.
 
+``--postgres URL`` times the loop on DuckDB and on PostgreSQL side by side in one
+run (the URL names an empty database, which is seeded alike; alternating blocks of
+five batches, archive off in both since PostgreSQL has none). It prints each
+one's ms per batch, ticks/s and their ratio.
+
 Examples:
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50 --profile
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50 --archive-compare
+    .venv/bin/python benchmarks/evaluator_loop.py --batches 50 \
+        --postgres "$(scripts/pg-local start | sed 's,/prop_stream$,/bench,')"
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--demo-rate", type=float, default=100_000.0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--archive-compare", action="store_true")
+    parser.add_argument("--postgres", metavar="URL", help="compare with this database")
     args = parser.parse_args(argv)
+    if args.postgres:
+        return _backend_compare(
+            args.challenges, args.batches, args.demo_rate, args.postgres
+        )
     if args.archive_compare:
         return _archive_compare(args.challenges, args.batches, args.demo_rate)
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +149,58 @@ def _archive_compare(challenges: int, batches: int, rate: float) -> dict[str, fl
         "ms_per_batch_archive_on": seconds["on"] / batches * 1000,
         "ratio_on_to_off": seconds["on"] / seconds["off"],
     }
+    print(json.dumps(result))
+    return result
+
+
+def _backend_compare(
+    challenges: int, batches: int, rate: float, url: str
+) -> dict[str, float]:
+    """The loop on DuckDB and on PostgreSQL, timed in alternating blocks."""
+    block = 5
+    with tempfile.TemporaryDirectory() as tmp:
+        stores: dict[str, Path | str] = {
+            "duckdb": Path(tmp) / "loop.duckdb",
+            "postgres": url,
+        }
+        loops = {}
+        conns = []
+        for name, db in stores.items():
+            seed(db, challenges)
+            settings = StreamSettings(
+                db=db, source="demo", demo_rate=rate, demo_realtime=False, archive=False
+            )
+            conn = connect(db)
+            conns.append(conn)
+            loop = build_loop(settings, conn)
+            loop.start()
+            for _ in range(5):
+                loop.run_once()
+            loops[name] = loop
+        seconds = dict.fromkeys(loops, 0.0)
+        ticks = dict.fromkeys(loops, 0)
+        done = 0
+        try:
+            while done < batches:
+                n = min(block, batches - done)
+                for name, loop in loops.items():
+                    before = loop.stats.ticks
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        loop.run_once()
+                    seconds[name] += time.perf_counter() - start
+                    ticks[name] += loop.stats.ticks - before
+                done += n
+        finally:
+            for conn in conns:
+                conn.close()
+    result: dict[str, float] = {"batches": batches, "challenges": challenges}
+    for name in loops:
+        result[f"ms_per_batch_{name}"] = seconds[name] / batches * 1000
+        result[f"ticks_per_s_{name}"] = ticks[name] / seconds[name]
+    result["ratio_postgres_to_duckdb"] = (
+        result["ticks_per_s_postgres"] / result["ticks_per_s_duckdb"]
+    )
     print(json.dumps(result))
     return result
 

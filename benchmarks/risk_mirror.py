@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         result["build_s"] = round(time.perf_counter() - started, 1)
         conn = connect(db)
+        assert isinstance(conn, duckdb.DuckDBPyConnection)
         try:
             mirror = RiskMirror(cursor(conn), db)
             result["first_refresh"] = _timed(mirror)

@@ -33,13 +33,14 @@ from prop_stream.backtest import (
     DEFAULT_MAX_ROWS_IN_MEMORY,
     run_backtest,
 )
-from prop_stream.config import StreamSettings
+from prop_stream.config import StreamSettings, is_url, parse_db
 from prop_stream.exceptions import PropStreamError
 from prop_stream.kafka import KafkaUnavailableError, produce_file
 from prop_stream.kafka.produce import DEFAULT_PARTITIONS
 from prop_stream.logs import close_access_log, configure_logging
 from prop_stream.store.access import export_database, issue_session
 from prop_stream.store.init import init_database
+from prop_stream.store.pg import redact
 from prop_stream.store.sessions import DEFAULT_SESSION_TTL
 
 PROG: Final = "prop-stream"
@@ -363,8 +364,10 @@ def _add_init(commands: argparse._SubParsersAction[_Parser]) -> None:
         "init",
         help="create or migrate the service's database",
         description=(
-            "Create the DuckDB file or migrate it to the latest schema; running it "
-            "again is a no-op. --demo adds the demo reference data once."
+            "Create the DuckDB file or migrate it to the latest schema (a "
+            "postgresql:// URL: migrate that existing database and grant the "
+            "read-only role prop_stream_risk the risk_* views); running it again "
+            "is a no-op. --demo adds the demo reference data once."
         ),
     )
     _add_db(parser)
@@ -386,9 +389,10 @@ def _run_init(args: argparse.Namespace) -> int:
     demo = ""
     if args.demo:
         demo = "; demo data added" if result.seeded else "; demo data already there"
+    role = f"; read-only role {result.risk_role}" if result.risk_role else ""
     print(
-        f"{PROG}: init: {result.path} at schema version {result.version} "
-        f"({applied}){demo}",
+        f"{PROG}: init: {_shown(result.path)} at schema version {result.version} "
+        f"({applied}){demo}{role}",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -458,8 +462,17 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--db", required=True, type=Path, metavar="PATH", help="the DuckDB file"
+        "--db",
+        required=True,
+        type=parse_db,
+        metavar="DB",
+        help="the DuckDB file, or a postgresql:// URL of an existing database",
     )
+
+
+def _shown(db: Path | str) -> str:
+    """``--db`` as messages show it (a URL without its password)."""
+    return redact(db) if isinstance(db, str) else str(db)
 
 
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
@@ -620,11 +633,11 @@ def _serve(args: argparse.Namespace, *, source: str) -> int:
         _error("the HTTP service (package api) is not installed")
         return EXIT_FAILURE
     role = getattr(args, "role", "all")
-    postgres = is_postgres_url(args.db)
+    postgres = is_url(args.db)
     if role != "all" and not postgres:
         _error(
             f"--role {role} needs a PostgreSQL database (the scale-out deployment); "
-            f"with the DuckDB file {args.db} only --role all runs"
+            f"with the DuckDB file {_shown(args.db)} only --role all runs"
         )
         return EXIT_BAD_INPUT
     overrides: dict[str, object] = {"db": args.db, "source": source}
@@ -654,14 +667,6 @@ def _serve(args: argparse.Namespace, *, source: str) -> int:
     else:
         status = run(settings, host=args.host, port=args.port, role=role)
     return status
-
-
-def is_postgres_url(db: object) -> bool:
-    """Whether ``--db`` names a PostgreSQL database (a ``postgresql://`` URL).
-
-    ``Path`` folds the URL's ``//``, so only the scheme is looked at.
-    """
-    return str(db).split(":", 1)[0].lower() in ("postgresql", "postgres")
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -8,19 +8,52 @@ no module-level instance. Every field can be set with a ``PROP_STREAM_`` variabl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SourceName = Literal["none", "demo", "kafka"]
+
+
+#: URL schemes that name a PostgreSQL database (else ``--db`` is a DuckDB file).
+URL_PREFIXES: Final = ("postgresql://", "postgres://")
+
+
+def is_url(db: object) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (else a DuckDB file)."""
+    return isinstance(db, str) and db.startswith(URL_PREFIXES)
+
+
+def parse_db(value: object) -> Path | str:
+    """``--db`` as given: a ``postgresql://`` URL stays a string, else a path.
+
+    Args:
+        value: A path or a URL (``str`` or :class:`~pathlib.Path`).
+
+    Returns:
+        The URL, or the DuckDB file's path.
+
+    Raises:
+        TypeError: Neither a string nor a path.
+    """
+    if is_url(value):
+        assert isinstance(value, str)  # noqa: S101 - is_url checked it
+        return value
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise TypeError(f"a DuckDB path or a postgresql:// URL, not {value!r}")
+
+
+#: A settings field holding ``--db`` (:func:`parse_db`).
+DbTarget = Annotated[Path | str, BeforeValidator(parse_db)]
 
 
 class StreamSettings(BaseSettings):
     """How the evaluator loop runs.
 
     Attributes:
-        db: The DuckDB file the service owns.
+        db: The DuckDB file the service owns, or a ``postgresql://`` URL.
         source: Where ticks come from: ``demo`` (the built-in simulator),
             ``kafka`` (the tick topic) or ``none``.
         max_batch_records: Most ticks handed to the engine per batch.
@@ -84,7 +117,7 @@ class StreamSettings(BaseSettings):
         env_prefix="PROP_STREAM_", frozen=True, extra="forbid", validate_by_name=True
     )
 
-    db: Path = Path("prop-stream.duckdb")
+    db: DbTarget = Path("prop-stream.duckdb")
     source: SourceName = "demo"
     max_batch_records: int = Field(default=100_000, gt=0)
     poll_timeout_s: float = Field(default=0.5, gt=0)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from pg_support import BACKENDS, fresh_database
 
 from api.core.config import ApiSettings
 from api.main import create_app
@@ -85,7 +86,7 @@ class Seeded:
     """What :func:`seed_database` made.
 
     Attributes:
-        path: The DuckDB file.
+        path: The DuckDB file or the PostgreSQL URL.
         alice: Alice's session token.
         bob: Bob's session token.
         expired: An expired session token of alice's.
@@ -94,7 +95,7 @@ class Seeded:
         engine: The engine after the seeded ticks (to judge more).
     """
 
-    path: Path
+    path: Path | str
     alice: str
     bob: str
     expired: str
@@ -132,7 +133,7 @@ def judge(conn: Connection, engine: RuleEngine, ticks: pl.DataFrame) -> pl.DataF
     return evaluation.metrics
 
 
-def seed_database(path: Path) -> Seeded:
+def seed_database(path: Path | str) -> Seeded:
     init_database(path, demo=True, now=T0)
     conn = connect(path)
     try:
@@ -175,9 +176,15 @@ def seed_database(path: Path) -> Seeded:
     return seeded
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
-    return seed_database(tmp_path_factory.mktemp("api") / "api.duckdb")
+@pytest.fixture(scope="module", params=BACKENDS)
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Seeded]:
+    if request.param == "duckdb":
+        yield seed_database(tmp_path_factory.mktemp("api") / "api.duckdb")
+        return
+    with fresh_database(request.getfixturevalue("pg_server")) as url:
+        yield seed_database(url)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import TypeVar
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, settings
+from pg_support import pg_server, pg_url, store_db  # noqa: F401 - fixtures for every test
 from reference import (
     BreachRow,
     Counts,

@@ -58,7 +58,7 @@ class FakeEngine:
 class Shop:
     """A demo database served by an app, with a worker on its connection."""
 
-    path: Path
+    path: Path | str
     conn: Connection
     alice: str
     bob: str
@@ -107,7 +107,7 @@ def payer_of(conn: Connection, customer_id: int) -> int:
     return int(row[0])
 
 
-def make_shop(path: Path) -> Shop:
+def make_shop(path: Path | str) -> Shop:
     init_database(path, demo=True)
     conn = connect(path)
     with transaction(conn):
@@ -129,8 +129,8 @@ def make_shop(path: Path) -> Shop:
 
 
 @pytest.fixture
-def shop(tmp_path: Path) -> Iterator[Shop]:
-    made = make_shop(tmp_path / "shop.duckdb")
+def shop(store_db: Path | str) -> Iterator[Shop]:
+    made = make_shop(store_db)
     try:
         yield made
     finally:

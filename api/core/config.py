@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prop_stream.config import DbTarget
+
 Environment = Literal["development", "test", "production"]
 
 
@@ -22,8 +24,9 @@ class ApiSettings(BaseSettings):
     """How the API runs.
 
     Attributes:
-        db: The DuckDB file, opened in the lifespan when the app is not handed a
-            connection (``serve`` hands it the service's).
+        db: The DuckDB file or ``postgresql://`` URL, opened in the lifespan
+            when the app is not handed a connection (``serve`` hands it the
+            service's).
         environment: ``development``, ``test`` or ``production``.
         session_cache_ttl_s: How long a looked-up session is trusted from memory
             before the database is asked again (never past its expiry). A deleted
@@ -52,7 +55,7 @@ class ApiSettings(BaseSettings):
         env_prefix="PROP_STREAM_API_", frozen=True, extra="forbid"
     )
 
-    db: Path = Path("prop-stream.duckdb")
+    db: DbTarget = Path("prop-stream.duckdb")
     environment: Environment = "development"
     session_cache_ttl_s: float = Field(default=60.0, ge=0)
     session_negative_ttl_s: float = Field(default=5.0, ge=0)

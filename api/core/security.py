@@ -51,13 +51,15 @@ def lookup_session(conn: Connection, *, token_hash: str) -> tuple[int, float] | 
     Returns:
         The customer id and the expiry as epoch seconds, or None if no such session.
     """
+    # The timestamp itself (both backends return an aware datetime): DuckDB's
+    # epoch_us() does not exist in PostgreSQL.
     row = conn.execute(
-        "SELECT customer_id, epoch_us(expires_at) FROM sessions WHERE token_hash = ?",
+        "SELECT customer_id, expires_at FROM sessions WHERE token_hash = ?",
         [token_hash],
     ).fetchone()
     if row is None:
         return None
-    return int(row[0]), int(row[1]) / 1e6
+    return int(row[0]), float(row[1].timestamp())
 
 
 class SessionCache:

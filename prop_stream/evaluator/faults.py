@@ -20,6 +20,7 @@ import errno
 from typing import Final
 
 import duckdb
+import psycopg
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from prop_stream.kafka.exceptions import KafkaSourceError
@@ -80,6 +81,16 @@ def _own_reason(exc: BaseException) -> str | None:
         return f"database busy: {text}"
     if isinstance(exc, duckdb.IOException) and "lock" in lowered:
         return f"database locked: {text}"
+    # PostgreSQL: a lost or refused connection, a server shutting down, a full
+    # disk or a concurrent writer are all worth a retry with a new session.
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return f"disk full: {text}"
+    if isinstance(
+        exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
+    ):
+        return f"database busy: {text}"
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return f"database unavailable: {text}"
     if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):
         return f"kafka: {type(exc).__name__}: {text}"
     if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):

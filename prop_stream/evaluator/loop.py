@@ -486,7 +486,7 @@ def _phase_statuses(conn: Connection, phases: pl.DataFrame) -> dict[int, str]:
     frame = query_frame(
         conn,
         "SELECT account_id, status FROM challenge_phases "
-        "WHERE account_id IN (SELECT unnest(?))",
+        "WHERE account_id IN (SELECT unnest(?::BIGINT[]))",
         [phases["account_id"].to_list()],
     )
     return dict(

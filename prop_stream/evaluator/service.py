@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from prop_stream.config import StreamSettings
+from prop_stream.config import StreamSettings, is_url
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
 from prop_stream.evaluator.group import GroupEvaluatorLoop
 from prop_stream.evaluator.loop import EvaluatorLoop, LoopStats
@@ -134,7 +134,9 @@ def build_loop(
         hooks=hooks,
         stats=stats,
         on_batch=on_batch,
-        archive=settings.archive,
+        # The tick archive is DuckDB's (Parquet beside the file): on PostgreSQL
+        # nothing is staged, or the staging table would only grow.
+        archive=settings.archive and not is_url(settings.db),
     )
 
 

@@ -1,4 +1,4 @@
-"""The service's sink: one DuckDB transaction per flush.
+"""The service's sink: one store transaction per flush (DuckDB or PostgreSQL).
 
 A flush writes, in one transaction, every batch added since the last one:
 
@@ -28,14 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final
 
-import duckdb
 import polars as pl
 import pyarrow as pa
 
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
-from prop_stream.store.db import Connection, transaction
+from prop_stream.store.db import Connection, DatabaseError, frame_table, transaction
 from prop_stream.store.flags import record_deal_opens
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
@@ -265,8 +264,8 @@ class DuckDBSink(BaseSink):
                     save_checkpoint(conn, checkpoint=checkpoint, keep=self._keep)
                 if also is not None:
                     also(conn)
-        except duckdb.Error as exc:
-            raise SinkError(f"could not commit a batch to DuckDB: {exc}") from exc
+        except DatabaseError as exc:
+            raise SinkError(f"could not commit a batch to the store: {exc}") from exc
         self._pending.clear()
         self._ticks.clear()
         self._position = None
@@ -283,12 +282,8 @@ _STATEMENTS: Final = {
 def _write(conn: Connection, name: str, frame: pl.DataFrame) -> None:
     if name not in _STATEMENTS:
         return
-    view = f"_sink_{name}"
-    conn.register(view, frame.to_arrow())
-    try:
+    with frame_table(conn, f"_sink_{name}", frame):
         conn.execute(_STATEMENTS[name])
-    finally:
-        conn.unregister(view)
 
 
 def _stage_ticks(conn: Connection, batches: Sequence[pl.DataFrame]) -> None:
@@ -308,11 +303,8 @@ def _stage_ticks(conn: Connection, batches: Sequence[pl.DataFrame]) -> None:
         "equity",
         "balance",
     )
-    conn.register("_sink_ticks", staged.to_arrow())
-    try:
+    with frame_table(conn, "_sink_ticks", staged):
         conn.execute(_STAGE_TICKS)
-    finally:
-        conn.unregister("_sink_ticks")
 
 
 def _merge(evaluations: Sequence[Evaluation]) -> dict[str, pl.DataFrame]:

@@ -1,4 +1,4 @@
-"""The service's DuckDB store: schema, reference data, challenges, progress.
+"""The service's store (DuckDB or PostgreSQL): schema, reference data, progress.
 
 Store functions take a connection and keyword-only arguments and run in the
 caller's transaction (:func:`transaction`); ``docs/store.md`` documents every table
@@ -22,6 +22,7 @@ from prop_stream.store.db import (
     Connection,
     connect,
     cursor,
+    is_postgres,
     query_frame,
     run_in_transaction,
     transaction,
@@ -112,6 +113,7 @@ __all__ = [
     "fail_phase",
     "hash_token",
     "init_database",
+    "is_postgres",
     "latest_checkpoint",
     "load_position",
     "migrate",

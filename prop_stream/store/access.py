@@ -1,8 +1,9 @@
-"""Operator commands on a database file, whether or not the service is running.
+"""Operator commands on a database, whether or not the service is running.
 
-Each asks the running service that holds the file, through its admin route
-(:mod:`prop_stream.admin`), when the file ``PATH.admin.json`` says one runs, and
-otherwise opens the file itself.
+With a DuckDB file, each asks the running service that holds the file, through
+its admin route (:mod:`prop_stream.admin`), when the file ``PATH.admin.json`` says
+one runs, and otherwise opens the file itself. A PostgreSQL database is shared:
+the command opens it directly, whatever runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prop_stream.admin import DEFAULT_TIMEOUT_S, ServiceGoneError, call, read_endpoint
+from prop_stream.config import is_url
 from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.exceptions import DatabaseLockedError, StoreError
 from prop_stream.store.export import ExportResult, export_parquet
@@ -27,7 +29,7 @@ def export_database(
     """Export a database's metric history, breaches and daily snapshots to Parquet.
 
     Args:
-        db_path: The DuckDB file.
+        db_path: The DuckDB file or a ``postgresql://`` URL.
         out_dir: The export's root directory.
         timeout_s: How long to wait for a running service to do it.
 
@@ -38,6 +40,12 @@ def export_database(
         StoreError: The file does not exist, or the service holding it did not
             answer in time or failed.
     """
+    if is_url(db_path):
+        conn = connect(db_path)
+        try:
+            return export_parquet(conn, out_dir)
+        finally:
+            conn.close()
     db = _existing(db_path)
     answer = _ask_service(
         db, "export", {"out": str(Path(out_dir).resolve())}, timeout_s
@@ -62,7 +70,7 @@ def issue_session(
     """Issue a session token for a customer of a database.
 
     Args:
-        db_path: The DuckDB file.
+        db_path: The DuckDB file or a ``postgresql://`` URL.
         email: The customer's e-mail address.
         ttl: How long the session lasts.
         timeout_s: How long to wait for a running service to do it.
@@ -75,6 +83,13 @@ def issue_session(
         StoreError: The file does not exist; or the service holding it did not
             answer in time or refused (e.g. no such customer).
     """
+    if is_url(db_path):
+        conn = connect(db_path)
+        try:
+            with transaction(conn):
+                return create_session(conn, email=email, ttl=ttl)
+        finally:
+            conn.close()
     db = _existing(db_path)
     answer = _ask_service(
         db, "session", {"email": email, "ttl_s": ttl.total_seconds()}, timeout_s

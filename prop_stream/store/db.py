@@ -1,9 +1,16 @@
-"""Open the service's DuckDB file and run transactions on it.
+"""Open the store (a DuckDB file or a PostgreSQL database) and run transactions.
+
+``--db`` is a DuckDB path or a ``postgresql://`` URL (:func:`connect`). Store
+functions take either backend's :data:`Connection`: DuckDB's own connection, or a
+:class:`~prop_stream.store.pg.PgConnection` that speaks the same calling
+conventions over psycopg. A statement whose SQL differs between the dialects
+branches on :func:`is_postgres` in its resource's module (``docs/store.md``).
 
 DuckDB lets one process open a file for writing, and while it does no other
 process can open it at all (not even read-only). The service owns the file; within
 the service, threads share one database instance through cursors
-(:func:`cursor`), each of which is its own connection. See ``docs/store.md``.
+(:func:`cursor`), each of which is its own connection. PostgreSQL sessions are
+opened per thread the same way (:func:`cursor`), by any number of processes.
 """
 
 from __future__ import annotations
@@ -13,14 +20,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import duckdb
 import polars as pl
+import psycopg
 
 from prop_stream.store.exceptions import DatabaseLockedError, StoreError
+from prop_stream.store.pg import PgConnection, connect_url, is_url, redact
 
-Connection = duckdb.DuckDBPyConnection
+#: A store connection of either backend.
+Connection = duckdb.DuckDBPyConnection | PgConnection
+
+#: Errors of either backend's driver.
+DatabaseError = (duckdb.Error, psycopg.Error)
 
 T = TypeVar("T")
 
@@ -28,14 +41,21 @@ T = TypeVar("T")
 DEFAULT_ATTEMPTS = 50
 
 
+def is_postgres(conn: Connection) -> bool:
+    """Whether a connection is PostgreSQL's (else DuckDB's)."""
+    return isinstance(conn, PgConnection)
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> Connection:
-    """Open a DuckDB file with the session settings the store relies on.
+    """Open the store with the session settings it relies on.
 
     Timestamps are read and written in UTC whatever the machine's zone.
 
     Args:
-        path: The database file (``:memory:`` for a throwaway database).
-        read_only: Open without the write lock (fails if a writer holds the file).
+        path: The DuckDB file (``:memory:`` for a throwaway database), or a
+            ``postgresql://`` URL.
+        read_only: DuckDB: open without the write lock (fails if a writer holds
+            the file). PostgreSQL: ignored (the role's grants decide).
 
     Returns:
         A connection; close it when done.
@@ -43,8 +63,17 @@ def connect(path: str | Path, *, read_only: bool = False) -> Connection:
     Raises:
         DatabaseLockedError: Another process has the file open for writing.
         StoreError: The file can't be opened as a DuckDB database (a directory,
-            another kind of file, no permission, a read-only file system).
+            another kind of file, no permission, a read-only file system); the
+            PostgreSQL server can't be reached or refuses the login.
     """
+    if is_url(path):
+        assert isinstance(path, str)  # noqa: S101 - is_url checked it
+        try:
+            return connect_url(path)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"{redact(path)}: can't connect: {_first_line(exc)}"
+            ) from exc
     try:
         conn = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as exc:
@@ -79,8 +108,10 @@ def cursor(conn: Connection) -> Connection:
         conn: A connection from :func:`connect`.
 
     Returns:
-        A cursor with the store's session settings.
+        A cursor with the store's session settings (PostgreSQL: a new session).
     """
+    if isinstance(conn, PgConnection):
+        return conn.cursor()
     cur = conn.cursor()
     configure(cur)
     return cur
@@ -106,12 +137,18 @@ def transaction(conn: Connection) -> Iterator[Connection]:
 
 
 def is_conflict(exc: BaseException) -> bool:
-    """Whether an error is DuckDB refusing a concurrent write (worth retrying).
+    """Whether an error is the store refusing a concurrent write (worth retrying).
 
     DuckDB's concurrency is optimistic: a second transaction that writes a row
     another open transaction wrote is refused ("Conflict on update"); a commit
     that would duplicate a key another transaction committed fails too.
+    PostgreSQL refuses a serialization failure or breaks a deadlock; a unique
+    key another transaction committed is not retried (the caller reads the row).
     """
+    if isinstance(
+        exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
+    ):
+        return True
     return isinstance(exc, duckdb.TransactionException) and (
         "conflict" in str(exc).lower()
     )
@@ -139,7 +176,7 @@ def run_in_transaction(
         try:
             with transaction(conn):
                 return work(conn)
-        except duckdb.TransactionException as exc:
+        except (duckdb.TransactionException, psycopg.errors.OperationalError) as exc:
             if not is_conflict(exc) or attempt == attempts:
                 raise
             # Back off a little, with jitter, so the contenders don't meet again.
@@ -160,7 +197,75 @@ def query_frame(
     Returns:
         The rows; ``TIMESTAMPTZ`` columns are UTC datetimes.
     """
+    if isinstance(conn, PgConnection):
+        conn.execute(query, params)
+        names = [d.name for d in conn.description or ()]
+        rows = conn.fetchall()
+        return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
     relation = conn.sql(query, params=list(params) if params is not None else None)
     frame = pl.from_arrow(relation.to_arrow_table())
     assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
     return frame
+
+
+_PG_TYPES: Final = {
+    pl.Int8: "SMALLINT",
+    pl.Int16: "SMALLINT",
+    pl.Int32: "INTEGER",
+    pl.Int64: "BIGINT",
+    pl.UInt8: "SMALLINT",
+    pl.UInt16: "INTEGER",
+    pl.UInt32: "BIGINT",
+    pl.UInt64: "NUMERIC(20)",
+    pl.Float32: "REAL",
+    pl.Float64: "DOUBLE PRECISION",
+    pl.Boolean: "BOOLEAN",
+    pl.String: "TEXT",
+    pl.Date: "DATE",
+}
+
+
+def _pg_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime):
+        return "TIMESTAMPTZ" if dtype.time_zone else "TIMESTAMP"
+    if isinstance(dtype, pl.Decimal):
+        return "NUMERIC"
+    name = _PG_TYPES.get(dtype.base_type())
+    if name is None:
+        raise StoreError(f"no PostgreSQL type for a column of {dtype}")
+    return str(name)
+
+
+@contextmanager
+def frame_table(conn: Connection, name: str, frame: pl.DataFrame) -> Iterator[str]:
+    """Make a polars frame queryable as the table ``name`` for a block.
+
+    DuckDB scans the frame's Arrow data in place (``register``). PostgreSQL gets
+    a temporary table of the session, created once, loaded with ``COPY`` (CSV:
+    the fastest of the ways measured in ``docs/store.md``) and emptied when the
+    transaction ends (``ON COMMIT DELETE ROWS``, cheaper than a ``TRUNCATE``).
+    Use it inside the caller's transaction.
+
+    Args:
+        conn: The connection.
+        name: The table's name (this package's constants, never input).
+        frame: The rows.
+
+    Yields:
+        ``name``.
+    """
+    if not isinstance(conn, PgConnection):
+        conn.register(name, frame.to_arrow())
+        try:
+            yield name
+        finally:
+            conn.unregister(name)
+        return
+    if not conn.in_transaction:
+        raise StoreError(f"frame_table({name}) needs a transaction")
+    columns = ", ".join(f"{col} {_pg_type(dt)}" for col, dt in frame.schema.items())
+    conn.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns}) ON COMMIT DELETE ROWS"
+    )
+    conn.copy_text(name, frame.columns, frame.write_csv(include_header=False).encode())
+    yield name

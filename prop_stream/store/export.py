@@ -12,7 +12,9 @@ the risk team's mirror (:mod:`prop_stream.store.mirror`, which rewrites only the
 days that changed) both go through it.
 
 While the service runs it holds the file, and the export goes through it
-(:func:`prop_stream.store.access.export_database`).
+(:func:`prop_stream.store.access.export_database`). From PostgreSQL the rows are
+read in one transaction and written by an in-memory DuckDB (the same ``COPY ...
+PARTITION_BY``), so both backends write the same files.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from datetime import date
 from pathlib import Path
 from typing import Final
 
-from prop_stream.store.db import Connection, transaction
+import duckdb
+
+from prop_stream.store.db import Connection, is_postgres, query_frame, transaction
 
 #: Table name to the query exported; each has a ``day`` column to partition by.
 EXPORT_QUERIES: Final = {
@@ -106,13 +110,21 @@ def write_days(
         # date objects only, so their ISO form is a safe literal; a literal list
         # lets DuckDB skip the row groups of other days.
         listed = ", ".join(f"DATE '{day.isoformat()}'" for day in sorted(days))
-        query = f"SELECT * FROM ({query}) WHERE day IN ({listed})"  # noqa: S608
+        query = f"SELECT * FROM ({query}) AS t WHERE day IN ({listed})"  # noqa: S608
     staging = out_dir / f".staging-{uuid.uuid4().hex}"
     written: dict[date, int] = dict.fromkeys(days or (), 0)
+    writer: Connection = conn
+    if is_postgres(conn):
+        # PostgreSQL reads (in the caller's snapshot); DuckDB writes the Parquet.
+        rows = query_frame(conn, query)
+        writer = duckdb.connect()
+        writer.execute("SET TimeZone = 'UTC'")
+        writer.register("_export_rows", rows.to_arrow())
+        query = "SELECT * FROM _export_rows"
     try:
         make_dir(staging)
         target = staging / table
-        result = conn.execute(
+        result = writer.execute(
             f"COPY ({query}) TO {sql_literal(target)} "
             "(FORMAT parquet, PARTITION_BY (day), "
             "FILENAME_PATTERN 'part-{i}', RETURN_STATS true)"
@@ -133,6 +145,8 @@ def write_days(
                 remove_day(final, day)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if writer is not conn:
+            writer.close()
     return written
 
 

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from prop_stream.store.db import connect, transaction
+from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.demo import seed_demo
 from prop_stream.store.exceptions import StoreError
-from prop_stream.store.migrations import current_version, migrate
+from prop_stream.store.migrations import current_version, migrate, schema_lock
+from prop_stream.store.pg import PgConnection, is_url, redact
+from prop_stream.store.roles import grant_risk_role
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,16 +19,18 @@ class InitResult:
     """What :func:`init_database` did.
 
     Attributes:
-        path: The database file.
+        path: The database file, or the PostgreSQL URL.
         applied: Migrations applied now (empty when it was up to date).
         version: The schema version after the call.
         seeded: Whether demo data was added now.
+        risk_role: PostgreSQL: the read-only role granted the ``risk_*`` views.
     """
 
-    path: Path
+    path: Path | str
     applied: tuple[int, ...]
     version: int
     seeded: bool
+    risk_role: str | None = None
 
 
 def init_database(
@@ -36,14 +40,16 @@ def init_database(
     now: datetime | None = None,
     create: bool = True,
 ) -> InitResult:
-    """Create or migrate a database file, and optionally add the demo data.
+    """Create or migrate a database, and optionally add the demo data.
 
     Running it again is a no-op: migrations already applied are skipped, and the
-    demo data is added only once.
+    demo data is added only once. On PostgreSQL the database must exist (it is
+    migrated), and the risk team's read-only role is granted the ``risk_*`` views
+    (:mod:`prop_stream.store.roles`).
 
     Args:
         path: The DuckDB file (with ``create``, made with its parent directory,
-            mode 0700, if missing).
+            mode 0700, if missing), or a ``postgresql://`` URL.
         demo: Add the demo reference data (:mod:`prop_stream.store.demo`).
         now: When demo challenges start (default: now).
         create: Make a missing database. ``serve`` passes False: a database
@@ -58,29 +64,44 @@ def init_database(
         StoreError: ``create`` is False and the file is not an initialised
             database; or the file can't be opened.
     """
-    path = Path(path)
-    if create:
-        if path.exists() and not path.is_file():
-            raise StoreError(f"{path} is not a file")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if is_url(path):
+        assert isinstance(path, str)  # noqa: S101 - is_url checked it
+        target: Path | str = path
+        name = redact(path)
     else:
-        _require_file(path)
-    conn = connect(path)
+        path = Path(path)
+        target = name = str(path)
+        if create:
+            if path.exists() and not path.is_file():
+                raise StoreError(f"{path} is not a file")
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            _require_file(path)
+        target = path
+    conn = connect(target)
     try:
         if not create and current_version(conn) == 0:
             raise StoreError(
-                f"{path} is not a prop-stream database (never initialised: "
-                f"run prop-stream init --db {path})"
+                f"{name} is not a prop-stream database (never initialised: "
+                f"run prop-stream init --db {name})"
             )
-        applied = migrate(conn)
-        seeded = False
-        if demo:
-            with transaction(conn):
-                seeded = seed_demo(conn, now=now)
-        version = current_version(conn)
+        with schema_lock(conn):  # the grants and the demo data too
+            applied = migrate(conn)
+            seeded = False
+            if demo:
+                with transaction(conn):
+                    seeded = seed_demo(conn, now=now)
+            version = current_version(conn)
+            role = _risk_role(conn) if create else None
     finally:
         conn.close()
-    return InitResult(path, tuple(applied), version, seeded)
+    return InitResult(target, tuple(applied), version, seeded, role)
+
+
+def _risk_role(conn: Connection) -> str | None:
+    if not isinstance(conn, PgConnection):
+        return None
+    return grant_risk_role(conn)
 
 
 def _require_file(path: Path) -> None:

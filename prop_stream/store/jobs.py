@@ -29,7 +29,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final, Literal
 
-from prop_stream.store.db import Connection
+from prop_stream.store.db import Connection, is_postgres
 
 JobKind = Literal["fee_withdrawal", "initial_deposit", "refund"]
 JobStatus = Literal["pending", "done", "failed", "cancelled"]
@@ -182,12 +182,21 @@ def pending_jobs(conn: Connection, *, limit: int = 100) -> list[Job]:
     return [_job(r) for r in rows]
 
 
-def get_job(conn: Connection, *, job_id: int) -> Job | None:
-    """One job, or None."""
-    row = conn.execute(
-        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",  # noqa: S608 - fixed columns
-        [job_id],
-    ).fetchone()
+def get_job(conn: Connection, *, job_id: int, claim: bool = False) -> Job | None:
+    """One job, or None.
+
+    Args:
+        conn: The connection.
+        job_id: The job.
+        claim: Take the job for this transaction: on PostgreSQL a pending job
+            whose row another worker holds is skipped (None), and the row stays
+            locked until this transaction ends (``FOR UPDATE SKIP LOCKED``).
+            DuckDB has one writing process; its conflicts refuse a second writer.
+    """
+    sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"  # noqa: S608 - fixed columns
+    if claim and is_postgres(conn):
+        sql += " AND status = 'pending' FOR UPDATE SKIP LOCKED"
+    row = conn.execute(sql, [job_id]).fetchone()
     return None if row is None else _job(row)
 
 
@@ -223,7 +232,7 @@ def cancel_jobs(
     rows = conn.execute(
         "UPDATE jobs SET status = 'cancelled', updated_at = ? "
         "WHERE purchase_id = ? AND status = 'pending' "
-        "AND kind IN (SELECT unnest(?)) RETURNING id",
+        "AND kind IN (SELECT unnest(?::VARCHAR[])) RETURNING id",
         [now, purchase_id, list(kinds)],
     ).fetchall()
     return len(rows)

@@ -19,7 +19,7 @@ import polars as pl
 
 from prop_stream.rules import PhaseSpec, validate_rules
 from prop_stream.store.catalog import open_account
-from prop_stream.store.db import Connection
+from prop_stream.store.db import Connection, frame_table
 from prop_stream.store.exceptions import NotFoundError
 from prop_stream.store.jobs import INITIAL_DEPOSIT, enqueue
 
@@ -438,7 +438,8 @@ def phase_specs_of(conn: Connection, *, challenge_ids: list[int]) -> list[PhaseS
     if not challenge_ids:
         return []
     rows = conn.execute(
-        _SPEC_QUERY + " AND challenge_id IN (SELECT unnest(?)) ORDER BY account_id",
+        _SPEC_QUERY
+        + " AND challenge_id IN (SELECT unnest(?::BIGINT[])) ORDER BY account_id",
         [challenge_ids],
     ).fetchall()
     return [_spec(row) for row in rows]
@@ -489,9 +490,8 @@ def apply_transitions(conn: Connection, transitions: pl.DataFrame) -> int:
 
 def _fail_phases(conn: Connection, failures: pl.DataFrame) -> int:
     """:func:`fail_phase` for many challenges (one row each) at once."""
-    view = "_fail_phases"  # named in the statements below
-    conn.register(view, failures.select("challenge_id", "phase_index", "ts").to_arrow())
-    try:
+    rows = failures.select("challenge_id", "phase_index", "ts")
+    with frame_table(conn, "_fail_phases", rows):  # named in the statements below
         failed = conn.execute(
             "UPDATE challenge_phases SET status = 'failed', ended_at = f.ts "
             "FROM _fail_phases AS f "
@@ -504,7 +504,7 @@ def _fail_phases(conn: Connection, failures: pl.DataFrame) -> int:
             conn.execute(
                 "UPDATE challenges SET status = ?, ended_at = f.ts, updated_at = f.ts "
                 "FROM _fail_phases AS f WHERE challenges.id = f.challenge_id "
-                "AND list_contains(?, challenges.id) "
+                "AND challenges.id IN (SELECT unnest(?::BIGINT[])) "
                 "AND challenges.status IN (?, ?, ?)",
                 [
                     CHALLENGE_FAILED,
@@ -514,8 +514,6 @@ def _fail_phases(conn: Connection, failures: pl.DataFrame) -> int:
                     CHALLENGE_PASSED,
                 ],
             )
-    finally:
-        conn.unregister(view)
     return len(failed)
 
 

@@ -1,4 +1,4 @@
-"""Versioned schema migrations of the service's DuckDB file.
+"""Versioned schema migrations of the store (a DuckDB file or a PostgreSQL database).
 
 Each :class:`Migration` is a numbered list of SQL statements. :func:`migrate` applies
 the ones a database lacks, each in its own transaction together with its row in
@@ -11,14 +11,23 @@ Conventions (``docs/store.md`` documents every table and view):
 - timestamps are ``TIMESTAMPTZ`` (UTC); days are ``DATE`` (the phase's local day);
 - the engine's outputs (breaches, daily snapshots, metrics) carry no foreign keys:
   they are written at tick rate, and their keys come from the engine.
+
+Both backends run the same statements: on PostgreSQL DuckDB's type names are
+spelled PostgreSQL's way (:func:`postgres_ddl`: ``DOUBLE`` → ``DOUBLE
+PRECISION``, ``BLOB`` → ``BYTEA``); a statement that needs more than that (a view
+with DuckDB's ``GROUP BY ALL``) is given in :attr:`Migration.postgres`, in the
+same order.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
-from prop_stream.store.db import Connection, transaction
+from prop_stream.store.db import Connection, is_postgres, transaction
 from prop_stream.store.partitions import MIGRATION_6
 
 
@@ -30,11 +39,39 @@ class Migration:
         version: Its number, 1, 2, ... in order.
         name: What it does, in a few words.
         statements: The SQL it runs, in order.
+        postgres: The SQL it runs on PostgreSQL when that differs by more than
+            type names (None: ``statements`` through :func:`postgres_ddl`).
     """
 
     version: int
     name: str
     statements: tuple[str, ...]
+    postgres: tuple[str, ...] | None = None
+
+    def statements_for(self, conn: Connection) -> tuple[str, ...]:
+        """The statements to run on ``conn``'s backend."""
+        if not is_postgres(conn):
+            return self.statements
+        if self.postgres is not None:
+            return self.postgres
+        return tuple(postgres_ddl(s) for s in self.statements)
+
+
+_DOUBLE: Final = re.compile(r"\bDOUBLE\b(?!\s+PRECISION)")
+_BLOB: Final = re.compile(r"\bBLOB\b")
+
+
+def postgres_ddl(statement: str) -> str:
+    """A DuckDB DDL statement with PostgreSQL's spelling of its types.
+
+    Args:
+        statement: One statement of a migration.
+
+    Returns:
+        The statement for PostgreSQL (``JSON``, ``DECIMAL``, ``VARCHAR``,
+        ``TIMESTAMPTZ``, sequences and ``ON CONFLICT`` are spelled alike).
+    """
+    return _BLOB.sub("BYTEA", _DOUBLE.sub("DOUBLE PRECISION", statement))
 
 
 _METRIC_COLUMNS: Final = """
@@ -332,6 +369,22 @@ _V2_VIEWS: Final = (
     """,
 )
 
+# The same views for PostgreSQL: explicit GROUP BY (no GROUP BY ALL) and a
+# division by a zero limit answering NULL, as it does in DuckDB.
+_V2_VIEWS_POSTGRES: Final = (
+    _V2_VIEWS[0].replace("GROUP BY ALL", "GROUP BY CAST(ts AS DATE), rule, severity"),
+    _V2_VIEWS[1].replace("GROUP BY ALL", "GROUP BY p.id, p.name, c.status, s.name"),
+    _V2_VIEWS[2]
+    .replace(
+        "m.daily_room / m.daily_loss_limit",
+        "m.daily_room / nullif(m.daily_loss_limit, 0)",
+    )
+    .replace(
+        "m.overall_room / m.max_loss_limit",
+        "m.overall_room / nullif(m.max_loss_limit, 0)",
+    ),
+)
+
 _V3_OUTBOX: Final = (
     # The outbox of the purchase flow: money movements the job worker carries out.
     # No foreign keys: DuckDB can't ALTER a table that others reference, and jobs
@@ -468,7 +521,7 @@ _V5_DEALS: Final = (
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
-    Migration(2, "risk_* views", _V2_VIEWS),
+    Migration(2, "risk_* views", _V2_VIEWS, _V2_VIEWS_POSTGRES),
     Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
     Migration(4, "the tick archive's staging table", _V4_TICK_ARCHIVE),
     Migration(5, "deals: deal_opens, hedge flags, open lots in metrics", _V5_DEALS),
@@ -484,6 +537,10 @@ _LEDGER: Final = """
 """
 
 
+#: The advisory lock key that serializes migrations on PostgreSQL.
+_MIGRATION_LOCK: Final = 0x70726F70  # "prop"
+
+
 def current_version(conn: Connection) -> int:
     """The highest migration applied to a database (0 for an empty one).
 
@@ -495,7 +552,7 @@ def current_version(conn: Connection) -> int:
     """
     exists = conn.execute(
         "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = 'schema_migrations' AND table_schema = 'main'"
+        "WHERE table_name = 'schema_migrations' AND table_schema = current_schema()"
     ).fetchone()
     if not exists or not exists[0]:
         return 0
@@ -512,6 +569,29 @@ def migrate(conn: Connection) -> list[int]:
     Returns:
         The versions applied now, in order (empty when it was up to date).
     """
+    with schema_lock(conn):
+        return _migrate(conn)
+
+
+@contextmanager
+def schema_lock(conn: Connection) -> Iterator[None]:
+    """Serialize schema changes between processes (PostgreSQL; DuckDB: no-op).
+
+    Two inits at once (several processes share a PostgreSQL database): the second
+    waits for the first's session-level advisory lock, then finds its versions
+    applied. The lock is reentrant within a session.
+    """
+    if not is_postgres(conn):
+        yield
+        return
+    conn.execute("SELECT pg_advisory_lock(?)", [_MIGRATION_LOCK])
+    try:
+        yield
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(?)", [_MIGRATION_LOCK])
+
+
+def _migrate(conn: Connection) -> list[int]:
     conn.execute(_LEDGER)
     done = current_version(conn)
     applied: list[int] = []
@@ -519,7 +599,7 @@ def migrate(conn: Connection) -> list[int]:
         if migration.version <= done:
             continue
         with transaction(conn):
-            for statement in migration.statements:
+            for statement in migration.statements_for(conn):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (?, ?)",

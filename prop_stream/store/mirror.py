@@ -60,7 +60,13 @@ from typing import Final
 import duckdb
 import polars as pl
 
-from prop_stream.store.db import Connection, query_frame, transaction
+from prop_stream.store.db import (
+    Connection,
+    frame_table,
+    is_postgres,
+    query_frame,
+    transaction,
+)
 from prop_stream.store.exceptions import StoreError
 from prop_stream.store.export import (
     EXPORT_QUERIES,
@@ -251,6 +257,12 @@ class RiskMirror:
     def __init__(
         self, conn: Connection, db: str | Path, *, root: Path | None = None
     ) -> None:
+        if is_postgres(conn):
+            # The risk team reads PostgreSQL itself (role prop_stream_risk).
+            raise StoreError(
+                "the risk mirror file is DuckDB's: on PostgreSQL the risk team "
+                "reads the risk_* views with the role prop_stream_risk"
+            )
         self._conn = conn
         self._root = (root or mirror_dir(db)).resolve()
         self._state: _State | None = None
@@ -455,11 +467,8 @@ class RiskMirror:
             query += f" AND q.{prune[0]} >= ?"
             params.append(changes[prune[1]].min())
         conn = self._conn
-        conn.register(_CHANGED_VIEW, changes.to_arrow())
-        try:
+        with frame_table(conn, _CHANGED_VIEW, changes):
             return {row[0] for row in conn.execute(query, params).fetchall()}
-        finally:
-            conn.unregister(_CHANGED_VIEW)
 
     # ---------------------------------------------------------- current tables
 

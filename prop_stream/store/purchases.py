@@ -15,7 +15,10 @@ purchase object carries lifecycle fields computed by :func:`lifecycle_fields`
 **Races.** Purchases on one payer account are serialized in the process
 (:func:`payer_lock`: the service is the only process that can open the DuckDB
 file), so each sees the fees the others reserved (pending withdrawals count
-against the balance). The worker's conditional debit is the last word: a balance
+against the balance). On PostgreSQL, where many processes buy at once, the
+transaction also locks the payer's row first (:func:`lock_payer`, ``SELECT ...
+FOR UPDATE``); at READ COMMITTED every later statement sees what the previous
+holder committed. The worker's conditional debit is the last word: a balance
 can never go below zero, whatever happened in between.
 """
 
@@ -36,7 +39,7 @@ from prop_stream.store.catalog import (
     open_account,
     validate_program,
 )
-from prop_stream.store.db import Connection, run_in_transaction
+from prop_stream.store.db import Connection, is_postgres, run_in_transaction
 from prop_stream.store.exceptions import (
     InvalidProgramError,
     NotFoundError,
@@ -146,6 +149,20 @@ def payer_lock(account_id: int) -> Iterator[None]:
         lock = _payer_locks.setdefault(account_id, threading.Lock())
     with lock:
         yield
+
+
+def lock_payer(conn: Connection, account_id: int) -> None:
+    """Serialize purchases on one payer across processes (PostgreSQL only).
+
+    Call first in the purchase's transaction: the row lock is held until it
+    commits, so the next purchase on the payer waits and then sees the fee
+    this one reserved. DuckDB has one writing process: :func:`payer_lock` does.
+    """
+    if is_postgres(conn):
+        conn.execute(
+            "SELECT 1 FROM trading_accounts WHERE account_id = ? FOR UPDATE",
+            [account_id],
+        )
 
 
 # --------------------------------------------------------------- programs
@@ -490,6 +507,7 @@ def buy_prop_challenge(
         NotFoundError: No such program, or no such payer account of the customer.
         PurchaseError: The program can't be sold or the payer can't pay.
     """
+    lock_payer(conn, payer_account_id)
     program = program_info(conn, program_id=program_id)
     _sellable(program)
     _eligible(
@@ -705,7 +723,7 @@ def _set_status(
     )
     params: list[Any] = [status, reason, now, purchase_id]
     if when is not None:
-        sql += " AND status IN (SELECT unnest(?))"
+        sql += " AND status IN (SELECT unnest(?::INTEGER[]))"
         params.append(list(when))
     return updated_rows(conn, sql, params) > 0
 
@@ -727,7 +745,7 @@ def _end_challenges(
     if removed:
         conn.execute(
             "UPDATE trading_accounts SET enabled = false "
-            "WHERE account_id IN (SELECT unnest(?))",
+            "WHERE account_id IN (SELECT unnest(?::BIGINT[]))",
             [removed],
         )
     return tuple(ids), tuple(removed)
@@ -764,6 +782,7 @@ def cancel_purchase(
         PurchaseError: ``not_cancellable`` (409).
     """
     record = _owned(conn, purchase_id, customer_id)
+    lock_payer(conn, record.payer_account_id)
     fields = lifecycle_fields(
         record.status, record.failure_reason, record.refund_status
     )
@@ -822,6 +841,7 @@ def retry_purchase(
             (``payer_not_eligible``, 409), or the program is no longer sold.
     """
     record = _owned(conn, purchase_id, customer_id)
+    lock_payer(conn, record.payer_account_id)
     fields = lifecycle_fields(
         record.status, record.failure_reason, record.refund_status
     )
@@ -889,7 +909,9 @@ def apply_job(conn: Connection, *, job_id: int, now: datetime) -> JobOutcome:
     Raises:
         ValueError: A job of an unknown kind.
     """
-    job = get_job(conn, job_id=job_id)
+    # PostgreSQL: the job's row stays locked until this transaction ends; another
+    # worker skips it (and finds it done afterwards), so it is applied once.
+    job = get_job(conn, job_id=job_id, claim=True)
     if job is None or job.status != "pending":
         return JobOutcome(job_id, "skipped")
     if is_applied(conn, job_id=job_id):
@@ -1048,6 +1070,7 @@ __all__ = [
     "get_purchase",
     "lifecycle_fields",
     "list_purchases",
+    "lock_payer",
     "payer_accounts",
     "payer_lock",
     "program_info",

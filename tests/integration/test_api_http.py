@@ -39,7 +39,7 @@ def seeded_file(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
 @pytest.fixture(scope="module")
 def server(seeded_file: Seeded) -> Iterator[str]:
     port = _free_port()
-    log_path = seeded_file.path.with_suffix(".log")
+    log_path = Path(seeded_file.path).with_suffix(".log")
     log = log_path.open("wb")
     env = {
         **os.environ,

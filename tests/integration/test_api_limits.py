@@ -93,7 +93,7 @@ def _healthy(base: str) -> bool:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     seeded = seed_database(tmp_path_factory.mktemp("limits") / "limits.duckdb")
     port = _free_port()
-    log_path = seeded.path.with_suffix(".log")
+    log_path = Path(seeded.path).with_suffix(".log")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(

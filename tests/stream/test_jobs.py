@@ -268,9 +268,9 @@ JobWorker(cursor(conn), fault_hook=die).run_once()
 
 
 def test_worker_killed_between_applying_and_marking_moves_money_once(
-    tmp_path: Path,
+    store_db: Path | str,
 ) -> None:
-    made = make_shop(tmp_path / "kill.duckdb")
+    made = make_shop(store_db)
     try:
         bought = buy(made)
     finally:

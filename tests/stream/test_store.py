@@ -53,10 +53,9 @@ RULES: dict[str, Any] = {
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Connection]:
-    path = tmp_path / "prop.duckdb"
-    init_database(path, demo=True, now=START)
-    conn = connect(path)
+def db(store_db: Path | str) -> Iterator[Connection]:
+    init_database(store_db, demo=True, now=START)
+    conn = connect(store_db)
     yield conn
     conn.close()
 
@@ -64,7 +63,7 @@ def db(tmp_path: Path) -> Iterator[Connection]:
 def _tables(conn: Connection) -> dict[str, str]:
     rows = conn.execute(
         "SELECT table_name, table_type FROM information_schema.tables "
-        "WHERE table_schema = 'main'"
+        "WHERE table_schema = current_schema()"
     ).fetchall()
     return {str(name): str(kind) for name, kind in rows}
 
@@ -72,8 +71,11 @@ def _tables(conn: Connection) -> dict[str, str]:
 # ------------------------------------------------------------------ migrations
 
 
-def test_migrations_create_every_table_and_view(tmp_path: Path) -> None:
-    result = init_database(tmp_path / "a" / "prop.duckdb")
+def test_migrations_create_every_table_and_view(
+    store_db: Path | str, tmp_path: Path
+) -> None:
+    db = tmp_path / "a" / "prop.duckdb" if isinstance(store_db, Path) else store_db
+    result = init_database(db)
     assert result.applied == tuple(m.version for m in MIGRATIONS)
     assert result.version == LATEST_VERSION
     conn = connect(result.path)
@@ -109,34 +111,35 @@ def test_migrations_create_every_table_and_view(tmp_path: Path) -> None:
     }
 
 
-def test_migrations_rerun_is_a_noop(tmp_path: Path) -> None:
-    path = tmp_path / "prop.duckdb"
+def _sorted(conn: Connection, table: str) -> pl.DataFrame:
+    frame = query_frame(conn, f"SELECT * FROM {table}")  # noqa: S608 - catalog names
+    return frame.sort(frame.columns) if frame.height else frame
+
+
+def test_migrations_rerun_is_a_noop(store_db: Path | str) -> None:
+    path = store_db
     first = init_database(path, demo=True, now=START)
     conn = connect(path)
-    before = {
-        t: query_frame(conn, f"SELECT * FROM {t} ORDER BY ALL")  # noqa: S608 - catalog names
-        for t in _tables(conn)
-    }
+    before = {t: _sorted(conn, t) for t in _tables(conn)}
     conn.close()
     second = init_database(path, demo=True, now=START + timedelta(days=1))
     assert first.seeded
     assert (second.applied, second.seeded) == ((), False)
     conn = connect(path)
     for table, frame in before.items():
-        again = query_frame(conn, f"SELECT * FROM {table} ORDER BY ALL")  # noqa: S608 - catalog
-        assert again.equals(frame), table
+        assert _sorted(conn, table).equals(frame), table
     conn.close()
 
 
-def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
-    path = tmp_path / "prop.duckdb"
+def test_migrations_upgrade_an_older_database(store_db: Path | str) -> None:
+    path = store_db
     conn = connect(path)
     conn.execute(
         "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
         "name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
     )
     with transaction(conn):
-        for statement in MIGRATIONS[0].statements:
+        for statement in MIGRATIONS[0].statements_for(conn):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, 'v1')")
     conn.close()
@@ -146,9 +149,9 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
 
 
 def test_init_cli_is_idempotent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store_db: Path | str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "prop.duckdb"
+    path = store_db
     assert main(["init", "--db", str(path), "--demo"]) == 0
     assert "demo data added" in capsys.readouterr().err
     assert main(["init", "--db", str(path), "--demo"]) == 0

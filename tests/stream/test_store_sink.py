@@ -36,8 +36,8 @@ TABLES = (
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Connection]:
-    path = tmp_path / "prop.duckdb"
+def db(store_db: Path | str) -> Iterator[Connection]:
+    path = store_db
     init_database(path, demo=True, now=START)
     conn = connect(path)
     yield conn

@@ -99,6 +99,9 @@ class GroupSource(Protocol):
     ) -> list[tuple[int, int, int, int]]:
         """The last poll's ``(partition, start, end, archive_from)`` row ranges."""
 
+    def last_deals(self) -> dict[int, pl.DataFrame]:
+        """The last poll's deals by partition, ``before_tick`` within its slice."""
+
     def partition_of(self, account_id: int) -> int | None:
         """The partition an account's ticks go to, if known."""
 
@@ -306,7 +309,8 @@ class GroupEvaluatorLoop:
             if part.archived_to is not None
         }
         ticks, position = self._source.poll(self._max_records, self._timeout)
-        if not ticks.height:
+        deals = self._source.last_deals()
+        if not ticks.height and not deals:
             return False
         began = time.perf_counter()
         # Phases registered while the poll waited may own ticks in this batch.
@@ -323,7 +327,9 @@ class GroupEvaluatorLoop:
                 archive = (
                     sub.slice(archive_from - start) if archive_from > start else sub
                 )
-            if self._commit(part, sub, {key: position[key]}, archive, began):
+            if self._commit(
+                part, sub, deals.get(number), {key: position[key]}, archive, began
+            ):
                 any_batch = True
         return any_batch
 
@@ -338,12 +344,14 @@ class GroupEvaluatorLoop:
         self,
         part: _Partition,
         ticks: pl.DataFrame,
+        deals: pl.DataFrame | None,
         position: Position,
         archive: pl.DataFrame | None,
         began: float,
     ) -> bool:
-        self._register_new(part, ticks)
-        evaluation = part.engine.process(ticks)
+        self._register_new(part, ticks, deals)
+        # One call judges the partition's ticks and deals in delivery order.
+        evaluation = part.engine.process(ticks, deals)
         part.batch_seq += 1
         part.since_checkpoint += 1
         self.stats.batch_seq += 1
@@ -362,7 +370,9 @@ class GroupEvaluatorLoop:
             self.stats.checkpoints += 1
         if part.archived_to is not None and offset >= part.archived_to:
             part.archived_to = None  # the replay is over
-        self._committed(part, evaluation, ticks.height)
+        self._committed(
+            part, evaluation, ticks.height, 0 if deals is None else deals.height
+        )
         if self._on_batch is not None:
             self._on_batch(evaluation, time.perf_counter() - began)
         return True
@@ -429,12 +439,17 @@ class GroupEvaluatorLoop:
         for account_id in part.engine.phases()["account_id"].to_list():
             self._source.untrack(int(account_id))
 
-    def _register_new(self, part: _Partition, ticks: pl.DataFrame) -> None:
+    def _register_new(
+        self, part: _Partition, ticks: pl.DataFrame, deals: pl.DataFrame | None
+    ) -> None:
         """Register the active phases of the batch's accounts the engine lacks."""
         engine = part.engine
+        accounts = set(ticks.get_column("account_id").to_list())
+        if deals is not None:
+            accounts.update(deals.get_column("account_id").to_list())
         ids = [
             int(a)
-            for a in ticks.get_column("account_id").unique().to_list()
+            for a in sorted(accounts)
             if a not in engine and a not in part.without_phase
         ]
         if not ids:
@@ -445,18 +460,10 @@ class GroupEvaluatorLoop:
             self._source.track(spec)
         part.without_phase.update(set(ids) - {spec.account_id for spec in specs})
 
-    def _committed(self, part: _Partition, evaluation: Evaluation, ticks: int) -> None:
-        stats = self.stats
-        counts = evaluation.counts
-        stats.batches += 1
-        stats.ticks += ticks
-        stats.evaluated += counts.evaluated
-        stats.late += counts.late
-        stats.unknown += counts.unknown
-        stats.inactive += counts.inactive
-        stats.invalid += counts.invalid
-        stats.breach_rows += evaluation.breaches.height
-        stats.transitions += evaluation.transitions.height
+    def _committed(
+        self, part: _Partition, evaluation: Evaluation, ticks: int, deals: int
+    ) -> None:
+        self.stats.count(evaluation, ticks, deals)
         self.metrics.update(evaluation.metrics)
         transitions = evaluation.transitions
         if not transitions.height:

@@ -106,6 +106,31 @@ class LoopStats:
     restored_from: int | None = None
     batch_seq: int = 0
 
+    def count(self, evaluation: Evaluation, ticks: int, deals: int) -> None:
+        """Add one committed batch's figures (both loops, embedded and group).
+
+        Args:
+            evaluation: The engine's result of the batch.
+            ticks: Ticks polled for it.
+            deals: Deals polled for it.
+        """
+        counts = evaluation.counts
+        self.batches += 1
+        self.ticks += ticks
+        self.deals += deals
+        deal_counts = evaluation.deal_counts
+        self.deals_judged += deal_counts.processed
+        self.deals_unmatched += deal_counts.unmatched
+        for reason in DEAL_SKIP_REASONS:
+            self.deals_skipped[reason] += getattr(deal_counts, reason)
+        self.evaluated += counts.evaluated
+        self.late += counts.late
+        self.unknown += counts.unknown
+        self.inactive += counts.inactive
+        self.invalid += counts.invalid
+        self.breach_rows += evaluation.breaches.height
+        self.transitions += evaluation.transitions.height
+
 
 @dataclass(frozen=True, slots=True)
 class _Register:
@@ -380,23 +405,8 @@ class EvaluatorLoop:
     def _committed(
         self, evaluation: Evaluation, ticks: int, deals: int, checkpoint: bool
     ) -> None:
+        self.stats.count(evaluation, ticks, deals)
         stats = self.stats
-        counts = evaluation.counts
-        stats.batches += 1
-        stats.ticks += ticks
-        stats.deals += deals
-        deal_counts = evaluation.deal_counts
-        stats.deals_judged += deal_counts.processed
-        stats.deals_unmatched += deal_counts.unmatched
-        for reason in DEAL_SKIP_REASONS:
-            stats.deals_skipped[reason] += getattr(deal_counts, reason)
-        stats.evaluated += counts.evaluated
-        stats.late += counts.late
-        stats.unknown += counts.unknown
-        stats.inactive += counts.inactive
-        stats.invalid += counts.invalid
-        stats.breach_rows += evaluation.breaches.height
-        stats.transitions += evaluation.transitions.height
         stats.checkpoints += int(checkpoint)
         self.metrics.update(evaluation.metrics)
         # An ended phase ignores every later tick; dropping it keeps the engine

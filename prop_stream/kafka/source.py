@@ -384,6 +384,9 @@ class KafkaSource:
         self._live: set[int] = set()
         self._partition_count = 0
         self._last_deals: pl.DataFrame | None = None
+        # The record index of each of the last poll's deals (group mode splits
+        # them by partition).
+        self._last_deal_messages: pl.Series | None = None
 
     # ------------------------------------------------------------ TickSource API
 
@@ -497,6 +500,7 @@ class KafkaSource:
         """
         # The last poll's records are kept for unseen() until this one.
         self._last_records = self._last_messages = self._last_deals = None
+        self._last_deal_messages = None
         consumer = self._ensure_consumer(timeout)
         if consumer is None:
             return _EMPTY_TICKS, self.position()
@@ -579,6 +583,7 @@ class KafkaSource:
         self._last_messages = decoded.ticks.get_column("message")
         ticks = decoded.ticks.drop("message")
         if decoded.deals.height:
+            self._last_deal_messages = decoded.deals.get_column("message")
             self._last_deals = decoded.deals.drop("message")
         stats = self.stats
         stats.messages += len(records)
@@ -844,8 +849,8 @@ class KafkaSource:
         for topic, partition, first, end in _spans(records):
             start = int(messages.search_sorted(first, "left"))
             stop = int(messages.search_sorted(end, "left"))
-            if stop <= start:
-                continue
+            if stop <= start and not self._deal_span(first, end)[1]:
+                continue  # neither ticks nor deals of this partition
             archive_from = start
             offset = committed.get(_key(topic, partition))
             if offset is not None:
@@ -859,6 +864,40 @@ class KafkaSource:
                 archive_from = int(messages.search_sorted(lo, "left"))
             out.append((partition, start, stop, archive_from))
         return out
+
+    def last_deals(self) -> dict[int, pl.DataFrame]:
+        """The last poll's deals by partition, for the group loop.
+
+        Returns:
+            Per partition with deals, its deals in delivery order with
+            ``before_tick`` counted from the partition's first tick row of the
+            poll (the row ranges of :meth:`last_slices`).
+        """
+        records, messages, deals = (
+            self._last_records,
+            self._last_messages,
+            self._last_deals,
+        )
+        if records is None or messages is None or deals is None:
+            return {}
+        out: dict[int, pl.DataFrame] = {}
+        for _topic, partition, first, end in _spans(records):
+            lo, count = self._deal_span(first, end)
+            if not count:
+                continue
+            start = int(messages.search_sorted(first, "left"))
+            out[partition] = deals.slice(lo, count).with_columns(
+                pl.col("before_tick") - start
+            )
+        return out
+
+    def _deal_span(self, first: int, end: int) -> tuple[int, int]:
+        """``(first row, rows)`` of the last poll's deals from records ``first:end``."""
+        found = self._last_deal_messages
+        if found is None:
+            return 0, 0
+        lo = int(found.search_sorted(first, "left"))
+        return lo, int(found.search_sorted(end, "left")) - lo
 
     def _rebalanced(self, kind: str, partitions: Iterable[TopicPartition]) -> None:
         """A rebalance listener call (kafka-python's network thread): queue it."""

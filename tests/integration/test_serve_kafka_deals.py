@@ -188,8 +188,9 @@ def _dlq_reasons(bootstrap: str, topic: str) -> dict[str, int]:
         consumer.close()
 
 
+@pytest.mark.parametrize("group", [None, "deals-group"], ids=["embedded", "group"])
 def test_serve_kafka_ticks_and_deals_killed_mid_stream_equal_the_backtest(
-    tmp_path: Path, private_kafka_broker: KafkaBroker
+    tmp_path: Path, private_kafka_broker: KafkaBroker, group: str | None
 ) -> None:
     broker = private_kafka_broker
     db = tmp_path / "prop.duckdb"
@@ -218,6 +219,8 @@ def test_serve_kafka_ticks_and_deals_killed_mid_stream_equal_the_backtest(
 
     serve = ["serve", "--db", str(db), "--source", "kafka", "--kafka-bootstrap",
              broker.bootstrap, "--topic", topic, "--port", "0"]  # fmt: skip
+    if group is not None:  # a consumer-group member: state and fencing per partition
+        serve += ["--group", group]
     env = {
         "PROP_STREAM_MAX_BATCH_RECORDS": "100",  # many batches: the kill lands mid-way
         "PROP_STREAM_CHECKPOINT_EVERY": "4",

@@ -53,8 +53,15 @@ from prop_stream.store.partitions import (
 from prop_stream.store.progress import Position
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
+# Ticks only: the fake topic carries no deals (deals in group mode are covered
+# with a real broker in tests/integration/test_serve_kafka_deals.py's group case).
 DEMO = DemoConfig(
-    seed=11, rate=5 / 60, batch_ms=20 * 60_000, realtime=False, epoch=START
+    seed=11,
+    rate=5 / 60,
+    batch_ms=20 * 60_000,
+    realtime=False,
+    epoch=START,
+    deals=False,
 )
 BATCHES = 120
 PARTITIONS = 3
@@ -120,6 +127,9 @@ class FakeTopic(TickSource):
             skip = 0 if offset is None else max(0, min(end - start, offset - first))
             out.append((number, start, end, start + skip))
         return out
+
+    def last_deals(self) -> dict[int, pl.DataFrame]:
+        return {}
 
     def partition_of(self, account_id: int) -> int | None:
         return _partition_of(account_id)

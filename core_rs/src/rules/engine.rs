@@ -791,12 +791,12 @@ impl Phase {
             out.deal_counts.late += 1;
             return;
         }
-        if d.ts >= self.state.next_weekend {
-            if self.weekend_hold(slot, d.ts, ds.open_hundredths(), out) {
-                self.touch(slot, epoch, out);
-                out.deal_counts.inactive += 1;
-                return;
-            }
+        if d.ts >= self.state.next_weekend
+            && self.weekend_hold(slot, d.ts, ds.open_hundredths(), out)
+        {
+            self.touch(slot, epoch, out);
+            out.deal_counts.inactive += 1;
+            return;
         }
 
         // Processed: counted, its deal_id taken, the last event time moves.
@@ -1720,6 +1720,7 @@ mod deal_tests {
     }
 
     #[test]
+    #[allow(clippy::print_stdout)] // the sizes, for `-- --nocapture`
     fn phase_state_sizes() {
         // The deal state costs the hot path three fields and one pointer; the rest
         // lives behind the pointer. Sizes as built, for docs/engine-state.md.

@@ -829,12 +829,21 @@ impl Phase {
 
         // 2. The position update (weekend_hold was judged above).
         let update = ds.apply(d);
-        if let Some(weekly) = self.weekly() {
-            self.state.next_weekend = if ds.positions.is_empty() {
-                i64::MAX
-            } else {
-                weekly.first_after(d.ts)
-            };
+        if self.spec.rules.weekend_close.is_some() {
+            if ds.positions.is_empty() {
+                self.state.next_weekend = i64::MAX;
+            } else if self.state.next_weekend == i64::MAX {
+                // Positions open again. `d.ts` is before the next close already
+                // known (the first after an earlier event) unless a close passed
+                // since: then look it up. A finite `next_weekend` stays right: the
+                // deal came before it.
+                if d.ts >= ds.next_close {
+                    if let Some(weekly) = self.weekly() {
+                        ds.next_close = weekly.first_after(d.ts);
+                    }
+                }
+                self.state.next_weekend = ds.next_close;
+            }
         }
         match update {
             Update::Unmatched => {
@@ -997,6 +1006,8 @@ pub struct Engine {
     scratch_slots: Vec<u32>,
     scratch_counts: Vec<u32>,
     scratch_ticks: Vec<(i64, f64, f64)>,
+    // The grouped ticks with their rows, for chunks with deals.
+    scratch_deal_ticks: Vec<(i64, f64, f64, u64)>,
 }
 
 /// The serialized form of an [`Engine`] (format v2: with deal state).
@@ -1521,7 +1532,10 @@ impl Engine {
         }
         let mut counts = std::mem::take(&mut self.scratch_counts);
         counts.resize(self.phases.len(), 0);
-        let mut slots = Vec::with_capacity(n);
+        // Buffers kept across batches: fresh ones cost a zeroed page per 4 KiB.
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.reserve(n);
         let mut groups: Vec<u32> = Vec::new();
         for i in 0..n {
             if !(c.equity[i].is_finite() && c.balance[i].is_finite()) {
@@ -1565,7 +1579,11 @@ impl Engine {
             counts[g as usize] = total;
             total += k;
         }
-        let mut grouped = vec![(0i64, 0.0f64, 0.0f64, 0u64); total as usize];
+        // Every position below `total` is written by the scatter.
+        let mut grouped = std::mem::take(&mut self.scratch_deal_ticks);
+        if grouped.len() < total as usize {
+            grouped.resize(total as usize, (0, 0.0, 0.0, 0));
+        }
         for (i, &slot) in slots.iter().enumerate() {
             if slot != NONE {
                 let pos = &mut counts[slot as usize];
@@ -1602,6 +1620,8 @@ impl Engine {
             }
         }
         self.scratch_counts = counts;
+        self.scratch_slots = slots;
+        self.scratch_deal_ticks = grouped;
         Ok(())
     }
 

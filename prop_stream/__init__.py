@@ -18,6 +18,7 @@ from prop_stream.exceptions import (
 from prop_stream.rules import (
     BREACH_KEY,
     DAILY_KEY,
+    DealCounts,
     Evaluation,
     PhaseSpec,
     RuleEngine,
@@ -31,6 +32,7 @@ __all__ = [
     "BREACH_KEY",
     "DAILY_KEY",
     "BacktestTables",
+    "DealCounts",
     "Evaluation",
     "PhaseSpec",
     "PropStreamError",

@@ -63,13 +63,13 @@ impl DayClock {
             NaiveDate::from_num_days_from_ce_opt(day + 1 + UNIX_EPOCH_CE_DAYS).unwrap_or_default();
         let wall =
             date.and_hms_opt(0, 0, 0).unwrap_or_default() - Duration::minutes(self.shift_minutes);
-        first_instant_at_or_after(&self.tz, wall)
+        first_instant_at_or_after(self.tz, wall)
     }
 }
 
 /// The first UTC instant (microseconds) whose local wall time in `tz` is at or
 /// after `wall`: in a DST gap the end of the gap, in a fold the first instant.
-fn first_instant_at_or_after(tz: &Tz, wall: NaiveDateTime) -> i64 {
+fn first_instant_at_or_after(tz: Tz, wall: NaiveDateTime) -> i64 {
     match tz.from_local_datetime(&wall) {
         LocalResult::Single(t) => t.timestamp_micros(),
         LocalResult::Ambiguous(a, b) => a.timestamp_micros().min(b.timestamp_micros()),
@@ -128,7 +128,7 @@ impl WeeklyClock {
         let wall = date
             .and_hms_opt(self.minutes / 60, self.minutes % 60, 0)
             .unwrap_or_default();
-        first_instant_at_or_after(&self.tz, wall)
+        first_instant_at_or_after(self.tz, wall)
     }
 
     fn is_close_day(&self, date: NaiveDate) -> bool {

@@ -185,6 +185,10 @@ pub struct DealState {
     /// Under `trading_day_basis = deals`: when the day of the last counted `in`
     /// deal ends (UTC µs; `i64::MIN` before the first).
     pub deal_day_end: i64,
+    /// The first weekly `weekend_close` after some processed deal at or before
+    /// the last one (`i64::MIN`: none yet): a cache, so that reopening a position
+    /// before that close needs no time-zone arithmetic.
+    pub next_close: i64,
 }
 
 impl DealState {
@@ -193,6 +197,7 @@ impl DealState {
     pub fn new() -> Self {
         Self {
             deal_day_end: i64::MIN,
+            next_close: i64::MIN,
             ..Self::default()
         }
     }

@@ -127,6 +127,9 @@ pub struct DealOpen {
     pub symbol: String,
     /// Direction.
     pub side: Side,
+    /// The deal's row in the call's deals: rows come out in delivery order
+    /// whatever order the grouping judged accounts in.
+    pub row: usize,
 }
 
 /// Everything one batch produced, before conversion to Arrow.
@@ -145,8 +148,10 @@ pub struct BatchOutput {
     pub counts: TickCounts,
     /// How the deals were handled.
     pub deal_counts: DealCounts,
-    /// The processed `in` deals, in processing order.
+    /// The processed `in` deals, in delivery order.
     pub deal_opens: Vec<DealOpen>,
+    /// The row (in the call's deals) of the deal being judged.
+    pub deal_row: usize,
 }
 
 fn utc_ts() -> DataType {

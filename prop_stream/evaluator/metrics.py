@@ -20,8 +20,6 @@ from prop_stream.store.db import Connection, query_frame
 
 MetricRow = Mapping[str, Any]
 
-#: Engine metric columns ``metrics_latest`` does not store yet (issue 11).
-_NOT_STORED: Final = ("open_lots", "open_positions")
 #: The ts of a slot without a row.
 _NONE: Final = np.iinfo(np.int64).min
 #: Frames kept before the ones no account points at any more are dropped.
@@ -109,9 +107,6 @@ class LatestMetrics:
         """
         if not metrics.height:
             return
-        # The engine's deal columns (issue 11) are not in ``metrics_latest`` yet;
-        # the cache holds the store's columns until the store gains them.
-        metrics = metrics.drop(_NOT_STORED, strict=False)
         if metrics.schema.get("challenge_id") == pl.String:
             metrics = metrics.with_columns(pl.col("challenge_id").cast(pl.Int64))
         ids = metrics["account_id"].cast(pl.Int64).to_numpy()

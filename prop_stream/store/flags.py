@@ -26,12 +26,8 @@ from typing import Final
 import polars as pl
 import pyarrow as pa
 
-from prop_stream.store.db import (
-    Connection,
-    frame_table,
-    is_postgres,
-    transaction,
-)
+from prop_stream.store.db import Connection, frame_table, transaction
+from prop_stream.store.pg import PgConnection
 
 #: The columns of the engine's ``deal_opens`` this reads (others are ignored).
 DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
@@ -169,7 +165,7 @@ def record_deal_opens(
     if deal_opens.num_rows == 0:
         return 0
     batch = deal_opens.select(list(DEAL_OPENS_COLUMNS))
-    if not is_postgres(conn):
+    if not isinstance(conn, PgConnection):
         conn.register(_BATCH_VIEW, batch)
         try:
             return _record(conn, _DUCKDB, limit)

@@ -46,11 +46,17 @@ BREACHES_SQL = (
 )
 
 
-def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+def _until(
+    condition: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    detail: Callable[[], str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            more = f"\n{detail()}" if detail is not None else ""
+            pytest.fail(f"timed out waiting for {what}{more}")
         time.sleep(0.5)
 
 
@@ -244,6 +250,15 @@ def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
             ),
             300,
             "every stored position at its partition's end",
+            lambda: (
+                f"stored {sorted(stored().items())}\nends {sorted(ends.items())}\n"
+                + "\n".join(
+                    f"[{n}] {line[:400]}"
+                    for n, proc in enumerate(procs)
+                    for line in proc.lines()
+                    if '"level": "INFO"' not in line
+                )[-8000:]
+            ),
         )
         _until(
             lambda: "commit fenced" in "".join(paused.lines()),

@@ -25,6 +25,7 @@ from test_hedge_flags import as_rows, in_deals, to_frame
 
 from prop_stream.backtest.flags import FLAGS_ORDER, FLAGS_SCHEMA, hedge_flags
 from prop_stream.store import Connection, connect, init_database, query_frame
+from prop_stream.store.db import transaction
 from prop_stream.store.flags import record_deal_opens
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,7 +137,9 @@ def test_an_account_without_an_owner_is_recorded_and_never_pairs(
         },
         schema_overrides={"ts": pl.Datetime("us", "UTC")},
     )
-    assert record_deal_opens(conn, frame.to_arrow(), 60) == 1
+    # In the caller's transaction, as the sink's flush calls it.
+    with transaction(conn):
+        assert record_deal_opens(conn, frame.to_arrow(), 60) == 1
     owners = conn.execute(
         "SELECT account_id, customer_id FROM deal_opens ORDER BY account_id"
     ).fetchall()

@@ -23,9 +23,11 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+import polars as pl
 import pyarrow as pa
 
-from prop_stream.store.db import Connection
+from prop_stream.store.db import Connection, frame_table, transaction
+from prop_stream.store.pg import PgConnection
 
 #: The columns of the engine's ``deal_opens`` this reads (others are ignored).
 DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
@@ -46,10 +48,10 @@ _INSERT_OPENS: Final = f"""
 # ``n`` are the batch's deals as recorded (the first row of a key wins, as in
 # deal_opens), ``o`` every recorded deal within the window of the batch's time
 # span. Opposite sides make each unordered pair appear twice when both deals are
-# new (n buy/o sell and n sell/o buy): ON CONFLICT keeps one. ``$lo``/``$hi`` are
+# new (n buy/o sell and n sell/o buy): ON CONFLICT keeps one. ``$2``/``$3`` are
 # constants, so DuckDB prunes deal_opens' row groups by their ts zone maps instead
 # of scanning the whole table (the batch's own deals lie in the same span).
-_INSERT_FLAGS: Final = f"""
+_INSERT_FLAGS: Final = """
     INSERT INTO flags (
         customer_id, symbol,
         account_id_1, deal_id_1, ts_1, side_1,
@@ -58,13 +60,12 @@ _INSERT_FLAGS: Final = f"""
     )
     WITH near AS (
         SELECT * FROM deal_opens
-        WHERE ts BETWEEN $lo AND $hi AND customer_id IS NOT NULL
+        WHERE ts BETWEEN $2 AND $3 AND customer_id IS NOT NULL
     ),
     n AS (
         SELECT d.*
         FROM near AS d
-        SEMI JOIN {_BATCH_VIEW} AS b
-            ON b.account_id = d.account_id AND b.deal_id = d.deal_id
+        {semi_join}
     ),
     pairs AS (
         SELECT
@@ -73,7 +74,7 @@ _INSERT_FLAGS: Final = f"""
             n.account_id < o.account_id AS n_first,
             n.account_id AS a_n, n.deal_id AS d_n, n.ts AS t_n, n.side AS s_n,
             o.account_id AS a_o, o.deal_id AS d_o, o.ts AS t_o, o.side AS s_o,
-            abs(epoch_us(n.ts) - epoch_us(o.ts)) AS gap_us
+            abs({epoch_us_n} - {epoch_us_o}) AS gap_us
         FROM n
         JOIN near AS o
             ON o.customer_id = n.customer_id
@@ -93,10 +94,26 @@ _INSERT_FLAGS: Final = f"""
         CASE WHEN n_first THEN s_o ELSE s_n END,
         gap_us / 1000000.0
     FROM pairs
-    WHERE gap_us <= $limit
+    WHERE gap_us <= $1
     ON CONFLICT DO NOTHING
     RETURNING 1
-"""  # noqa: S608 - a constant view name
+"""
+
+
+# The two spots where the dialects differ: DuckDB's SEMI JOIN and epoch_us are
+# PostgreSQL's EXISTS and an exact epoch (extract answers NUMERIC since 14).
+_DUCKDB: Final = {
+    "semi_join": f"SEMI JOIN {_BATCH_VIEW} AS b "
+    "ON b.account_id = d.account_id AND b.deal_id = d.deal_id",
+    "epoch_us_n": "epoch_us(n.ts)",
+    "epoch_us_o": "epoch_us(o.ts)",
+}
+_POSTGRES: Final = {
+    "semi_join": f"WHERE EXISTS (SELECT 1 FROM {_BATCH_VIEW} AS b "  # noqa: S608 - constant
+    "WHERE b.account_id = d.account_id AND b.deal_id = d.deal_id)",
+    "epoch_us_n": "CAST(extract(epoch FROM n.ts) * 1000000 AS BIGINT)",
+    "epoch_us_o": "CAST(extract(epoch FROM o.ts) * 1000000 AS BIGINT)",
+}
 
 
 def window_limit_us(window_seconds: float) -> int:
@@ -147,27 +164,52 @@ def record_deal_opens(
         raise ValueError(f"deal_opens: missing column(s): {', '.join(missing)}")
     if deal_opens.num_rows == 0:
         return 0
-    conn.register(_BATCH_VIEW, deal_opens.select(list(DEAL_OPENS_COLUMNS)))
-    try:
-        conn.execute(_INSERT_OPENS)
-        if limit is None:
-            return 0
-        # The span of the batch's deals as recorded (a replayed deal keeps its
-        # first ts), widened by the window: every partner lies within it.
-        span = conn.execute(
-            f"SELECT min(d.ts), max(d.ts) FROM deal_opens AS d "  # noqa: S608 - constant view name
-            f"SEMI JOIN {_BATCH_VIEW} AS b "
-            "ON b.account_id = d.account_id AND b.deal_id = d.deal_id"
+    batch = deal_opens.select(list(DEAL_OPENS_COLUMNS))
+    if not isinstance(conn, PgConnection):
+        conn.register(_BATCH_VIEW, batch)
+        try:
+            return _record(conn, _DUCKDB, limit)
+        finally:
+            conn.unregister(_BATCH_VIEW)
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
+    if conn.in_transaction:
+        with frame_table(conn, _BATCH_VIEW, frame):
+            return _record(conn, _POSTGRES, limit)
+    # A caller outside a transaction (a test, a one-off): PostgreSQL's batch
+    # table lives for one transaction, so make one.
+    with transaction(conn), frame_table(conn, _BATCH_VIEW, frame):
+        return _record(conn, _POSTGRES, limit)
+
+
+def _record(conn: Connection, dialect: dict[str, str], limit: int | None) -> int:
+    """Both statements, the batch's deals queryable as ``_BATCH_VIEW``."""
+    conn.execute(_INSERT_OPENS)
+    if limit is None:
+        return 0
+    # The span of the batch's deals as recorded (a replayed deal keeps its
+    # first ts), widened by the window: every partner lies within it.
+    span = conn.execute(
+        "SELECT min(d.ts), max(d.ts) FROM deal_opens AS d "  # noqa: S608 - constants
+        + dialect["semi_join"]
+    ).fetchall()
+    lo, hi = span[0]
+    if lo is None:
+        return 0
+    # RETURNING yields the rows actually inserted (not those ON CONFLICT
+    # skipped); fetching them all also completes the statement.
+    return len(
+        conn.execute(
+            _spelled(_INSERT_FLAGS, dialect),
+            [limit, _shift(lo, -limit), _shift(hi, limit)],
         ).fetchall()
-        lo, hi = span[0]
-        if lo is None:
-            return 0
-        params = {"limit": limit, "lo": _shift(lo, -limit), "hi": _shift(hi, limit)}
-        # RETURNING yields the rows actually inserted (not those ON CONFLICT
-        # skipped); fetching them all also completes the statement.
-        return len(conn.execute(_INSERT_FLAGS, params).fetchall())
-    finally:
-        conn.unregister(_BATCH_VIEW)
+    )
+
+
+def _spelled(template: str, dialect: dict[str, str]) -> str:
+    for key, text in dialect.items():
+        template = template.replace("{" + key + "}", text)
+    return template
 
 
 def _shift(ts: datetime, micros: int) -> datetime:

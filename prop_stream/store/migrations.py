@@ -518,13 +518,54 @@ _V5_DEALS: Final = (
     """,
 )
 
+# Migration 5 on PostgreSQL: the tables and columns through postgres_ddl; the
+# per-day view counts the distinct accounts of a day's pairs with a lateral
+# unpivot (PostgreSQL has no DuckDB list functions and no GROUP BY ALL). Same
+# view names, columns and column order.
+_V5_DEALS_POSTGRES: Final = (
+    *(postgres_ddl(s) for s in _V5_DEALS[:6]),
+    """
+    CREATE VIEW risk_flags_by_customer_day AS
+    WITH f AS (
+        SELECT *, CAST(least(ts_1, ts_2) AT TIME ZONE 'UTC' AS DATE) AS day
+        FROM flags
+    ),
+    accounts AS (
+        SELECT f.customer_id, f.day, count(DISTINCT a.account_id) AS accounts
+        FROM f
+        CROSS JOIN LATERAL (VALUES (f.account_id_1), (f.account_id_2))
+            AS a (account_id)
+        GROUP BY f.customer_id, f.day
+    )
+    SELECT
+        f.customer_id,
+        f.day,
+        count(*) AS flags,
+        count(DISTINCT f.symbol) AS symbols,
+        accounts.accounts,
+        min(f.gap_seconds) AS min_gap_seconds,
+        max(f.gap_seconds) AS max_gap_seconds
+    FROM f
+    JOIN accounts ON accounts.customer_id = f.customer_id AND accounts.day = f.day
+    GROUP BY f.customer_id, f.day, accounts.accounts
+    """,
+    _V5_DEALS[7]
+    .replace("'warning' AS severity", "text 'warning' AS severity")
+    .replace("'review' AS action", "text 'review' AS action"),
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
     Migration(2, "risk_* views", _V2_VIEWS, _V2_VIEWS_POSTGRES),
     Migration(3, "outbox jobs and the ledger of applied jobs", _V3_OUTBOX),
     Migration(4, "the tick archive's staging table", _V4_TICK_ARCHIVE),
-    Migration(5, "deals: deal_opens, hedge flags, open lots in metrics", _V5_DEALS),
+    Migration(
+        5,
+        "deals: deal_opens, hedge flags, open lots in metrics",
+        _V5_DEALS,
+        _V5_DEALS_POSTGRES,
+    ),
     Migration(6, "per-partition fencing epochs and engine checkpoints", MIGRATION_6),
 )
 

@@ -212,10 +212,10 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pl.DataFrame
         conn.close()
 
 
-def _fresh(tmp_path: Path) -> Connection:
-    db = tmp_path / "prop.duckdb"
-    init_database(db, demo=True, now=START)
-    return connect(db)
+def _fresh(store_db: Path | str) -> Connection:
+    """The demo store on either backend (``store_db``: a path or a URL)."""
+    init_database(store_db, demo=True, now=START)
+    return connect(store_db)
 
 
 def _drain(*pairs: tuple[GroupEvaluatorLoop, FakeTopic], limit: int = 500) -> None:
@@ -248,9 +248,9 @@ def _assert_results(
 
 
 def test_take_epoch_fences_the_earlier_owner_and_rolls_its_transaction_back(
-    tmp_path: Path,
+    store_db: Path | str,
 ) -> None:
-    conn = _fresh(tmp_path)
+    conn = _fresh(store_db)
     try:
         first = take_epoch(conn, source="kafka", partition="t:0", owner="a")
         assert first == 1
@@ -289,12 +289,12 @@ def _no_outputs() -> Evaluation:
 
 
 def test_a_paused_members_late_commit_is_refused_and_nothing_doubles(
-    tmp_path: Path,
+    store_db: Path | str,
     inputs: tuple[Path, pl.DataFrame],
     embedded: dict[str, pl.DataFrame],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    conn = _fresh(tmp_path)
+    conn = _fresh(store_db)
     try:
         partitions = _topic(inputs[1])
         busy = max(partitions, key=lambda n: partitions[n].height)
@@ -336,11 +336,11 @@ def test_a_paused_members_late_commit_is_refused_and_nothing_doubles(
 
 
 def test_revocations_losses_and_reassignments_replay_to_the_backtest(
-    tmp_path: Path,
+    store_db: Path | str,
     inputs: tuple[Path, pl.DataFrame],
     embedded: dict[str, pl.DataFrame],
 ) -> None:
-    conn = _fresh(tmp_path)
+    conn = _fresh(store_db)
     try:
         partitions = _topic(inputs[1])
         a_topic, b_topic = FakeTopic(partitions), FakeTopic(partitions)
@@ -376,11 +376,11 @@ def test_revocations_losses_and_reassignments_replay_to_the_backtest(
 
 
 def test_a_running_embedded_database_switches_to_the_group_without_loss(
-    tmp_path: Path,
+    store_db: Path | str,
     inputs: tuple[Path, pl.DataFrame],
     embedded: dict[str, pl.DataFrame],
 ) -> None:
-    conn = _fresh(tmp_path)
+    conn = _fresh(store_db)
     try:
         partitions = _topic(inputs[1])
         topic = FakeTopic(partitions)
@@ -453,9 +453,9 @@ def _tick_frame(account: int, start: datetime, equities: list[float]) -> pl.Data
 
 
 def test_a_pass_opens_the_next_phase_for_the_member_owning_its_account(
-    tmp_path: Path,
+    store_db: Path | str,
 ) -> None:
-    conn = _fresh(tmp_path)
+    conn = _fresh(store_db)
     try:
         started = START + timedelta(hours=1)
         with transaction(conn):
@@ -518,8 +518,10 @@ def test_a_pass_opens_the_next_phase_for_the_member_owning_its_account(
         conn.close()
 
 
-def test_a_cancel_by_another_process_reaches_the_owning_member(tmp_path: Path) -> None:
-    conn = _fresh(tmp_path)
+def test_a_cancel_by_another_process_reaches_the_owning_member(
+    store_db: Path | str,
+) -> None:
+    conn = _fresh(store_db)
     try:
         started = START + timedelta(hours=1)
         with transaction(conn):

@@ -7,21 +7,25 @@ plain-Python reference (``tests/reference_deals.hedge_flags``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pg_support import BACKENDS, fresh_database
 from reference_deals import Deal
 from reference_deals import hedge_flags as reference_flags
 from test_hedge_flags import as_rows, in_deals, to_frame
 
 from prop_stream.backtest.flags import FLAGS_ORDER, FLAGS_SCHEMA, hedge_flags
 from prop_stream.store import Connection, connect, init_database, query_frame
+from prop_stream.store.db import transaction
 from prop_stream.store.flags import record_deal_opens
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -29,12 +33,23 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OWNERS = {1: 1, 2: 1, 3: 2, 4: 2}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Connection]:
-    """One store for the module; each test empties the deal tables first."""
-    path = tmp_path_factory.mktemp("flags") / "flags.duckdb"
-    init_database(path)
-    conn = connect(path)
+@pytest.fixture(scope="module", params=BACKENDS)
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Connection]:
+    """One store per backend for the module; each test empties the deal tables."""
+    with contextlib.ExitStack() as stack:
+        where: Path | str = tmp_path_factory.mktemp("flags") / "flags.duckdb"
+        if request.param == "postgres":
+            where = stack.enter_context(
+                fresh_database(request.getfixturevalue("pg_server"))
+            )
+        yield from _seeded(where)
+
+
+def _seeded(where: Path | str) -> Iterator[Connection]:
+    init_database(where)
+    conn = connect(where)
     conn.execute("INSERT INTO account_groups VALUES ('demo', 'DEMO', 'USD', 100)")
     conn.execute("INSERT INTO customers (id, email) VALUES (1, 'a@x'), (2, 'b@x')")
     for account, customer in OWNERS.items():
@@ -55,6 +70,8 @@ def _empty(conn: Connection) -> None:
 def _store_flags(conn: Connection) -> pl.DataFrame:
     order = ", ".join(FLAGS_ORDER)
     frame = query_frame(conn, f"SELECT * FROM flags ORDER BY {order}")  # noqa: S608
+    if frame.height == 0:  # PostgreSQL's rows carry no types: none, no dtypes
+        return pl.DataFrame(schema=FLAGS_SCHEMA)
     return frame.with_columns(
         pl.col("customer_id").cast(pl.String),
         pl.col("ts_1").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
@@ -120,7 +137,9 @@ def test_an_account_without_an_owner_is_recorded_and_never_pairs(
         },
         schema_overrides={"ts": pl.Datetime("us", "UTC")},
     )
-    assert record_deal_opens(conn, frame.to_arrow(), 60) == 1
+    # In the caller's transaction, as the sink's flush calls it.
+    with transaction(conn):
+        assert record_deal_opens(conn, frame.to_arrow(), 60) == 1
     owners = conn.execute(
         "SELECT account_id, customer_id FROM deal_opens ORDER BY account_id"
     ).fetchall()

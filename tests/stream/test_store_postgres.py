@@ -18,6 +18,8 @@ from prop_stream.store.roles import RISK_PASSWORD_ENV, RISK_ROLE
 RISK_VIEWS = {
     "risk_breaches_by_day_rule",
     "risk_challenges_by_status",
+    "risk_flags",
+    "risk_flags_by_customer_day",
     "risk_phases_near_floor",
 }
 

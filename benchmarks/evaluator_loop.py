@@ -180,8 +180,9 @@ def _backend_compare(
                 demo_rate=rate,
                 demo_realtime=False,
                 archive=False,
-                **({} if flags else {"hedge_window_seconds": None}),
             )
+            if not flags:
+                settings = settings.model_copy(update={"hedge_window_seconds": None})
             conn = connect(db)
             conns.append(conn)
             loop = build_loop(settings, conn)

@@ -37,7 +37,12 @@ from typing import Any, Final
 from api.db import Database
 from api.serialize import dumps, iso, metric_public, progress_public, ratio
 from prop_stream.evaluator import LatestMetrics
-from prop_stream.store import CHALLENGE_STATUS_NAMES, Connection, is_postgres
+from prop_stream.store import (
+    CHALLENGE_STATUS_NAMES,
+    Connection,
+    is_postgres,
+    query_frame,
+)
 
 MetricRow = Mapping[str, Any]
 
@@ -225,11 +230,17 @@ class RuntimeCache:
     Args:
         db: The store, read at :meth:`load`, on a miss and to re-read a challenge.
         metrics: The latest metrics the evaluator keeps current.
+        reload_metrics: Re-read ``metrics_latest`` at every :meth:`sync`: this
+            process runs no evaluator that updates ``metrics`` (an ``api``
+            process on PostgreSQL, whose evaluators run elsewhere).
     """
 
-    def __init__(self, db: Database, metrics: LatestMetrics) -> None:
+    def __init__(
+        self, db: Database, metrics: LatestMetrics, *, reload_metrics: bool = False
+    ) -> None:
         self._db = db
         self.metrics = metrics
+        self._reload_metrics = reload_metrics
         self._challenges: dict[int, ChallengeRecord] = {}
         self._by_customer: dict[int, list[int]] = {}
         self._fingerprints: dict[int, int] = {}
@@ -286,6 +297,11 @@ class RuntimeCache:
                 int(k): int(v)
                 for k, v in conn.execute(_fingerprint_sql(conn)).fetchall()
             }
+            if self._reload_metrics:
+                # Newer rows replace older ones; the whole table each time, so
+                # the served metric trails the evaluators by up to one interval
+                # (docs/scale-out.md, "What breaks next": fine well below 10M).
+                self.metrics.update(query_frame(conn, "SELECT * FROM metrics_latest"))
         changed = [
             cid for cid, h in current.items() if self._fingerprints.get(cid) != h
         ]

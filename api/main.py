@@ -38,7 +38,7 @@ from api.limits import BodyLimit, public_routes
 from api.routes import admin, challenges, health, programs, purchase, runtime
 from api.telemetry import RequestTelemetry
 from prop_stream.evaluator import LatestMetrics
-from prop_stream.store import Connection, PhaseRegistry, connect
+from prop_stream.store import Connection, PhaseRegistry, connect, is_postgres
 from prop_stream.supervisor import Supervisor
 from prop_stream.telemetry import ServiceMetrics
 
@@ -108,7 +108,11 @@ def create_app(
             latest = LatestMetrics()
             with db.cursor() as cur:
                 latest.load(cur)
-        cache = RuntimeCache(db, latest)
+        # Without an evaluator in this process, PostgreSQL's metrics_latest is
+        # where the evaluators' results arrive (the `api` role).
+        with db.cursor() as cur:
+            shared = is_postgres(cur)
+        cache = RuntimeCache(db, latest, reload_metrics=metrics is None and shared)
         loaded = cache.load() if api_routes else 0
         app.state.runtime = AppState(
             db=db,

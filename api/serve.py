@@ -108,7 +108,8 @@ def run(
     app = create_app(
         settings=ApiSettings(db=settings.db),
         conn=conn,
-        metrics=evaluator.metrics,
+        # No evaluator here: the API reads metrics_latest (the api role).
+        metrics=evaluator.metrics if runs_evaluator else None,
         # Without an evaluator here, purchases reach the group's evaluators
         # through the store (the phase-change poll).
         phases=evaluator if runs_evaluator else None,

@@ -17,8 +17,14 @@ The server (``--source``):
 - ``none``: the same service with no tick source.
 - ``api``: ``uvicorn --factory api.main:create_app`` alone (no evaluator).
 
+``--postgres URL --replicas N`` seeds the PostgreSQL database ``URL`` (empty)
+instead, starts ``N`` processes of ``prop-stream serve --role api`` on it and drives
+them all at once with wrk (the connections split among them); it reports the
+requests per second summed and the worst p50/p99 of the replicas.
+
 Examples:
     .venv/bin/python benchmarks/api_load.py --duration 10 --connections 32
+    .venv/bin/python benchmarks/api_load.py --postgres URL --replicas 2
     .venv/bin/python benchmarks/api_load.py --source api
     .venv/bin/python benchmarks/api_load.py --no-hot-reads
 """
@@ -201,6 +207,73 @@ def start_service(
     raise RuntimeError("prop-stream serve did not start within 120 s")
 
 
+def start_api_role(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``prop-stream serve --role api`` on a PostgreSQL database."""
+    process = _launch(
+        f"prop_stream.cli serve --role api --port {port} --db",
+        log,
+        extra=[url],
+        env={**os.environ, "PROP_STREAM_API_ACCESS_LOG": "false"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"prop-stream serve --role api exited: {text}")
+        if "ready on" in text:
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("prop-stream serve --role api did not start within 120 s")
+
+
+def run_replicas(url: str, replicas: int, connections: int, duration: int) -> Result:
+    """``replicas`` API processes on PostgreSQL, driven at once by wrk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    token, owned = seed(url, 2_000)
+    path = f"/prop/challenges/{owned[len(owned) // 2]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = [_free_port() for _ in range(replicas)]
+        servers = []
+        try:
+            for i, port in enumerate(ports):
+                servers.append(start_api_role(url, port, Path(tmp) / f"api{i}.log"))
+            for port in ports:
+                run_python(port, path, token, 1, 1, 1)
+            each = max(1, connections // replicas)
+            with ThreadPoolExecutor(replicas) as pool:
+                results = list(
+                    pool.map(
+                        lambda port: run_wrk(
+                            f"http://127.0.0.1:{port}{path}", token, each, duration
+                        ),
+                        ports,
+                    )
+                )
+        finally:
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    return Result(
+        "wrk",
+        path,
+        sum(r.requests for r in results),
+        max(r.seconds for r in results),
+        sum(r.rps for r in results),
+        max(r.p50_ms for r in results),
+        max(r.p99_ms for r in results),
+        sum(r.errors for r in results),
+        each * replicas,
+        source=f"api x{replicas} on postgres",
+        access_log=False,
+    )
+
+
 def metric_lag(port: int, path: str, token: str) -> float | None:
     """Seconds between now and the latest metric the challenge's first phase shows."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -378,7 +451,18 @@ def main(argv: list[str] | None = None) -> Result:
         action="store_true",
         help="no access-log line per request (PROP_STREAM_API_ACCESS_LOG=false)",
     )
+    parser.add_argument("--postgres", metavar="URL", help="serve from this database")
+    parser.add_argument("--replicas", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.postgres:
+        if args.no_hot_reads:
+            os.environ["PROP_STREAM_API_HOT_READS"] = "false"
+        replicated = run_replicas(
+            args.postgres, args.replicas, args.connections, args.duration
+        )
+        replicated.hot_reads = not args.no_hot_reads
+        print(json.dumps(asdict(replicated)))
+        return replicated
     if args.no_hot_reads:
         os.environ["PROP_STREAM_API_HOT_READS"] = "false"
     if args.no_access_log:

@@ -14,7 +14,9 @@ their ratio.
 ``--postgres URL`` times the loop on DuckDB and on PostgreSQL side by side in one
 run (the URL names an empty database, which is seeded alike; alternating blocks of
 five batches, archive off in both since PostgreSQL has none). It prints each
-one's ms per batch, ticks/s and their ratio.
+one's ms per batch, ticks/s and their ratio. ``--no-hedge-flags`` runs both with
+the hedge flags off (``hedge_window_seconds=None``: the deals are still recorded),
+to time the sink without the flags' join.
 
 Examples:
     .venv/bin/python benchmarks/evaluator_loop.py --batches 50
@@ -52,10 +54,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--archive-compare", action="store_true")
     parser.add_argument("--postgres", metavar="URL", help="compare with this database")
+    parser.add_argument("--no-hedge-flags", action="store_true")
     args = parser.parse_args(argv)
     if args.postgres:
         return _backend_compare(
-            args.challenges, args.batches, args.demo_rate, args.postgres
+            args.challenges,
+            args.batches,
+            args.demo_rate,
+            args.postgres,
+            flags=not args.no_hedge_flags,
         )
     if args.archive_compare:
         return _archive_compare(args.challenges, args.batches, args.demo_rate)
@@ -154,7 +161,7 @@ def _archive_compare(challenges: int, batches: int, rate: float) -> dict[str, fl
 
 
 def _backend_compare(
-    challenges: int, batches: int, rate: float, url: str
+    challenges: int, batches: int, rate: float, url: str, *, flags: bool = True
 ) -> dict[str, float]:
     """The loop on DuckDB and on PostgreSQL, timed in alternating blocks."""
     block = 5
@@ -168,8 +175,14 @@ def _backend_compare(
         for name, db in stores.items():
             seed(db, challenges)
             settings = StreamSettings(
-                db=db, source="demo", demo_rate=rate, demo_realtime=False, archive=False
+                db=db,
+                source="demo",
+                demo_rate=rate,
+                demo_realtime=False,
+                archive=False,
             )
+            if not flags:
+                settings = settings.model_copy(update={"hedge_window_seconds": None})
             conn = connect(db)
             conns.append(conn)
             loop = build_loop(settings, conn)
@@ -194,7 +207,11 @@ def _backend_compare(
         finally:
             for conn in conns:
                 conn.close()
-    result: dict[str, float] = {"batches": batches, "challenges": challenges}
+    result: dict[str, float] = {
+        "batches": batches,
+        "challenges": challenges,
+        "hedge_flags": float(flags),
+    }
     for name in loops:
         result[f"ms_per_batch_{name}"] = seconds[name] / batches * 1000
         result[f"ticks_per_s_{name}"] = ticks[name] / seconds[name]

@@ -34,7 +34,13 @@ import pyarrow as pa
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
-from prop_stream.store.db import Connection, DatabaseError, frame_table, transaction
+from prop_stream.store.db import (
+    Connection,
+    DatabaseError,
+    frame_table,
+    is_postgres,
+    transaction,
+)
 from prop_stream.store.flags import record_deal_opens
 from prop_stream.store.lifecycle import apply_transitions
 from prop_stream.store.migrations import LATEST_VERSION, current_version
@@ -142,6 +148,21 @@ _INSERT_HISTORY: Final = (
     f"{_select(METRIC_COLUMNS, '_sink_history')} "
     "ON CONFLICT (account_id, ts) DO NOTHING"
 )
+# PostgreSQL loads the metrics once (one COPY, ``_sink_metrics``) for both
+# statements: each row carries whether it is its account's latest (``_latest``) and
+# the first of its ``(account_id, ts)`` (``_first``), the rows DuckDB's two frames
+# hold.
+_PG_UPSERT_LATEST: Final = (
+    f"INSERT INTO metrics_latest ({', '.join(METRIC_COLUMNS)}) "
+    f"{_select(METRIC_COLUMNS, '_sink_metrics')} WHERE _latest "
+    f"ON CONFLICT (account_id) DO UPDATE SET {_METRIC_UPDATES} "
+    "WHERE excluded.ts >= metrics_latest.ts"
+)
+_PG_INSERT_HISTORY: Final = (
+    f"INSERT INTO metric_history ({', '.join(METRIC_COLUMNS)}) "
+    f"{_select(METRIC_COLUMNS, '_sink_metrics')} WHERE _first "
+    "ON CONFLICT (account_id, ts) DO NOTHING"
+)
 _STAGE_TICKS: Final = (
     "INSERT INTO tick_archive_staging (seq, account_id, ts, equity, balance) "
     "SELECT seq, account_id, ts, equity, balance FROM _sink_ticks"
@@ -238,10 +259,23 @@ class DuckDBSink(BaseSink):
         conn = self._conn
         try:
             with transaction(conn):
+                postgres = is_postgres(conn)
+                if postgres:
+                    # Only this transaction: a crash may lose its commit, and
+                    # with it the position, so the batch is replayed
+                    # (docs/store.md, "The sink's commits"). Purchases and jobs
+                    # keep the server's synchronous commit.
+                    conn.execute("SET LOCAL synchronous_commit = off")
                 if fence is not None:
                     fence(conn)
                 for name, frame in frames.items():
-                    if frame.height:
+                    if not frame.height:
+                        continue
+                    if not postgres:
+                        _write(conn, name, frame)
+                    elif name == "metrics":
+                        _write_metrics_pg(conn, frame)
+                    elif name not in ("latest", "history"):
                         _write(conn, name, frame)
                 apply_transitions(conn, frames["transitions"])
                 opens = [e.deal_opens for e in self._pending if e.deal_opens.num_rows]
@@ -284,6 +318,30 @@ def _write(conn: Connection, name: str, frame: pl.DataFrame) -> None:
         return
     with frame_table(conn, f"_sink_{name}", frame):
         conn.execute(_STATEMENTS[name])
+
+
+def _write_metrics_pg(conn: Connection, metrics: pl.DataFrame) -> None:
+    """Upsert ``metrics_latest`` and insert ``metric_history`` from one ``COPY``.
+
+    Args:
+        conn: A PostgreSQL connection, in the flush's transaction.
+        metrics: Every metrics row of the flush, in commit order.
+    """
+    # A materialised row number: inside a window, pl.len() counts the group.
+    index = pl.col("_row")
+    flagged = (
+        metrics.select(list(METRIC_COLUMNS))
+        .with_row_index("_row")
+        .with_columns(
+            # The rows of `_merge`'s unique(keep="last") and unique(keep="first").
+            (index == index.max().over("account_id")).alias("_latest"),
+            (index == index.min().over("account_id", "ts")).alias("_first"),
+        )
+        .drop("_row")
+    )
+    with frame_table(conn, "_sink_metrics", flagged):
+        conn.execute(_PG_UPSERT_LATEST)
+        conn.execute(_PG_INSERT_HISTORY)
 
 
 def _stage_ticks(conn: Connection, batches: Sequence[pl.DataFrame]) -> None:
@@ -350,6 +408,8 @@ def _merge(evaluations: Sequence[Evaluation]) -> dict[str, pl.DataFrame]:
         "latest": latest,
         "history": history,
         "transitions": transitions,
+        # Every row: PostgreSQL loads these once for "latest" and "history".
+        "metrics": metrics,
     }
 
 

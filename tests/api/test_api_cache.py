@@ -151,3 +151,42 @@ def test_encoded_body_is_reused_until_a_metric_changes(seeded: Seeded) -> None:
             assert client.get("/healthz").status_code == 200
     finally:
         conn.close()
+
+
+def test_api_without_an_evaluator_reads_metrics_from_postgres(pg_url: str) -> None:
+    # The `api` role on PostgreSQL: the evaluators commit elsewhere; the API's
+    # sync re-reads metrics_latest, so a later commit is served without a restart.
+    fresh = seed_database(pg_url)
+    conn = connect(pg_url)
+    app = create_app(
+        settings=ApiSettings(db=pg_url, cache_sync_interval_s=0),
+        conn=conn,
+        evaluator_ready=lambda: True,
+    )
+    headers = fresh.headers(fresh.alice)
+    writer = cursor(conn)
+    try:
+        with TestClient(app) as client:
+            before = client.get("/prop/challenges/1", headers=headers).json()
+            assert before["phases"][0]["latest_metric"]["equity"] == "102500.50"
+            ts = HOURS[-1] + timedelta(hours=1)
+            ticks = pl.DataFrame(
+                [
+                    {
+                        "account_id": fresh.accounts[1],
+                        "ts": ts,
+                        "equity": 103_000.0,
+                        "balance": 1e5,
+                    }
+                ],
+                schema=TICK_SCHEMA,
+            )
+            judge(writer, fresh.engine, ticks)  # committed, not published
+            stale = client.get("/prop/challenges/1", headers=headers).json()
+            assert stale["phases"][0]["latest_metric"]["equity"] == "102500.50"
+            app.state.runtime.cache.sync()
+            moved = client.get("/prop/challenges/1", headers=headers).json()
+            assert moved["phases"][0]["latest_metric"]["equity"] == "103000.00"
+    finally:
+        writer.close()
+        conn.close()

@@ -44,6 +44,13 @@ class ChallengeRules:
 def rule_defaults() -> dict[str, object]:
     """The defaults of every rule but ``initial_balance``."""
 
+def _dense_baseline(ticks: Any) -> tuple[int, int]:
+    """The engine benchmark's yardstick: (ticks judged, breaches seen).
+
+    A dense per-account loop over an Arrow stream of ticks in the order given
+    (day start, day low, trailing high-water mark, two floors); not the rules.
+    """
+
 @final
 class BatchResult:
     """What one ``Evaluator.process`` call produced, as pyarrow tables."""
@@ -89,6 +96,15 @@ class Evaluator:
         """Forget a phase; False if the account had none."""
     def process(self, ticks: Any) -> BatchResult:
         """Judge an Arrow stream of ticks; releases the GIL while it works."""
+    def process_unordered(
+        self, ticks: Any, *, seq_column: str | None = None
+    ) -> BatchResult:
+        """Judge a table in any order as if stably sorted by (account_id, ts) first.
+
+        With ``seq_column`` (uint64) the order is (account_id, ts, seq_column).
+        ``counts`` also has ``runs`` (phases with ticks) and ``sorted_runs``
+        (those whose ticks were out of order). Releases the GIL while it works.
+        """
     def phases(self) -> pa.Table:
         """The state of every registered phase."""
     def snapshot(self) -> bytes:

@@ -21,7 +21,6 @@ from prop_stream.backtest.files import (
     scan_ticks,
 )
 from prop_stream.backtest.run import (
-    DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     BacktestTables,
     judge,
@@ -59,9 +58,9 @@ def backtest(
         deals: Deal events. Deal rules are not implemented yet (issue 11): any
             value other than None raises :class:`NotImplementedError`. The
             argument is here so that calls written today keep working then.
-        max_rows_in_memory: For path inputs above this many rows, sort through
+        max_rows_in_memory: For path inputs above this many rows, judge through
             temporary partitions (as ``--max-rows-in-memory``). In-memory tables
-            are sorted in memory.
+            are judged in memory.
         tmp_dir: Where those partitions go (default: the system temp directory).
 
     Returns:
@@ -116,7 +115,6 @@ def backtest(
         lazies,
         total,
         max_rows_in_memory=max_rows_in_memory,
-        chunk_rows=DEFAULT_CHUNK_ROWS,
         tmp_dir=tmp_dir,
         progress=False,
     )

@@ -4,21 +4,29 @@ The run has two halves, and the first never evaluates a tick:
 
 1. **Check.** Read and validate the rules file, resolve the tick files, check
    each file's columns and types, check that ``--out`` can be written, count the
-   rows, read (and sort) the ticks and refuse any null, unparseable or non-finite
-   value. Any problem raises :class:`~prop_stream.exceptions.InputFileError` and
+   rows, read the ticks and refuse any null, unparseable or non-finite value.
+   Any problem raises :class:`~prop_stream.exceptions.InputFileError` and
    nothing is written.
-2. **Evaluate.** Feed the sorted ticks to one :class:`~prop_stream.rules.RuleEngine`
-   in chunks, keep the last row per key of the engine's upserts, and write
-   ``breaches``, ``accounts`` and ``daily`` as Parquet and CSV.
+2. **Evaluate.** Judge the ticks with one :class:`~prop_stream.rules.RuleEngine`,
+   keep the last row per key of the engine's upserts, and write ``breaches``,
+   ``accounts`` and ``daily`` as Parquet and CSV.
+
+Order: the result is that of the ticks stably sorted by (``account_id``, ``ts``)
+over the files concatenated in path order (ties keep file order, then row
+order), judged in that order. Nothing sorts the table: the Rust core
+(:meth:`~prop_stream.rules.RuleEngine.process_unordered`) partitions the rows by
+account with a stable counting sort, checks each account's ticks for order and
+sorts only the accounts whose ticks are out of order.
 
 Memory: the engine's state is bounded by the number of accounts; the ticks are
-not, and they must be sorted by (``account_id``, ``ts``) before the engine sees
-them. Up to ``max_rows_in_memory`` rows are sorted in memory (about 32 bytes a
-row, plus the sort's working copy). Above that the ticks are hash-partitioned by
-``account_id`` into temporary Parquet files by polars' streaming engine, and each
-partition is then sorted and evaluated on its own: an account's ticks all land in
-one partition, and accounts are independent, so the result is the same. The bound
-is then the largest partition, so one account's ticks must fit in memory.
+not. Up to ``max_rows_in_memory`` rows are read whole (about 32 bytes a row,
+plus about 28 bytes a row while the core groups them). Above that the ticks are
+hash-partitioned by ``account_id`` into temporary Parquet files by polars'
+streaming engine, each with its input position (file, row), and each partition
+is then read and judged on its own, in the same way and ordered by (``ts``,
+position) within an account: an account's ticks all land in one partition, and
+accounts are independent, so the result is the same. The bound is then the
+largest partition, so one account's ticks must fit in memory.
 """
 
 from __future__ import annotations
@@ -58,7 +66,9 @@ from prop_stream.rules import (
 
 #: Inputs with more rows than this are sorted through temporary partitions.
 DEFAULT_MAX_ROWS_IN_MEMORY: Final = 20_000_000
-#: Rows handed to the engine per ``process`` call.
+#: Formerly the rows handed to the engine per call; kept for callers that pass
+#: ``chunk_rows``, which no longer changes anything: the engine takes each table
+#: or partition whole (it must see all of an account's ticks to order them).
 DEFAULT_CHUNK_ROWS: Final = 1_000_000
 _MAX_PARTITIONS: Final = 4096
 
@@ -189,9 +199,10 @@ def run_backtest(
         out_dir: Receives ``breaches``, ``accounts`` and ``daily`` as ``.parquet``
             and ``.csv``; created if missing, existing files of those names are
             replaced.
-        max_rows_in_memory: Above this many tick rows, sort through temporary
+        max_rows_in_memory: Above this many tick rows, judge through temporary
             partitions on disk instead of in memory.
-        chunk_rows: Rows per engine call.
+        chunk_rows: Ignored (kept for compatibility; see
+            :data:`DEFAULT_CHUNK_ROWS`); must be positive.
         tmp_dir: Where the temporary partitions go (default: the system's temp
             directory, ``TMPDIR``).
         progress: Show a progress bar on stderr.
@@ -219,7 +230,6 @@ def run_backtest(
         lazies,
         total,
         max_rows_in_memory=max_rows_in_memory,
-        chunk_rows=chunk_rows,
         tmp_dir=tmp_dir,
         progress=progress,
     )
@@ -262,7 +272,6 @@ def judge(
     total: int,
     *,
     max_rows_in_memory: int,
-    chunk_rows: int,
     tmp_dir: str | Path | None,
     progress: bool,
 ) -> tuple[BacktestTables, _Upserts, int]:
@@ -275,9 +284,8 @@ def judge(
         lazies: The ticks as :func:`~prop_stream.backtest.files.scan_ticks`
             returns them, in input order (ties in ``ts`` keep it).
         total: Rows in ``lazies``.
-        max_rows_in_memory: Above this many rows, sort through temporary
+        max_rows_in_memory: Above this many rows, judge through temporary
             partitions.
-        chunk_rows: Rows per engine call.
         tmp_dir: Where the temporary partitions go.
         progress: Show a progress bar on stderr.
 
@@ -301,10 +309,10 @@ def judge(
     with bar:
         if total <= max_rows_in_memory:
             partitions = 0
-            bar.set_description("sorting")
-            frame = _read_sorted(files, lazies)
+            bar.set_description("reading")
+            frame = _read_all(files, lazies)
             bar.set_description("backtest")
-            _evaluate(engine, frame, chunk_rows, upserts, bar)
+            _evaluate(engine, frame, None, upserts, bar)
             del frame
         else:
             partitions = min(
@@ -318,7 +326,7 @@ def judge(
                 bar.set_description("backtest")
                 for part in range(partitions):
                     frame = _read_partition(parts, part)
-                    _evaluate(engine, frame, chunk_rows, upserts, bar)
+                    _evaluate(engine, frame, _SEQ, upserts, bar)
                     del frame
 
     tables = BacktestTables(
@@ -350,16 +358,12 @@ def _engine(specs: Sequence[PhaseSpec]) -> RuleEngine:
     return engine
 
 
-def _read_sorted(
+def _read_all(
     files: Sequence[TickFile], lazies: Sequence[pl.LazyFrame]
 ) -> pl.DataFrame:
-    # A stable sort over the files concatenated in path order: equal timestamps of
-    # one account keep file order, then row order. The in-memory engine sorts 10M
-    # ticks about twice as fast as the streaming one (polars 2.1, 2 cores), and
-    # this path holds everything in memory anyway.
-    query = pl.concat(lazies, how="vertical").sort(
-        ["account_id", "ts"], maintain_order=True
-    )
+    # The files concatenated in path order, rows in file order: that order is the
+    # tiebreak for equal timestamps, and the engine keeps it (no sort here).
+    query = pl.concat(lazies, how="vertical")
     try:
         frame = query.collect(engine="in-memory")
     except pl.exceptions.PolarsError as exc:
@@ -369,6 +373,10 @@ def _read_sorted(
         raise_first_bad_file(files)
         raise InputFileError("ticks contain nulls or non-finite values")
     return frame
+
+
+#: The input position (file index, row) of a partitioned row, as one UInt64.
+_SEQ: Final = "_seq"
 
 
 def _partition(
@@ -416,13 +424,15 @@ def _partition(
 
 
 def _read_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
+    seq = pl.col("_file").cast(pl.UInt64) * (1 << 32) + pl.col("_row").cast(pl.UInt64)
     if not parts:
-        return pl.DataFrame(schema=dict.fromkeys(TICK_COLUMNS))
+        return pl.DataFrame(schema={**dict.fromkeys(TICK_COLUMNS), _SEQ: pl.UInt64})
+    # The partition's rows in whatever order they were written: the engine orders
+    # each account's ticks by (ts, input position) itself.
     return (
         pl.scan_parquet(list(parts), hive_partitioning=False)
         .filter(pl.col("_part") == part)
-        .sort(["account_id", "ts", "_file", "_row"])
-        .select(TICK_COLUMNS)
+        .select(*TICK_COLUMNS, seq.alias(_SEQ))
         .collect(engine="in-memory")
     )
 
@@ -430,14 +440,14 @@ def _read_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
 def _evaluate(
     engine: RuleEngine,
     frame: pl.DataFrame,
-    chunk_rows: int,
+    seq_column: str | None,
     upserts: _Upserts,
     bar: tqdm,
 ) -> None:
-    for offset in range(0, frame.height, chunk_rows):
-        chunk = frame.slice(offset, chunk_rows)
-        upserts.add(engine.process(chunk))
-        bar.update(chunk.height)
+    if frame.height:
+        evaluation, _ = engine.process_unordered(frame, seq_column=seq_column)
+        upserts.add(evaluation)
+    bar.update(frame.height)
 
 
 class _Upserts:

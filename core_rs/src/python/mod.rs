@@ -8,6 +8,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 use pyo3_arrow::PyTable;
 
 mod kafka;
+mod order;
 
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
@@ -262,6 +263,18 @@ impl Evaluator {
         })
     }
 
+    /// Judge a table of ticks in any order as if stably sorted by (account_id, ts)
+    /// first, or by (account_id, ts, `seq_column`) when given (`rules::order`).
+    #[pyo3(signature = (ticks, *, seq_column = None))]
+    fn process_unordered(
+        &mut self,
+        py: Python<'_>,
+        ticks: PyTable,
+        seq_column: Option<String>,
+    ) -> PyResult<BatchResult> {
+        order::process_unordered(&mut self.engine, py, ticks, seq_column.as_deref())
+    }
+
     /// The state of every registered phase, as a pyarrow table.
     fn phases(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         to_pyarrow(py, output::phases_batch(&self.engine))
@@ -295,6 +308,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Evaluator>()?;
     m.add_class::<BatchResult>()?;
     m.add_function(wrap_pyfunction!(rule_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(order::_dense_baseline, m)?)?;
     m.add_class::<kafka::RecordScan>()?;
     m.add_function(wrap_pyfunction!(kafka::scan_record_batches, m)?)?;
     Ok(())

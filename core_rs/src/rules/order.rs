@@ -1,0 +1,454 @@
+//! Whole tables judged as if stably sorted by (`account_id`, `ts`): the backtest's
+//! path, with no sort of the table.
+//!
+//! The backtest's contract is a stable sort of the ticks by (`account_id`, `ts`)
+//! over its input files concatenated in path order, then the engine. Accounts are
+//! independent, so only each account's own order matters: the rows are partitioned
+//! by phase with a stable counting sort (the phase slots are dense whatever the
+//! account ids; the id → slot lookup is the engine's table for compact ids and a
+//! hash otherwise), each phase's run is checked for order, and only a run that is
+//! out of order is sorted (stably by `ts`, or by (`ts`, `seq`) when the rows come
+//! with an explicit input position). Then each run is judged whole, with the next
+//! phases' state prefetched.
+
+use crate::error::{RuleError, RuleResult};
+use crate::rules::engine::{Engine, TickColumns};
+use crate::rules::output::BatchOutput;
+
+/// Slot of a row that no phase takes (unknown account or invalid values).
+const NONE: u32 = u32::MAX;
+
+/// How many runs ahead a phase's state is prefetched while one run is judged.
+const PREFETCH_RUNS_AHEAD: usize = 2;
+
+/// A tick of one run: `ts`, equity, balance.
+type Tick = (i64, f64, f64);
+
+/// What [`Engine::run_unordered`] found about the order of its input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrderStats {
+    /// Phases with at least one tick.
+    pub runs: u64,
+    /// Of those, runs that were out of order and had to be sorted.
+    pub sorted_runs: u64,
+}
+
+impl Engine {
+    /// Judge ticks given in any order, with exactly the outputs of one
+    /// [`Engine::run`] over the same ticks stably sorted by (`account_id`, `ts`),
+    /// or by (`account_id`, `ts`, `seq`) when `seq` is given.
+    ///
+    /// `seq`, one column per chunk, is each row's position in the original input
+    /// (for rows that were shuffled on their way here, e.g. through hash
+    /// partitions); without it the rows' position in `chunks` is their order.
+    ///
+    /// Memory: 4 bytes a row for the slots, then 24 bytes a row (32 with `seq`) for
+    /// the grouped ticks.
+    ///
+    /// # Errors
+    /// [`RuleError::BadBatch`] if columns differ in length or there are 2^32 rows
+    /// or more.
+    pub fn run_unordered(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        seq: Option<&[&[u64]]>,
+    ) -> RuleResult<(BatchOutput, OrderStats)> {
+        let n = check_lengths(chunks, seq)?;
+        let epoch = self.begin_unordered();
+        let mut out = BatchOutput::default();
+        let (slot_of, mut counts) = self.slots_of(chunks, &mut out);
+        // Exclusive prefix sums in slot order: each run's start in the grouped rows.
+        let mut runs: Vec<u32> = Vec::new();
+        let mut total = 0u32;
+        for (slot, k) in counts.iter_mut().enumerate() {
+            if *k > 0 {
+                runs.push(slot as u32);
+                let start = total;
+                total += *k;
+                *k = start;
+            }
+        }
+        debug_assert!(total as usize <= n);
+        let mut stats = OrderStats {
+            runs: runs.len() as u64,
+            sorted_runs: 0,
+        };
+        match seq {
+            None => {
+                let mut grouped: Vec<Tick> = vec![(0, 0.0, 0.0); total as usize];
+                let mut i = 0usize;
+                for c in chunks {
+                    for r in 0..c.ts.len() {
+                        let slot = slot_of[i];
+                        i += 1;
+                        if slot != NONE {
+                            let pos = &mut counts[slot as usize];
+                            grouped[*pos as usize] = (c.ts[r], c.equity[r], c.balance[r]);
+                            *pos += 1;
+                        }
+                    }
+                }
+                drop(slot_of);
+                stats.sorted_runs = self.judge_runs(&runs, &counts, &mut grouped, epoch, &mut out);
+            }
+            Some(seq) => {
+                let mut grouped: Vec<(Tick, u64)> = vec![((0, 0.0, 0.0), 0); total as usize];
+                let mut i = 0usize;
+                for (c, s) in chunks.iter().zip(seq) {
+                    for r in 0..c.ts.len() {
+                        let slot = slot_of[i];
+                        i += 1;
+                        if slot != NONE {
+                            let pos = &mut counts[slot as usize];
+                            grouped[*pos as usize] = ((c.ts[r], c.equity[r], c.balance[r]), s[r]);
+                            *pos += 1;
+                        }
+                    }
+                }
+                drop(slot_of);
+                stats.sorted_runs = self.judge_runs(&runs, &counts, &mut grouped, epoch, &mut out);
+            }
+        }
+        self.finish_unordered(&mut out);
+        Ok((out, stats))
+    }
+
+    /// Each row's phase slot (or [`NONE`]) and each slot's row count; unknown and
+    /// invalid rows are counted in `out`.
+    fn slots_of(&self, chunks: &[TickColumns<'_>], out: &mut BatchOutput) -> (Vec<u32>, Vec<u32>) {
+        let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
+        let mut slot_of = Vec::with_capacity(n);
+        let mut counts = vec![0u32; self.len()];
+        let mut last: Option<(i64, u32)> = None;
+        for c in chunks {
+            for r in 0..c.account_id.len() {
+                if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
+                    out.counts.invalid += 1;
+                    slot_of.push(NONE);
+                    continue;
+                }
+                let account = c.account_id[r];
+                let slot = match last {
+                    Some((a, s)) if a == account => s,
+                    _ => {
+                        let s = self.lookup_slot(account);
+                        last = Some((account, s));
+                        s
+                    }
+                };
+                if slot == NONE {
+                    out.counts.unknown += 1;
+                } else {
+                    counts[slot as usize] += 1;
+                }
+                slot_of.push(slot);
+            }
+        }
+        (slot_of, counts)
+    }
+
+    /// Judge every run of `grouped` (`ends[slot]` is where the run of `slot` ends),
+    /// sorting a run first when it is out of order. Returns the runs sorted.
+    fn judge_runs<T: RunTick>(
+        &mut self,
+        runs: &[u32],
+        ends: &[u32],
+        grouped: &mut [T],
+        epoch: u64,
+        out: &mut BatchOutput,
+    ) -> u64 {
+        let mut sorted = 0;
+        let mut start = 0usize;
+        for (g, &slot) in runs.iter().enumerate() {
+            if let Some(&ahead) = runs.get(g + PREFETCH_RUNS_AHEAD) {
+                self.prefetch_slot(ahead);
+            }
+            let end = ends[slot as usize] as usize;
+            let run = &mut grouped[start..end];
+            if !run.windows(2).all(|w| !T::before(&w[1], &w[0])) {
+                T::sort(run);
+                sorted += 1;
+            }
+            self.judge_run(slot, epoch, run.iter().map(RunTick::tick), out);
+            start = end;
+        }
+        sorted
+    }
+}
+
+/// A grouped row: its tick, and how runs of them are ordered.
+trait RunTick: Copy {
+    fn tick(&self) -> Tick;
+    /// Whether `a` must be judged before `b` (strictly).
+    fn before(a: &Self, b: &Self) -> bool;
+    /// Sort a run into judging order, ties in their current order.
+    fn sort(run: &mut [Self]);
+}
+
+impl RunTick for Tick {
+    #[inline]
+    fn tick(&self) -> Tick {
+        *self
+    }
+
+    #[inline]
+    fn before(a: &Self, b: &Self) -> bool {
+        a.0 < b.0
+    }
+
+    fn sort(run: &mut [Self]) {
+        // Stable: equal timestamps keep input order, as the backtest's sort does.
+        run.sort_by_key(|t| t.0);
+    }
+}
+
+impl RunTick for (Tick, u64) {
+    #[inline]
+    fn tick(&self) -> Tick {
+        self.0
+    }
+
+    #[inline]
+    fn before(a: &Self, b: &Self) -> bool {
+        (a.0 .0, a.1) < (b.0 .0, b.1)
+    }
+
+    fn sort(run: &mut [Self]) {
+        run.sort_unstable_by_key(|t| (t.0 .0, t.1));
+    }
+}
+
+fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResult<usize> {
+    if let Some(seq) = seq {
+        if seq.len() != chunks.len() {
+            return Err(RuleError::BadBatch(
+                "seq has another number of chunks than the ticks".to_owned(),
+            ));
+        }
+    }
+    let mut n = 0usize;
+    for (k, c) in chunks.iter().enumerate() {
+        let len = c.account_id.len();
+        if c.ts.len() != len || c.equity.len() != len || c.balance.len() != len {
+            return Err(RuleError::BadBatch("columns differ in length".to_owned()));
+        }
+        if seq.is_some_and(|s| s[k].len() != len) {
+            return Err(RuleError::BadBatch("seq differs in length from the ticks".to_owned()));
+        }
+        n += len;
+    }
+    if u32::try_from(n).is_err() {
+        return Err(RuleError::BadBatch(
+            "2^32 ticks or more in one table".to_owned(),
+        ));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::config::{RuleSet, RuleValue};
+    use crate::rules::engine::{PhaseSpec, Status};
+
+    fn rules() -> RuleSet {
+        RuleSet::from_pairs(vec![
+            ("initial_balance".to_owned(), RuleValue::Float(100_000.0)),
+            ("max_daily_loss".to_owned(), RuleValue::Float(0.05)),
+            ("max_total_loss".to_owned(), RuleValue::Float(0.1)),
+            ("profit_target".to_owned(), RuleValue::Float(0.05)),
+            ("warning_level".to_owned(), RuleValue::Float(0.5)),
+            ("total_loss_mode".to_owned(), RuleValue::Str("trailing".to_owned())),
+        ])
+        .expect("valid rules")
+    }
+
+    fn engine(accounts: &[i64]) -> Engine {
+        let mut e = Engine::new();
+        for &a in accounts {
+            e.register(PhaseSpec {
+                account_id: a,
+                challenge_id: format!("c-{a}"),
+                phase_index: 0,
+                started_at_us: 0,
+                rules: rules(),
+            })
+            .expect("register");
+        }
+        e
+    }
+
+    /// A small xorshift: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    struct Rows {
+        account: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+        balance: Vec<f64>,
+    }
+
+    impl Rows {
+        fn cols(&self) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &self.account,
+                ts: &self.ts,
+                equity: &self.equity,
+                balance: &self.balance,
+            }
+        }
+
+        fn permuted(&self, idx: &[usize]) -> Self {
+            Self {
+                account: idx.iter().map(|&i| self.account[i]).collect(),
+                ts: idx.iter().map(|&i| self.ts[i]).collect(),
+                equity: idx.iter().map(|&i| self.equity[i]).collect(),
+                balance: idx.iter().map(|&i| self.balance[i]).collect(),
+            }
+        }
+    }
+
+    /// Random ticks over `accounts` (plus an unknown one), with many equal
+    /// timestamps so tie order matters, and big swings so phases pass and fail.
+    fn random_rows(seed: u64, n: usize, accounts: &[i64]) -> Rows {
+        let mut rng = Rng(seed);
+        let mut rows = Rows {
+            account: vec![],
+            ts: vec![],
+            equity: vec![],
+            balance: vec![],
+        };
+        for _ in 0..n {
+            let k = (rng.next() % (accounts.len() as u64 + 1)) as usize;
+            rows.account.push(accounts.get(k).copied().unwrap_or(999_999));
+            rows.ts.push((rng.next() % 40) as i64 * 3_600_000_000);
+            rows.equity.push(93_000.0 + (rng.next() % 14_000) as f64);
+            rows.balance.push(100_000.0);
+        }
+        rows
+    }
+
+    /// Indices of a stable sort by (account, ts).
+    fn sorted_order(rows: &Rows) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..rows.ts.len()).collect();
+        idx.sort_by_key(|&i| (rows.account[i], rows.ts[i]));
+        idx
+    }
+
+    fn outcome(e: &Engine, out: &BatchOutput) -> (Vec<String>, Vec<String>, String) {
+        let mut breaches: Vec<String> = out
+            .breaches
+            .iter()
+            .map(|b| format!("{} {:?}", e.phases()[b.slot as usize].spec.account_id, b))
+            .collect();
+        breaches.sort();
+        let mut daily: Vec<String> = out
+            .daily
+            .iter()
+            .map(|d| format!("{} {:?}", e.phases()[d.slot as usize].spec.account_id, d))
+            .collect();
+        daily.sort();
+        let mut states: Vec<String> = e
+            .phases()
+            .iter()
+            .map(|p| format!("{} {:?}", p.spec.account_id, p.state))
+            .collect();
+        states.sort();
+        (breaches, daily, format!("{states:?} {:?}", out.counts))
+    }
+
+    #[test]
+    fn unordered_equals_sorted_then_run() {
+        for (seed, accounts) in [
+            (1u64, vec![1, 2, 3, 5, 8]),
+            // Spread-out ids: the hash lookup, not the dense table.
+            (2, vec![7, 1 << 40, -3, 1 << 50]),
+            (3, (100..400).collect()),
+        ] {
+            let rows = random_rows(seed, 3_000, &accounts);
+            let sorted = rows.permuted(&sorted_order(&rows));
+            let mut reference = engine(&accounts);
+            let expected = reference.run(&[sorted.cols()]).expect("run");
+
+            let mut e = engine(&accounts);
+            let (out, stats) = e.run_unordered(&[rows.cols()], None).expect("unordered");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected), "seed {seed}");
+            assert!(stats.sorted_runs > 0);
+            assert!(e.phases().iter().any(|p| p.state.status != Status::Active));
+
+            // Split into chunks, and with explicit input positions after a shuffle.
+            let (a, b) = (rows.cols(), rows.cols());
+            let cut = 1_234;
+            let parts = [
+                TickColumns {
+                    account_id: &a.account_id[..cut],
+                    ts: &a.ts[..cut],
+                    equity: &a.equity[..cut],
+                    balance: &a.balance[..cut],
+                },
+                TickColumns {
+                    account_id: &b.account_id[cut..],
+                    ts: &b.ts[cut..],
+                    equity: &b.equity[cut..],
+                    balance: &b.balance[cut..],
+                },
+            ];
+            let mut e = engine(&accounts);
+            let (out, _) = e.run_unordered(&parts, None).expect("chunks");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+
+            let mut rng = Rng(seed + 100);
+            let mut shuffle: Vec<usize> = (0..rows.ts.len()).collect();
+            for i in (1..shuffle.len()).rev() {
+                shuffle.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            let shuffled = rows.permuted(&shuffle);
+            let seq: Vec<u64> = shuffle.iter().map(|&i| i as u64).collect();
+            let mut e = engine(&accounts);
+            let (out, _) = e
+                .run_unordered(&[shuffled.cols()], Some(&[&seq]))
+                .expect("seq");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+        }
+    }
+
+    #[test]
+    fn ordered_runs_are_not_sorted() {
+        let accounts = [1, 2, 3];
+        let rows = random_rows(9, 500, &accounts);
+        let sorted = rows.permuted(&sorted_order(&rows));
+        let mut e = engine(&accounts);
+        let (_, stats) = e.run_unordered(&[sorted.cols()], None).expect("run");
+        assert_eq!(stats, OrderStats { runs: 3, sorted_runs: 0 });
+    }
+
+    #[test]
+    fn bad_lengths_are_refused() {
+        let mut e = engine(&[1]);
+        let cols = TickColumns {
+            account_id: &[1, 1],
+            ts: &[0],
+            equity: &[1.0, 1.0],
+            balance: &[1.0, 1.0],
+        };
+        assert!(matches!(e.run_unordered(&[cols], None), Err(RuleError::BadBatch(_))));
+        let cols = TickColumns {
+            account_id: &[1],
+            ts: &[0],
+            equity: &[1.0],
+            balance: &[1.0],
+        };
+        assert!(matches!(
+            e.run_unordered(&[cols], Some(&[&[1, 2]])),
+            Err(RuleError::BadBatch(_))
+        ));
+    }
+}

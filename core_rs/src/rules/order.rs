@@ -33,6 +33,10 @@ pub struct OrderStats {
     pub sorted_runs: u64,
 }
 
+/// Rows per block when judging accounts whose ticks are in order: the block's
+/// grouped ticks (24 bytes a row) stay in the L3 cache.
+const BLOCK_ROWS: usize = 1 << 20;
+
 /// Consecutive phase slots per bucket: the state of this many phases (464 bytes
 /// each) stays within the L2 cache while their ticks are grouped and judged.
 const BUCKET_SLOTS: usize = 1024;
@@ -46,14 +50,17 @@ impl Engine {
     /// (for rows that were shuffled on their way here, e.g. through hash
     /// partitions); without it the rows' position in `chunks` is their order.
     ///
-    /// Two stable counting-sort passes, each friendly to the caches: the rows are
-    /// first scattered into buckets of [`BUCKET_SLOTS`] consecutive phases (few
-    /// write streams), then each bucket's rows into one run per phase (a buffer
-    /// and phase states that fit in cache), and each run is checked for order,
-    /// sorted only if it is out of order, and judged.
+    /// A first pass finds each row's phase and whether each phase's ticks are in
+    /// order. The phases in order are judged from the input in blocks of
+    /// [`BLOCK_ROWS`] rows, each grouped by phase with a stable counting sort.
+    /// The rows of the others go through two stable counting-sort passes, each
+    /// friendly to the caches — into buckets of [`BUCKET_SLOTS`] consecutive
+    /// phases (few write streams), then each bucket's rows into one run per
+    /// phase — and each run is sorted and judged.
     ///
-    /// Memory: 4 bytes a row for the slots, then 28 bytes a row (36 with `seq`)
-    /// for the bucketed ticks, plus the largest bucket once more.
+    /// Memory: 4 bytes a row for the slots and 24 MB for a block; then, for the
+    /// rows of the phases out of order only, 28 bytes a row (36 with `seq`) plus
+    /// their largest bucket once more.
     ///
     /// # Errors
     /// [`RuleError::BadBatch`] if columns differ in length or there are 2^32 rows
@@ -66,29 +73,53 @@ impl Engine {
         check_lengths(chunks, seq)?;
         let epoch = self.begin_unordered();
         let mut out = BatchOutput::default();
-        let (slot_of, counts) = self.slots_of(chunks, &mut out);
-        let stats = match seq {
-            None => self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
-                let c = &chunks[k];
-                (c.ts[r], c.equity[r], c.balance[r])
-            }),
-            Some(seq) => self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
-                let c = &chunks[k];
-                ((c.ts[r], c.equity[r], c.balance[r]), seq[k][r])
-            }),
+        let (slot_of, mut counts, disordered) = self.slots_of(chunks, seq, &mut out);
+        let runs = counts.iter().filter(|&&k| k > 0).count() as u64;
+        // Accounts whose ticks come in order are judged straight from the input,
+        // block by block; only the others are staged, sorted and judged after.
+        self.judge_in_order(chunks, &slot_of, &disordered, epoch, &mut out);
+        for (k, &bad) in counts.iter_mut().zip(&disordered) {
+            if !bad {
+                *k = 0;
+            }
+        }
+        let mut stats = if disordered.iter().any(|&bad| bad) {
+            match seq {
+                None => self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
+                    let c = &chunks[k];
+                    (c.ts[r], c.equity[r], c.balance[r])
+                }),
+                Some(seq) => {
+                    self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
+                        let c = &chunks[k];
+                        ((c.ts[r], c.equity[r], c.balance[r]), seq[k][r])
+                    })
+                }
+            }
+        } else {
+            OrderStats::default()
         };
+        stats.runs = runs;
         self.finish_unordered(&mut out);
         Ok((out, stats))
     }
 
-    /// Each row's phase slot (or [`NONE`]) and each slot's row count; unknown and
-    /// invalid rows are counted in `out`.
-    fn slots_of(&self, chunks: &[TickColumns<'_>], out: &mut BatchOutput) -> (Vec<u32>, Vec<u32>) {
+    /// Each row's phase slot (or [`NONE`]), each slot's row count, and whether
+    /// each slot's ticks are out of (`ts`, `seq`) order; unknown and invalid rows
+    /// are counted in `out`.
+    fn slots_of(
+        &self,
+        chunks: &[TickColumns<'_>],
+        seq: Option<&[&[u64]]>,
+        out: &mut BatchOutput,
+    ) -> (Vec<u32>, Vec<u32>, Vec<bool>) {
         let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
         let mut slot_of = Vec::with_capacity(n);
         let mut counts = vec![0u32; self.len()];
+        let mut latest = vec![(i64::MIN, 0u64); self.len()];
+        let mut disordered = vec![false; self.len()];
         let mut last: Option<(i64, u32)> = None;
-        for c in chunks {
+        for (k, c) in chunks.iter().enumerate() {
             for r in 0..c.account_id.len() {
                 if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
                     out.counts.invalid += 1;
@@ -107,15 +138,86 @@ impl Engine {
                 if slot == NONE {
                     out.counts.unknown += 1;
                 } else {
-                    counts[slot as usize] += 1;
+                    let s = slot as usize;
+                    counts[s] += 1;
+                    let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
+                    if key < latest[s] {
+                        disordered[s] = true;
+                    } else {
+                        latest[s] = key;
+                    }
                 }
                 slot_of.push(slot);
             }
         }
-        (slot_of, counts)
+        (slot_of, counts, disordered)
     }
 
-    /// Scatter the rows into buckets of phases, then judge bucket by bucket.
+    /// Judge the ticks of the accounts whose ticks are in order, in blocks of
+    /// [`BLOCK_ROWS`] rows: each block is grouped by phase with a stable counting
+    /// sort into a buffer that stays in cache, and each group judged whole.
+    fn judge_in_order(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        slot_of: &[u32],
+        disordered: &[bool],
+        epoch: u64,
+        out: &mut BatchOutput,
+    ) {
+        let mut counts = vec![0u32; self.len()];
+        let mut groups: Vec<u32> = Vec::new();
+        let mut grouped: Vec<Tick> = Vec::new();
+        let mut offset = 0usize;
+        for c in chunks {
+            let len = c.ts.len();
+            let mut lo = 0usize;
+            while lo < len {
+                let hi = (lo + BLOCK_ROWS).min(len);
+                let slots = &slot_of[offset + lo..offset + hi];
+                groups.clear();
+                for &slot in slots {
+                    if slot != NONE && !disordered[slot as usize] {
+                        let k = &mut counts[slot as usize];
+                        if *k == 0 {
+                            groups.push(slot);
+                        }
+                        *k += 1;
+                    }
+                }
+                let mut total = 0u32;
+                for &g in &groups {
+                    let k = counts[g as usize];
+                    counts[g as usize] = total;
+                    total += k;
+                }
+                if grouped.len() < total as usize {
+                    grouped.resize(total as usize, (0, 0.0, 0.0));
+                }
+                for (r, &slot) in (lo..hi).zip(slots) {
+                    if slot != NONE && !disordered[slot as usize] {
+                        let p = &mut counts[slot as usize];
+                        grouped[*p as usize] = (c.ts[r], c.equity[r], c.balance[r]);
+                        *p += 1;
+                    }
+                }
+                let mut start = 0usize;
+                for (g, &slot) in groups.iter().enumerate() {
+                    if let Some(&ahead) = groups.get(g + PREFETCH_RUNS_AHEAD) {
+                        self.prefetch_slot(ahead);
+                    }
+                    let end = counts[slot as usize] as usize;
+                    counts[slot as usize] = 0;
+                    self.judge_run(slot, epoch, grouped[start..end].iter().copied(), out);
+                    start = end;
+                }
+                lo = hi;
+            }
+            offset += len;
+        }
+    }
+
+    /// Scatter the rows of the slots with a count into buckets of phases, then
+    /// judge bucket by bucket.
     fn judge_bucketed<T: RunTick>(
         &mut self,
         chunks: &[TickColumns<'_>],
@@ -143,7 +245,8 @@ impl Engine {
             for r in 0..c.ts.len() {
                 let slot = slot_of[i];
                 i += 1;
-                if slot != NONE {
+                // Slots with no count here were judged already (in order).
+                if slot != NONE && counts[slot as usize] > 0 {
                     let p = &mut pos[slot as usize / BUCKET_SLOTS];
                     staged[*p] = row(k, r);
                     staged_slot[*p] = slot;
@@ -429,6 +532,22 @@ mod tests {
             let mut e = engine(&accounts);
             let (out, _) = e.run_unordered(&parts, None).expect("chunks");
             assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+
+            // Mixed: every account in order but the first, whose ticks stay
+            // shuffled, interleaved with the others.
+            let mut mixed: Vec<usize> = sorted_order(&rows)
+                .into_iter()
+                .filter(|&i| rows.account[i] != accounts[0])
+                .collect();
+            let first: Vec<usize> =
+                (0..rows.ts.len()).filter(|&i| rows.account[i] == accounts[0]).collect();
+            for (j, &i) in first.iter().enumerate() {
+                mixed.insert((j * 7).min(mixed.len()), i);
+            }
+            let mut e = engine(&accounts);
+            let (out, stats) = e.run_unordered(&[rows.permuted(&mixed).cols()], None).expect("mixed");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+            assert_eq!(stats.sorted_runs, 1);
 
             let mut rng = Rng(seed + 100);
             let mut shuffle: Vec<usize> = (0..rows.ts.len()).collect();

@@ -263,8 +263,9 @@ impl Evaluator {
         })
     }
 
-    /// Judge a table of ticks in any order as if stably sorted by (account_id, ts)
-    /// first, or by (account_id, ts, `seq_column`) when given (`rules::order`).
+    /// Judge a table of ticks in any order as if stably sorted by (`account_id`,
+    /// `ts`) first, or by (`account_id`, `ts`, `seq_column`) when given
+    /// (`rules::order`).
     #[pyo3(signature = (ticks, *, seq_column = None))]
     fn process_unordered(
         &mut self,

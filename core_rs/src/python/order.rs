@@ -34,9 +34,9 @@ pub(super) fn process_unordered(
                 batches
                     .iter()
                     .map(|b| {
-                        let col = b.column_by_name(name).ok_or_else(|| {
-                            RuleError::BadBatch(format!("missing column {name}"))
-                        })?;
+                        let col = b
+                            .column_by_name(name)
+                            .ok_or_else(|| RuleError::BadBatch(format!("missing column {name}")))?;
                         if *col.data_type() != DataType::UInt64 || col.null_count() > 0 {
                             return Err(RuleError::BadBatch(format!(
                                 "column {name} must be uint64 without nulls, is {}",

@@ -27,7 +27,9 @@ pub fn dense_loop(account_id: &[i64], ts: &[i64], equity: &[f64]) -> (u64, u64) 
     let (Some(&lo), Some(&hi)) = (account_id.iter().min(), account_id.iter().max()) else {
         return (0, 0);
     };
-    let span = usize::try_from(hi.wrapping_sub(lo)).unwrap_or(usize::MAX).saturating_add(1);
+    let span = usize::try_from(hi.wrapping_sub(lo))
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
     let mut states = vec![
         State {
             day: i64::MIN,

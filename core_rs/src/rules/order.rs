@@ -229,17 +229,17 @@ impl Engine {
     ) -> OrderStats {
         let buckets = counts.len().div_ceil(BUCKET_SLOTS);
         // Exclusive prefix sums: where each bucket's rows start.
-        let mut starts = vec![0usize; buckets + 1];
+        let mut bounds = vec![0usize; buckets + 1];
         for (slot, &k) in counts.iter().enumerate() {
-            starts[slot / BUCKET_SLOTS + 1] += k as usize;
+            bounds[slot / BUCKET_SLOTS + 1] += k as usize;
         }
         for b in 0..buckets {
-            starts[b + 1] += starts[b];
+            bounds[b + 1] += bounds[b];
         }
-        let total = starts[buckets];
+        let total = bounds[buckets];
         let mut staged: Vec<T> = vec![T::default(); total];
         let mut staged_slot: Vec<u32> = vec![0; total];
-        let mut pos = starts.clone();
+        let mut pos = bounds.clone();
         let mut i = 0usize;
         for (k, c) in chunks.iter().enumerate() {
             for r in 0..c.ts.len() {
@@ -257,12 +257,12 @@ impl Engine {
         drop(slot_of);
 
         let mut stats = OrderStats::default();
-        let largest = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let mut grouped: Vec<T> = vec![T::default(); largest];
+        let biggest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let mut grouped: Vec<T> = vec![T::default(); biggest];
         let mut ends = [0u32; BUCKET_SLOTS];
         let mut runs: Vec<u32> = Vec::with_capacity(BUCKET_SLOTS);
         for b in 0..buckets {
-            let (lo, hi) = (starts[b], starts[b + 1]);
+            let (lo, hi) = (bounds[b], bounds[b + 1]);
             if lo == hi {
                 continue;
             }
@@ -361,7 +361,9 @@ fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResu
             return Err(RuleError::BadBatch("columns differ in length".to_owned()));
         }
         if seq.is_some_and(|s| s[k].len() != len) {
-            return Err(RuleError::BadBatch("seq differs in length from the ticks".to_owned()));
+            return Err(RuleError::BadBatch(
+                "seq differs in length from the ticks".to_owned(),
+            ));
         }
         n += len;
     }
@@ -386,7 +388,10 @@ mod tests {
             ("max_total_loss".to_owned(), RuleValue::Float(0.1)),
             ("profit_target".to_owned(), RuleValue::Float(0.05)),
             ("warning_level".to_owned(), RuleValue::Float(0.5)),
-            ("total_loss_mode".to_owned(), RuleValue::Str("trailing".to_owned())),
+            (
+                "total_loss_mode".to_owned(),
+                RuleValue::Str("trailing".to_owned()),
+            ),
         ])
         .expect("valid rules")
     }
@@ -456,7 +461,8 @@ mod tests {
         };
         for _ in 0..n {
             let k = (rng.next() % (accounts.len() as u64 + 1)) as usize;
-            rows.account.push(accounts.get(k).copied().unwrap_or(999_999));
+            rows.account
+                .push(accounts.get(k).copied().unwrap_or(999_999));
             rows.ts.push((rng.next() % 40) as i64 * 3_600_000_000);
             rows.equity.push(93_000.0 + (rng.next() % 14_000) as f64);
             rows.balance.push(100_000.0);
@@ -508,7 +514,11 @@ mod tests {
 
             let mut e = engine(&accounts);
             let (out, stats) = e.run_unordered(&[rows.cols()], None).expect("unordered");
-            assert_eq!(outcome(&e, &out), outcome(&reference, &expected), "seed {seed}");
+            assert_eq!(
+                outcome(&e, &out),
+                outcome(&reference, &expected),
+                "seed {seed}"
+            );
             assert!(stats.sorted_runs > 0);
             assert!(e.phases().iter().any(|p| p.state.status != Status::Active));
 
@@ -539,13 +549,16 @@ mod tests {
                 .into_iter()
                 .filter(|&i| rows.account[i] != accounts[0])
                 .collect();
-            let first: Vec<usize> =
-                (0..rows.ts.len()).filter(|&i| rows.account[i] == accounts[0]).collect();
+            let first: Vec<usize> = (0..rows.ts.len())
+                .filter(|&i| rows.account[i] == accounts[0])
+                .collect();
             for (j, &i) in first.iter().enumerate() {
                 mixed.insert((j * 7).min(mixed.len()), i);
             }
             let mut e = engine(&accounts);
-            let (out, stats) = e.run_unordered(&[rows.permuted(&mixed).cols()], None).expect("mixed");
+            let (out, stats) = e
+                .run_unordered(&[rows.permuted(&mixed).cols()], None)
+                .expect("mixed");
             assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
             assert_eq!(stats.sorted_runs, 1);
 
@@ -571,7 +584,13 @@ mod tests {
         let sorted = rows.permuted(&sorted_order(&rows));
         let mut e = engine(&accounts);
         let (_, stats) = e.run_unordered(&[sorted.cols()], None).expect("run");
-        assert_eq!(stats, OrderStats { runs: 3, sorted_runs: 0 });
+        assert_eq!(
+            stats,
+            OrderStats {
+                runs: 3,
+                sorted_runs: 0
+            }
+        );
     }
 
     #[test]
@@ -583,7 +602,10 @@ mod tests {
             equity: &[1.0, 1.0],
             balance: &[1.0, 1.0],
         };
-        assert!(matches!(e.run_unordered(&[cols], None), Err(RuleError::BadBatch(_))));
+        assert!(matches!(
+            e.run_unordered(&[cols], None),
+            Err(RuleError::BadBatch(_))
+        ));
         let cols = TickColumns {
             account_id: &[1],
             ts: &[0],

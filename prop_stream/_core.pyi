@@ -15,6 +15,7 @@ __all__ = [
     "SnapshotError",
     "TickBatchError",
     "__version__",
+    "_dense_baseline",
     "rule_defaults",
     "scan_record_batches",
 ]

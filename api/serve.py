@@ -32,7 +32,8 @@ from api.core.config import ApiSettings
 from api.limits import uvicorn_options
 from api.main import create_app
 from prop_stream.admin import AdminEndpoint, new_token, publish, withdraw
-from prop_stream.config import StreamSettings, is_url
+from prop_stream.config import StreamSettings
+from prop_stream.dburl import is_url, redact
 from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
@@ -41,7 +42,6 @@ from prop_stream.store.archive import TickArchiver, staged_rows
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
 from prop_stream.store.mirror import RiskMirror
-from prop_stream.store.pg import redact
 from prop_stream.store.purchases import outbox_summary
 from prop_stream.supervisor import EXIT_FATAL, Supervisor
 from prop_stream.telemetry import Probes, ServiceMetrics

@@ -1,14 +1,24 @@
-"""Engine throughput: ticks/s in-process at 1k, 100k and 1M accounts.
+"""Engine throughput: ticks/s in-process at 1k, 100k and 1M accounts, beside a
+dense per-account baseline loop on the same ticks.
 
-Two orders of the same ticks: ``by_account`` (sorted by account then time, as the
-backtest feeds the engine) and ``by_time`` (all accounts interleaved in time order, as
-a stream delivers them). Each round judges the whole stream on a fresh engine in
-batches of 1M ticks. ``PROP_STREAM_BENCH_SMOKE=1`` shrinks everything for CI.
+Two orders of the same ticks: ``by_account`` (sorted by account then time) and
+``by_time`` (all accounts interleaved in time order, as a stream delivers them).
+Two ways in: ``batches`` judges the whole stream on a fresh engine in batches of
+1M ticks (``process_arrow``, the service's path: one metric row per phase per
+batch), ``whole`` judges it in one ``process_unordered`` call (the backtest's
+path: the core groups the rows by account itself).
+
+Each round runs the engine and then ``prop_stream.rules.dense_baseline`` (the
+least a rules engine does per tick, on a dense array of 40-byte states, in
+arrival order) on
+the same ticks, so the ratio is taken side by side. ``PROP_STREAM_BENCH_SMOKE=1``
+shrinks everything for CI.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +27,7 @@ import pyarrow as pa
 import pytest
 
 from prop_stream import PhaseSpec, RuleEngine
+from prop_stream.rules import dense_baseline
 
 SMOKE = os.environ.get("PROP_STREAM_BENCH_SMOKE") == "1"
 TICKS = 100_000 if SMOKE else 10_000_000
@@ -64,33 +75,60 @@ def fresh_engine(accounts: int) -> RuleEngine:
 ACCOUNTS = [1_000, 100_000, 1_000_000]
 
 
+@pytest.mark.parametrize("path", ["batches", "whole"])
 @pytest.mark.parametrize("order", ["by_account", "by_time"])
 @pytest.mark.parametrize("accounts", [a // 100 if SMOKE else a for a in ACCOUNTS])
 @pytest.mark.benchmark(group="engine-ticks")
-def test_engine_throughput(benchmark: Any, accounts: int, order: str) -> None:
+def test_engine_throughput(
+    benchmark: Any, accounts: int, order: str, path: str
+) -> None:
     table = make_ticks(accounts, TICKS, order)
     batches = [table.slice(i, BATCH) for i in range(0, TICKS, BATCH)]
+
+    def judge(engine: RuleEngine) -> list[Any]:
+        if path == "whole":
+            return [engine.process_unordered(table)[0].counts]
+        return [engine.process_arrow(b).counts for b in batches]
 
     # Correctness first: every tick is accounted for, none unknown or invalid, and
     # the engine judged each phase's ticks (its tick counter matches).
     check = fresh_engine(accounts)
-    counts = [check.process_arrow(b).counts for b in batches]
+    counts = judge(check)
     assert sum(c.evaluated + c.late + c.inactive for c in counts) == TICKS
     assert sum(c.unknown + c.invalid for c in counts) == 0
     assert check.phases()["ticks"].sum() == sum(c.evaluated for c in counts)
+    judged, _ = dense_baseline(table)
+    assert judged == TICKS
+
+    baseline: list[float] = []
 
     def setup() -> tuple[tuple[RuleEngine], dict[str, Any]]:
         return (fresh_engine(accounts),), {}
 
     def run(engine: RuleEngine) -> None:
-        for b in batches:
-            engine.process_arrow(b)
+        judge(engine)
+        # The baseline right after, on the same ticks: a side-by-side ratio.
+        started = time.perf_counter()
+        dense_baseline(table)
+        baseline.append(time.perf_counter() - started)
 
-    benchmark.pedantic(run, setup=setup, rounds=1 if SMOKE else 3)
+    rounds = 1 if SMOKE else 3
+    benchmark.pedantic(run, setup=setup, rounds=rounds)
     if not SMOKE:
-        seconds = benchmark.stats.stats.min
-        benchmark.extra_info["ticks_per_s"] = TICKS / seconds
-        print(f"\n{accounts} accounts {order}: {TICKS / seconds / 1e6:.1f}M ticks/s")
+        # The benchmark's time includes the baseline's: take it out.
+        engine_s = min(
+            t - b for t, b in zip(benchmark.stats.stats.data, baseline, strict=True)
+        )
+        base_s = min(baseline)
+        benchmark.extra_info["ticks_per_s"] = TICKS / engine_s
+        benchmark.extra_info["baseline_ticks_per_s"] = TICKS / base_s
+        benchmark.extra_info["engine_over_baseline"] = engine_s / base_s
+        print(
+            f"\n{accounts} accounts {order} {path}: "
+            f"engine {TICKS / engine_s / 1e6:.1f}M ticks/s, "
+            f"baseline {TICKS / base_s / 1e6:.1f}M, "
+            f"ratio {engine_s / base_s:.2f}x"
+        )
 
 
 #: The deal rules on top of :data:`RULES` for the deals case.

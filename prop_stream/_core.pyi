@@ -15,6 +15,7 @@ __all__ = [
     "SnapshotError",
     "TickBatchError",
     "__version__",
+    "_dense_baseline",
     "rule_defaults",
     "scan_record_batches",
 ]
@@ -43,6 +44,13 @@ class ChallengeRules:
 
 def rule_defaults() -> dict[str, object]:
     """The defaults of every rule but ``initial_balance``."""
+
+def _dense_baseline(ticks: Any) -> tuple[int, int]:
+    """The engine benchmark's yardstick: (ticks judged, breaches seen).
+
+    A dense per-account loop over an Arrow stream of ticks in the order given
+    (day start, day low, trailing high-water mark, two floors); not the rules.
+    """
 
 @final
 class BatchResult:
@@ -99,6 +107,15 @@ class Evaluator:
         """Judge Arrow ticks and optional deals; releases the GIL while it works.
 
         Each deal is judged right before tick row ``before_tick`` of the call.
+        """
+    def process_unordered(
+        self, ticks: Any, *, seq_column: str | None = None
+    ) -> BatchResult:
+        """Judge a table in any order as if stably sorted by (account_id, ts) first.
+
+        With ``seq_column`` (uint64) the order is (account_id, ts, seq_column).
+        ``counts`` also has ``runs`` (phases with ticks) and ``sorted_runs``
+        (those whose ticks were out of order). Releases the GIL while it works.
         """
     def phases(self) -> pa.Table:
         """The state of every registered phase."""

@@ -25,23 +25,24 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Final, NoReturn
 
-from pydantic import ValidationError
-
+# Only what every command needs is imported here; each handler imports its own
+# modules (Kafka, settings, the store), so that `prop-stream backtest` does not
+# pay for pydantic-settings, kafka-python or DuckDB at start-up. The defaults
+# shown in --help are mirrored below for the same reason (a test checks them).
 from prop_stream.admin import DEFAULT_TIMEOUT_S
 from prop_stream.backtest import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     run_backtest,
 )
-from prop_stream.config import StreamSettings, is_url, parse_db
+from prop_stream.dburl import is_url, parse_db, redact
 from prop_stream.exceptions import PropStreamError
-from prop_stream.kafka import KafkaUnavailableError, produce_file
-from prop_stream.kafka.produce import DEFAULT_PARTITIONS
 from prop_stream.logs import close_access_log, configure_logging
-from prop_stream.store.access import export_database, issue_session
-from prop_stream.store.init import init_database
-from prop_stream.store.pg import redact
-from prop_stream.store.sessions import DEFAULT_SESSION_TTL
+
+#: ``prop_stream.store.sessions.DEFAULT_SESSION_TTL`` in hours.
+DEFAULT_SESSION_TTL_HOURS: Final = 7 * 24
+#: ``prop_stream.kafka.produce.DEFAULT_PARTITIONS``.
+DEFAULT_PARTITIONS: Final = 6
 
 PROG: Final = "prop-stream"
 EXIT_OK: Final = 0
@@ -99,9 +100,6 @@ def _handle(handler: Handler, args: argparse.Namespace) -> int:
     except PropStreamError as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT
-    except ValidationError as exc:
-        _error(f"bad setting: {_validation_summary(exc)}")
-        return EXIT_BAD_INPUT
     except OSError as exc:
         _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         return EXIT_FAILURE
@@ -109,6 +107,9 @@ def _handle(handler: Handler, args: argparse.Namespace) -> int:
         _error("interrupted")
         return _EXIT_INTERRUPTED
     except Exception as exc:  # every error is one line; the log has the rest
+        if _is_validation_error(exc):
+            _error(f"bad setting: {_validation_summary(exc)}")
+            return EXIT_BAD_INPUT
         logging.getLogger(__name__).debug("unexpected error", exc_info=True)
         _error(f"unexpected {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
@@ -118,7 +119,17 @@ def _handle(handler: Handler, args: argparse.Namespace) -> int:
 _PRIVATE_COMMANDS: Final = frozenset({"init", "serve", "demo", "session"})
 
 
-def _validation_summary(exc: ValidationError) -> str:
+def _is_validation_error(exc: Exception) -> bool:
+    # A pydantic error can only come from a command that imported pydantic, so
+    # the check needs no import of its own.
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(exc, pydantic.ValidationError)
+
+
+def _validation_summary(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    assert isinstance(exc, ValidationError)  # noqa: S101 - _is_validation_error
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ())) or "value"
@@ -380,6 +391,8 @@ def _add_init(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
+    from prop_stream.store.init import init_database
+
     result = init_database(args.db, demo=args.demo)
     applied = (
         f"applied migration(s) {', '.join(map(str, result.applied))}"
@@ -415,7 +428,7 @@ def _add_session(
     parser.add_argument(
         "--ttl-hours",
         type=_ttl_hours,
-        default=int(DEFAULT_SESSION_TTL.total_seconds() // 3600),
+        default=DEFAULT_SESSION_TTL_HOURS,
         metavar="H",
         help="hours until the session expires (default: %(default)s)",
     )
@@ -424,6 +437,8 @@ def _add_session(
 
 
 def _run_session(args: argparse.Namespace) -> int:
+    from prop_stream.store.access import issue_session
+
     token = issue_session(
         args.db,
         args.email,
@@ -453,6 +468,8 @@ def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from prop_stream.store.access import export_database
+
     result = export_database(args.db, args.out, timeout_s=args.timeout)
     rows = ", ".join(f"{_count(n, 'row')} of {t}" for t, n in result.rows.items())
     via = " (through the running service)" if result.via_service else ""
@@ -660,6 +677,8 @@ def _serve(args: argparse.Namespace, *, source: str) -> int:
         return EXIT_BAD_INPUT
     if args.demo_rate is not None:
         overrides["demo_rate"] = args.demo_rate
+    from prop_stream.config import StreamSettings
+
     settings = StreamSettings(**overrides)  # type: ignore[arg-type]  # validated
     run = server[0].load()
     if role == "all":
@@ -674,6 +693,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from prop_stream.store.access import issue_session
+    from prop_stream.store.init import init_database
+
     args.db.parent.mkdir(parents=True, exist_ok=True)
     init_database(args.db, demo=True)
     token = issue_session(args.db, DEMO_EMAIL)
@@ -739,6 +761,8 @@ def _add_produce(
 
 
 def _run_produce(args: argparse.Namespace) -> int:
+    from prop_stream.kafka import KafkaUnavailableError, produce_file
+
     try:
         sent = produce_file(
             args.ticks,

@@ -8,41 +8,14 @@ no module-level instance. Every field can be set with a ``PROP_STREAM_`` variabl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prop_stream.dburl import parse_db
+
 SourceName = Literal["none", "demo", "kafka"]
-
-
-#: URL schemes that name a PostgreSQL database (else ``--db`` is a DuckDB file).
-URL_PREFIXES: Final = ("postgresql://", "postgres://")
-
-
-def is_url(db: object) -> bool:
-    """Whether ``--db`` names a PostgreSQL database (else a DuckDB file)."""
-    return isinstance(db, str) and db.startswith(URL_PREFIXES)
-
-
-def parse_db(value: object) -> Path | str:
-    """``--db`` as given: a ``postgresql://`` URL stays a string, else a path.
-
-    Args:
-        value: A path or a URL (``str`` or :class:`~pathlib.Path`).
-
-    Returns:
-        The URL, or the DuckDB file's path.
-
-    Raises:
-        TypeError: Neither a string nor a path.
-    """
-    if is_url(value):
-        assert isinstance(value, str)  # noqa: S101 - is_url checked it
-        return value
-    if isinstance(value, str | Path):
-        return Path(value)
-    raise TypeError(f"a DuckDB path or a postgresql:// URL, not {value!r}")
 
 
 #: A settings field holding ``--db`` (:func:`parse_db`).

@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -167,6 +168,20 @@ class Evaluation:
     deal_opens: pa.Table = field(default_factory=_empty_deal_opens)
 
 
+@dataclass(frozen=True, slots=True)
+class RunOrder:
+    """What :meth:`RuleEngine.process_unordered` found about its input's order.
+
+    Attributes:
+        runs: Accounts with a registered phase and at least one tick.
+        sorted_runs: Of those, accounts whose ticks were out of order and were
+            sorted; the others were judged as they came.
+    """
+
+    runs: int
+    sorted_runs: int
+
+
 def _to_micros(value: datetime) -> int:
     if value.tzinfo is None:
         msg = "started_at must be timezone-aware"
@@ -291,6 +306,33 @@ def _deal_table(deals: Any) -> Any:
     return deals.to_arrow()
 
 
+def _evaluation(out: _core.BatchResult) -> Evaluation:
+    c = out.counts
+    return Evaluation(
+        breaches=_frame(out.breaches),
+        metrics=_frame(out.metrics),
+        daily=_frame(out.daily),
+        transitions=_frame(out.transitions),
+        counts=TickCounts(
+            evaluated=c["evaluated"],
+            late=c["late"],
+            unknown=c["unknown"],
+            inactive=c["inactive"],
+            invalid=c["invalid"],
+        ),
+        deal_counts=DealCounts(
+            processed=c["deals"],
+            late=c["late_deals"],
+            duplicate=c["duplicate_deals"],
+            unmatched=c["unmatched_deals"],
+            unknown=c["unknown_deals"],
+            inactive=c["inactive_deals"],
+            invalid=c["invalid_deals"],
+        ),
+        deal_opens=out.deal_opens,
+    )
+
+
 def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)  # noqa: S101 - from_arrow of a Table
@@ -372,31 +414,38 @@ class RuleEngine:
 
     def process_arrow(self, table: Any, deals: Any = None) -> Evaluation:
         """Evaluate a batch already in the engine's exact Arrow schema."""
-        out = self._ev.process(table, deals)
+        return _evaluation(self._ev.process(table, deals))
+
+    def process_unordered(
+        self, table: Any, *, seq_column: str | None = None
+    ) -> tuple[Evaluation, RunOrder]:
+        """Judge a whole table in any row order, as if stably sorted first.
+
+        The outputs are those of one :meth:`process_arrow` call over the table
+        stably sorted by (``account_id``, ``ts``), or by (``account_id``, ``ts``,
+        ``seq_column``) when given; but nothing is sorted except the accounts
+        whose ticks are out of order (``rules::order`` in the Rust core: a
+        counting sort of the rows by phase, an order check per phase). The GIL
+        is released while the engine works. Memory: about 28 bytes a row (36
+        with ``seq_column``) besides the table.
+
+        Args:
+            table: The ticks in the engine's exact Arrow schema (a polars frame
+                or anything with ``__arrow_c_stream__``); other columns are
+                ignored.
+            seq_column: A ``UInt64`` column holding each row's position in the
+                original input, for rows that were reordered on the way (e.g.
+                through hash partitions).
+
+        Returns:
+            The evaluation, and how many accounts had ticks and had to be sorted.
+
+        Raises:
+            TickBatchError: A column is missing, has nulls or another type.
+        """
+        out = self._ev.process_unordered(table, seq_column=seq_column)
         c = out.counts
-        return Evaluation(
-            breaches=_frame(out.breaches),
-            metrics=_frame(out.metrics),
-            daily=_frame(out.daily),
-            transitions=_frame(out.transitions),
-            counts=TickCounts(
-                evaluated=c["evaluated"],
-                late=c["late"],
-                unknown=c["unknown"],
-                inactive=c["inactive"],
-                invalid=c["invalid"],
-            ),
-            deal_counts=DealCounts(
-                processed=c["deals"],
-                late=c["late_deals"],
-                duplicate=c["duplicate_deals"],
-                unmatched=c["unmatched_deals"],
-                unknown=c["unknown_deals"],
-                inactive=c["inactive_deals"],
-                invalid=c["invalid_deals"],
-            ),
-            deal_opens=out.deal_opens,
-        )
+        return _evaluation(out), RunOrder(runs=c["runs"], sorted_runs=c["sorted_runs"])
 
     def phases(self) -> pl.DataFrame:
         """The state of every registered phase, one row each."""
@@ -414,6 +463,18 @@ class RuleEngine:
             SnapshotError: The bytes are not a snapshot of this engine version.
         """
         return cls(_evaluator=_core.Evaluator.restore(data, grouping=grouping))
+
+
+def dense_baseline(ticks: Any) -> tuple[int, int]:
+    """A yardstick for the engine benchmark, not the rules: (ticks, breaches).
+
+    A dense per-account loop over an Arrow stream of ticks in the engine's schema,
+    in the order given: per tick, the account's 40-byte state in an array indexed
+    by id, the UTC day's start and low, a trailing high-water mark and two floors
+    (``rules::baseline`` in the Rust core). ``benchmarks/test_engine_bench.py``
+    runs it beside the engine on the same ticks.
+    """
+    return _core._dense_baseline(ticks)
 
 
 #: The records of one scan of a Kafka fetch buffer (see :func:`scan_record_batches`).
@@ -442,3 +503,23 @@ def scan_record_batches(
     return _core.scan_record_batches(
         buffer, start, fetch_offset, max_records, check_crc=check_crc
     )
+
+
+#: Microseconds in a second (hedge windows are compared in whole microseconds).
+_US_PER_SECOND: Final = 1_000_000
+_I64_MAX: Final = 2**63 - 1
+
+
+def window_limit_us(window_seconds: float) -> int:
+    """The largest whole gap in microseconds within ``window_seconds``.
+
+    A gap ``g`` (whole microseconds) is within the window when
+    ``g <= window_seconds * 1e6`` in real numbers, which for an integer ``g`` is
+    ``g <= floor(window_seconds * 1e6)``: comparing integers keeps it exact.
+
+    Raises:
+        ValueError: The window is negative or not finite.
+    """
+    if not math.isfinite(window_seconds) or window_seconds < 0:
+        raise ValueError("hedge_window_seconds: must be a number >= 0 or null")
+    return min(_I64_MAX, math.floor(window_seconds * _US_PER_SECOND))

@@ -21,7 +21,7 @@ from typing import Final
 
 import polars as pl
 
-from prop_stream.store.flags import window_limit_us
+from prop_stream.rules import window_limit_us
 
 _UTC_US: Final = pl.Datetime("us", "UTC")
 _US_PER_SECOND: Final = 1_000_000

@@ -24,7 +24,6 @@ from prop_stream.backtest.files import (
     scan_ticks,
 )
 from prop_stream.backtest.run import (
-    DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     BacktestTables,
     DealInput,
@@ -60,9 +59,9 @@ def backtest(
         deals: Deal events, or None: a path (as ``--deals``) or a table with the
             deal columns (``account_id, ts, deal_id, position_id, symbol, side,
             volume, price, entry``), of the same kinds as ``ticks``.
-        max_rows_in_memory: For path inputs above this many rows, sort through
+        max_rows_in_memory: For path inputs above this many rows, judge through
             temporary partitions (as ``--max-rows-in-memory``). In-memory tables
-            are sorted in memory.
+            are judged in memory.
         tmp_dir: Where those partitions go (default: the system temp directory).
 
     Returns:
@@ -116,7 +115,6 @@ def backtest(
         lazies,
         total,
         max_rows_in_memory=max_rows_in_memory,
-        chunk_rows=DEFAULT_CHUNK_ROWS,
         tmp_dir=tmp_dir,
         progress=False,
         deals=deal_input,

@@ -4,29 +4,34 @@ The run has two halves, and the first never evaluates a tick:
 
 1. **Check.** Read and validate the rules file, resolve the tick (and deal) files,
    check each file's columns and types, check that ``--out`` can be written, count
-   the rows, read (and sort) the ticks and deals and refuse any null, unparseable,
+   the rows, read the ticks and deals and refuse any null, unparseable,
    non-finite or out-of-range value. Any problem raises
    :class:`~prop_stream.exceptions.InputFileError` and nothing is written.
-2. **Evaluate.** Feed the sorted events to one :class:`~prop_stream.rules.RuleEngine`
-   in chunks, keep the last row per key of the engine's upserts, join the hedge
-   flags (:mod:`prop_stream.backtest.flags`), and write ``breaches``,
-   ``accounts``, ``daily`` and ``flags`` as Parquet and CSV.
+2. **Evaluate.** Judge the events with one :class:`~prop_stream.rules.RuleEngine`,
+   keep the last row per key of the engine's upserts, join the hedge flags
+   (:mod:`prop_stream.backtest.flags`), and write ``breaches``, ``accounts``,
+   ``daily`` and ``flags`` as Parquet and CSV.
 
-Ticks and deals of one account are one stream: the engine sees them in the
-stable order of (``account_id``, ``ts``), a deal before a tick at an equal ``ts``
-(``rules.md``, Deal events); each call gets its ticks and its deals with each
-deal's ``before_tick``, the tick row it was delivered before.
+Order: the result is that of the events stably sorted by (``account_id``, ``ts``)
+over the files concatenated in path order (ties keep file order, then row order;
+a deal before a tick at an equal ``ts``, ``rules.md`` Deal events), judged in
+that order. Without deals nothing sorts the table: the Rust core
+(:meth:`~prop_stream.rules.RuleEngine.process_unordered`) partitions the rows by
+account with a stable counting sort, checks each account's ticks for order and
+sorts only the accounts whose ticks are out of order. With deals the ticks and
+deals are sorted in polars and each engine call gets its ticks and its deals,
+each deal with ``before_tick``, the tick row it comes before.
 
-Memory: the engine's state is bounded by the number of accounts; the ticks are
-not, and they must be sorted by (``account_id``, ``ts``) before the engine sees
-them. Up to ``max_rows_in_memory`` rows (ticks plus deals) are sorted in memory
-(about 32 bytes a tick row, plus the sort's working copy). Above that the ticks
-and the deals are hash-partitioned by ``account_id`` into temporary Parquet files
-by polars' streaming engine, and each partition is then sorted and evaluated on
-its own: an account's events all land in one partition, and accounts are
-independent (hedge flags are joined afterwards, across partitions), so the
-result is the same. The bound is then the largest partition, so one account's
-events must fit in memory.
+Memory: the engine's state is bounded by the number of accounts; the events are
+not. Up to ``max_rows_in_memory`` rows (ticks plus deals) are read whole (about
+32 bytes a tick row, plus about 28 bytes a row while the core groups them, or
+the sort's working copy with deals). Above that the ticks and the deals are
+hash-partitioned by ``account_id`` into temporary Parquet files by polars'
+streaming engine, each row with its input position (file, row), and each
+partition is then read and judged on its own in the same way: an account's
+events all land in one partition, and accounts are independent (hedge flags are
+joined afterwards, across partitions), so the result is the same. The bound is
+then the largest partition, so one account's events must fit in memory.
 """
 
 from __future__ import annotations
@@ -78,7 +83,9 @@ from prop_stream.rules import DEAL_SCHEMA as ENGINE_DEAL_SCHEMA
 
 #: Inputs with more rows than this are sorted through temporary partitions.
 DEFAULT_MAX_ROWS_IN_MEMORY: Final = 20_000_000
-#: Rows handed to the engine per ``process`` call.
+#: Formerly the rows handed to the engine per call; kept for callers that pass
+#: ``chunk_rows``, which no longer changes anything: the engine takes each table
+#: or partition whole (it must see all of an account's ticks to order them).
 DEFAULT_CHUNK_ROWS: Final = 1_000_000
 _MAX_PARTITIONS: Final = 4096
 
@@ -230,9 +237,10 @@ def run_backtest(
         out_dir: Receives ``breaches``, ``accounts``, ``daily`` and ``flags`` as
             ``.parquet`` and ``.csv``; created if missing, existing files of those
             names are replaced.
-        max_rows_in_memory: Above this many tick rows, sort through temporary
+        max_rows_in_memory: Above this many tick rows, judge through temporary
             partitions on disk instead of in memory.
-        chunk_rows: Rows per engine call.
+        chunk_rows: Ignored (kept for compatibility; see
+            :data:`DEFAULT_CHUNK_ROWS`); must be positive.
         tmp_dir: Where the temporary partitions go (default: the system's temp
             directory, ``TMPDIR``).
         progress: Show a progress bar on stderr.
@@ -271,7 +279,6 @@ def run_backtest(
         lazies,
         total,
         max_rows_in_memory=max_rows_in_memory,
-        chunk_rows=chunk_rows,
         tmp_dir=tmp_dir,
         progress=progress,
         deals=deal_input,
@@ -339,7 +346,6 @@ def judge(
     total: int,
     *,
     max_rows_in_memory: int,
-    chunk_rows: int,
     tmp_dir: str | Path | None,
     progress: bool,
     deals: DealInput | None = None,
@@ -353,9 +359,8 @@ def judge(
         lazies: The ticks as :func:`~prop_stream.backtest.files.scan_ticks`
             returns them, in input order (ties in ``ts`` keep it).
         total: Rows in ``lazies``.
-        max_rows_in_memory: Above this many rows, sort through temporary
+        max_rows_in_memory: Above this many rows, judge through temporary
             partitions.
-        chunk_rows: Rows per engine call.
         tmp_dir: Where the temporary partitions go.
         progress: Show a progress bar on stderr.
         deals: The deals of the run, if any.
@@ -383,12 +388,18 @@ def judge(
     with bar:
         if events <= max_rows_in_memory:
             partitions = 0
-            bar.set_description("sorting")
-            frame = _read_sorted(files, lazies)
-            deal_frame = _read_sorted_deals(deals.files, deals.lazies)
-            bar.set_description("backtest")
-            _evaluate(engine, frame, deal_frame, chunk_rows, upserts, bar)
-            del frame, deal_frame
+            bar.set_description("reading")
+            frame = _read_all(files, lazies)
+            if deals.rows:
+                deal_frame = _read_sorted_deals(deals.files, deals.lazies)
+                frame = frame.sort(["account_id", "ts"], maintain_order=True)
+                bar.set_description("backtest")
+                _evaluate_with_deals(engine, frame, deal_frame, upserts, bar)
+                del deal_frame
+            else:
+                bar.set_description("backtest")
+                _evaluate(engine, frame, None, upserts, bar)
+            del frame
         else:
             partitions = min(
                 _MAX_PARTITIONS, max(2, math.ceil(2 * events / max_rows_in_memory))
@@ -404,9 +415,16 @@ def judge(
                 bar.set_description("backtest")
                 for part in range(partitions):
                     frame = _read_partition(parts, part)
-                    deal_frame = _read_deal_partition(deal_parts, part)
-                    _evaluate(engine, frame, deal_frame, chunk_rows, upserts, bar)
-                    del frame, deal_frame
+                    if deal_parts:
+                        # With deals: the partition sorted by (account, ts, input
+                        # position), its deals merged in (see _deal_positions).
+                        frame = frame.sort(["account_id", "ts", _SEQ]).drop(_SEQ)
+                        deal_frame = _read_deal_partition(deal_parts, part)
+                        _evaluate_with_deals(engine, frame, deal_frame, upserts, bar)
+                        del deal_frame
+                    else:
+                        _evaluate(engine, frame, _SEQ, upserts, bar)
+                    del frame
 
     try:
         flags = hedge_flags(
@@ -444,16 +462,12 @@ def _engine(specs: Sequence[PhaseSpec]) -> RuleEngine:
     return engine
 
 
-def _read_sorted(
+def _read_all(
     files: Sequence[TickFile], lazies: Sequence[pl.LazyFrame]
 ) -> pl.DataFrame:
-    # A stable sort over the files concatenated in path order: equal timestamps of
-    # one account keep file order, then row order. The in-memory engine sorts 10M
-    # ticks about twice as fast as the streaming one (polars 2.1, 2 cores), and
-    # this path holds everything in memory anyway.
-    query = pl.concat(lazies, how="vertical").sort(
-        ["account_id", "ts"], maintain_order=True
-    )
+    # The files concatenated in path order, rows in file order: that order is the
+    # tiebreak for equal timestamps, and the engine keeps it (no sort here).
+    query = pl.concat(lazies, how="vertical")
     try:
         frame = query.collect(engine="in-memory")
     except pl.exceptions.PolarsError as exc:
@@ -533,6 +547,10 @@ def _read_deal_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
     )
 
 
+#: The input position (file index, row) of a partitioned row, as one UInt64.
+_SEQ: Final = "_seq"
+
+
 def _partition(
     files: Sequence[TickFile],
     lazies: Sequence[pl.LazyFrame],
@@ -578,13 +596,15 @@ def _partition(
 
 
 def _read_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
+    seq = pl.col("_file").cast(pl.UInt64) * (1 << 32) + pl.col("_row").cast(pl.UInt64)
     if not parts:
-        return pl.DataFrame(schema=dict.fromkeys(TICK_COLUMNS))
+        return pl.DataFrame(schema={**dict.fromkeys(TICK_COLUMNS), _SEQ: pl.UInt64})
+    # The partition's rows in whatever order they were written: the engine orders
+    # each account's ticks by (ts, input position) itself.
     return (
         pl.scan_parquet(list(parts), hive_partitioning=False)
         .filter(pl.col("_part") == part)
-        .sort(["account_id", "ts", "_file", "_row"])
-        .select(TICK_COLUMNS)
+        .select(*TICK_COLUMNS, seq.alias(_SEQ))
         .collect(engine="in-memory")
     )
 
@@ -592,18 +612,25 @@ def _read_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
 def _evaluate(
     engine: RuleEngine,
     frame: pl.DataFrame,
+    seq_column: str | None,
+    upserts: _Upserts,
+    bar: tqdm,
+) -> None:
+    if frame.height:
+        evaluation, _ = engine.process_unordered(frame, seq_column=seq_column)
+        upserts.add(evaluation)
+    bar.update(frame.height)
+
+
+def _evaluate_with_deals(
+    engine: RuleEngine,
+    frame: pl.DataFrame,
     deals: pl.DataFrame,
-    chunk_rows: int,
     upserts: _Upserts,
     bar: tqdm,
 ) -> None:
     """Feed sorted ticks, and the deals merged into them, in chunks of ticks."""
-    if deals.height == 0:
-        for offset in range(0, frame.height, chunk_rows):
-            chunk = frame.slice(offset, chunk_rows)
-            upserts.add(engine.process(chunk))
-            bar.update(chunk.height)
-        return
+    chunk_rows = DEFAULT_CHUNK_ROWS
     deals = deals.with_columns(_at=_deal_positions(frame, deals))
     offsets = list(range(0, frame.height, chunk_rows)) or [0]
     for number, offset in enumerate(offsets):

@@ -50,7 +50,6 @@ from prop_stream.backtest.files import (
     scan_ticks,
 )
 from prop_stream.backtest.run import (
-    DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_ROWS_IN_MEMORY,
     REPORT_FILE,
     BacktestTables,
@@ -724,7 +723,6 @@ def run_whatif(
                 inputs[1],
                 total,
                 max_rows_in_memory=max_rows_in_memory,
-                chunk_rows=DEFAULT_CHUNK_ROWS,
                 tmp_dir=tmp_dir,
                 progress=False,
             )[0]

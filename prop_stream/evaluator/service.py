@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from prop_stream.config import StreamSettings, is_url
+from prop_stream.config import StreamSettings
+from prop_stream.dburl import is_url
 from prop_stream.evaluator.demo import DemoConfig, DemoSource
 from prop_stream.evaluator.group import GroupEvaluatorLoop
 from prop_stream.evaluator.loop import EvaluatorLoop, LoopStats

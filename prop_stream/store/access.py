@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prop_stream.admin import DEFAULT_TIMEOUT_S, ServiceGoneError, call, read_endpoint
-from prop_stream.config import is_url
+from prop_stream.dburl import is_url
 from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.exceptions import DatabaseLockedError, StoreError
 from prop_stream.store.export import ExportResult, export_parquet

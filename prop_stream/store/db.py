@@ -26,8 +26,9 @@ import duckdb
 import polars as pl
 import psycopg
 
+from prop_stream.dburl import is_url, redact
 from prop_stream.store.exceptions import DatabaseLockedError, StoreError
-from prop_stream.store.pg import PgConnection, connect_url, is_url, redact
+from prop_stream.store.pg import PgConnection, connect_url
 
 #: A store connection of either backend.
 Connection = duckdb.DuckDBPyConnection | PgConnection

@@ -19,21 +19,19 @@ deals: the same whatever the batching and the order of arrival.
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import polars as pl
 import pyarrow as pa
 
+from prop_stream.rules import window_limit_us
 from prop_stream.store.db import Connection, frame_table, transaction
 from prop_stream.store.pg import PgConnection
 
 #: The columns of the engine's ``deal_opens`` this reads (others are ignored).
 DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
 _BATCH_VIEW: Final = "_deal_opens_batch"
-_US_PER_SECOND: Final = 1_000_000
-_I64_MAX: Final = 2**63 - 1
 
 _INSERT_OPENS: Final = f"""
     INSERT INTO deal_opens (account_id, deal_id, customer_id, symbol, side, ts)
@@ -114,21 +112,6 @@ _POSTGRES: Final = {
     "epoch_us_n": "CAST(extract(epoch FROM n.ts) * 1000000 AS BIGINT)",
     "epoch_us_o": "CAST(extract(epoch FROM o.ts) * 1000000 AS BIGINT)",
 }
-
-
-def window_limit_us(window_seconds: float) -> int:
-    """The largest whole gap in microseconds within ``window_seconds``.
-
-    A gap ``g`` (whole microseconds) is within the window when
-    ``g <= window_seconds * 1e6`` in real numbers, which for an integer ``g`` is
-    ``g <= floor(window_seconds * 1e6)``: comparing integers keeps it exact.
-
-    Raises:
-        ValueError: The window is negative or not finite.
-    """
-    if not math.isfinite(window_seconds) or window_seconds < 0:
-        raise ValueError("hedge_window_seconds: must be a number >= 0 or null")
-    return min(_I64_MAX, math.floor(window_seconds * _US_PER_SECOND))
 
 
 def record_deal_opens(

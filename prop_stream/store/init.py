@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from prop_stream.dburl import is_url, redact
 from prop_stream.store.db import Connection, connect, transaction
 from prop_stream.store.demo import seed_demo
 from prop_stream.store.exceptions import StoreError
 from prop_stream.store.migrations import current_version, migrate, schema_lock
-from prop_stream.store.pg import PgConnection, is_url, redact
+from prop_stream.store.pg import PgConnection
 from prop_stream.store.roles import grant_risk_role
 
 

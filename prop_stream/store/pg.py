@@ -33,7 +33,7 @@ import psycopg
 from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool
 
-from prop_stream.config import is_url
+from prop_stream.dburl import is_url, redact
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -69,11 +69,6 @@ def numbered(sql: str) -> str:
         return f"${count}"
 
     return _TOKENS.sub(replace, sql)
-
-
-def redact(url: str) -> str:
-    """A URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 class PgConnection:

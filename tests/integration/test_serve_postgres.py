@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from service_process import ServiceProcess, run_prop_stream
 
-from prop_stream.store.pg import redact
+from prop_stream.dburl import redact
 
 pytestmark = pytest.mark.integration
 

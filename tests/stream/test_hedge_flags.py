@@ -19,7 +19,7 @@ from reference_deals import Deal, FlagRow
 from reference_deals import hedge_flags as reference_flags
 
 from prop_stream.backtest.flags import FLAGS_SCHEMA, hedge_flags
-from prop_stream.store.flags import window_limit_us
+from prop_stream.rules import window_limit_us
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BASE_US = 1_767_607_200_000_000  # 2026-01-05T10:00:00Z

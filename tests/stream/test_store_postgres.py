@@ -10,9 +10,10 @@ import pytest
 from pg_support import fresh_database
 
 from prop_stream.cli import main
+from prop_stream.dburl import redact
 from prop_stream.store import init_database
 from prop_stream.store.migrations import MIGRATIONS, postgres_ddl
-from prop_stream.store.pg import numbered, redact
+from prop_stream.store.pg import numbered
 from prop_stream.store.roles import RISK_PASSWORD_ENV, RISK_ROLE
 
 RISK_VIEWS = {

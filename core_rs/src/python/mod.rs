@@ -8,11 +8,12 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 use pyo3_arrow::PyTable;
 
 mod kafka;
+mod order;
 
 use crate::error::RuleError;
 use crate::rules::config::{RuleSet, RuleValue};
 use crate::rules::deals::DealInput;
-use crate::rules::engine::{Engine, Grouping, PhaseSpec, TickColumns};
+use crate::rules::engine::{DealCounts, Engine, Grouping, PhaseSpec, TickColumns, TickCounts};
 use crate::rules::input::{deal_rows, tick_columns};
 use crate::rules::output;
 
@@ -162,6 +163,28 @@ pub struct BatchResult {
     deal_opens: Py<PyAny>,
 }
 
+/// `BatchResult.counts`: the tick and deal counts of one call.
+fn counts_dict<'py>(
+    py: Python<'py>,
+    c: &TickCounts,
+    d: &DealCounts,
+) -> PyResult<Bound<'py, PyDict>> {
+    let counts = PyDict::new(py);
+    counts.set_item("evaluated", c.evaluated)?;
+    counts.set_item("late", c.late)?;
+    counts.set_item("unknown", c.unknown)?;
+    counts.set_item("inactive", c.inactive)?;
+    counts.set_item("invalid", c.invalid)?;
+    counts.set_item("deals", d.processed)?;
+    counts.set_item("late_deals", d.late)?;
+    counts.set_item("duplicate_deals", d.duplicate)?;
+    counts.set_item("unmatched_deals", d.unmatched)?;
+    counts.set_item("unknown_deals", d.unknown)?;
+    counts.set_item("inactive_deals", d.inactive)?;
+    counts.set_item("invalid_deals", d.invalid)?;
+    Ok(counts)
+}
+
 fn to_pyarrow(py: Python<'_>, batch: RecordBatch) -> PyResult<Py<PyAny>> {
     let schema = batch.schema();
     Ok(PyTable::try_new(vec![batch], schema)?
@@ -264,19 +287,7 @@ impl Evaluator {
         });
         let (breaches, metrics, daily, transitions, deal_opens, c, d) =
             result.map_err(|e| to_py(py, e))?;
-        let counts = PyDict::new(py);
-        counts.set_item("evaluated", c.evaluated)?;
-        counts.set_item("late", c.late)?;
-        counts.set_item("unknown", c.unknown)?;
-        counts.set_item("inactive", c.inactive)?;
-        counts.set_item("invalid", c.invalid)?;
-        counts.set_item("deals", d.processed)?;
-        counts.set_item("late_deals", d.late)?;
-        counts.set_item("duplicate_deals", d.duplicate)?;
-        counts.set_item("unmatched_deals", d.unmatched)?;
-        counts.set_item("unknown_deals", d.unknown)?;
-        counts.set_item("inactive_deals", d.inactive)?;
-        counts.set_item("invalid_deals", d.invalid)?;
+        let counts = counts_dict(py, &c, &d)?;
         Ok(BatchResult {
             breaches: to_pyarrow(py, breaches)?,
             metrics: to_pyarrow(py, metrics)?,
@@ -285,6 +296,19 @@ impl Evaluator {
             counts: counts.unbind(),
             deal_opens: to_pyarrow(py, deal_opens)?,
         })
+    }
+
+    /// Judge a table of ticks in any order as if stably sorted by (`account_id`,
+    /// `ts`) first, or by (`account_id`, `ts`, `seq_column`) when given
+    /// (`rules::order`).
+    #[pyo3(signature = (ticks, *, seq_column = None))]
+    fn process_unordered(
+        &mut self,
+        py: Python<'_>,
+        ticks: PyTable,
+        seq_column: Option<String>,
+    ) -> PyResult<BatchResult> {
+        order::process_unordered(&mut self.engine, py, ticks, seq_column.as_deref())
     }
 
     /// The state of every registered phase, as a pyarrow table.
@@ -320,6 +344,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Evaluator>()?;
     m.add_class::<BatchResult>()?;
     m.add_function(wrap_pyfunction!(rule_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(order::_dense_baseline, m)?)?;
     m.add_class::<kafka::RecordScan>()?;
     m.add_function(wrap_pyfunction!(kafka::scan_record_batches, m)?)?;
     Ok(())

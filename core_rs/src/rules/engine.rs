@@ -1941,3 +1941,48 @@ mod deal_tests {
         assert!(phase <= 528, "Phase grew to {phase} bytes");
     }
 }
+
+/// Hooks for `rules::order` (the backtest's whole-table path), kept together here
+/// so that the grouping code lives in its own module.
+impl Engine {
+    /// Start a batch: refresh the id table if stale, and the batch's epoch.
+    pub(crate) fn begin_unordered(&mut self) -> u64 {
+        if self.dense_stale {
+            self.rebuild_dense();
+        }
+        self.epoch += 1;
+        self.epoch
+    }
+
+    /// The slot of an account's phase, or `u32::MAX`.
+    #[inline]
+    pub(crate) fn lookup_slot(&self, account_id: i64) -> u32 {
+        self.slot_of(account_id)
+    }
+
+    /// Ask the CPU for a phase's state ahead of its use.
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, slot: u32) {
+        prefetch(&self.phases[slot as usize]);
+    }
+
+    /// Judge one phase's ticks, in the order given.
+    #[inline]
+    pub(crate) fn judge_run(
+        &mut self,
+        slot: u32,
+        epoch: u64,
+        ticks: impl Iterator<Item = (i64, f64, f64)>,
+        out: &mut BatchOutput,
+    ) {
+        let phase = &mut self.phases[slot as usize];
+        for (t, equity, balance) in ticks {
+            phase.accept(slot, epoch, t, equity, balance, out);
+        }
+    }
+
+    /// Finish a batch begun with [`Engine::begin_unordered`].
+    pub(crate) fn finish_unordered(&mut self, out: &mut BatchOutput) {
+        self.finish(out);
+    }
+}

@@ -1,0 +1,620 @@
+//! Whole tables judged as if stably sorted by (`account_id`, `ts`): the backtest's
+//! path, with no sort of the table.
+//!
+//! The backtest's contract is a stable sort of the ticks by (`account_id`, `ts`)
+//! over its input files concatenated in path order, then the engine. Accounts are
+//! independent, so only each account's own order matters: the rows are partitioned
+//! by phase with a stable counting sort (the phase slots are dense whatever the
+//! account ids; the id → slot lookup is the engine's table for compact ids and a
+//! hash otherwise), each phase's run is checked for order, and only a run that is
+//! out of order is sorted (stably by `ts`, or by (`ts`, `seq`) when the rows come
+//! with an explicit input position). Then each run is judged whole, with the next
+//! phases' state prefetched.
+
+use crate::error::{RuleError, RuleResult};
+use crate::rules::engine::{Engine, TickColumns};
+use crate::rules::output::BatchOutput;
+
+/// Slot of a row that no phase takes (unknown account or invalid values).
+const NONE: u32 = u32::MAX;
+
+/// How many runs ahead a phase's state is prefetched while one run is judged.
+const PREFETCH_RUNS_AHEAD: usize = 2;
+
+/// A tick of one run: `ts`, equity, balance.
+type Tick = (i64, f64, f64);
+
+/// What [`Engine::run_unordered`] found about the order of its input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrderStats {
+    /// Phases with at least one tick.
+    pub runs: u64,
+    /// Of those, runs that were out of order and had to be sorted.
+    pub sorted_runs: u64,
+}
+
+/// Rows per block when judging accounts whose ticks are in order: the block's
+/// grouped ticks (24 bytes a row) stay in the L3 cache.
+const BLOCK_ROWS: usize = 1 << 20;
+
+/// Consecutive phase slots per bucket: the state of this many phases (464 bytes
+/// each) stays within the L2 cache while their ticks are grouped and judged.
+const BUCKET_SLOTS: usize = 1024;
+
+impl Engine {
+    /// Judge ticks given in any order, with exactly the outputs of one
+    /// [`Engine::run`] over the same ticks stably sorted by (`account_id`, `ts`),
+    /// or by (`account_id`, `ts`, `seq`) when `seq` is given.
+    ///
+    /// `seq`, one column per chunk, is each row's position in the original input
+    /// (for rows that were shuffled on their way here, e.g. through hash
+    /// partitions); without it the rows' position in `chunks` is their order.
+    ///
+    /// A first pass finds each row's phase and whether each phase's ticks are in
+    /// order. The phases in order are judged from the input in blocks of
+    /// [`BLOCK_ROWS`] rows, each grouped by phase with a stable counting sort.
+    /// The rows of the others go through two stable counting-sort passes, each
+    /// friendly to the caches — into buckets of [`BUCKET_SLOTS`] consecutive
+    /// phases (few write streams), then each bucket's rows into one run per
+    /// phase — and each run is sorted and judged.
+    ///
+    /// Memory: 4 bytes a row for the slots and 24 MB for a block; then, for the
+    /// rows of the phases out of order only, 28 bytes a row (36 with `seq`) plus
+    /// their largest bucket once more.
+    ///
+    /// # Errors
+    /// [`RuleError::BadBatch`] if columns differ in length or there are 2^32 rows
+    /// or more.
+    pub fn run_unordered(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        seq: Option<&[&[u64]]>,
+    ) -> RuleResult<(BatchOutput, OrderStats)> {
+        check_lengths(chunks, seq)?;
+        let epoch = self.begin_unordered();
+        let mut out = BatchOutput::default();
+        let (slot_of, mut counts, disordered) = self.slots_of(chunks, seq, &mut out);
+        let runs = counts.iter().filter(|&&k| k > 0).count() as u64;
+        // Accounts whose ticks come in order are judged straight from the input,
+        // block by block; only the others are staged, sorted and judged after.
+        self.judge_in_order(chunks, &slot_of, &disordered, epoch, &mut out);
+        for (k, &bad) in counts.iter_mut().zip(&disordered) {
+            if !bad {
+                *k = 0;
+            }
+        }
+        let mut stats = if disordered.iter().any(|&bad| bad) {
+            match seq {
+                None => self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
+                    let c = &chunks[k];
+                    (c.ts[r], c.equity[r], c.balance[r])
+                }),
+                Some(seq) => {
+                    self.judge_bucketed(chunks, slot_of, &counts, epoch, &mut out, |k, r| {
+                        let c = &chunks[k];
+                        ((c.ts[r], c.equity[r], c.balance[r]), seq[k][r])
+                    })
+                }
+            }
+        } else {
+            OrderStats::default()
+        };
+        stats.runs = runs;
+        self.finish_unordered(&mut out);
+        Ok((out, stats))
+    }
+
+    /// Each row's phase slot (or [`NONE`]), each slot's row count, and whether
+    /// each slot's ticks are out of (`ts`, `seq`) order; unknown and invalid rows
+    /// are counted in `out`.
+    fn slots_of(
+        &self,
+        chunks: &[TickColumns<'_>],
+        seq: Option<&[&[u64]]>,
+        out: &mut BatchOutput,
+    ) -> (Vec<u32>, Vec<u32>, Vec<bool>) {
+        let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
+        let mut slot_of = Vec::with_capacity(n);
+        let mut counts = vec![0u32; self.len()];
+        let mut latest = vec![(i64::MIN, 0u64); self.len()];
+        let mut disordered = vec![false; self.len()];
+        let mut last: Option<(i64, u32)> = None;
+        for (k, c) in chunks.iter().enumerate() {
+            for r in 0..c.account_id.len() {
+                if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
+                    out.counts.invalid += 1;
+                    slot_of.push(NONE);
+                    continue;
+                }
+                let account = c.account_id[r];
+                let slot = match last {
+                    Some((a, s)) if a == account => s,
+                    _ => {
+                        let s = self.lookup_slot(account);
+                        last = Some((account, s));
+                        s
+                    }
+                };
+                if slot == NONE {
+                    out.counts.unknown += 1;
+                } else {
+                    let s = slot as usize;
+                    counts[s] += 1;
+                    let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
+                    if key < latest[s] {
+                        disordered[s] = true;
+                    } else {
+                        latest[s] = key;
+                    }
+                }
+                slot_of.push(slot);
+            }
+        }
+        (slot_of, counts, disordered)
+    }
+
+    /// Judge the ticks of the accounts whose ticks are in order, in blocks of
+    /// [`BLOCK_ROWS`] rows: each block is grouped by phase with a stable counting
+    /// sort into a buffer that stays in cache, and each group judged whole.
+    fn judge_in_order(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        slot_of: &[u32],
+        disordered: &[bool],
+        epoch: u64,
+        out: &mut BatchOutput,
+    ) {
+        let mut counts = vec![0u32; self.len()];
+        let mut groups: Vec<u32> = Vec::new();
+        let mut grouped: Vec<Tick> = Vec::new();
+        let mut offset = 0usize;
+        for c in chunks {
+            let len = c.ts.len();
+            let mut lo = 0usize;
+            while lo < len {
+                let hi = (lo + BLOCK_ROWS).min(len);
+                let slots = &slot_of[offset + lo..offset + hi];
+                groups.clear();
+                for &slot in slots {
+                    if slot != NONE && !disordered[slot as usize] {
+                        let k = &mut counts[slot as usize];
+                        if *k == 0 {
+                            groups.push(slot);
+                        }
+                        *k += 1;
+                    }
+                }
+                let mut total = 0u32;
+                for &g in &groups {
+                    let k = counts[g as usize];
+                    counts[g as usize] = total;
+                    total += k;
+                }
+                if grouped.len() < total as usize {
+                    grouped.resize(total as usize, (0, 0.0, 0.0));
+                }
+                for (r, &slot) in (lo..hi).zip(slots) {
+                    if slot != NONE && !disordered[slot as usize] {
+                        let p = &mut counts[slot as usize];
+                        grouped[*p as usize] = (c.ts[r], c.equity[r], c.balance[r]);
+                        *p += 1;
+                    }
+                }
+                let mut start = 0usize;
+                for (g, &slot) in groups.iter().enumerate() {
+                    if let Some(&ahead) = groups.get(g + PREFETCH_RUNS_AHEAD) {
+                        self.prefetch_slot(ahead);
+                    }
+                    let end = counts[slot as usize] as usize;
+                    counts[slot as usize] = 0;
+                    self.judge_run(slot, epoch, grouped[start..end].iter().copied(), out);
+                    start = end;
+                }
+                lo = hi;
+            }
+            offset += len;
+        }
+    }
+
+    /// Scatter the rows of the slots with a count into buckets of phases, then
+    /// judge bucket by bucket.
+    fn judge_bucketed<T: RunTick>(
+        &mut self,
+        chunks: &[TickColumns<'_>],
+        slot_of: Vec<u32>,
+        counts: &[u32],
+        epoch: u64,
+        out: &mut BatchOutput,
+        row: impl Fn(usize, usize) -> T,
+    ) -> OrderStats {
+        let buckets = counts.len().div_ceil(BUCKET_SLOTS);
+        // Exclusive prefix sums: where each bucket's rows start.
+        let mut bounds = vec![0usize; buckets + 1];
+        for (slot, &k) in counts.iter().enumerate() {
+            bounds[slot / BUCKET_SLOTS + 1] += k as usize;
+        }
+        for b in 0..buckets {
+            bounds[b + 1] += bounds[b];
+        }
+        let total = bounds[buckets];
+        let mut staged: Vec<T> = vec![T::default(); total];
+        let mut staged_slot: Vec<u32> = vec![0; total];
+        let mut pos = bounds.clone();
+        let mut i = 0usize;
+        for (k, c) in chunks.iter().enumerate() {
+            for r in 0..c.ts.len() {
+                let slot = slot_of[i];
+                i += 1;
+                // Slots with no count here were judged already (in order).
+                if slot != NONE && counts[slot as usize] > 0 {
+                    let p = &mut pos[slot as usize / BUCKET_SLOTS];
+                    staged[*p] = row(k, r);
+                    staged_slot[*p] = slot;
+                    *p += 1;
+                }
+            }
+        }
+        drop(slot_of);
+
+        let mut stats = OrderStats::default();
+        let biggest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let mut grouped: Vec<T> = vec![T::default(); biggest];
+        let mut ends = [0u32; BUCKET_SLOTS];
+        let mut runs: Vec<u32> = Vec::with_capacity(BUCKET_SLOTS);
+        for b in 0..buckets {
+            let (lo, hi) = (bounds[b], bounds[b + 1]);
+            if lo == hi {
+                continue;
+            }
+            let first = b * BUCKET_SLOTS;
+            let last = (first + BUCKET_SLOTS).min(counts.len());
+            // Each run's start within the bucket, in slot order.
+            runs.clear();
+            let mut at = 0u32;
+            for slot in first..last {
+                let k = counts[slot];
+                if k > 0 {
+                    runs.push(slot as u32);
+                }
+                ends[slot - first] = at;
+                at += k;
+            }
+            for (t, &slot) in staged[lo..hi].iter().zip(&staged_slot[lo..hi]) {
+                let p = &mut ends[slot as usize - first];
+                grouped[*p as usize] = *t;
+                *p += 1;
+            }
+            stats.runs += runs.len() as u64;
+            let mut start = 0usize;
+            for (g, &slot) in runs.iter().enumerate() {
+                if let Some(&ahead) = runs.get(g + PREFETCH_RUNS_AHEAD) {
+                    self.prefetch_slot(ahead);
+                }
+                let end = ends[slot as usize - first] as usize;
+                let run = &mut grouped[start..end];
+                if !run.windows(2).all(|w| !T::before(&w[1], &w[0])) {
+                    T::sort(run);
+                    stats.sorted_runs += 1;
+                }
+                self.judge_run(slot, epoch, run.iter().map(RunTick::tick), out);
+                start = end;
+            }
+        }
+        stats
+    }
+}
+
+/// A grouped row: its tick, and how runs of them are ordered.
+trait RunTick: Copy + Default {
+    fn tick(&self) -> Tick;
+    /// Whether `a` must be judged before `b` (strictly).
+    fn before(a: &Self, b: &Self) -> bool;
+    /// Sort a run into judging order, ties in their current order.
+    fn sort(run: &mut [Self]);
+}
+
+impl RunTick for Tick {
+    #[inline]
+    fn tick(&self) -> Tick {
+        *self
+    }
+
+    #[inline]
+    fn before(a: &Self, b: &Self) -> bool {
+        a.0 < b.0
+    }
+
+    fn sort(run: &mut [Self]) {
+        // Stable: equal timestamps keep input order, as the backtest's sort does.
+        run.sort_by_key(|t| t.0);
+    }
+}
+
+impl RunTick for (Tick, u64) {
+    #[inline]
+    fn tick(&self) -> Tick {
+        self.0
+    }
+
+    #[inline]
+    fn before(a: &Self, b: &Self) -> bool {
+        (a.0 .0, a.1) < (b.0 .0, b.1)
+    }
+
+    fn sort(run: &mut [Self]) {
+        run.sort_unstable_by_key(|t| (t.0 .0, t.1));
+    }
+}
+
+fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResult<usize> {
+    if let Some(seq) = seq {
+        if seq.len() != chunks.len() {
+            return Err(RuleError::BadBatch(
+                "seq has another number of chunks than the ticks".to_owned(),
+            ));
+        }
+    }
+    let mut n = 0usize;
+    for (k, c) in chunks.iter().enumerate() {
+        let len = c.account_id.len();
+        if c.ts.len() != len || c.equity.len() != len || c.balance.len() != len {
+            return Err(RuleError::BadBatch("columns differ in length".to_owned()));
+        }
+        if seq.is_some_and(|s| s[k].len() != len) {
+            return Err(RuleError::BadBatch(
+                "seq differs in length from the ticks".to_owned(),
+            ));
+        }
+        n += len;
+    }
+    if u32::try_from(n).is_err() {
+        return Err(RuleError::BadBatch(
+            "2^32 ticks or more in one table".to_owned(),
+        ));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::config::{RuleSet, RuleValue};
+    use crate::rules::engine::{PhaseSpec, Status};
+
+    fn rules() -> RuleSet {
+        RuleSet::from_pairs(vec![
+            ("initial_balance".to_owned(), RuleValue::Float(100_000.0)),
+            ("max_daily_loss".to_owned(), RuleValue::Float(0.05)),
+            ("max_total_loss".to_owned(), RuleValue::Float(0.1)),
+            ("profit_target".to_owned(), RuleValue::Float(0.05)),
+            ("warning_level".to_owned(), RuleValue::Float(0.5)),
+            (
+                "total_loss_mode".to_owned(),
+                RuleValue::Str("trailing".to_owned()),
+            ),
+        ])
+        .expect("valid rules")
+    }
+
+    fn engine(accounts: &[i64]) -> Engine {
+        let mut e = Engine::new();
+        for &a in accounts {
+            e.register(PhaseSpec {
+                account_id: a,
+                challenge_id: format!("c-{a}"),
+                phase_index: 0,
+                started_at_us: 0,
+                rules: rules(),
+            })
+            .expect("register");
+        }
+        e
+    }
+
+    /// A small xorshift: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    struct Rows {
+        account: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+        balance: Vec<f64>,
+    }
+
+    impl Rows {
+        fn cols(&self) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &self.account,
+                ts: &self.ts,
+                equity: &self.equity,
+                balance: &self.balance,
+            }
+        }
+
+        fn permuted(&self, idx: &[usize]) -> Self {
+            Self {
+                account: idx.iter().map(|&i| self.account[i]).collect(),
+                ts: idx.iter().map(|&i| self.ts[i]).collect(),
+                equity: idx.iter().map(|&i| self.equity[i]).collect(),
+                balance: idx.iter().map(|&i| self.balance[i]).collect(),
+            }
+        }
+    }
+
+    /// Random ticks over `accounts` (plus an unknown one), with many equal
+    /// timestamps so tie order matters, and big swings so phases pass and fail.
+    fn random_rows(seed: u64, n: usize, accounts: &[i64]) -> Rows {
+        let mut rng = Rng(seed);
+        let mut rows = Rows {
+            account: vec![],
+            ts: vec![],
+            equity: vec![],
+            balance: vec![],
+        };
+        for _ in 0..n {
+            let k = (rng.next() % (accounts.len() as u64 + 1)) as usize;
+            rows.account
+                .push(accounts.get(k).copied().unwrap_or(999_999));
+            rows.ts.push((rng.next() % 40) as i64 * 3_600_000_000);
+            rows.equity.push(93_000.0 + (rng.next() % 14_000) as f64);
+            rows.balance.push(100_000.0);
+        }
+        rows
+    }
+
+    /// Indices of a stable sort by (account, ts).
+    fn sorted_order(rows: &Rows) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..rows.ts.len()).collect();
+        idx.sort_by_key(|&i| (rows.account[i], rows.ts[i]));
+        idx
+    }
+
+    fn outcome(e: &Engine, out: &BatchOutput) -> (Vec<String>, Vec<String>, String) {
+        let mut breaches: Vec<String> = out
+            .breaches
+            .iter()
+            .map(|b| format!("{} {:?}", e.phases()[b.slot as usize].spec.account_id, b))
+            .collect();
+        breaches.sort();
+        let mut daily: Vec<String> = out
+            .daily
+            .iter()
+            .map(|d| format!("{} {:?}", e.phases()[d.slot as usize].spec.account_id, d))
+            .collect();
+        daily.sort();
+        let mut states: Vec<String> = e
+            .phases()
+            .iter()
+            .map(|p| format!("{} {:?}", p.spec.account_id, p.state))
+            .collect();
+        states.sort();
+        (breaches, daily, format!("{states:?} {:?}", out.counts))
+    }
+
+    #[test]
+    fn unordered_equals_sorted_then_run() {
+        for (seed, accounts) in [
+            (1u64, vec![1, 2, 3, 5, 8]),
+            // Spread-out ids: the hash lookup, not the dense table.
+            (2, vec![7, 1 << 40, -3, 1 << 50]),
+            (3, (100..400).collect()),
+        ] {
+            let rows = random_rows(seed, 3_000, &accounts);
+            let sorted = rows.permuted(&sorted_order(&rows));
+            let mut reference = engine(&accounts);
+            let expected = reference.run(&[sorted.cols()]).expect("run");
+
+            let mut e = engine(&accounts);
+            let (out, stats) = e.run_unordered(&[rows.cols()], None).expect("unordered");
+            assert_eq!(
+                outcome(&e, &out),
+                outcome(&reference, &expected),
+                "seed {seed}"
+            );
+            assert!(stats.sorted_runs > 0);
+            assert!(e.phases().iter().any(|p| p.state.status != Status::Active));
+
+            // Split into chunks, and with explicit input positions after a shuffle.
+            let (a, b) = (rows.cols(), rows.cols());
+            let cut = 1_234;
+            let parts = [
+                TickColumns {
+                    account_id: &a.account_id[..cut],
+                    ts: &a.ts[..cut],
+                    equity: &a.equity[..cut],
+                    balance: &a.balance[..cut],
+                },
+                TickColumns {
+                    account_id: &b.account_id[cut..],
+                    ts: &b.ts[cut..],
+                    equity: &b.equity[cut..],
+                    balance: &b.balance[cut..],
+                },
+            ];
+            let mut e = engine(&accounts);
+            let (out, _) = e.run_unordered(&parts, None).expect("chunks");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+
+            // Mixed: every account in order but the first, whose ticks stay
+            // shuffled, interleaved with the others.
+            let mut mixed: Vec<usize> = sorted_order(&rows)
+                .into_iter()
+                .filter(|&i| rows.account[i] != accounts[0])
+                .collect();
+            let first: Vec<usize> = (0..rows.ts.len())
+                .filter(|&i| rows.account[i] == accounts[0])
+                .collect();
+            for (j, &i) in first.iter().enumerate() {
+                mixed.insert((j * 7).min(mixed.len()), i);
+            }
+            let mut e = engine(&accounts);
+            let (out, stats) = e
+                .run_unordered(&[rows.permuted(&mixed).cols()], None)
+                .expect("mixed");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+            assert_eq!(stats.sorted_runs, 1);
+
+            let mut rng = Rng(seed + 100);
+            let mut shuffle: Vec<usize> = (0..rows.ts.len()).collect();
+            for i in (1..shuffle.len()).rev() {
+                shuffle.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            let shuffled = rows.permuted(&shuffle);
+            let seq: Vec<u64> = shuffle.iter().map(|&i| i as u64).collect();
+            let mut e = engine(&accounts);
+            let (out, _) = e
+                .run_unordered(&[shuffled.cols()], Some(&[&seq]))
+                .expect("seq");
+            assert_eq!(outcome(&e, &out), outcome(&reference, &expected));
+        }
+    }
+
+    #[test]
+    fn ordered_runs_are_not_sorted() {
+        let accounts = [1, 2, 3];
+        let rows = random_rows(9, 500, &accounts);
+        let sorted = rows.permuted(&sorted_order(&rows));
+        let mut e = engine(&accounts);
+        let (_, stats) = e.run_unordered(&[sorted.cols()], None).expect("run");
+        assert_eq!(
+            stats,
+            OrderStats {
+                runs: 3,
+                sorted_runs: 0
+            }
+        );
+    }
+
+    #[test]
+    fn bad_lengths_are_refused() {
+        let mut e = engine(&[1]);
+        let cols = TickColumns {
+            account_id: &[1, 1],
+            ts: &[0],
+            equity: &[1.0, 1.0],
+            balance: &[1.0, 1.0],
+        };
+        assert!(matches!(
+            e.run_unordered(&[cols], None),
+            Err(RuleError::BadBatch(_))
+        ));
+        let cols = TickColumns {
+            account_id: &[1],
+            ts: &[0],
+            equity: &[1.0],
+            balance: &[1.0],
+        };
+        assert!(matches!(
+            e.run_unordered(&[cols], Some(&[&[1, 2]])),
+            Err(RuleError::BadBatch(_))
+        ));
+    }
+}

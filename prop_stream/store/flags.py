@@ -32,6 +32,10 @@ from prop_stream.store.pg import PgConnection
 #: The columns of the engine's ``deal_opens`` this reads (others are ignored).
 DEAL_OPENS_COLUMNS: Final = ("account_id", "deal_id", "ts", "symbol", "side")
 _BATCH_VIEW: Final = "_deal_opens_batch"
+_US_PER_SECOND: Final = 1_000_000
+#: The widest window bounded per deal on PostgreSQL: 1,000 years keeps ``ts +/-
+#: window`` inside PostgreSQL's range (4713 BC to 294276 AD) for any datetime.
+_ROW_WINDOW_MAX_US: Final = 1_000 * 366 * 86_400 * _US_PER_SECOND
 
 _INSERT_OPENS: Final = f"""
     INSERT INTO deal_opens (account_id, deal_id, customer_id, symbol, side, ts)
@@ -56,15 +60,7 @@ _INSERT_FLAGS: Final = """
         account_id_2, deal_id_2, ts_2, side_2,
         gap_seconds
     )
-    WITH near AS (
-        SELECT * FROM deal_opens
-        WHERE ts BETWEEN $2 AND $3 AND customer_id IS NOT NULL
-    ),
-    n AS (
-        SELECT d.*
-        FROM near AS d
-        {semi_join}
-    ),
+    WITH {ctes}
     pairs AS (
         SELECT
             n.customer_id,
@@ -74,11 +70,12 @@ _INSERT_FLAGS: Final = """
             o.account_id AS a_o, o.deal_id AS d_o, o.ts AS t_o, o.side AS s_o,
             abs({epoch_us_n} - {epoch_us_o}) AS gap_us
         FROM n
-        JOIN near AS o
+        JOIN {partners} AS o
             ON o.customer_id = n.customer_id
             AND o.symbol = n.symbol
             AND o.side <> n.side
             AND o.account_id <> n.account_id
+            {row_window}
     )
     SELECT
         customer_id, symbol,
@@ -98,15 +95,45 @@ _INSERT_FLAGS: Final = """
 """
 
 
-# The two spots where the dialects differ: DuckDB's SEMI JOIN and epoch_us are
-# PostgreSQL's EXISTS and an exact epoch (extract answers NUMERIC since 14).
+# Where the dialects differ. DuckDB: ``near`` (the recorded deals in the batch's
+# span, pruned by ts zone maps), its SEMI JOIN and epoch_us. PostgreSQL: EXISTS,
+# an exact epoch (extract answers NUMERIC since 14), and a join order that cannot
+# go quadratic. Its plans once joined ``near`` with itself before keeping the
+# batch's deals (psycopg prepares a statement run five times and PostgreSQL then
+# plans it generically, guessing a few rows for ``ts BETWEEN $2 AND $3``): every
+# recorded pair, each batch, ~0.9 s at 2,000 deals (docs/benchmarks.md). So ``n``
+# is MATERIALIZED (a fence: the batch's deals first) and each partner is found
+# through migration 7's index on (customer_id, symbol, ts) by a sargable range
+# around its deal's ts ($4, an interval; {row_window}).
 _DUCKDB: Final = {
+    "ctes": """near AS (
+        SELECT * FROM deal_opens
+        WHERE ts BETWEEN $2 AND $3 AND customer_id IS NOT NULL
+    ),
+    n AS (
+        SELECT d.*
+        FROM near AS d
+        SEMI JOIN {batch} AS b
+            ON b.account_id = d.account_id AND b.deal_id = d.deal_id
+    ),""".replace("{batch}", _BATCH_VIEW),
+    "partners": "near",
+    "row_window": "",
     "semi_join": f"SEMI JOIN {_BATCH_VIEW} AS b "
     "ON b.account_id = d.account_id AND b.deal_id = d.deal_id",
     "epoch_us_n": "epoch_us(n.ts)",
     "epoch_us_o": "epoch_us(o.ts)",
 }
 _POSTGRES: Final = {
+    "ctes": """n AS MATERIALIZED (
+        SELECT d.*
+        FROM deal_opens AS d
+        WHERE d.customer_id IS NOT NULL AND EXISTS (
+            SELECT 1 FROM {batch} AS b
+            WHERE b.account_id = d.account_id AND b.deal_id = d.deal_id
+        )
+    ),""".replace("{batch}", _BATCH_VIEW),
+    "partners": "deal_opens",
+    "row_window": "AND o.ts BETWEEN $2 AND $3",
     "semi_join": f"WHERE EXISTS (SELECT 1 FROM {_BATCH_VIEW} AS b "  # noqa: S608 - constant
     "WHERE b.account_id = d.account_id AND b.deal_id = d.deal_id)",
     "epoch_us_n": "CAST(extract(epoch FROM n.ts) * 1000000 AS BIGINT)",
@@ -179,14 +206,21 @@ def _record(conn: Connection, dialect: dict[str, str], limit: int | None) -> int
     lo, hi = span[0]
     if lo is None:
         return 0
+    params: list[object] = [limit, _shift(lo, -limit), _shift(hi, limit)]
+    if dialect is _POSTGRES and limit <= _ROW_WINDOW_MAX_US:
+        # The per-deal range migration 7's index serves; it admits exactly the
+        # gaps the exact test below admits. A wider window goes without it
+        # (``n.ts +/- $4`` could overflow PostgreSQL's timestamps): the span
+        # ($2, $3) and the exact test give the same pairs, only more slowly.
+        dialect = {
+            **dialect,
+            "row_window": dialect["row_window"]
+            + " AND o.ts BETWEEN n.ts - $4 AND n.ts + $4",
+        }
+        params.append(timedelta(microseconds=limit))
     # RETURNING yields the rows actually inserted (not those ON CONFLICT
     # skipped); fetching them all also completes the statement.
-    return len(
-        conn.execute(
-            _spelled(_INSERT_FLAGS, dialect),
-            [limit, _shift(lo, -limit), _shift(hi, limit)],
-        ).fetchall()
-    )
+    return len(conn.execute(_spelled(_INSERT_FLAGS, dialect), params).fetchall())
 
 
 def _spelled(template: str, dialect: dict[str, str]) -> str:

@@ -554,6 +554,18 @@ _V5_DEALS_POSTGRES: Final = (
     .replace("'review' AS action", "text 'review' AS action"),
 )
 
+# Migration 7: the hedge join looks up each new deal's partners by customer,
+# symbol and a time range (store/flags.py). On PostgreSQL that is an index range
+# scan, so a batch costs its own deals and their pairs, not a scan of every deal
+# ever recorded. DuckDB prunes deal_opens by its ts zone maps and uses no index
+# for a range join (an ART index would only slow its inserts): a no-op, one
+# statement for PostgreSQL's one.
+_V7_DEAL_OPENS_INDEX: Final = ("SELECT 1",)
+_V7_DEAL_OPENS_INDEX_POSTGRES: Final = (
+    "CREATE INDEX deal_opens_customer_symbol_ts "
+    "ON deal_opens (customer_id, symbol, ts)",
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
@@ -567,6 +579,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         _V5_DEALS_POSTGRES,
     ),
     Migration(6, "per-partition fencing epochs and engine checkpoints", MIGRATION_6),
+    Migration(
+        7,
+        "deal_opens index for the hedge join on PostgreSQL",
+        _V7_DEAL_OPENS_INDEX,
+        _V7_DEAL_OPENS_INDEX_POSTGRES,
+    ),
 )
 
 _LEDGER: Final = """

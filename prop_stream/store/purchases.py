@@ -390,6 +390,14 @@ def _eligible(check: PayerCheck, *, conflict: bool = False) -> None:
 # ------------------------------------------------------------------ buying
 
 
+class _AlreadyBought(Exception):
+    """The purchase's key was committed by another request: roll back, answer it."""
+
+    def __init__(self, purchase_id: int) -> None:
+        super().__init__(purchase_id)
+        self.purchase_id = purchase_id
+
+
 @dataclass(frozen=True, slots=True)
 class Bought:
     """What :func:`buy_prop_challenge` (or a retry) created.
@@ -508,6 +516,18 @@ def buy_prop_challenge(
         PurchaseError: The program can't be sold or the payer can't pay.
     """
     lock_payer(conn, payer_account_id)
+    if idempotency_key is not None:
+        # Another process may have committed this key while we waited for the
+        # payer's row (PostgreSQL: two API processes, one key): answer that
+        # purchase rather than judge the payer again after its fee was taken.
+        found = find_by_idempotency_key(
+            conn,
+            customer_id=customer_id,
+            key=idempotency_key,
+            request_hash=request_hash or "",
+        )
+        if found is not None:
+            raise _AlreadyBought(found)
     program = program_info(conn, program_id=program_id)
     _sellable(program)
     _eligible(
@@ -1144,6 +1164,8 @@ def purchase_once(
                     request_hash=request_hash,
                 ),
             )
+        except _AlreadyBought as done:
+            return done.purchase_id, None
         except StoreError:
             raise
         except Exception as exc:

@@ -51,7 +51,7 @@ from typing import Protocol
 
 import polars as pl
 
-from prop_stream.evaluator.loop import DEFAULT_HOOK_INTERVAL_S, LoopStats
+from prop_stream.evaluator.loop import DEFAULT_HOOK_INTERVAL_S, BatchDriver, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.duckdb_sink import DuckDBSink
@@ -135,7 +135,7 @@ class _Partition:
     without_phase: set[int] = field(default_factory=set)
 
 
-class GroupEvaluatorLoop:
+class GroupEvaluatorLoop(BatchDriver):
     """A consumer-group member judging the partitions it is assigned.
 
     Args:
@@ -257,42 +257,8 @@ class GroupEvaluatorLoop:
             self._source.name,
         )
 
-    def run(
-        self,
-        stop: threading.Event | None = None,
-        *,
-        max_batches: int | None = None,
-        checkpoint_on_exit: bool = True,
-    ) -> LoopStats:
-        """Process batches until stopped.
-
-        Args:
-            stop: Ends the loop when set (besides :meth:`stop`).
-            max_batches: Return after this many batches (tests).
-            checkpoint_on_exit: Checkpoint every partition when returning.
-
-        Returns:
-            The loop's counters.
-        """
-        try:
-            self.start()
-            self.ready.set()
-            done = 0
-            while not self._stop.is_set() and not (stop is not None and stop.is_set()):
-                if max_batches is not None and done >= max_batches:
-                    break
-                if self.run_once():
-                    done += 1
-                self._run_hooks()
-            if checkpoint_on_exit:
-                self.checkpoint()
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.ready.clear()
-            self._source.close()
-        return self.stats
+    def _closing(self) -> None:
+        self._source.close()
 
     def run_once(self) -> bool:
         """Handle rebalances and phase changes, poll one batch and commit it.

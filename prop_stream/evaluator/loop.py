@@ -142,7 +142,76 @@ class _Remove:
     account_id: int
 
 
-class EvaluatorLoop:
+class BatchDriver:
+    """The run loop both evaluator loops share: batches until stopped.
+
+    Subclasses (:class:`EvaluatorLoop`, the group loop) set ``_stop``, ``ready``,
+    ``error`` and ``stats`` and give ``start``, ``run_once``, ``checkpoint`` and
+    ``_run_hooks``.
+    """
+
+    _stop: threading.Event
+    ready: threading.Event
+    error: BaseException | None
+    stats: LoopStats
+
+    def start(self) -> None:
+        """Prepare the source and the engine (idempotent)."""
+        raise NotImplementedError
+
+    def run_once(self) -> bool:
+        """Poll one batch and commit it; whether a batch was processed."""
+        raise NotImplementedError
+
+    def checkpoint(self) -> None:
+        """Commit the engine's state at the stored position."""
+        raise NotImplementedError
+
+    def _run_hooks(self) -> None:
+        raise NotImplementedError
+
+    def _closing(self) -> None:
+        """Called once when :meth:`run` returns or raises (default: nothing)."""
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        max_batches: int | None = None,
+        checkpoint_on_exit: bool = True,
+    ) -> LoopStats:
+        """Process batches until stopped.
+
+        Args:
+            stop: Ends the loop when set (besides :meth:`stop`).
+            max_batches: Return after this many batches (tests, replays).
+            checkpoint_on_exit: Write a checkpoint when returning normally.
+
+        Returns:
+            The loop's counters.
+        """
+        try:
+            self.start()
+            self.ready.set()
+            done = 0
+            while not self._stop.is_set() and not (stop is not None and stop.is_set()):
+                if max_batches is not None and done >= max_batches:
+                    break
+                if self.run_once():
+                    done += 1
+                self._run_hooks()
+            if checkpoint_on_exit:
+                self.checkpoint()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.ready.clear()
+            self._closing()
+        return self.stats
+
+
+class EvaluatorLoop(BatchDriver):
     """Runs the rules engine over a tick source into a sink.
 
     Args:
@@ -294,42 +363,6 @@ class EvaluatorLoop:
             dict(self._source.position()),
             f", from checkpoint {checkpoint.id}" if checkpoint else "",
         )
-
-    def run(
-        self,
-        stop: threading.Event | None = None,
-        *,
-        max_batches: int | None = None,
-        checkpoint_on_exit: bool = True,
-    ) -> LoopStats:
-        """Process batches until stopped.
-
-        Args:
-            stop: Ends the loop when set (besides :meth:`stop`).
-            max_batches: Return after this many batches (tests, replays).
-            checkpoint_on_exit: Write a checkpoint when returning normally.
-
-        Returns:
-            The loop's counters.
-        """
-        try:
-            self.start()
-            self.ready.set()
-            done = 0
-            while not self._stop.is_set() and not (stop is not None and stop.is_set()):
-                if max_batches is not None and done >= max_batches:
-                    break
-                if self.run_once():
-                    done += 1
-                self._run_hooks()
-            if checkpoint_on_exit:
-                self.checkpoint()
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.ready.clear()
-        return self.stats
 
     def run_once(self) -> bool:
         """Poll one batch and commit it.

@@ -430,14 +430,18 @@ def scan_ticks(file: TickFile) -> pl.LazyFrame:
     return raw.select(_tick_exprs(file, raw))
 
 
-def _tick_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
+def _file_schema(file: TickFile, raw: pl.LazyFrame) -> pl.Schema:
+    """The columns of a tick or deal file, or a refusal naming the file."""
     try:
-        schema = raw.collect_schema()
+        return raw.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputFileError(
             f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
         ) from exc
-    return _schema_exprs(str(file.path), schema)
+
+
+def _tick_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
+    return _schema_exprs(str(file.path), _file_schema(file, raw))
 
 
 def _schema_exprs(where: str, schema: pl.Schema) -> list[pl.Expr]:
@@ -712,13 +716,7 @@ def scan_deals(file: TickFile) -> pl.LazyFrame:
 
 
 def _deal_file_exprs(file: TickFile, raw: pl.LazyFrame) -> list[pl.Expr]:
-    try:
-        schema = raw.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputFileError(
-            f"{file.path}: can't read as {file.format}: {_first_line(exc)}"
-        ) from exc
-    return _deal_exprs(str(file.path), schema)
+    return _deal_exprs(str(file.path), _file_schema(file, raw))
 
 
 def _deal_exprs(where: str, schema: pl.Schema) -> list[pl.Expr]:

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import pytest
+
 PROP_STREAM = Path(sys.executable).with_name("prop-stream")
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServiceProcess:
@@ -154,3 +160,55 @@ def run_prop_stream(
         timeout=timeout_s,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def api_server(db: Path) -> Iterator[str]:
+    """A real uvicorn serving the API on ``db`` until the block ends."""
+    port = free_port()
+    log_path = db.with_suffix(f".{port}.log")
+    env = {
+        **os.environ,
+        "PROP_STREAM_API_DB": str(db),
+        "PROP_STREAM_API_CACHE_SYNC_INTERVAL_S": "0.2",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--no-access-log", "--log-level", "warning"],
+            cwd=_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if process.poll() is not None:
+                    output = log_path.read_text(errors="replace")
+                    pytest.fail(f"uvicorn exited with {process.returncode}:\n{output}")
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("uvicorn did not answer /healthz within 30 s")
+                time.sleep(0.1)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from api_seed import Seeded, seed_database
+from service_process import api_server
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 ID_ROUTES = (
     "/prop/challenges/{id}",
     "/prop/challenges/{id}/metrics",
     "/prop/challenges/{id}/breaches",
     "/prop/challenges/{id}/flags",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -38,60 +27,8 @@ def seeded_file(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
 
 @pytest.fixture(scope="module")
 def server(seeded_file: Seeded) -> Iterator[str]:
-    port = _free_port()
-    log_path = Path(seeded_file.path).with_suffix(".log")
-    log = log_path.open("wb")
-    env = {
-        **os.environ,
-        "PROP_STREAM_API_DB": str(seeded_file.path),
-        "PROP_STREAM_API_CACHE_SYNC_INTERVAL_S": "0.2",
-    }
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                output = log_path.read_text(errors="replace")
-                pytest.fail(f"uvicorn exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("uvicorn did not answer /healthz within 30 s")
-            time.sleep(0.1)
+    with api_server(Path(seeded_file.path)) as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
 
 
 @pytest.fixture

@@ -12,13 +12,8 @@ hedged ones their flag, to alice only: bob gets 404, no session 401.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +22,7 @@ from typing import Any
 import httpx
 import polars as pl
 import pytest
+from service_process import api_server
 
 from prop_stream.jobs import JobWorker
 from prop_stream.rules import TICK_SCHEMA, RuleEngine
@@ -46,7 +42,6 @@ from prop_stream.store.flags import record_deal_opens
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DEAL_RULES: dict[str, Any] = {
     "initial_balance": 10_000,
     "profit_target": 0.1,
@@ -71,57 +66,6 @@ PROGRAM = ProgramIn(
         ),
     ),
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def uvicorn(db: Path) -> Iterator[str]:
-    """A real uvicorn serving the API on ``db`` until the block ends."""
-    port = _free_port()
-    log_path = db.with_suffix(f".{port}.log")
-    env = {
-        **os.environ,
-        "PROP_STREAM_API_DB": str(db),
-        "PROP_STREAM_API_CACHE_SYNC_INTERVAL_S": "0.2",
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if process.poll() is not None:
-                    output = log_path.read_text(errors="replace")
-                    pytest.fail(f"uvicorn exited with {process.returncode}:\n{output}")
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("uvicorn did not answer /healthz within 30 s")
-                time.sleep(0.1)
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
 
 def _buy(base: str, token: str, program_id: int, key: str) -> int:
@@ -265,7 +209,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         bob = create_session(conn, email="bob@example.com")
     finally:
         conn.close()
-    with uvicorn(db) as base:
+    with api_server(db) as base:
         listed = httpx.get(f"{base}/prop/programs/{program_id}").json()
         bought = [_buy(base, alice, program_id, f"a{i}") for i in range(3)]
         bought.append(_buy(base, bob, program_id, "b0"))
@@ -285,7 +229,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         }
     finally:
         conn.close()
-    with uvicorn(db) as base:
+    with api_server(db) as base:
         yield {
             "base": base,
             "alice": alice,

@@ -508,17 +508,7 @@ def _partition_deals(
     if not lazies:
         return []
     # The same hash as the ticks': an account's deals land in its ticks' partition.
-    query = pl.concat(
-        [
-            lazy.with_row_index("_row").with_columns(
-                _file=pl.lit(file.index, dtype=pl.UInt32)
-            )
-            for file, lazy in zip(files, lazies, strict=True)
-        ],
-        how="vertical",
-    ).with_columns(
-        _part=(pl.col("account_id").hash(seed=0) % partitions).cast(pl.UInt32)
-    )
+    query = _tagged(files, lazies, partitions)
     try:
         query.sink_parquet(
             pl.PartitionBy(tmp, key="_part", include_key=True), mkdir=True
@@ -551,14 +541,15 @@ def _read_deal_partition(parts: Sequence[Path], part: int) -> pl.DataFrame:
 _SEQ: Final = "_seq"
 
 
-def _partition(
-    files: Sequence[TickFile],
-    lazies: Sequence[pl.LazyFrame],
-    tmp: Path,
-    partitions: int,
-) -> list[Path]:
-    # `_file` and `_row` keep the input order for ties through the partitions.
-    query = pl.concat(
+def _tagged(
+    files: Sequence[TickFile], lazies: Sequence[pl.LazyFrame], partitions: int
+) -> pl.LazyFrame:
+    """The rows with their input position and their partition.
+
+    ``_file`` and ``_row`` keep the tiebreak through the partitions; ``_part`` is a
+    hash of the account, so an account's ticks and deals land in the same one.
+    """
+    return pl.concat(
         [
             lazy.with_row_index("_row").with_columns(
                 _file=pl.lit(file.index, dtype=pl.UInt32)
@@ -569,6 +560,15 @@ def _partition(
     ).with_columns(
         _part=(pl.col("account_id").hash(seed=0) % partitions).cast(pl.UInt32)
     )
+
+
+def _partition(
+    files: Sequence[TickFile],
+    lazies: Sequence[pl.LazyFrame],
+    tmp: Path,
+    partitions: int,
+) -> list[Path]:
+    query = _tagged(files, lazies, partitions)
     try:
         query.sink_parquet(
             pl.PartitionBy(tmp, key="_part", include_key=True), mkdir=True

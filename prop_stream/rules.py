@@ -190,6 +190,28 @@ def _to_micros(value: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+#: A rule set as a hashable value (see :func:`rules_key`).
+RulesKey = tuple[tuple[str, ...], tuple[type, ...], tuple[Any, ...]]
+
+
+def rules_key(rules: Mapping[str, Any]) -> RulesKey | None:
+    """A hashable key equal only for equal rule sets, or None if a value is unhashable.
+
+    Names, value types and values in the mapping's order (built without a Python
+    loop: it runs once per phase registered). The types keep ``1``, ``1.0`` and
+    ``True``, equal in Python but judged differently by the validation, apart.
+    Equal rule sets written in another order get another key, which only costs
+    a second build.
+    """
+    values = tuple(rules.values())
+    key = (tuple(rules), tuple(map(type, values)), values)
+    try:
+        hash(values)
+    except TypeError:
+        return None
+    return key
+
+
 def validate_rules(rules: Mapping[str, Any]) -> dict[str, object]:
     """Validate a rule set and return it with every default filled in.
 
@@ -339,6 +361,10 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     return frame
 
 
+#: Distinct rule sets a :class:`RuleEngine` keeps built (a bound on memory).
+_RULES_CACHE_SIZE: Final = 4_096
+
+
 class RuleEngine:
     """Judges challenge phases on batches of equity ticks.
 
@@ -347,7 +373,7 @@ class RuleEngine:
     the whole state can be snapshotted to bytes and restored.
     """
 
-    __slots__ = ("_ev",)
+    __slots__ = ("_ev", "_rules")
 
     def __init__(
         self,
@@ -365,6 +391,9 @@ class RuleEngine:
         self._ev = (
             _evaluator if _evaluator is not None else _core.Evaluator(grouping=grouping)
         )
+        # Built rule sets by :func:`rules_key`: thousands of phases usually share
+        # a few programs' rules, and building one costs more than registering.
+        self._rules: dict[RulesKey, _core.ChallengeRules] = {}
 
     def __len__(self) -> int:
         return len(self._ev)
@@ -378,12 +407,18 @@ class RuleEngine:
         Raises:
             RuleConfigError: The rules are invalid or the account is taken.
         """
+        key = rules_key(spec.rules)
+        rules = None if key is None else self._rules.get(key)
+        if rules is None:
+            rules = _core.ChallengeRules(dict(spec.rules))
+            if key is not None and len(self._rules) < _RULES_CACHE_SIZE:
+                self._rules[key] = rules
         self._ev.register(
             spec.account_id,
             challenge_id=spec.challenge_id,
             phase_index=spec.phase_index,
             started_at_us=_to_micros(spec.started_at),
-            rules=_core.ChallengeRules(dict(spec.rules)),
+            rules=rules,
         )
 
     def remove(self, account_id: int) -> bool:

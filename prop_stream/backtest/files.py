@@ -30,8 +30,10 @@ from prop_stream.rules import DEAL_COLUMNS as ENGINE_DEAL_COLUMNS
 from prop_stream.rules import (
     TICK_SCHEMA,
     PhaseSpec,
+    RulesKey,
     from_epoch_ms,
     parse_ts_text,
+    rules_key,
     validate_rules,
 )
 
@@ -180,8 +182,9 @@ def parse_rules_config(doc: object) -> RulesConfig:
     specs: list[PhaseSpec] = []
     customers: dict[int, str] = {}
     seen: dict[int, int] = {}
+    valid: set[RulesKey] = set()
     for index, entry in enumerate(accounts):
-        spec = _parse_account(index, entry)
+        spec = _parse_account(index, entry, valid)
         if spec.account_id in seen:
             raise InputFileError(
                 f"account {spec.account_id}: listed twice "
@@ -222,7 +225,7 @@ def _parse_hedge_window(value: object) -> float | None:
     return window
 
 
-def _parse_account(index: int, entry: object) -> PhaseSpec:
+def _parse_account(index: int, entry: object, valid: set[RulesKey]) -> PhaseSpec:
     where = f"accounts[{index}]"
     if not isinstance(entry, dict):
         raise InputFileError(f"{where}: must be an object, got {_kind(entry)}")
@@ -256,10 +259,16 @@ def _parse_account(index: int, entry: object) -> PhaseSpec:
     rules = entry["rules"]
     if not isinstance(rules, dict):
         raise InputFileError(f"{where}: rules: must be an object, got {_kind(rules)}")
-    try:
-        validate_rules(rules)
-    except RuleConfigError as exc:
-        raise InputFileError(f"{where}: {_rule_error_message(exc)}") from exc
+    # A rules file usually repeats a few programs' rules over thousands of
+    # accounts: each distinct rule set is validated once.
+    rules_id = rules_key(rules)
+    if rules_id is None or rules_id not in valid:
+        try:
+            validate_rules(rules)
+        except RuleConfigError as exc:
+            raise InputFileError(f"{where}: {_rule_error_message(exc)}") from exc
+        if rules_id is not None:
+            valid.add(rules_id)
     return PhaseSpec(
         account_id=account_id,
         challenge_id=challenge_id,
@@ -302,12 +311,15 @@ def _rule_error_message(exc: RuleConfigError) -> str:
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
+    out = dict(pairs)
+    if len(out) == len(pairs):  # the usual case, decided without a Python loop
+        return out
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
             raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
+        seen.add(key)
+    return out  # pragma: no cover - a shorter dict always has a repeated key
 
 
 def _refuse_constant(name: str) -> object:

@@ -23,6 +23,7 @@ from prop_stream import (
     normalize_ticks,
     validate_rules,
 )
+from prop_stream.rules import rules_key
 
 START = datetime(2026, 3, 27, tzinfo=UTC)
 RULES = {
@@ -176,6 +177,40 @@ def test_engine_register_twice_is_refused() -> None:
     with pytest.raises(RuleConfigError) as info:
         engine.register(PhaseSpec(0, "other", 0, START, RULES))
     assert info.value.field == "account_id"
+
+
+def test_equal_rule_sets_are_built_once_but_judged_by_their_own_values() -> None:
+    # The engine builds each distinct rule set once; values equal in Python but
+    # of another type (True == 1) must still be validated on their own.
+    engine = RuleEngine()
+    engine.register(PhaseSpec(1, "c1", 0, START, {**RULES, "initial_balance": 1}))
+    engine.register(PhaseSpec(2, "c2", 0, START, {**RULES, "initial_balance": 1}))
+    with pytest.raises(RuleConfigError) as info:
+        engine.register(
+            PhaseSpec(3, "c3", 0, START, {**RULES, "initial_balance": True})
+        )
+    assert info.value.field == "initial_balance"
+    # Two phases sharing a built rule set are judged independently.
+    engine.register(PhaseSpec(4, "c4", 0, START, dict(RULES)))
+    engine.register(PhaseSpec(5, "c5", 0, START, dict(RULES)))
+    ticks = pl.DataFrame(
+        {
+            "account_id": [4, 5],
+            "ts": [START + timedelta(hours=1)] * 2,
+            "equity": [10_000.0, 9_000.0],
+            "balance": [10_000.0, 10_000.0],
+        }
+    )
+    out = engine.process(ticks)
+    assert out.breaches["account_id"].to_list() == [5]
+
+
+def test_rules_key_keeps_types_apart_and_gives_up_on_unhashable_values() -> None:
+    assert rules_key({"a": 1, "b": "x"}) == rules_key({"a": 1, "b": "x"})
+    assert rules_key({"a": 1}) != rules_key({"a": 1.0})
+    assert rules_key({"a": 1}) != rules_key({"a": True})
+    assert rules_key({"a": 1}) != rules_key({"b": 1})
+    assert rules_key({"a": [1]}) is None
 
 
 def test_engine_remove_forgets_phase() -> None:

@@ -164,6 +164,28 @@ BAD_INPUTS: list[tuple[str, BadInput, list[str]]] = [
         ["account 1001: unknown key(s): rule"],
     ),
     (
+        # Rule sets are validated once per distinct set: a later account with a
+        # value equal in Python (True == 1) but of another type is still refused.
+        "repeated-rules-then-bad-type",
+        lambda c: c.write_rules(
+            {
+                "accounts": [
+                    account(1001, initial_balance=1),
+                    account(1002, initial_balance=1),
+                    account(1003, initial_balance=True),
+                ]
+            }
+        ),
+        ["account 1003: rules.initial_balance: must be a number, got true"],
+    ),
+    (
+        "json-duplicate-nested-key",
+        lambda c: c.rules.write_text(
+            '{"accounts": [{"account_id": 1, "account_id": 2}]}'
+        ),
+        ["rules.json: not valid JSON: duplicate key 'account_id'"],
+    ),
+    (
         "unknown-top-level-key",
         lambda c: c.write_rules({"acounts": [account()]}),
         ["unknown top-level key(s): acounts"],

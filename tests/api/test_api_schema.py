@@ -1,8 +1,9 @@
 """Property-based API testing from the OpenAPI schema (schemathesis).
 
 Every route, with generated parameters and bodies, as a customer with a session:
-no answer may be a server error. The app runs in process over a real DuckDB file
-with the demo data, the purchase routes included.
+no answer may be a server error. The app runs in process over each store backend
+with the demo data (a real DuckDB file, a fresh database on a real PostgreSQL
+server), the purchase routes included.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from pg_support import BACKENDS, fresh_database
 from purchase_seed import Shop, make_shop
 from schemathesis.checks import not_a_server_error
 
@@ -20,13 +22,23 @@ from api.core.config import ApiSettings
 from api.main import create_app
 
 
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
-    made = make_shop(tmp_path_factory.mktemp("schema") / "shop.duckdb")
-    try:
-        yield made
-    finally:
-        made.conn.close()
+@pytest.fixture(scope="module", params=BACKENDS)
+def shop(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Shop]:
+    if request.param == "duckdb":
+        made = make_shop(tmp_path_factory.mktemp("schema") / "shop.duckdb")
+        try:
+            yield made
+        finally:
+            made.conn.close()
+        return
+    with fresh_database(request.getfixturevalue("pg_server")) as url:
+        made = make_shop(url)
+        try:
+            yield made
+        finally:
+            made.conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The hot read in front of FastAPI: ``GET /prop/challenges/{id}`` from memory.
 
 The terminal polls one challenge's runtime state far more often than anything
-else. The route in :mod:`api.routes.runtime` answers it from the in-memory
+else. The route in :mod:`api.routes.challenges` answers it from the in-memory
 :class:`~api.cache.RuntimeCache` already, but FastAPI's routing, dependency
 solving and response classes cost about ten times the lookup itself. This ASGI
 middleware answers the common case before any of that:

@@ -35,7 +35,7 @@ from api.db import Database
 from api.deps import AppState
 from api.hot import HotReads
 from api.limits import BodyLimit, public_routes
-from api.routes import admin, challenges, health, programs, purchase, runtime
+from api.routes import admin, challenges, health, programs, purchase
 from api.telemetry import RequestTelemetry
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import Connection, PhaseRegistry, connect, is_postgres
@@ -179,7 +179,6 @@ def create_app(
             admin.router,
             programs.router,
             challenges.router,
-            runtime.router,
             purchase.router,
             purchase.payers_router,
         )

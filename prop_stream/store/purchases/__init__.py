@@ -24,10 +24,7 @@ can never go below zero, whatever happened in between.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -39,7 +36,7 @@ from prop_stream.store.catalog import (
     open_account,
     validate_program,
 )
-from prop_stream.store.db import Connection, is_postgres, run_in_transaction
+from prop_stream.store.db import Connection, run_in_transaction
 from prop_stream.store.exceptions import (
     InvalidProgramError,
     NotFoundError,
@@ -68,6 +65,7 @@ from prop_stream.store.lifecycle import (
     start_challenge,
 )
 from prop_stream.store.purchases.exceptions import PurchaseError
+from prop_stream.store.purchases.locks import lock_payer, payer_lock
 from prop_stream.store.purchases.status import (
     CANCELLED,
     INSUFFICIENT_FUNDS,
@@ -92,39 +90,6 @@ PAYER_REASONS: Final = (
     "wrong_currency",
     "insufficient_balance",
 )
-
-# ------------------------------------------------------------------ locks
-
-_locks_guard = threading.Lock()
-_payer_locks: dict[int, threading.Lock] = {}
-
-
-@contextlib.contextmanager
-def payer_lock(account_id: int) -> Iterator[None]:
-    """Serialize purchases (and retries) on one payer account in this process.
-
-    Hold it around the whole transaction, so the next purchase's snapshot sees
-    the fee this one reserved.
-    """
-    with _locks_guard:
-        lock = _payer_locks.setdefault(account_id, threading.Lock())
-    with lock:
-        yield
-
-
-def lock_payer(conn: Connection, account_id: int) -> None:
-    """Serialize purchases on one payer across processes (PostgreSQL only).
-
-    Call first in the purchase's transaction: the row lock is held until it
-    commits, so the next purchase on the payer waits and then sees the fee
-    this one reserved. DuckDB has one writing process: :func:`payer_lock` does.
-    """
-    if is_postgres(conn):
-        conn.execute(
-            "SELECT 1 FROM trading_accounts WHERE account_id = ? FOR UPDATE",
-            [account_id],
-        )
-
 
 # --------------------------------------------------------------- programs
 

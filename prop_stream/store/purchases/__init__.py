@@ -24,24 +24,14 @@ can never go below zero, whatever happened in between.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
 
-from prop_stream.store.catalog import (
-    ProgramIn,
-    ProgramPhaseIn,
-    open_account,
-    validate_program,
-)
+from prop_stream.store.catalog import open_account
 from prop_stream.store.db import Connection, run_in_transaction
-from prop_stream.store.exceptions import (
-    InvalidProgramError,
-    NotFoundError,
-    StoreError,
-)
+from prop_stream.store.exceptions import NotFoundError, StoreError
 from prop_stream.store.jobs import (
     FEE_WITHDRAWAL,
     INITIAL_DEPOSIT,
@@ -66,6 +56,12 @@ from prop_stream.store.lifecycle import (
 )
 from prop_stream.store.purchases.exceptions import PurchaseError
 from prop_stream.store.purchases.locks import lock_payer, payer_lock
+from prop_stream.store.purchases.programs import (
+    PhaseInfo,
+    ProgramInfo,
+    ensure_sellable,
+    program_info,
+)
 from prop_stream.store.purchases.status import (
     CANCELLED,
     INSUFFICIENT_FUNDS,
@@ -90,114 +86,6 @@ PAYER_REASONS: Final = (
     "wrong_currency",
     "insufficient_balance",
 )
-
-# --------------------------------------------------------------- programs
-
-
-@dataclass(frozen=True, slots=True)
-class PhaseInfo:
-    """A program phase as a purchase shows it."""
-
-    phase_index: int
-    name: str
-    phase_type: int
-    account_group: str
-    initial_balance: Decimal
-
-
-@dataclass(frozen=True, slots=True)
-class ProgramInfo:
-    """What a purchase needs of a program."""
-
-    id: int
-    name: str
-    price: Decimal
-    currency: str
-    active: bool
-    phases: tuple[PhaseInfo, ...]
-    valid: bool
-    invalid_reason: str | None
-
-
-def program_info(conn: Connection, *, program_id: int) -> ProgramInfo:
-    """A program, its phases and whether it can be sold.
-
-    Raises:
-        NotFoundError: No such program.
-    """
-    row = conn.execute(
-        "SELECT id, name, price, currency, active, description FROM programs "
-        "WHERE id = ?",
-        [program_id],
-    ).fetchone()
-    if row is None:
-        raise NotFoundError(f"program {program_id} not found")
-    phases = conn.execute(
-        "SELECT phase_index, name, phase_type, account_group, rules, profit_split "
-        "FROM program_phases WHERE program_id = ? ORDER BY phase_index",
-        [program_id],
-    ).fetchall()
-    valid, reason = True, None
-    try:
-        validate_program(
-            conn,
-            ProgramIn(
-                name=str(row[1]),
-                price=Decimal(str(row[2])),
-                currency=str(row[3]),
-                description=str(row[5]),
-                phases=tuple(
-                    ProgramPhaseIn(
-                        name=str(name),
-                        phase_type=int(ptype),
-                        account_group=str(group),
-                        rules=json.loads(str(rules)),
-                        profit_split=None if split is None else Decimal(str(split)),
-                    )
-                    for _, name, ptype, group, rules, split in phases
-                ),
-            ),
-        )
-    except InvalidProgramError as exc:
-        valid, reason = False, exc.code
-    return ProgramInfo(
-        id=int(row[0]),
-        name=str(row[1]),
-        price=Decimal(str(row[2])),
-        currency=str(row[3]),
-        active=bool(row[4]),
-        phases=tuple(
-            PhaseInfo(
-                phase_index=int(index),
-                name=str(name),
-                phase_type=int(ptype),
-                account_group=str(group),
-                initial_balance=Decimal(
-                    str(json.loads(str(rules)).get("initial_balance", 0))
-                ).quantize(Decimal("0.01")),
-            )
-            for index, name, ptype, group, rules, _ in phases
-        ),
-        valid=valid,
-        invalid_reason=reason,
-    )
-
-
-def _sellable(program: ProgramInfo) -> None:
-    if not program.active:
-        raise PurchaseError(
-            "program_not_available",
-            f"program {program.id} is not for sale",
-            field="program_id",
-        )
-    if not program.valid:
-        raise PurchaseError(
-            "program_invalid",
-            f"program {program.id} is invalid ({program.invalid_reason})",
-            field="program_id",
-            details={"reason": program.invalid_reason},
-        )
-
 
 # ----------------------------------------------------------------- payers
 
@@ -455,7 +343,7 @@ def buy_prop_challenge(
         if found is not None:
             raise _AlreadyBought(found)
     program = program_info(conn, program_id=program_id)
-    _sellable(program)
+    ensure_sellable(program)
     _eligible(
         check_payer(
             conn, customer_id=customer_id, account_id=payer_account_id, program=program
@@ -734,7 +622,7 @@ def retry_purchase(
         )
     program = program_info(conn, program_id=record.program_id)
     try:
-        _sellable(program)
+        ensure_sellable(program)
     except PurchaseError as exc:
         exc.conflict = True
         raise

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Final
+from typing import Any
 
 from prop_stream.store.catalog import open_account
 from prop_stream.store.db import Connection, run_in_transaction
@@ -46,7 +45,6 @@ from prop_stream.store.jobs import (
     is_applied,
     mark_job,
     record_withdrawal,
-    updated_rows,
 )
 from prop_stream.store.lifecycle import (
     CHALLENGE_ACTIVE,
@@ -68,6 +66,17 @@ from prop_stream.store.purchases.programs import (
     ProgramInfo,
     ensure_sellable,
     program_info,
+)
+from prop_stream.store.purchases.records import (
+    PurchaseRecord,
+    funded_purchases,
+    get_purchase,
+    insert_purchase,
+    list_purchases,
+    purchase_by_key,
+    purchase_status,
+    set_status,
+    status_counts,
 )
 from prop_stream.store.purchases.status import (
     CANCELLED,
@@ -123,11 +132,7 @@ def find_by_idempotency_key(
     Raises:
         PurchaseError: ``idempotency_mismatch``: the key came with another body.
     """
-    row = conn.execute(
-        "SELECT id, request_hash FROM purchases "
-        "WHERE customer_id = ? AND idempotency_key = ?",
-        [customer_id, key],
-    ).fetchone()
+    row = purchase_by_key(conn, customer_id=customer_id, key=key)
     if row is None:
         return None
     if row[1] != request_hash:
@@ -234,121 +239,26 @@ def buy_prop_challenge(
             conn, customer_id=customer_id, account_id=payer_account_id, program=program
         )
     )
-    row = conn.execute(
-        "INSERT INTO purchases (customer_id, program_id, payer_account_id, status, "
-        "price, currency, idempotency_key, request_hash, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        [
-            customer_id,
-            program_id,
-            payer_account_id,
-            PURCHASE_PENDING,
-            program.price,
-            program.currency,
-            idempotency_key,
-            request_hash,
-            now,
-            now,
-        ],
-    ).fetchone()
-    assert row is not None  # noqa: S101 - INSERT ... RETURNING returns the row
+    purchase_id = insert_purchase(
+        conn,
+        customer_id=customer_id,
+        program_id=program_id,
+        payer_account_id=payer_account_id,
+        price=program.price,
+        currency=program.currency,
+        now=now,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
     return _start(
         conn,
-        purchase_id=int(row[0]),
+        purchase_id=purchase_id,
         attempt=1,
         customer_id=customer_id,
         program=program,
         payer_account_id=payer_account_id,
         now=now,
     )
-
-
-# ------------------------------------------------------------------ reading
-
-
-@dataclass(frozen=True, slots=True)
-class PurchaseRecord:
-    """A purchase as the API shows it.
-
-    Attributes:
-        refund_status: The status of its refund job, None without one.
-    """
-
-    id: int
-    customer_id: int
-    program_id: int
-    program_name: str
-    payer_account_id: int
-    challenge_id: int | None
-    status: int
-    price: Decimal
-    currency: str
-    failure_reason: str | None
-    refund_status: str | None
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def status_name(self) -> str:
-        """The status's name."""
-        return PURCHASE_STATUS_NAMES[self.status]
-
-
-_PURCHASE_SQL: Final = """
-    SELECT p.id, p.customer_id, p.program_id, pr.name, p.payer_account_id,
-        (SELECT max(c.id) FROM challenges AS c WHERE c.purchase_id = p.id),
-        p.status, p.price, p.currency, p.failure_reason,
-        (SELECT max(j.status) FROM jobs AS j
-            WHERE j.purchase_id = p.id AND j.kind = 'refund'),
-        p.created_at, p.updated_at
-    FROM purchases AS p JOIN programs AS pr ON pr.id = p.program_id
-"""
-
-
-def _record(row: tuple[Any, ...]) -> PurchaseRecord:
-    return PurchaseRecord(
-        id=int(row[0]),
-        customer_id=int(row[1]),
-        program_id=int(row[2]),
-        program_name=str(row[3]),
-        payer_account_id=int(row[4]),
-        challenge_id=None if row[5] is None else int(row[5]),
-        status=int(row[6]),
-        price=Decimal(str(row[7])),
-        currency=str(row[8]),
-        failure_reason=row[9],
-        refund_status=row[10],
-        created_at=row[11],
-        updated_at=row[12],
-    )
-
-
-def get_purchase(
-    conn: Connection, *, purchase_id: int, customer_id: int | None = None
-) -> PurchaseRecord | None:
-    """One purchase; None when missing or (with ``customer_id``) someone else's."""
-    sql = _PURCHASE_SQL + " WHERE p.id = ?"
-    params: list[Any] = [purchase_id]
-    if customer_id is not None:
-        sql += " AND p.customer_id = ?"
-        params.append(customer_id)
-    row = conn.execute(sql, params).fetchone()
-    return None if row is None else _record(row)
-
-
-def list_purchases(
-    conn: Connection, *, customer_id: int, limit: int, offset: int
-) -> tuple[list[PurchaseRecord], int]:
-    """A page of a customer's purchases, newest first, and their total."""
-    total = conn.execute(
-        "SELECT count(*) FROM purchases WHERE customer_id = ?", [customer_id]
-    ).fetchone()
-    rows = conn.execute(
-        _PURCHASE_SQL + " WHERE p.customer_id = ? "
-        "ORDER BY p.created_at DESC, p.id DESC LIMIT ? OFFSET ?",
-        [customer_id, limit, offset],
-    ).fetchall()
-    return [_record(r) for r in rows], int(total[0]) if total else 0
 
 
 # ------------------------------------------------------------ retry, cancel
@@ -359,26 +269,6 @@ def _owned(conn: Connection, purchase_id: int, customer_id: int) -> PurchaseReco
     if record is None:
         raise NotFoundError(f"purchase {purchase_id} not found")
     return record
-
-
-def _set_status(
-    conn: Connection,
-    purchase_id: int,
-    status: int,
-    now: datetime,
-    *,
-    reason: str | None = None,
-    when: tuple[int, ...] | None = None,
-) -> bool:
-    sql = (
-        "UPDATE purchases SET status = ?, failure_reason = ?, updated_at = ? "
-        "WHERE id = ?"
-    )
-    params: list[Any] = [status, reason, now, purchase_id]
-    if when is not None:
-        sql += " AND status IN (SELECT unnest(?::INTEGER[]))"
-        params.append(list(when))
-    return updated_rows(conn, sql, params) > 0
 
 
 def _end_challenges(
@@ -464,7 +354,7 @@ def cancel_purchase(
             now=now,
             purchase_id=purchase_id,
         )
-    if not _set_status(
+    if not set_status(
         conn,
         purchase_id,
         PURCHASE_FAILED,
@@ -524,7 +414,7 @@ def retry_purchase(
         "SELECT count(*) FROM jobs WHERE purchase_id = ? AND kind = ?",
         [purchase_id, FEE_WITHDRAWAL],
     ).fetchone()
-    if not _set_status(
+    if not set_status(
         conn, purchase_id, PURCHASE_PENDING, now, when=(PURCHASE_FAILED,)
     ):
         raise PurchaseError(
@@ -580,7 +470,7 @@ def apply_job(conn: Connection, *, job_id: int, now: datetime) -> JobOutcome:
             return JobOutcome(job_id, "failed")
         mark_job(conn, job_id=job_id, status="done", now=now)
         if job.purchase_id is not None:
-            _set_status(
+            set_status(
                 conn,
                 job.purchase_id,
                 PURCHASE_REFUNDED,
@@ -592,23 +482,16 @@ def apply_job(conn: Connection, *, job_id: int, now: datetime) -> JobOutcome:
     raise ValueError(f"unknown job kind {job.kind!r}")
 
 
-def _purchase_status(conn: Connection, purchase_id: int) -> int | None:
-    row = conn.execute(
-        "SELECT status FROM purchases WHERE id = ?", [purchase_id]
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
 def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
     if job.purchase_id is not None and (
-        _purchase_status(conn, job.purchase_id) != PURCHASE_PENDING
+        purchase_status(conn, job.purchase_id) != PURCHASE_PENDING
     ):
         mark_job(conn, job_id=job.id, status="cancelled", now=now)
         return JobOutcome(job.id, "cancelled")
     if debit(conn, account_id=job.account_id, amount=job.amount):
         record_withdrawal(conn, job=job, now=now)
         if job.purchase_id is not None:
-            _set_status(
+            set_status(
                 conn, job.purchase_id, PURCHASE_PAID, now, when=(PURCHASE_PENDING,)
             )
         return JobOutcome(job.id, "applied")
@@ -627,7 +510,7 @@ def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
         return JobOutcome(job.id, "failed")
     cancel_jobs(conn, purchase_id=job.purchase_id, kinds=(INITIAL_DEPOSIT,), now=now)
     challenges, removed = _end_challenges(conn, job.purchase_id, now)
-    _set_status(
+    set_status(
         conn,
         job.purchase_id,
         PURCHASE_FAILED,
@@ -647,9 +530,7 @@ def _deposit(conn: Connection, job: Job, now: datetime) -> JobOutcome:
     if phase is not None and phase[0] == "cancelled":
         mark_job(conn, job_id=job.id, status="cancelled", now=now)
         return JobOutcome(job.id, "cancelled")
-    status = (
-        None if job.purchase_id is None else _purchase_status(conn, job.purchase_id)
-    )
+    status = None if job.purchase_id is None else purchase_status(conn, job.purchase_id)
     if status == PURCHASE_PENDING:
         # The fee comes first: its job is older and the worker takes it next.
         return JobOutcome(job.id, "deferred")
@@ -661,7 +542,7 @@ def _deposit(conn: Connection, job: Job, now: datetime) -> JobOutcome:
         return JobOutcome(job.id, "failed")
     mark_job(conn, job_id=job.id, status="done", now=now)
     changed: tuple[int, ...] = ()
-    if job.purchase_id is not None and _set_status(
+    if job.purchase_id is not None and set_status(
         conn, job.purchase_id, PURCHASE_ACCOUNT_CREATED, now, when=(PURCHASE_PAID,)
     ):
         changed = () if job.challenge_id is None else (job.challenge_id,)
@@ -674,22 +555,13 @@ def activate_purchases(conn: Connection, *, now: datetime) -> list[int]:
     Returns:
         The purchases activated.
     """
-    rows = conn.execute(
-        "SELECT id FROM purchases WHERE status = ? AND id IN ("
-        "SELECT purchase_id FROM challenges WHERE status IN (?, ?) "
-        "AND purchase_id IS NOT NULL) ORDER BY id",
-        [PURCHASE_ACCOUNT_CREATED, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
-    ).fetchall()
-    for (purchase_id,) in rows:
+    funded = funded_purchases(conn)
+    for purchase_id in funded:
         # No RETURNING: challenges reference purchases (see jobs.updated_rows).
-        _set_status(
-            conn,
-            int(purchase_id),
-            PURCHASE_ACTIVE,
-            now,
-            when=(PURCHASE_ACCOUNT_CREATED,),
+        set_status(
+            conn, purchase_id, PURCHASE_ACTIVE, now, when=(PURCHASE_ACCOUNT_CREATED,)
         )
-    return [int(r[0]) for r in rows]
+    return funded
 
 
 __all__ = [
@@ -829,10 +701,8 @@ def outbox_summary(conn: Connection, *, now: datetime) -> dict[str, Any]:
         "outbox_oldest_age_s": seconds}`` (0 when no job waits).
     """
     purchases = {
-        PURCHASE_STATUS_NAMES.get(int(status), str(status)): int(n)
-        for status, n in conn.execute(
-            "SELECT status, count(*) FROM purchases GROUP BY status"
-        ).fetchall()
+        PURCHASE_STATUS_NAMES.get(status, str(status)): n
+        for status, n in status_counts(conn).items()
     }
     row = conn.execute(
         "SELECT count(*), min(created_at) FROM jobs WHERE status = 'pending'"

@@ -24,12 +24,10 @@ can never go below zero, whatever happened in between.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from prop_stream.store.db import Connection
-from prop_stream.store.exceptions import NotFoundError
 from prop_stream.store.jobs import (
     FEE_WITHDRAWAL,
     INITIAL_DEPOSIT,
@@ -39,23 +37,22 @@ from prop_stream.store.jobs import (
     cancel_jobs,
     credit,
     debit,
-    enqueue,
     get_job,
     is_applied,
     mark_job,
     record_withdrawal,
 )
-from prop_stream.store.lifecycle import (
-    CHALLENGE_ACTIVE,
-    CHALLENGE_PASSED,
-    cancel_challenge,
+from prop_stream.store.purchases.actions import (
+    Cancelled,
+    cancel_purchase,
+    end_challenges,
+    retry_purchase,
 )
 from prop_stream.store.purchases.buying import (
     Bought,
     buy_prop_challenge,
     find_by_idempotency_key,
     purchase_once,
-    start_attempt,
 )
 from prop_stream.store.purchases.exceptions import PurchaseError
 from prop_stream.store.purchases.locks import lock_payer, payer_lock
@@ -63,13 +60,11 @@ from prop_stream.store.purchases.payers import (
     PAYER_REASONS,
     PayerCheck,
     check_payer,
-    ensure_eligible,
     payer_accounts,
 )
 from prop_stream.store.purchases.programs import (
     PhaseInfo,
     ProgramInfo,
-    ensure_sellable,
     program_info,
 )
 from prop_stream.store.purchases.records import (
@@ -97,176 +92,6 @@ from prop_stream.store.purchases.status import (
     Lifecycle,
     lifecycle_fields,
 )
-
-# ------------------------------------------------------------ retry, cancel
-
-
-def _owned(conn: Connection, purchase_id: int, customer_id: int) -> PurchaseRecord:
-    record = get_purchase(conn, purchase_id=purchase_id, customer_id=customer_id)
-    if record is None:
-        raise NotFoundError(f"purchase {purchase_id} not found")
-    return record
-
-
-def _end_challenges(
-    conn: Connection, purchase_id: int, now: datetime
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Cancel a purchase's running challenges; disable their accounts."""
-    ids = [
-        int(c)
-        for (c,) in conn.execute(
-            "SELECT id FROM challenges WHERE purchase_id = ? AND status IN (?, ?)",
-            [purchase_id, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
-        ).fetchall()
-    ]
-    removed: list[int] = []
-    for challenge_id in ids:
-        removed += cancel_challenge(conn, challenge_id=challenge_id, now=now)
-    if removed:
-        conn.execute(
-            "UPDATE trading_accounts SET enabled = false "
-            "WHERE account_id IN (SELECT unnest(?::BIGINT[]))",
-            [removed],
-        )
-    return tuple(ids), tuple(removed)
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """What :func:`cancel_purchase` changed.
-
-    Attributes:
-        challenge_ids: Challenges cancelled (refresh the cache).
-        removed_accounts: Phase accounts the engine must stop judging.
-        refund_job_id: The refund written to the outbox, if the fee was paid.
-    """
-
-    challenge_ids: tuple[int, ...]
-    removed_accounts: tuple[int, ...]
-    refund_job_id: int | None
-
-
-def cancel_purchase(
-    conn: Connection, *, customer_id: int, purchase_id: int, now: datetime
-) -> Cancelled:
-    """Cancel a purchase that allows it (``can_cancel``), in the caller's transaction.
-
-    Before the fee is withdrawn (or after the withdrawal failed) nothing is owed:
-    the jobs are cancelled. After it, a ``refund`` job is written (once per
-    purchase) and the purchase becomes ``refunded`` when the worker applied it.
-    Either way the challenge is cancelled and the purchase ``failed`` with
-    ``failure_reason`` ``cancelled`` until a refund lands.
-
-    Raises:
-        NotFoundError: Not the customer's purchase.
-        PurchaseError: ``not_cancellable`` (409).
-    """
-    record = _owned(conn, purchase_id, customer_id)
-    lock_payer(conn, record.payer_account_id)
-    fields = lifecycle_fields(
-        record.status, record.failure_reason, record.refund_status
-    )
-    if not fields.can_cancel:
-        raise PurchaseError(
-            "not_cancellable",
-            f"purchase {purchase_id} is {record.status_name} and can't be cancelled",
-            conflict=True,
-            details={"status": record.status, "status_name": record.status_name},
-        )
-    cancel_jobs(
-        conn,
-        purchase_id=purchase_id,
-        kinds=(FEE_WITHDRAWAL, INITIAL_DEPOSIT),
-        now=now,
-    )
-    challenges, removed = _end_challenges(conn, purchase_id, now)
-    refund = None
-    if record.status in (PURCHASE_PAID, PURCHASE_ACCOUNT_CREATED):
-        refund = enqueue(
-            conn,
-            kind=REFUND,
-            dedupe_key=f"refund:{purchase_id}",
-            account_id=record.payer_account_id,
-            amount=record.price,
-            now=now,
-            purchase_id=purchase_id,
-        )
-    if not set_status(
-        conn,
-        purchase_id,
-        PURCHASE_FAILED,
-        now,
-        reason=CANCELLED,
-        when=(record.status,),
-    ):
-        raise PurchaseError(
-            "not_cancellable",
-            f"purchase {purchase_id} changed; try again",
-            conflict=True,
-        )
-    return Cancelled(challenges, removed, refund)
-
-
-def retry_purchase(
-    conn: Connection, *, customer_id: int, purchase_id: int, now: datetime
-) -> Bought:
-    """Retry a purchase whose payment failed (``can_retry``), in the caller's txn.
-
-    A new fee withdrawal, a new first-phase account and a new challenge, as in
-    BuyPropChallenge; the purchase is ``pending`` again. Hold :func:`payer_lock`.
-
-    Raises:
-        NotFoundError: Not the customer's purchase.
-        PurchaseError: ``not_retryable`` (409), or the payer still can't pay
-            (``payer_not_eligible``, 409), or the program is no longer sold.
-    """
-    record = _owned(conn, purchase_id, customer_id)
-    lock_payer(conn, record.payer_account_id)
-    fields = lifecycle_fields(
-        record.status, record.failure_reason, record.refund_status
-    )
-    if not fields.can_retry:
-        raise PurchaseError(
-            "not_retryable",
-            f"purchase {purchase_id} is {record.status_name} and can't be retried",
-            conflict=True,
-            details={"status": record.status, "status_name": record.status_name},
-        )
-    program = program_info(conn, program_id=record.program_id)
-    try:
-        ensure_sellable(program)
-    except PurchaseError as exc:
-        exc.conflict = True
-        raise
-    ensure_eligible(
-        check_payer(
-            conn,
-            customer_id=customer_id,
-            account_id=record.payer_account_id,
-            program=program,
-        ),
-        conflict=True,
-    )
-    attempts = conn.execute(
-        "SELECT count(*) FROM jobs WHERE purchase_id = ? AND kind = ?",
-        [purchase_id, FEE_WITHDRAWAL],
-    ).fetchone()
-    if not set_status(
-        conn, purchase_id, PURCHASE_PENDING, now, when=(PURCHASE_FAILED,)
-    ):
-        raise PurchaseError(
-            "not_retryable", f"purchase {purchase_id} changed; try again", conflict=True
-        )
-    return start_attempt(
-        conn,
-        purchase_id=purchase_id,
-        attempt=int(attempts[0]) + 1 if attempts else 1,
-        customer_id=customer_id,
-        program=program,
-        payer_account_id=record.payer_account_id,
-        now=now,
-    )
-
 
 # ------------------------------------------------------------- the worker
 
@@ -346,7 +171,7 @@ def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
     if job.purchase_id is None:
         return JobOutcome(job.id, "failed")
     cancel_jobs(conn, purchase_id=job.purchase_id, kinds=(INITIAL_DEPOSIT,), now=now)
-    challenges, removed = _end_challenges(conn, job.purchase_id, now)
+    challenges, removed = end_challenges(conn, job.purchase_id, now)
     set_status(
         conn,
         job.purchase_id,

@@ -18,7 +18,7 @@ Kinds:
 - ``refund``: the fee back to the payer, the compensation of a cancelled paid
   purchase; one per purchase (``dedupe_key``).
 
-:func:`prop_stream.store.purchases.apply_job` carries out one job; this module
+:func:`prop_stream.store.job_worker.apply_job` carries out one job; this module
 holds the queue and the ledger primitives.
 """
 

@@ -15,6 +15,7 @@ import pytest
 from purchase_seed import ONE_STEP_ID, TWO_STEP_ID, Shop, make_shop, shop
 
 from prop_stream.store import NotFoundError, PurchaseError, cursor, run_in_transaction
+from prop_stream.store import job_worker as w
 from prop_stream.store import purchases as p
 
 __all__ = ["shop"]
@@ -90,13 +91,13 @@ def test_worker_states_pass_through_paid_and_account_created(shop: Shop) -> None
     now = datetime.now(UTC)
     # The deposit waits for the fee.
     assert run_in_transaction(
-        conn, lambda c: p.apply_job(c, job_id=deposit, now=now)
+        conn, lambda c: w.apply_job(c, job_id=deposit, now=now)
     ).result == ("deferred")
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=fee, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=fee, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_PAID, None)
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=deposit, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=deposit, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACCOUNT_CREATED, None)
-    run_in_transaction(conn, lambda c: p.activate_purchases(c, now=now))
+    run_in_transaction(conn, lambda c: w.activate_purchases(c, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACTIVE, None)
 
 
@@ -187,7 +188,7 @@ def test_cancel_after_payment_refunds_once(shop: Shop) -> None:
         )[0][0]
     )
     now = datetime.now(UTC)
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=fee, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=fee, now=now))
     cancelled = run_in_transaction(
         conn,
         lambda c: p.cancel_purchase(

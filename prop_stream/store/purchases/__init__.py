@@ -5,10 +5,11 @@ and the program, creates the purchase, writes the fee withdrawal to the outbox,
 opens the first phase's account, writes its initial deposit and creates the active
 challenge. The caller commits, then registers the phase with the running engine.
 
-The job worker moves a purchase on (:func:`apply_job`): ``pending`` → ``paid``
-(the fee was withdrawn) → ``account_created`` (the first phase's balance was
-deposited) → ``active`` (:func:`activate_purchases`). A withdrawal that finds no
-money fails the purchase (``failure_reason``) and cancels its challenge. Every
+The job worker moves a purchase on (:func:`prop_stream.store.job_worker.apply_job`):
+``pending`` → ``paid`` (the fee was withdrawn) → ``account_created`` (the first
+phase's balance was deposited) → ``active``
+(:func:`prop_stream.store.job_worker.activate_purchases`). A withdrawal that finds
+no money fails the purchase (``failure_reason``) and cancels its challenge. Every
 purchase object carries lifecycle fields computed by :func:`lifecycle_fields`
 (the table is in ``docs/api.md``).
 
@@ -20,32 +21,24 @@ transaction also locks the payer's row first (:func:`lock_payer`, ``SELECT ...
 FOR UPDATE``); at READ COMMITTED every later statement sees what the previous
 holder committed. The worker's conditional debit is the last word: a balance
 can never go below zero, whatever happened in between.
+
+The modules, by seam (each imports only the ones below it; ``docs/store.md``):
+
+- ``actions``: retry and cancel;
+- ``buying``: :func:`buy_prop_challenge`, :func:`purchase_once`;
+- ``payers``: a customer's payer accounts, checked against a program;
+- ``programs``: a program as a purchase sees it;
+- ``records``: the ``purchases`` table, every statement on it;
+- ``locks``: the payer locks, the one backend difference;
+- ``status``: statuses, failure codes, lifecycle fields;
+- ``exceptions``: :class:`PurchaseError`.
+
+This package re-exports their public names; import from here.
 """
 
-from __future__ import annotations
-
-from datetime import datetime
-from typing import Any
-
-from prop_stream.store.db import Connection
-from prop_stream.store.jobs import (
-    FEE_WITHDRAWAL,
-    INITIAL_DEPOSIT,
-    REFUND,
-    Job,
-    JobOutcome,
-    cancel_jobs,
-    credit,
-    debit,
-    get_job,
-    is_applied,
-    mark_job,
-    record_withdrawal,
-)
 from prop_stream.store.purchases.actions import (
     Cancelled,
     cancel_purchase,
-    end_challenges,
     retry_purchase,
 )
 from prop_stream.store.purchases.buying import (
@@ -62,19 +55,11 @@ from prop_stream.store.purchases.payers import (
     check_payer,
     payer_accounts,
 )
-from prop_stream.store.purchases.programs import (
-    PhaseInfo,
-    ProgramInfo,
-    program_info,
-)
+from prop_stream.store.purchases.programs import PhaseInfo, ProgramInfo, program_info
 from prop_stream.store.purchases.records import (
     PurchaseRecord,
-    funded_purchases,
     get_purchase,
     list_purchases,
-    purchase_status,
-    set_status,
-    status_counts,
 )
 from prop_stream.store.purchases.status import (
     CANCELLED,
@@ -92,139 +77,6 @@ from prop_stream.store.purchases.status import (
     Lifecycle,
     lifecycle_fields,
 )
-
-# ------------------------------------------------------------- the worker
-
-
-def apply_job(conn: Connection, *, job_id: int, now: datetime) -> JobOutcome:
-    """Carry out one pending outbox job, in the caller's transaction.
-
-    The money movement, its ledger row (keyed by the job id), the job's mark and
-    the purchase's new status commit together or not at all; a job whose ledger
-    row exists is only marked, never applied again.
-
-    Args:
-        conn: The connection; wrap the call in a transaction.
-        job_id: The job.
-        now: The time recorded.
-
-    Returns:
-        What happened.
-
-    Raises:
-        ValueError: A job of an unknown kind.
-    """
-    # PostgreSQL: the job's row stays locked until this transaction ends; another
-    # worker skips it (and finds it done afterwards), so it is applied once.
-    job = get_job(conn, job_id=job_id, claim=True)
-    if job is None or job.status != "pending":
-        return JobOutcome(job_id, "skipped")
-    if is_applied(conn, job_id=job_id):
-        mark_job(conn, job_id=job_id, status="done", now=now)
-        return JobOutcome(job_id, "already_applied")
-    if job.kind == FEE_WITHDRAWAL:
-        return _withdraw_fee(conn, job, now)
-    if job.kind == INITIAL_DEPOSIT:
-        return _deposit(conn, job, now)
-    if job.kind == REFUND:
-        if not credit(conn, job=job, now=now):
-            mark_job(conn, job_id=job_id, status="failed", now=now)
-            return JobOutcome(job_id, "failed")
-        mark_job(conn, job_id=job_id, status="done", now=now)
-        if job.purchase_id is not None:
-            set_status(
-                conn,
-                job.purchase_id,
-                PURCHASE_REFUNDED,
-                now,
-                reason=CANCELLED,
-                when=(PURCHASE_FAILED,),
-            )
-        return JobOutcome(job_id, "applied")
-    raise ValueError(f"unknown job kind {job.kind!r}")
-
-
-def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
-    if job.purchase_id is not None and (
-        purchase_status(conn, job.purchase_id) != PURCHASE_PENDING
-    ):
-        mark_job(conn, job_id=job.id, status="cancelled", now=now)
-        return JobOutcome(job.id, "cancelled")
-    if debit(conn, account_id=job.account_id, amount=job.amount):
-        record_withdrawal(conn, job=job, now=now)
-        if job.purchase_id is not None:
-            set_status(
-                conn, job.purchase_id, PURCHASE_PAID, now, when=(PURCHASE_PENDING,)
-            )
-        return JobOutcome(job.id, "applied")
-    account = conn.execute(
-        "SELECT enabled FROM trading_accounts WHERE account_id = ?", [job.account_id]
-    ).fetchone()
-    if account is None:
-        reason = PAYER_UNAVAILABLE
-    elif not account[0]:
-        reason = PAYER_DISABLED
-    else:
-        reason = INSUFFICIENT_FUNDS
-    mark_job(conn, job_id=job.id, status="failed", now=now)
-    conn.execute("UPDATE jobs SET last_error = ? WHERE id = ?", [reason, job.id])
-    if job.purchase_id is None:
-        return JobOutcome(job.id, "failed")
-    cancel_jobs(conn, purchase_id=job.purchase_id, kinds=(INITIAL_DEPOSIT,), now=now)
-    challenges, removed = end_challenges(conn, job.purchase_id, now)
-    set_status(
-        conn,
-        job.purchase_id,
-        PURCHASE_FAILED,
-        now,
-        reason=reason,
-        when=(PURCHASE_PENDING,),
-    )
-    return JobOutcome(job.id, "failed", challenges, removed)
-
-
-def _deposit(conn: Connection, job: Job, now: datetime) -> JobOutcome:
-    phase = conn.execute(
-        "SELECT status FROM challenge_phases "
-        "WHERE challenge_id = ? AND phase_index = ?",
-        [job.challenge_id, job.phase_index],
-    ).fetchone()
-    if phase is not None and phase[0] == "cancelled":
-        mark_job(conn, job_id=job.id, status="cancelled", now=now)
-        return JobOutcome(job.id, "cancelled")
-    status = None if job.purchase_id is None else purchase_status(conn, job.purchase_id)
-    if status == PURCHASE_PENDING:
-        # The fee comes first: its job is older and the worker takes it next.
-        return JobOutcome(job.id, "deferred")
-    if status in (PURCHASE_FAILED, PURCHASE_REFUNDED):
-        mark_job(conn, job_id=job.id, status="cancelled", now=now)
-        return JobOutcome(job.id, "cancelled")
-    if not credit(conn, job=job, now=now):
-        mark_job(conn, job_id=job.id, status="failed", now=now)
-        return JobOutcome(job.id, "failed")
-    mark_job(conn, job_id=job.id, status="done", now=now)
-    changed: tuple[int, ...] = ()
-    if job.purchase_id is not None and set_status(
-        conn, job.purchase_id, PURCHASE_ACCOUNT_CREATED, now, when=(PURCHASE_PAID,)
-    ):
-        changed = () if job.challenge_id is None else (job.challenge_id,)
-    return JobOutcome(job.id, "applied", changed)
-
-
-def activate_purchases(conn: Connection, *, now: datetime) -> list[int]:
-    """Move funded purchases whose challenge runs to ``active``.
-
-    Returns:
-        The purchases activated.
-    """
-    funded = funded_purchases(conn)
-    for purchase_id in funded:
-        # No RETURNING: challenges reference purchases (see jobs.updated_rows).
-        set_status(
-            conn, purchase_id, PURCHASE_ACTIVE, now, when=(PURCHASE_ACCOUNT_CREATED,)
-        )
-    return funded
-
 
 __all__ = [
     "CANCELLED",
@@ -248,8 +100,6 @@ __all__ = [
     "ProgramInfo",
     "PurchaseError",
     "PurchaseRecord",
-    "activate_purchases",
-    "apply_job",
     "buy_prop_challenge",
     "cancel_purchase",
     "check_payer",
@@ -264,31 +114,3 @@ __all__ = [
     "purchase_once",
     "retry_purchase",
 ]
-
-
-def outbox_summary(conn: Connection, *, now: datetime) -> dict[str, Any]:
-    """What ``/metrics`` shows of the store: purchases by status and the outbox.
-
-    Args:
-        conn: A store cursor.
-        now: The clock the oldest pending job's age is measured with.
-
-    Returns:
-        ``{"purchases": {status_name: n}, "outbox_pending": n,
-        "outbox_oldest_age_s": seconds}`` (0 when no job waits).
-    """
-    purchases = {
-        PURCHASE_STATUS_NAMES.get(status, str(status)): n
-        for status, n in status_counts(conn).items()
-    }
-    row = conn.execute(
-        "SELECT count(*), min(created_at) FROM jobs WHERE status = 'pending'"
-    ).fetchone()
-    pending = int(row[0]) if row else 0
-    oldest = row[1] if row else None
-    age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
-    return {
-        "purchases": purchases,
-        "outbox_pending": pending,
-        "outbox_oldest_age_s": age,
-    }

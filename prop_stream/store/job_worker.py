@@ -26,7 +26,9 @@ from prop_stream.store.jobs import (
     get_job,
     is_applied,
     mark_job,
+    pending_summary,
     record_withdrawal,
+    set_last_error,
 )
 from prop_stream.store.purchases.actions import end_challenges
 from prop_stream.store.purchases.records import (
@@ -121,7 +123,7 @@ def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
     else:
         reason = INSUFFICIENT_FUNDS
     mark_job(conn, job_id=job.id, status="failed", now=now)
-    conn.execute("UPDATE jobs SET last_error = ? WHERE id = ?", [reason, job.id])
+    set_last_error(conn, job_id=job.id, error=reason)
     if job.purchase_id is None:
         return JobOutcome(job.id, "failed")
     cancel_jobs(conn, purchase_id=job.purchase_id, kinds=(INITIAL_DEPOSIT,), now=now)
@@ -195,11 +197,7 @@ def outbox_summary(conn: Connection, *, now: datetime) -> dict[str, Any]:
         PURCHASE_STATUS_NAMES.get(status, str(status)): n
         for status, n in status_counts(conn).items()
     }
-    row = conn.execute(
-        "SELECT count(*), min(created_at) FROM jobs WHERE status = 'pending'"
-    ).fetchone()
-    pending = int(row[0]) if row else 0
-    oldest = row[1] if row else None
+    pending, oldest = pending_summary(conn)
     age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
     return {
         "purchases": purchases,

@@ -16,6 +16,7 @@ from prop_stream.store.jobs import (
     INITIAL_DEPOSIT,
     REFUND,
     cancel_jobs,
+    count_jobs,
     enqueue,
 )
 from prop_stream.store.lifecycle import (
@@ -189,10 +190,7 @@ def retry_purchase(
         ),
         conflict=True,
     )
-    attempts = conn.execute(
-        "SELECT count(*) FROM jobs WHERE purchase_id = ? AND kind = ?",
-        [purchase_id, FEE_WITHDRAWAL],
-    ).fetchone()
+    attempts = count_jobs(conn, purchase_id=purchase_id, kind=FEE_WITHDRAWAL)
     if not set_status(
         conn, purchase_id, PURCHASE_PENDING, now, when=(PURCHASE_FAILED,)
     ):
@@ -202,7 +200,7 @@ def retry_purchase(
     return start_attempt(
         conn,
         purchase_id=purchase_id,
-        attempt=int(attempts[0]) + 1 if attempts else 1,
+        attempt=attempts + 1,
         customer_id=customer_id,
         program=program,
         payer_account_id=record.payer_account_id,

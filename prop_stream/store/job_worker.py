@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from prop_stream.store.catalog import account_enabled
 from prop_stream.store.db import Connection
 from prop_stream.store.jobs import (
     FEE_WITHDRAWAL,
@@ -30,6 +31,7 @@ from prop_stream.store.jobs import (
     record_withdrawal,
     set_last_error,
 )
+from prop_stream.store.lifecycle import phase_status
 from prop_stream.store.purchases.actions import end_challenges
 from prop_stream.store.purchases.records import (
     funded_purchases,
@@ -113,12 +115,10 @@ def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
                 conn, job.purchase_id, PURCHASE_PAID, now, when=(PURCHASE_PENDING,)
             )
         return JobOutcome(job.id, "applied")
-    account = conn.execute(
-        "SELECT enabled FROM trading_accounts WHERE account_id = ?", [job.account_id]
-    ).fetchone()
-    if account is None:
+    enabled = account_enabled(conn, account_id=job.account_id)
+    if enabled is None:
         reason = PAYER_UNAVAILABLE
-    elif not account[0]:
+    elif not enabled:
         reason = PAYER_DISABLED
     else:
         reason = INSUFFICIENT_FUNDS
@@ -140,12 +140,14 @@ def _withdraw_fee(conn: Connection, job: Job, now: datetime) -> JobOutcome:
 
 
 def _deposit(conn: Connection, job: Job, now: datetime) -> JobOutcome:
-    phase = conn.execute(
-        "SELECT status FROM challenge_phases "
-        "WHERE challenge_id = ? AND phase_index = ?",
-        [job.challenge_id, job.phase_index],
-    ).fetchone()
-    if phase is not None and phase[0] == "cancelled":
+    phase = (
+        None
+        if job.challenge_id is None or job.phase_index is None
+        else phase_status(
+            conn, challenge_id=job.challenge_id, phase_index=job.phase_index
+        )
+    )
+    if phase == "cancelled":
         mark_job(conn, job_id=job.id, status="cancelled", now=now)
         return JobOutcome(job.id, "cancelled")
     status = None if job.purchase_id is None else purchase_status(conn, job.purchase_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from prop_stream.store.catalog import disable_accounts
 from prop_stream.store.db import Connection
 from prop_stream.store.exceptions import NotFoundError
 from prop_stream.store.jobs import (
@@ -19,11 +20,7 @@ from prop_stream.store.jobs import (
     count_jobs,
     enqueue,
 )
-from prop_stream.store.lifecycle import (
-    CHALLENGE_ACTIVE,
-    CHALLENGE_PASSED,
-    cancel_challenge,
-)
+from prop_stream.store.lifecycle import cancel_challenge, running_challenges
 from prop_stream.store.purchases.buying import Bought, start_attempt
 from prop_stream.store.purchases.exceptions import PurchaseError
 from prop_stream.store.purchases.locks import lock_payer
@@ -55,22 +52,11 @@ def end_challenges(
     Returns:
         The challenges cancelled and the phase accounts disabled.
     """
-    ids = [
-        int(c)
-        for (c,) in conn.execute(
-            "SELECT id FROM challenges WHERE purchase_id = ? AND status IN (?, ?)",
-            [purchase_id, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
-        ).fetchall()
-    ]
+    ids = running_challenges(conn, purchase_id=purchase_id)
     removed: list[int] = []
     for challenge_id in ids:
         removed += cancel_challenge(conn, challenge_id=challenge_id, now=now)
-    if removed:
-        conn.execute(
-            "UPDATE trading_accounts SET enabled = false "
-            "WHERE account_id IN (SELECT unnest(?::BIGINT[]))",
-            [removed],
-        )
+    disable_accounts(conn, account_ids=removed)
     return tuple(ids), tuple(removed)
 
 

@@ -1,7 +1,8 @@
 """What a customer can do to a purchase after buying it: retry it, cancel it.
 
-Both run in the caller's transaction after :func:`lock_payer`; the purchase's
-lifecycle fields (``can_retry``, ``can_cancel``) say which is allowed.
+Both run in the caller's transaction and lock the payer's row first
+(:func:`lock_payer`); the purchase's lifecycle fields (``can_retry``,
+``can_cancel``) say which is allowed.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -99,6 +99,36 @@ def test_worker_states_pass_through_paid_and_account_created(shop: Shop) -> None
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACCOUNT_CREATED, None)
     run_in_transaction(conn, lambda c: w.activate_purchases(c, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACTIVE, None)
+
+
+def test_outbox_summary_counts_purchases_and_waiting_jobs(shop: Shop) -> None:
+    conn = cursor(shop.conn)
+    bought_at = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    assert w.outbox_summary(conn, now=bought_at) == {
+        "purchases": {},
+        "outbox_pending": 0,
+        "outbox_oldest_age_s": 0.0,
+    }
+    p.purchase_once(
+        conn,
+        customer_id=shop.alice_id,
+        program_id=TWO_STEP_ID,
+        payer_account_id=shop.alice_payer,
+        now=bought_at,
+    )
+    waiting = w.outbox_summary(conn, now=bought_at + timedelta(seconds=90))
+    assert waiting["purchases"] == {"pending": 1}
+    assert waiting["outbox_pending"] == 2  # the fee and the deposit
+    assert waiting["outbox_oldest_age_s"] == pytest.approx(90.0)
+    # A clock behind the oldest job never makes a negative age.
+    behind = w.outbox_summary(conn, now=bought_at - timedelta(seconds=5))
+    assert behind["outbox_oldest_age_s"] == 0.0
+    shop.worker().run_once()
+    assert w.outbox_summary(conn, now=datetime.now(UTC)) == {
+        "purchases": {"active": 1},
+        "outbox_pending": 0,
+        "outbox_oldest_age_s": 0.0,
+    }
 
 
 def test_withdrawal_without_money_fails_purchase_and_cancels_challenge(

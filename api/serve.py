@@ -41,8 +41,8 @@ from prop_stream.jobs.worker import WorkerStats
 from prop_stream.store.archive import TickArchiver, staged_rows
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
+from prop_stream.store.job_worker import outbox_summary
 from prop_stream.store.mirror import RiskMirror
-from prop_stream.store.purchases import outbox_summary
 from prop_stream.supervisor import EXIT_FATAL, Supervisor
 from prop_stream.telemetry import Probes, ServiceMetrics
 

@@ -6,7 +6,7 @@ It sits beside the evaluator, above the store (``prop_stream.jobs`` imports
     worker = JobWorker(cursor(conn), phases=loop, on_change=refresh)
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
 
-Each job is applied by :func:`prop_stream.store.purchases.apply_job` in one
+Each job is applied by :func:`prop_stream.store.job_worker.apply_job` in one
 transaction: the balance update, the ledger row keyed by the job id and the job's
 ``done`` mark commit together. A worker that dies before the commit leaves the
 job pending and the money where it was; the next run applies it once. A ledger row
@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 from typing import Final
 
 from prop_stream.store.db import Connection, run_in_transaction, transaction
+from prop_stream.store.job_worker import activate_purchases, apply_job
 from prop_stream.store.jobs import Job, JobOutcome, pending_jobs, record_attempt
 from prop_stream.store.lifecycle import PhaseRegistry
-from prop_stream.store.purchases import activate_purchases, apply_job
 
 logger = logging.getLogger(__name__)
 

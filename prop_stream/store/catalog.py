@@ -334,3 +334,21 @@ def create_program(conn: Connection, *, program: ProgramIn) -> int:
             ],
         )
     return program_id
+
+
+def account_enabled(conn: Connection, *, account_id: int) -> bool | None:
+    """Whether a trading account is enabled; None when there is no such account."""
+    row = conn.execute(
+        "SELECT enabled FROM trading_accounts WHERE account_id = ?", [account_id]
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def disable_accounts(conn: Connection, *, account_ids: Sequence[int]) -> None:
+    """Disable trading accounts (they can no longer trade or pay)."""
+    if account_ids:
+        conn.execute(
+            "UPDATE trading_accounts SET enabled = false "
+            "WHERE account_id IN (SELECT unnest(?::BIGINT[]))",
+            [list(account_ids)],
+        )

@@ -18,7 +18,7 @@ Kinds:
 - ``refund``: the fee back to the payer, the compensation of a cancelled paid
   purchase; one per purchase (``dedupe_key``).
 
-:func:`prop_stream.store.purchases.apply_job` carries out one job; this module
+:func:`prop_stream.store.job_worker.apply_job` carries out one job; this module
 holds the queue and the ledger primitives.
 """
 
@@ -221,6 +221,30 @@ def mark_job(
     )
 
 
+def set_last_error(conn: Connection, *, job_id: int, error: str) -> None:
+    """Record why a job failed (a withdrawal's ``failure_reason``)."""
+    conn.execute("UPDATE jobs SET last_error = ? WHERE id = ?", [error, job_id])
+
+
+def count_jobs(conn: Connection, *, purchase_id: int, kind: str) -> int:
+    """How many jobs of a kind a purchase has, in any status (its attempts)."""
+    row = conn.execute(
+        "SELECT count(*) FROM jobs WHERE purchase_id = ? AND kind = ?",
+        [purchase_id, kind],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def pending_summary(conn: Connection) -> tuple[int, datetime | None]:
+    """How many jobs wait, and when the oldest of them was written (None: none)."""
+    row = conn.execute(
+        "SELECT count(*), min(created_at) FROM jobs WHERE status = 'pending'"
+    ).fetchone()
+    if row is None:
+        return 0, None
+    return int(row[0]), row[1]
+
+
 def cancel_jobs(
     conn: Connection, *, purchase_id: int, kinds: tuple[str, ...], now: datetime
 ) -> int:
@@ -318,6 +342,7 @@ __all__ = [
     "JobOutcome",
     "JobStatus",
     "cancel_jobs",
+    "count_jobs",
     "credit",
     "debit",
     "enqueue",
@@ -325,7 +350,9 @@ __all__ = [
     "is_applied",
     "mark_job",
     "pending_jobs",
+    "pending_summary",
     "record_attempt",
     "record_withdrawal",
+    "set_last_error",
     "updated_rows",
 ]

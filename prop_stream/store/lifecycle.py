@@ -425,6 +425,27 @@ def cancel_challenge(
     return [int(a) for (a,) in active if a is not None]
 
 
+def running_challenges(conn: Connection, *, purchase_id: int) -> list[int]:
+    """A purchase's challenges that still run (active or passed), by id."""
+    rows = conn.execute(
+        "SELECT id FROM challenges WHERE purchase_id = ? AND status IN (?, ?)",
+        [purchase_id, CHALLENGE_ACTIVE, CHALLENGE_PASSED],
+    ).fetchall()
+    return [int(c) for (c,) in rows]
+
+
+def phase_status(
+    conn: Connection, *, challenge_id: int, phase_index: int
+) -> str | None:
+    """A challenge phase's status; None when there is no such phase."""
+    row = conn.execute(
+        "SELECT status FROM challenge_phases "
+        "WHERE challenge_id = ? AND phase_index = ?",
+        [challenge_id, phase_index],
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def phase_specs_of(conn: Connection, *, challenge_ids: list[int]) -> list[PhaseSpec]:
     """The active phases with an account of some challenges.
 

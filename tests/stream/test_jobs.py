@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 from purchase_seed import ONE_STEP_ID, TWO_STEP_ID, Shop, make_shop, shop
 
 from prop_stream.store import NotFoundError, PurchaseError, cursor, run_in_transaction
+from prop_stream.store import job_worker as w
 from prop_stream.store import purchases as p
 
 __all__ = ["shop"]
@@ -90,14 +91,44 @@ def test_worker_states_pass_through_paid_and_account_created(shop: Shop) -> None
     now = datetime.now(UTC)
     # The deposit waits for the fee.
     assert run_in_transaction(
-        conn, lambda c: p.apply_job(c, job_id=deposit, now=now)
+        conn, lambda c: w.apply_job(c, job_id=deposit, now=now)
     ).result == ("deferred")
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=fee, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=fee, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_PAID, None)
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=deposit, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=deposit, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACCOUNT_CREATED, None)
-    run_in_transaction(conn, lambda c: p.activate_purchases(c, now=now))
+    run_in_transaction(conn, lambda c: w.activate_purchases(c, now=now))
     assert status(shop, bought.purchase_id) == (p.PURCHASE_ACTIVE, None)
+
+
+def test_outbox_summary_counts_purchases_and_waiting_jobs(shop: Shop) -> None:
+    conn = cursor(shop.conn)
+    bought_at = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    assert w.outbox_summary(conn, now=bought_at) == {
+        "purchases": {},
+        "outbox_pending": 0,
+        "outbox_oldest_age_s": 0.0,
+    }
+    p.purchase_once(
+        conn,
+        customer_id=shop.alice_id,
+        program_id=TWO_STEP_ID,
+        payer_account_id=shop.alice_payer,
+        now=bought_at,
+    )
+    waiting = w.outbox_summary(conn, now=bought_at + timedelta(seconds=90))
+    assert waiting["purchases"] == {"pending": 1}
+    assert waiting["outbox_pending"] == 2  # the fee and the deposit
+    assert waiting["outbox_oldest_age_s"] == pytest.approx(90.0)
+    # A clock behind the oldest job never makes a negative age.
+    behind = w.outbox_summary(conn, now=bought_at - timedelta(seconds=5))
+    assert behind["outbox_oldest_age_s"] == 0.0
+    shop.worker().run_once()
+    assert w.outbox_summary(conn, now=datetime.now(UTC)) == {
+        "purchases": {"active": 1},
+        "outbox_pending": 0,
+        "outbox_oldest_age_s": 0.0,
+    }
 
 
 def test_withdrawal_without_money_fails_purchase_and_cancels_challenge(
@@ -187,7 +218,7 @@ def test_cancel_after_payment_refunds_once(shop: Shop) -> None:
         )[0][0]
     )
     now = datetime.now(UTC)
-    run_in_transaction(conn, lambda c: p.apply_job(c, job_id=fee, now=now))
+    run_in_transaction(conn, lambda c: w.apply_job(c, job_id=fee, now=now))
     cancelled = run_in_transaction(
         conn,
         lambda c: p.cancel_purchase(

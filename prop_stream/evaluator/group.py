@@ -50,12 +50,14 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import polars as pl
+import psycopg
 
 from prop_stream.evaluator.loop import DEFAULT_HOOK_INTERVAL_S, BatchDriver, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.duckdb_sink import DuckDBSink
-from prop_stream.store.db import Connection
+from prop_stream.sinks.exceptions import SinkError
+from prop_stream.store.db import Connection, is_postgres
 from prop_stream.store.partitions import (
     PartitionCheckpoint,
     PartitionFencedError,
@@ -74,6 +76,9 @@ logger = logging.getLogger(__name__)
 
 #: The words every refused commit's log line starts with (operators grep it).
 FENCED_LOG = "commit fenced"
+#: On PostgreSQL, how long a batch transaction may sit idle between two of its
+#: statements before the server ends it (``idle_in_transaction_session_timeout``).
+DEFAULT_STALL_TIMEOUT_S = 10.0
 
 
 class GroupSource(Protocol):
@@ -153,6 +158,11 @@ class GroupEvaluatorLoop(BatchDriver):
         on_batch: Called after each committed partition batch.
         archive: Stage each batch's ticks for the tick archive.
         owner: Who takes the epochs (default ``host:pid``), for operators.
+        stall_timeout_s: On PostgreSQL, a batch transaction idle this long
+            between two statements (the member stopped, paused or cut off
+            mid-batch) is ended by the server, so the epoch row it locks is
+            free for the successor; its late commit then fails and the loop
+            ends with the error (the supervisor builds a new one).
     """
 
     def __init__(
@@ -171,9 +181,13 @@ class GroupEvaluatorLoop(BatchDriver):
         on_batch: Callable[[Evaluation, float], object] | None = None,
         archive: bool = False,
         owner: str | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
+        self._stall_ms = max(1, round(stall_timeout_s * 1000))
         self._conn = conn
         self._source = source
         self._sink_factory = sink_factory
@@ -331,6 +345,9 @@ class GroupEvaluatorLoop(BatchDriver):
         except PartitionFencedError as exc:
             self._fenced(part, exc)
             return False
+        except SinkError as exc:
+            self._ended_by_store(part, exc)
+            raise
         if also is not None:
             part.since_checkpoint = 0
             self.stats.checkpoints += 1
@@ -345,8 +362,17 @@ class GroupEvaluatorLoop(BatchDriver):
 
     def _fence(self, part: _Partition) -> Callable[[Connection], None]:
         source, key, epoch = self._source.name, part.key, part.epoch
+        stall_ms = self._stall_ms
 
         def fence(conn: Connection) -> None:
+            if is_postgres(conn):
+                # check_epoch's UPDATE holds the epoch row's lock to the commit,
+                # and the successor's take_epoch waits for it. A member stopped
+                # mid-batch (SIGSTOP, a VM pause, cut off) would hold it for ever:
+                # the server ends a transaction idle that long, and its session.
+                conn.execute(
+                    f"SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"
+                )
             check_epoch(conn, source=source, partition=key, epoch=epoch)
 
         return fence
@@ -382,6 +408,9 @@ class GroupEvaluatorLoop(BatchDriver):
         except PartitionFencedError as exc:
             self._fenced(part, exc)
             return
+        except SinkError as exc:
+            self._ended_by_store(part, exc)
+            raise
         part.since_checkpoint = 0
         self.stats.checkpoints += 1
 
@@ -396,6 +425,25 @@ class GroupEvaluatorLoop(BatchDriver):
             exc.current,
         )
         self._drop(part.number)
+
+    def _ended_by_store(self, part: _Partition, exc: SinkError) -> None:
+        """Log a batch whose session the store ended (it stalled, or was lost)."""
+        lost = _session_lost(exc)
+        if lost is None:
+            return
+        self.fenced += 1
+        logger.warning(
+            "%s: partition %s, epoch %d: the store ended the batch's session (%s; "
+            "PostgreSQL ends a batch transaction idle for more than %.1f s: this "
+            "member was stopped or cut off mid-batch, and another evaluator may "
+            "have taken the partition); the loop restarts on a new session from "
+            "the stored position",
+            FENCED_LOG,
+            part.key,
+            part.epoch,
+            lost,
+            self._stall_ms / 1000,
+        )
 
     def _drop(self, number: int) -> None:
         part = self._parts.pop(number, None)
@@ -561,3 +609,22 @@ class GroupEvaluatorLoop(BatchDriver):
                 hook()
             except Exception:
                 logger.exception("between-batch hook %r failed", hook)
+
+
+def _session_lost(exc: BaseException) -> str | None:
+    """What ended ``exc``'s PostgreSQL session, None if it was something else.
+
+    The server's ``idle_in_transaction_session_timeout`` error is not always
+    read before the socket closes: psycopg may only report the lost connection.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current,
+            psycopg.errors.IdleInTransactionSessionTimeout | psycopg.OperationalError,
+        ):
+            return " ".join(str(current).split())[:200]
+        current = current.__cause__ or current.__context__
+    return None

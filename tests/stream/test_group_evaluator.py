@@ -10,6 +10,7 @@ backtest of the same ticks and with one embedded loop that saw them all.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,6 +27,8 @@ from replay_support import (
 
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
+from prop_stream.evaluator import group as group_module
+from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.group import FENCED_LOG, GroupEvaluatorLoop
 from prop_stream.evaluator.sources import TickSource
 from prop_stream.rules import Evaluation, RuleEngine
@@ -332,6 +335,94 @@ def test_a_paused_members_late_commit_is_refused_and_nothing_doubles(
         assert old.fenced == 1
         _assert_results(conn, inputs, embedded)
     finally:
+        conn.close()
+
+
+def test_a_member_stopped_mid_batch_does_not_hold_its_partition_on_postgres(
+    pg_url: str,
+    inputs: tuple[Path, pl.DataFrame],
+    embedded: dict[str, pl.DataFrame],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGSTOPped member holds the epoch row's lock: the server ends it.
+
+    The batch's epoch check locks the partition's epoch row to the commit; a
+    member stopped right after it (SIGSTOP, a VM pause) would make its
+    successor's ``take_epoch`` wait until it is resumed. The loop's transactions
+    are ended by the server once idle past ``stall_timeout_s``.
+    """
+    conn = _fresh(pg_url)
+    stopped, resume = threading.Event(), threading.Event()
+    held: list[str] = []
+    real_check = check_epoch
+
+    def check_then_stop(
+        c: Connection, *, source: str, partition: str, epoch: int
+    ) -> None:
+        real_check(c, source=source, partition=partition, epoch=epoch)
+        if threading.current_thread().name == "stopped-member" and not held:
+            held.append(partition)
+            stopped.set()
+            # Stopped with the row locked; bounded, so a regression fails.
+            resume.wait(30)
+            stopped.clear()  # woken (or given up on): no longer stopped
+
+    monkeypatch.setattr(group_module, "check_epoch", check_then_stop)
+    try:
+        partitions = _topic(inputs[1])
+        old_topic, new_topic = FakeTopic(partitions), FakeTopic(partitions)
+        sink_cursor = cursor(conn)
+        old = GroupEvaluatorLoop(
+            cursor(conn),
+            old_topic,
+            lambda: DuckDBSink(sink_cursor, source="kafka"),
+            poll_timeout_s=0.01,
+            owner="old",
+            hook_interval_s=0.0,
+            stall_timeout_s=0.5,
+        )
+        new = _group_loop(conn, new_topic, "new")
+        old_topic.assign(*range(PARTITIONS))
+        errors: list[BaseException] = []
+
+        def run_old() -> None:
+            try:
+                old.run_once()
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run_old, name="stopped-member")
+        thread.start()
+        assert stopped.wait(60), "the old member never reached its epoch check"
+        number = int(held[0].rsplit(":", 1)[1])
+        # The group gave the partition away; the successor takes its epoch
+        # while the old member is still stopped.
+        new_topic.assign(number)
+        with caplog.at_level(logging.WARNING, "prop_stream.evaluator.group"):
+            new.run_once()
+            taken_while_stopped = stopped.is_set()
+            resume.set()
+            thread.join(60)
+        assert taken_while_stopped
+        assert new.partitions()[number] == 2
+        # Resumed, the old member's commit fails: the server ended it.
+        assert len(errors) == 1, errors
+        assert transient_reason(errors[0]) is not None
+        ended = [r.getMessage() for r in caplog.records]
+        assert any(
+            m.startswith(FENCED_LOG)
+            and "ended the batch's session" in m
+            and held[0] in m
+            for m in ended
+        ), ended
+        assert old.fenced == 1
+        # The successor takes the rest and the store equals the backtest.
+        new_topic.assign(*(n for n in range(PARTITIONS) if n != number))
+        _drain((new, new_topic))
+        _assert_results(conn, inputs, embedded)
+    finally:
+        resume.set()
         conn.close()
 
 

@@ -76,8 +76,9 @@ logger = logging.getLogger(__name__)
 
 #: The words every refused commit's log line starts with (operators grep it).
 FENCED_LOG = "commit fenced"
-#: On PostgreSQL, how long a batch transaction may sit idle between two of its
-#: statements before the server ends it (``idle_in_transaction_session_timeout``).
+#: On PostgreSQL, how long a batch transaction may sit idle between statements
+#: (``idle_in_transaction_session_timeout``), and how long a successor waits for
+#: a stalled owner's lock on the epoch row before it ends that owner's session.
 DEFAULT_STALL_TIMEOUT_S = 10.0
 
 
@@ -159,10 +160,12 @@ class GroupEvaluatorLoop(BatchDriver):
         archive: Stage each batch's ticks for the tick archive.
         owner: Who takes the epochs (default ``host:pid``), for operators.
         stall_timeout_s: On PostgreSQL, a batch transaction idle this long
-            between two statements (the member stopped, paused or cut off
-            mid-batch) is ended by the server, so the epoch row it locks is
-            free for the successor; its late commit then fails and the loop
-            ends with the error (the supervisor builds a new one).
+            between two statements is ended by the server, and a member taking
+            a partition whose epoch row another session has locked this long
+            ends that session (the previous owner stopped, paused or cut off
+            mid-batch, even inside a statement), so the successor is never
+            held up for longer. The stalled member's late commit then fails
+            and its loop ends with the error (the supervisor builds a new one).
     """
 
     def __init__(
@@ -368,8 +371,10 @@ class GroupEvaluatorLoop(BatchDriver):
             if is_postgres(conn):
                 # check_epoch's UPDATE holds the epoch row's lock to the commit,
                 # and the successor's take_epoch waits for it. A member stopped
-                # mid-batch (SIGSTOP, a VM pause, cut off) would hold it for ever:
-                # the server ends a transaction idle that long, and its session.
+                # mid-batch (SIGSTOP, a VM pause, cut off) would hold it until
+                # it resumes: the server ends the transaction once it has been
+                # idle that long between statements (and take_epoch ends a
+                # session stalled inside one, a COPY waiting for rows).
                 conn.execute(
                     f"SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"
                 )
@@ -427,17 +432,17 @@ class GroupEvaluatorLoop(BatchDriver):
         self._drop(part.number)
 
     def _ended_by_store(self, part: _Partition, exc: SinkError) -> None:
-        """Log a batch whose session the store ended (it stalled, or was lost)."""
+        """Log a batch whose transaction the store ended (it stalled, or was lost)."""
         lost = _session_lost(exc)
         if lost is None:
             return
         self.fenced += 1
         logger.warning(
-            "%s: partition %s, epoch %d: the store ended the batch's session (%s; "
-            "PostgreSQL ends a batch transaction idle for more than %.1f s: this "
-            "member was stopped or cut off mid-batch, and another evaluator may "
-            "have taken the partition); the loop restarts on a new session from "
-            "the stored position",
+            "%s: partition %s, epoch %d: the store ended the batch's transaction "
+            "(%s; a batch stalled for more than %.1f s is ended: this member was "
+            "stopped or cut off mid-batch, and another evaluator may have taken "
+            "the partition); the loop restarts on new sessions from the stored "
+            "position",
             FENCED_LOG,
             part.key,
             part.epoch,
@@ -514,7 +519,13 @@ class GroupEvaluatorLoop(BatchDriver):
         self._drop(number)
         source = self._source.name
         key = f"{self._source.topic}:{number}"
-        epoch = take_epoch(self._conn, source=source, partition=key, owner=self.owner)
+        epoch = take_epoch(
+            self._conn,
+            source=source,
+            partition=key,
+            owner=self.owner,
+            stall_s=self._stall_ms / 1000,
+        )
         checkpoint = load_partition_checkpoint(self._conn, source=source, partition=key)
         stored = stored_offset(self._conn, source=source, partition=key)
         engine = RuleEngine()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -53,6 +53,7 @@ from prop_stream.store.partitions import (
     current_epoch,
     take_epoch,
 )
+from prop_stream.store.pg import PgConnection
 from prop_stream.store.progress import Position
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
@@ -338,7 +339,9 @@ def test_a_paused_members_late_commit_is_refused_and_nothing_doubles(
         conn.close()
 
 
+@pytest.mark.parametrize("stop_at", ["between_statements", "mid_copy"])
 def test_a_member_stopped_mid_batch_does_not_hold_its_partition_on_postgres(
+    stop_at: str,
     pg_url: str,
     inputs: tuple[Path, pl.DataFrame],
     embedded: dict[str, pl.DataFrame],
@@ -348,27 +351,51 @@ def test_a_member_stopped_mid_batch_does_not_hold_its_partition_on_postgres(
     """A SIGSTOPped member holds the epoch row's lock: the server ends it.
 
     The batch's epoch check locks the partition's epoch row to the commit; a
-    member stopped right after it (SIGSTOP, a VM pause) would make its
-    successor's ``take_epoch`` wait until it is resumed. The loop's transactions
-    are ended by the server once idle past ``stall_timeout_s``.
+    member stopped after it (SIGSTOP, a VM pause) would make its successor's
+    ``take_epoch`` wait until it is resumed. Stopped between two statements
+    (the transaction idle) or in the middle of a ``COPY`` (the server waiting
+    for its data), the batch is ended by the server past ``stall_timeout_s``.
     """
     conn = _fresh(pg_url)
     stopped, resume = threading.Event(), threading.Event()
     held: list[str] = []
-    real_check = check_epoch
+    checked: list[str] = []
+
+    def stop() -> None:
+        held.append(checked[-1])
+        stopped.set()
+        # Stopped with the row locked; bounded, so a regression fails.
+        resume.wait(30)
+        stopped.clear()  # woken (or given up on): no longer stopped
+
+    def stops_here() -> bool:
+        return threading.current_thread().name == "stopped-member" and not held
 
     def check_then_stop(
         c: Connection, *, source: str, partition: str, epoch: int
     ) -> None:
-        real_check(c, source=source, partition=partition, epoch=epoch)
-        if threading.current_thread().name == "stopped-member" and not held:
-            held.append(partition)
-            stopped.set()
-            # Stopped with the row locked; bounded, so a regression fails.
-            resume.wait(30)
-            stopped.clear()  # woken (or given up on): no longer stopped
+        check_epoch(c, source=source, partition=partition, epoch=epoch)
+        checked.append(partition)
+        if stop_at == "between_statements" and stops_here():
+            stop()
+
+    real_copy = PgConnection.copy_text
+
+    def copy_then_stop(
+        self: PgConnection, table: str, columns: Sequence[str], data: bytes
+    ) -> None:
+        if stop_at != "mid_copy" or not stops_here():
+            real_copy(self, table, columns, data)
+            return
+        # The COPY is open and the server waits for rows that don't come.
+        with self.raw.cursor().copy(
+            f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
+        ) as copy:
+            stop()
+            copy.write(data)
 
     monkeypatch.setattr(group_module, "check_epoch", check_then_stop)
+    monkeypatch.setattr(PgConnection, "copy_text", copy_then_stop)
     try:
         partitions = _topic(inputs[1])
         old_topic, new_topic = FakeTopic(partitions), FakeTopic(partitions)
@@ -412,7 +439,7 @@ def test_a_member_stopped_mid_batch_does_not_hold_its_partition_on_postgres(
         ended = [r.getMessage() for r in caplog.records]
         assert any(
             m.startswith(FENCED_LOG)
-            and "ended the batch's session" in m
+            and "ended the batch's transaction" in m
             and held[0] in m
             for m in ended
         ), ended

@@ -306,10 +306,11 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
             ),
         )
 
+    evaluators: list[ServiceProcess] = []
     try:
         api = service("api")
         service("jobs")
-        evaluators = [evaluator() for _ in range(3)]
+        evaluators += [evaluator() for _ in range(3)]
         for proc in procs:
             proc.wait_ready()
         challenges = _buy_challenges(pg_url, api.url or "")
@@ -408,7 +409,7 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
             else:
                 proc.kill()
     for n, proc in enumerate(procs):
-        if proc is not evaluators[0]:
+        if proc is not evaluators[0]:  # the SIGKILLed one
             assert "Traceback" not in "".join(proc.lines()), n
 
     _assert_equals_backtest(pg_url, tmp_path, files)

@@ -8,7 +8,8 @@ without a code or configuration change once the world outside it recovers:
   rolls it back; the evaluator rebuilds from its checkpoint and replays;
 - the database is locked or busy (another process, a write conflict);
 - the Kafka broker is away, times out, or a topic is missing;
-- a connection to the database or the broker was lost.
+- a connection to the database or the broker was lost, or PostgreSQL ended a
+  transaction that stalled (``idle_in_transaction_session_timeout``).
 
 Everything else — a bug, a corrupt or invalidated database, a schema the code does
 not know — is fatal: the process exits non-zero and its manager restarts it.
@@ -89,6 +90,10 @@ def _own_reason(exc: BaseException) -> str | None:
         exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected
     ):
         return f"database busy: {text}"
+    if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+        # The group loop's batch stalled (the process was stopped mid-batch):
+        # the server freed its locks; a new loop on a new session carries on.
+        return f"database ended a stalled transaction: {text}"
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return f"database unavailable: {text}"
     if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):

@@ -50,12 +50,14 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import polars as pl
+import psycopg
 
 from prop_stream.evaluator.loop import DEFAULT_HOOK_INTERVAL_S, BatchDriver, LoopStats
 from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.duckdb_sink import DuckDBSink
-from prop_stream.store.db import Connection
+from prop_stream.sinks.exceptions import SinkError
+from prop_stream.store.db import Connection, is_postgres
 from prop_stream.store.partitions import (
     PartitionCheckpoint,
     PartitionFencedError,
@@ -74,6 +76,10 @@ logger = logging.getLogger(__name__)
 
 #: The words every refused commit's log line starts with (operators grep it).
 FENCED_LOG = "commit fenced"
+#: On PostgreSQL, how long a batch transaction may sit idle between statements
+#: (``idle_in_transaction_session_timeout``), and how long a successor waits for
+#: a stalled owner's lock on the epoch row before it ends that owner's session.
+DEFAULT_STALL_TIMEOUT_S = 10.0
 
 
 class GroupSource(Protocol):
@@ -153,6 +159,13 @@ class GroupEvaluatorLoop(BatchDriver):
         on_batch: Called after each committed partition batch.
         archive: Stage each batch's ticks for the tick archive.
         owner: Who takes the epochs (default ``host:pid``), for operators.
+        stall_timeout_s: On PostgreSQL, a batch transaction idle this long
+            between two statements is ended by the server, and a member taking
+            a partition whose epoch row another session has locked this long
+            ends that session (the previous owner stopped, paused or cut off
+            mid-batch, even inside a statement), so the successor is never
+            held up for longer. The stalled member's late commit then fails
+            and its loop ends with the error (the supervisor builds a new one).
     """
 
     def __init__(
@@ -171,9 +184,13 @@ class GroupEvaluatorLoop(BatchDriver):
         on_batch: Callable[[Evaluation, float], object] | None = None,
         archive: bool = False,
         owner: str | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
+        self._stall_ms = max(1, round(stall_timeout_s * 1000))
         self._conn = conn
         self._source = source
         self._sink_factory = sink_factory
@@ -331,6 +348,9 @@ class GroupEvaluatorLoop(BatchDriver):
         except PartitionFencedError as exc:
             self._fenced(part, exc)
             return False
+        except SinkError as exc:
+            self._ended_by_store(part, exc)
+            raise
         if also is not None:
             part.since_checkpoint = 0
             self.stats.checkpoints += 1
@@ -345,8 +365,19 @@ class GroupEvaluatorLoop(BatchDriver):
 
     def _fence(self, part: _Partition) -> Callable[[Connection], None]:
         source, key, epoch = self._source.name, part.key, part.epoch
+        stall_ms = self._stall_ms
 
         def fence(conn: Connection) -> None:
+            if is_postgres(conn):
+                # check_epoch's UPDATE holds the epoch row's lock to the commit,
+                # and the successor's take_epoch waits for it. A member stopped
+                # mid-batch (SIGSTOP, a VM pause, cut off) would hold it until
+                # it resumes: the server ends the transaction once it has been
+                # idle that long between statements (and take_epoch ends a
+                # session stalled inside one, a COPY waiting for rows).
+                conn.execute(
+                    f"SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"
+                )
             check_epoch(conn, source=source, partition=key, epoch=epoch)
 
         return fence
@@ -382,6 +413,9 @@ class GroupEvaluatorLoop(BatchDriver):
         except PartitionFencedError as exc:
             self._fenced(part, exc)
             return
+        except SinkError as exc:
+            self._ended_by_store(part, exc)
+            raise
         part.since_checkpoint = 0
         self.stats.checkpoints += 1
 
@@ -396,6 +430,25 @@ class GroupEvaluatorLoop(BatchDriver):
             exc.current,
         )
         self._drop(part.number)
+
+    def _ended_by_store(self, part: _Partition, exc: SinkError) -> None:
+        """Log a batch whose transaction the store ended (it stalled, or was lost)."""
+        lost = _session_lost(exc)
+        if lost is None:
+            return
+        self.fenced += 1
+        logger.warning(
+            "%s: partition %s, epoch %d: the store ended the batch's transaction "
+            "(%s; a batch stalled for more than %.1f s is ended: this member was "
+            "stopped or cut off mid-batch, and another evaluator may have taken "
+            "the partition); the loop restarts on new sessions from the stored "
+            "position",
+            FENCED_LOG,
+            part.key,
+            part.epoch,
+            lost,
+            self._stall_ms / 1000,
+        )
 
     def _drop(self, number: int) -> None:
         part = self._parts.pop(number, None)
@@ -466,7 +519,13 @@ class GroupEvaluatorLoop(BatchDriver):
         self._drop(number)
         source = self._source.name
         key = f"{self._source.topic}:{number}"
-        epoch = take_epoch(self._conn, source=source, partition=key, owner=self.owner)
+        epoch = take_epoch(
+            self._conn,
+            source=source,
+            partition=key,
+            owner=self.owner,
+            stall_s=self._stall_ms / 1000,
+        )
         checkpoint = load_partition_checkpoint(self._conn, source=source, partition=key)
         stored = stored_offset(self._conn, source=source, partition=key)
         engine = RuleEngine()
@@ -561,3 +620,22 @@ class GroupEvaluatorLoop(BatchDriver):
                 hook()
             except Exception:
                 logger.exception("between-batch hook %r failed", hook)
+
+
+def _session_lost(exc: BaseException) -> str | None:
+    """What ended ``exc``'s PostgreSQL session, None if it was something else.
+
+    The server's ``idle_in_transaction_session_timeout`` error is not always
+    read before the socket closes: psycopg may only report the lost connection.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current,
+            psycopg.errors.IdleInTransactionSessionTimeout | psycopg.OperationalError,
+        ):
+            return " ".join(str(current).split())[:200]
+        current = current.__cause__ or current.__context__
+    return None

@@ -38,14 +38,22 @@ The SQL here is written once for both backends: ``?`` parameters, ``BIGINT``,
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
+import psycopg
+
 from prop_stream.rules import PhaseSpec
-from prop_stream.store.db import Connection
+from prop_stream.store.db import Connection, is_postgres, transaction
 from prop_stream.store.exceptions import StoreError
+
+logger = logging.getLogger(__name__)
+
+#: How many stalled holders :func:`take_epoch` ends before it gives up.
+_MAX_HOLDERS_ENDED: Final = 5
 
 #: Migration 6: the tables of this module (``prop_stream.store.migrations``).
 MIGRATION_6: Final = (
@@ -119,23 +127,60 @@ class PartitionCheckpoint:
     shared: bool = False
 
 
-def take_epoch(conn: Connection, *, source: str, partition: str, owner: str) -> int:
+def take_epoch(
+    conn: Connection,
+    *,
+    source: str,
+    partition: str,
+    owner: str,
+    stall_s: float | None = None,
+) -> int:
     """Fence every earlier owner of a partition: its epoch plus one, taken now.
 
-    Call it in its own short transaction (autocommit) before loading the
-    partition's checkpoint: on PostgreSQL it waits for a batch in flight of
-    the previous owner (whose epoch check holds the row lock), so the state
-    loaded next includes that batch or the batch is refused.
+    Call it outside a transaction, before loading the partition's checkpoint: on
+    PostgreSQL it waits for a batch in flight of the previous owner (whose epoch
+    check holds the row lock), so the state loaded next includes that batch or
+    the batch is refused.
+
+    A previous owner stopped mid-batch (SIGSTOP, a paused VM, cut off) would
+    hold the lock until it resumes. With ``stall_s``, after waiting that long
+    for the lock the session holding it is ended (``pg_terminate_backend``:
+    its transaction is rolled back and the lock freed), and the take is tried
+    again. A batch that takes longer than ``stall_s`` to commit counts as
+    stalled, so give ``stall_s`` a wide margin over the slowest batch commit.
 
     Args:
         conn: The connection.
         source: The tick source's name.
         partition: The partition key (``<topic>:<n>``).
         owner: Who takes it (host, pid, member id: for operators).
+        stall_s: On PostgreSQL, how long the lock may be held by another
+            session before that session is ended (None: wait for ever).
 
     Returns:
         The new epoch, the caller's to present at each commit.
+
+    Raises:
+        StoreError: The holders kept coming back, or may not be ended (the
+            database role lacks the right to signal the holder's session).
     """
+    if stall_s is None or not is_postgres(conn):
+        return _take(conn, source=source, partition=partition, owner=owner)
+    wait_ms = max(1, round(stall_s * 1000))
+    for _ in range(_MAX_HOLDERS_ENDED):
+        try:
+            with transaction(conn):
+                conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                return _take(conn, source=source, partition=partition, owner=owner)
+        except psycopg.errors.LockNotAvailable:
+            _end_holders(conn, source=source, partition=partition, stall_s=stall_s)
+    raise StoreError(
+        f"partition {partition}: its epoch stayed locked after ending "
+        f"{_MAX_HOLDERS_ENDED} stalled sessions"
+    )
+
+
+def _take(conn: Connection, *, source: str, partition: str, owner: str) -> int:
     row = conn.execute(
         'INSERT INTO partition_epochs (source, "partition", epoch, owner, taken_at) '
         "VALUES (?, ?, 1, ?, ?) "
@@ -146,6 +191,38 @@ def take_epoch(conn: Connection, *, source: str, partition: str, owner: str) -> 
         [source, partition, owner, datetime.now(UTC)],
     ).fetchall()
     return int(row[0][0])
+
+
+def _end_holders(
+    conn: Connection, *, source: str, partition: str, stall_s: float
+) -> None:
+    """End the sessions whose open transaction locks a partition's epoch row."""
+    # The row's xmax is the transaction that locks it (the previous owner's
+    # epoch check); every transaction holds the lock on its own id.
+    try:
+        ended = conn.execute(
+            "SELECT l.pid, e.owner, pg_terminate_backend(l.pid) "
+            "FROM partition_epochs AS e JOIN pg_locks AS l "
+            "ON l.locktype = 'transactionid' AND l.transactionid = e.xmax "
+            "AND l.mode = 'ExclusiveLock' AND l.granted "
+            'WHERE e.source = ? AND e."partition" = ? AND l.pid <> pg_backend_pid()',
+            [source, partition],
+        ).fetchall()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise StoreError(
+            f"partition {partition}: its previous owner's session holds the epoch "
+            f"for more than {stall_s:g} s and this role may not end it: {exc}"
+        ) from exc
+    for pid, owner, done in ended:
+        logger.warning(
+            "partition %s: its previous owner %s held the epoch for more than %g s "
+            "(stopped or cut off mid-batch); its session (pid %s) %s",
+            partition,
+            owner,
+            stall_s,
+            pid,
+            "was ended, its batch rolled back" if done else "could not be ended",
+        )
 
 
 def check_epoch(conn: Connection, *, source: str, partition: str, epoch: int) -> None:

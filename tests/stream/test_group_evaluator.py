@@ -10,7 +10,8 @@ backtest of the same ticks and with one embedded loop that saw them all.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +27,8 @@ from replay_support import (
 
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
+from prop_stream.evaluator import group as group_module
+from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.group import FENCED_LOG, GroupEvaluatorLoop
 from prop_stream.evaluator.sources import TickSource
 from prop_stream.rules import Evaluation, RuleEngine
@@ -50,6 +53,7 @@ from prop_stream.store.partitions import (
     current_epoch,
     take_epoch,
 )
+from prop_stream.store.pg import PgConnection
 from prop_stream.store.progress import Position
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
@@ -332,6 +336,120 @@ def test_a_paused_members_late_commit_is_refused_and_nothing_doubles(
         assert old.fenced == 1
         _assert_results(conn, inputs, embedded)
     finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stop_at", ["between_statements", "mid_copy"])
+def test_a_member_stopped_mid_batch_does_not_hold_its_partition_on_postgres(
+    stop_at: str,
+    pg_url: str,
+    inputs: tuple[Path, pl.DataFrame],
+    embedded: dict[str, pl.DataFrame],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGSTOPped member holds the epoch row's lock: the server ends it.
+
+    The batch's epoch check locks the partition's epoch row to the commit; a
+    member stopped after it (SIGSTOP, a VM pause) would make its successor's
+    ``take_epoch`` wait until it is resumed. Stopped between two statements
+    (the transaction idle) or in the middle of a ``COPY`` (the server waiting
+    for its data), the batch is ended by the server past ``stall_timeout_s``.
+    """
+    conn = _fresh(pg_url)
+    stopped, resume = threading.Event(), threading.Event()
+    held: list[str] = []
+    checked: list[str] = []
+
+    def stop() -> None:
+        held.append(checked[-1])
+        stopped.set()
+        # Stopped with the row locked; bounded, so a regression fails.
+        resume.wait(30)
+        stopped.clear()  # woken (or given up on): no longer stopped
+
+    def stops_here() -> bool:
+        return threading.current_thread().name == "stopped-member" and not held
+
+    def check_then_stop(
+        c: Connection, *, source: str, partition: str, epoch: int
+    ) -> None:
+        check_epoch(c, source=source, partition=partition, epoch=epoch)
+        checked.append(partition)
+        if stop_at == "between_statements" and stops_here():
+            stop()
+
+    real_copy = PgConnection.copy_text
+
+    def copy_then_stop(
+        self: PgConnection, table: str, columns: Sequence[str], data: bytes
+    ) -> None:
+        if stop_at != "mid_copy" or not stops_here():
+            real_copy(self, table, columns, data)
+            return
+        # The COPY is open and the server waits for rows that don't come.
+        with self.raw.cursor().copy(
+            f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
+        ) as copy:
+            stop()
+            copy.write(data)
+
+    monkeypatch.setattr(group_module, "check_epoch", check_then_stop)
+    monkeypatch.setattr(PgConnection, "copy_text", copy_then_stop)
+    try:
+        partitions = _topic(inputs[1])
+        old_topic, new_topic = FakeTopic(partitions), FakeTopic(partitions)
+        sink_cursor = cursor(conn)
+        old = GroupEvaluatorLoop(
+            cursor(conn),
+            old_topic,
+            lambda: DuckDBSink(sink_cursor, source="kafka"),
+            poll_timeout_s=0.01,
+            owner="old",
+            hook_interval_s=0.0,
+            stall_timeout_s=0.5,
+        )
+        new = _group_loop(conn, new_topic, "new")
+        old_topic.assign(*range(PARTITIONS))
+        errors: list[BaseException] = []
+
+        def run_old() -> None:
+            try:
+                old.run_once()
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run_old, name="stopped-member")
+        thread.start()
+        assert stopped.wait(60), "the old member never reached its epoch check"
+        number = int(held[0].rsplit(":", 1)[1])
+        # The group gave the partition away; the successor takes its epoch
+        # while the old member is still stopped.
+        new_topic.assign(number)
+        with caplog.at_level(logging.WARNING, "prop_stream.evaluator.group"):
+            new.run_once()
+            taken_while_stopped = stopped.is_set()
+            resume.set()
+            thread.join(60)
+        assert taken_while_stopped
+        assert new.partitions()[number] == 2
+        # Resumed, the old member's commit fails: the server ended it.
+        assert len(errors) == 1, errors
+        assert transient_reason(errors[0]) is not None
+        ended = [r.getMessage() for r in caplog.records]
+        assert any(
+            m.startswith(FENCED_LOG)
+            and "ended the batch's transaction" in m
+            and held[0] in m
+            for m in ended
+        ), ended
+        assert old.fenced == 1
+        # The successor takes the rest and the store equals the backtest.
+        new_topic.assign(*(n for n in range(PARTITIONS) if n != number))
+        _drain((new, new_topic))
+        _assert_results(conn, inputs, embedded)
+    finally:
+        resume.set()
         conn.close()
 
 

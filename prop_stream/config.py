@@ -56,6 +56,11 @@ class StreamSettings(BaseSettings):
         kafka_session_timeout_ms: How long the group waits for a silent member
             (paused, cut off) before it gives the member's partitions to
             others; heartbeats go every third of it.
+        group_stall_timeout_s: On PostgreSQL, how long a group member's batch
+            transaction may stall (a paused process) before the store ends it,
+            and how long a member taking over a partition waits for the
+            stalled owner's lock before it ends that owner's session
+            (docs/scale-out.md, "Fencing").
         kafka_fetch_max_bytes: Most bytes of one fetch response.
         kafka_max_partition_fetch_bytes: Most bytes per partition in one fetch.
         kafka_fetch_max_wait_ms: Longest the broker holds a fetch for more data.
@@ -107,6 +112,7 @@ class StreamSettings(BaseSettings):
     kafka_consumer_group: bool = False
     kafka_group_instance_id: str | None = None
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    group_stall_timeout_s: float = Field(default=10.0, gt=0)
     kafka_fetch_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     kafka_max_partition_fetch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     kafka_fetch_max_wait_ms: int = Field(default=100, ge=0)

@@ -190,6 +190,7 @@ def build_group_loop(
         stats=stats,
         on_batch=on_batch,
         archive=settings.archive,
+        stall_timeout_s=settings.group_stall_timeout_s,
     )
 
 

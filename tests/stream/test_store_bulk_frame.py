@@ -26,9 +26,11 @@ from prop_stream.store import (
 _VALUES_SQL = """
     SELECT * FROM (VALUES
         (1, 'plain', TRUE, DATE '2026-11-29',
-         TIMESTAMPTZ '2026-11-29 01:02:03.456789+00', CAST(0.1 AS DOUBLE PRECISION), 7),
+         TIMESTAMPTZ '2026-11-29 01:02:03.456789+00',
+         CAST(0.1 AS DOUBLE PRECISION), 7),
         (-2, '', FALSE, DATE '1969-12-31',
-         TIMESTAMPTZ '1969-12-31 23:59:59.999999+00', CAST(1e300 AS DOUBLE PRECISION), NULL),
+         TIMESTAMPTZ '1969-12-31 23:59:59.999999+00',
+         CAST(1e300 AS DOUBLE PRECISION), NULL),
         (3, 'a,"b"' || chr(10) || 'c', NULL, NULL, NULL, NULL, -5),
         (4, NULL, TRUE, DATE '1970-01-01',
          TIMESTAMPTZ '1970-01-01 00:00:00+00', CAST(-2.5e-300 AS DOUBLE PRECISION), 0)
@@ -90,7 +92,7 @@ def test_bulk_frame_reads_other_types_like_query_frame(db: Connection) -> None:
 def test_latest_metrics_load_reads_metrics_latest(db: Connection) -> None:
     columns = query_frame(db, "SELECT * FROM metrics_latest WHERE false").columns
     # Zero for the other NOT NULL columns (numbers), NULL for the optional ones.
-    values = {c: "0" for c in columns} | {
+    values = dict.fromkeys(columns, "0") | {
         "account_id": "1001",
         "challenge_id": "7",
         "ts": "TIMESTAMPTZ '2026-11-29 01:00:00.25+00'",

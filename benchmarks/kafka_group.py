@@ -13,28 +13,29 @@ Usage: ``.venv/bin/python benchmarks/kafka_group.py --bootstrap H:P
 
 ``--postgres URL --evaluators 1,2`` measures the scale-out deployment instead:
 real ``prop-stream serve --role evaluator`` processes in one group over a fresh
-PostgreSQL database on the server of ``URL`` (seeded alike per run), reading
-the same pre-produced topic (``--partitions 2`` for the issue's comparison), once
-per count given, ``--rounds`` times in alternating order. The processes start
-together; the group is formed when every partition has an epoch and the
-partitions have as many distinct owners as there are evaluators (the first to
-join may take every partition before the others arrive: the cooperative
-rebalance then moves some). The rate is the ticks still unread then (the topic's
-end minus the stored positions) over the time until every stored position is at
-its partition's end; the run's whole time from spawn is printed too, with the
-evaluators' CPU seconds (``/proc``) and the machine's load average.
+PostgreSQL database on the server of ``URL`` (seeded alike per run), once per
+count given, ``--rounds`` times in alternating order (``--partitions 2`` for the
+issue's comparison). Each run makes a fresh topic and starts the evaluators on
+it while it is empty; once the group has formed (every partition has an epoch,
+with as many distinct owners as evaluators) they are paused (SIGSTOP; their
+session timeout, ``--session-timeout-ms``, outlasts the pause) while the ticks
+are produced, then resumed (SIGCONT) and timed until every stored position is at
+its partition's end. So the time is the group reading, with no join or
+rebalance in it; the run prints the evaluators' CPU seconds over that time
+(``/proc``), that the owners and epochs did not change, and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -169,6 +170,9 @@ def _evaluator(
                 **os.environ,
                 "PROP_STREAM_MAX_BATCH_RECORDS": str(args.batch),
                 "PROP_STREAM_LOG_LEVEL": "WARNING",
+                # Longer than the pause while the ticks are produced, so that
+                # the paused members keep their partitions.
+                "PROP_STREAM_KAFKA_SESSION_TIMEOUT_MS": str(args.session_timeout_ms),
             },
         )  # fmt: skip
 
@@ -177,75 +181,104 @@ def run_processes(
     url: str,
     evaluators: int,
     args: argparse.Namespace,
-    topic: str,
-    ends: dict[str, int],
+    ticks: Path,
     tmp: Path,
 ) -> dict[str, float]:
-    """``evaluators`` processes read the topic to its end; their figures."""
+    """``evaluators`` processes read a fresh topic of ``ticks``; their figures.
+
+    The group forms on the empty topic; the evaluators are then paused
+    (SIGSTOP, within their session timeout) while the ticks are produced, and
+    timed from SIGCONT until every stored position is at its partition's end.
+    """
     import psycopg
 
-    group = f"bench-{topic}-{evaluators}-{time.monotonic_ns()}"
-    total = sum(ends.values())
+    topic, admin = create_bench_topic(args.bootstrap, "bench-group", args.partitions)
+    group = f"bench-{topic}"
+    partitions = {f"{topic}:{p}" for p in range(args.partitions)}
     procs: list[subprocess.Popen[bytes]] = []
-    logs = [tmp / f"evaluator-{evaluators}-{i}.log" for i in range(evaluators)]
-    with psycopg.connect(url, autocommit=True) as conn:
+    logs = [tmp / f"evaluator-{topic}-{i}.log" for i in range(evaluators)]
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
 
-        def stored() -> dict[str, int]:
-            rows = conn.execute(
-                'SELECT "partition", next_offset FROM source_offsets '
-                "WHERE source = 'kafka'"
-            ).fetchall()
-            return {str(k): int(v) for k, v in rows}
+            def stored() -> dict[str, int]:
+                rows = conn.execute(
+                    'SELECT "partition", next_offset FROM source_offsets '
+                    "WHERE source = 'kafka'"
+                ).fetchall()
+                return {str(k): int(v) for k, v in rows}
 
-        def formed() -> bool:
-            rows = conn.execute(
-                'SELECT "partition", owner FROM partition_epochs '
-                "WHERE source = 'kafka'"
-            ).fetchall()
-            owners = {str(p): str(o) for p, o in rows}
-            return set(owners) == set(ends) and len(set(owners.values())) == min(
-                evaluators, len(ends)
-            )
+            def formed() -> bool:
+                rows = conn.execute(
+                    'SELECT "partition", owner FROM partition_epochs '
+                    "WHERE source = 'kafka'"
+                ).fetchall()
+                owners = {str(p): str(o) for p, o in rows}
+                return set(owners) == partitions and len(set(owners.values())) == min(
+                    evaluators, len(partitions)
+                )
 
-        spawn = time.perf_counter()
-        try:
+            def until(
+                condition: Callable[[], bool], timeout_s: float, what: str
+            ) -> None:
+                # Poll the store (a condition, bounded by a deadline).
+                deadline = time.perf_counter() + timeout_s
+                while not condition():
+                    for proc, log in zip(procs, logs, strict=True):
+                        if proc.poll() is not None:
+                            raise RuntimeError(f"evaluator exited: {log.read_text()}")
+                    if time.perf_counter() > deadline:
+                        raise RuntimeError(f"not {what} within {timeout_s:.0f} s")
+                    time.sleep(0.02)
+
+            spawn = time.perf_counter()
             procs = [_evaluator(url, args, topic, group, log) for log in logs]
-            deadline = spawn + 600
-            t0 = None
-            at_t0 = 0
-            # Poll the store (conditions, each bounded by the deadline).
-            while time.perf_counter() < deadline:
-                for proc, log in zip(procs, logs, strict=True):
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"evaluator exited: {log.read_text()}")
-                now = time.perf_counter()
-                if t0 is None and formed():
-                    t0, at_t0 = now, sum(stored().values())
-                if t0 is not None and stored() == ends:
-                    break
-                time.sleep(0.02)
-            else:
-                raise RuntimeError(f"not at the topic's end within 600 s: {stored()}")
-            end = time.perf_counter()
-            cpu = sum(_cpu_seconds(proc.pid) for proc in procs)
-        finally:
+            until(formed, 300, "formed")
+            formed_s = time.perf_counter() - spawn
             for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=30)
-    assert t0 is not None  # the loop above breaks only after t0
+                proc.send_signal(signal.SIGSTOP)
+            try:
+                produced = time.perf_counter()
+                produce_file(
+                    ticks, bootstrap=args.bootstrap, topic=topic, encoding="json"
+                )
+                produced = time.perf_counter() - produced
+                ends = _end_offsets(args.bootstrap, topic, args.partitions)
+                cpu0 = sum(_cpu_seconds(proc.pid) for proc in procs)
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGCONT)
+            t0 = time.perf_counter()
+            until(lambda: stored() == ends, 600, "at the topic's end")
+            seconds = time.perf_counter() - t0
+            cpu = sum(_cpu_seconds(proc.pid) for proc in procs) - cpu0
+            owners = conn.execute(
+                "SELECT count(DISTINCT owner), max(epoch) FROM partition_epochs "
+                "WHERE source = 'kafka'"
+            ).fetchall()[0]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        admin.delete_topics([topic])
+        admin.close()
+    total = sum(ends.values())
     return {
         "evaluators": evaluators,
         "ticks": total,
-        "ticks_after_formed": total - at_t0,
-        "seconds_after_formed": end - t0,
-        "ticks_per_s": (total - at_t0) / (end - t0),
-        "seconds_from_spawn": end - spawn,
+        "seconds": seconds,
+        "ticks_per_s": total / seconds,
+        "formed_s": formed_s,
+        "produce_s": produced,
         "cpu_seconds": cpu,
+        # Still one owner per evaluator and no epoch taken again: no rebalance
+        # happened while the ticks were read.
+        "owners_after": float(owners[0]),
+        "max_epoch": float(owners[1]),
         "load_1m": os.getloadavg()[0],
     }
 
@@ -256,37 +289,27 @@ def _processes_main(args: argparse.Namespace) -> None:
     with fresh_pg_database(args.postgres, "bench_group_ids") as url:
         ids = make_store(url, args.accounts)
     ticks = make_ticks(tmp / "ticks.parquet", args.ticks, ids)
-    topic, admin = create_bench_topic(args.bootstrap, "bench-group", args.partitions)
-    produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding="json")
-    ends = _end_offsets(args.bootstrap, topic, args.partitions)
     rates: dict[int, list[float]] = {n: [] for n in counts}
-    try:
-        for round_ in range(args.rounds):
-            order = counts if round_ % 2 == 0 else counts[::-1]
-            for n in order:
-                with contextlib.ExitStack() as stack:
-                    url = stack.enter_context(
-                        fresh_pg_database(args.postgres, "bench_group")
-                    )
-                    # The same account ids as the topic's: a fresh database
-                    # numbers its accounts alike.
-                    if make_store(url, args.accounts) != ids:
-                        raise RuntimeError("the seeded account ids differ")
-                    result = run_processes(url, n, args, topic, ends, tmp)
-                rates[n].append(result["ticks_per_s"])
-                print(
-                    f"round {round_ + 1}, {n} evaluator(s), {args.partitions} "
-                    f"partitions: {result['ticks_after_formed']:,.0f} of "
-                    f"{result['ticks']:,.0f} JSON ticks after the group formed in "
-                    f"{result['seconds_after_formed']:.2f} s = "
-                    f"{result['ticks_per_s']:,.0f} ticks/s; from spawn "
-                    f"{result['seconds_from_spawn']:.2f} s; evaluators' CPU "
-                    f"{result['cpu_seconds']:.1f} s; load {result['load_1m']:.1f}",
-                    flush=True,
-                )
-    finally:
-        admin.delete_topics([topic])
-        admin.close()
+    for round_ in range(args.rounds):
+        order = counts if round_ % 2 == 0 else counts[::-1]
+        for n in order:
+            with fresh_pg_database(args.postgres, "bench_group") as url:
+                # The same account ids as the ticks': a fresh database numbers
+                # its accounts alike.
+                if make_store(url, args.accounts) != ids:
+                    raise RuntimeError("the seeded account ids differ")
+                result = run_processes(url, n, args, ticks, tmp)
+            rates[n].append(result["ticks_per_s"])
+            print(
+                f"round {round_ + 1}, {n} evaluator(s), {args.partitions} "
+                f"partitions: {result['ticks']:,.0f} JSON ticks in "
+                f"{result['seconds']:.2f} s = {result['ticks_per_s']:,.0f} ticks/s; "
+                f"evaluators' CPU {result['cpu_seconds']:.1f} s; group formed in "
+                f"{result['formed_s']:.1f} s, produced in {result['produce_s']:.1f} s "
+                f"(paused); owners after {result['owners_after']:.0f}, max epoch "
+                f"{result['max_epoch']:.0f}; load {result['load_1m']:.1f}",
+                flush=True,
+            )
     base = statistics.median(rates[counts[0]])
     for n in counts:
         print(
@@ -325,6 +348,7 @@ def main() -> None:
     )
     parser.add_argument("--evaluators", default="1,2", help="process counts to compare")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--session-timeout-ms", type=int, default=60_000)
     args = parser.parse_args()
     if args.postgres:
         _processes_main(args)

@@ -40,8 +40,8 @@ from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import (
     CHALLENGE_STATUS_NAMES,
     Connection,
+    bulk_frame,
     is_postgres,
-    query_frame,
 )
 
 MetricRow = Mapping[str, Any]
@@ -301,7 +301,9 @@ class RuntimeCache:
                 # Newer rows replace older ones; the whole table each time, so
                 # the served metric trails the evaluators by up to one interval
                 # (docs/scale-out.md, "What breaks next": fine well below 10M).
-                self.metrics.update(query_frame(conn, "SELECT * FROM metrics_latest"))
+                # One COPY, not a tuple per row: the read holds the GIL, and
+                # requests wait for it (docs/benchmarks.md, "32 connections").
+                self.metrics.update(bulk_frame(conn, "SELECT * FROM metrics_latest"))
         changed = [
             cid for cid, h in current.items() if self._fingerprints.get(cid) != h
         ]

@@ -332,8 +332,10 @@ def run_wrk(url: str, token: str, connections: int, duration: int) -> Result:
     sys.stderr.write(out)
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]  # wrk's report
+    # Anchored to the start of a line: the Latency line's "+/- Stdev" column
+    # (e.g. "94.99%") also contains "99%".
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]  # wrk's report
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]  # wrk's report
     errors = 0
     match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if match:

@@ -1,4 +1,4 @@
-"""End-to-end Kafka throughput: topic → KafkaSource → engine → DuckDB.
+"""End-to-end Kafka throughput: topic → KafkaSource → engine → the store.
 
 Produces ``--ticks`` ticks of ``--accounts`` accounts (one phase each, every rule
 on) to a fresh topic in the chosen encoding, then times an evaluator loop over a
@@ -11,11 +11,20 @@ reads the same topic once per record path, each into a fresh store: ``raw``
 ``ConsumerRecord`` per record, the old path). ``--archive off,on`` reads it once
 without and once with the tick archive's staging (``docs/store.md``), side by
 side in one run.
+
+``--postgres URL`` reads the same topic with one evaluator into a fresh DuckDB
+file and into a fresh PostgreSQL database on the server of ``URL`` (created and
+dropped per run), alternately, ``--rounds`` times each, and prints each run and
+the best and median ticks/s per backend and their ratio (archive off: PostgreSQL
+has none). The hedge flags are on as in the service (``--no-hedge-flags``
+turns them off in both).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -23,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from kafka_bench_support import bench_loop, create_bench_topic
+from kafka_bench_support import bench_loop, create_bench_topic, fresh_pg_database
 
 from prop_stream.evaluator import EvaluatorLoop
 from prop_stream.kafka import produce_file
@@ -45,7 +54,7 @@ def make_ticks(path: Path, ticks: int, accounts: int) -> Path:
 
 
 def consume(
-    db: Path, topic: str, path: str, args: argparse.Namespace, *, archive: bool
+    db: Path | str, topic: str, path: str, args: argparse.Namespace, *, archive: bool
 ) -> tuple[float, EvaluatorLoop]:
     """Read the whole topic into a fresh store; the seconds it took."""
     first = 1_000_000
@@ -59,6 +68,7 @@ def consume(
         batch=args.batch,
         poll_timeout_s=0.5,
         archive=archive,
+        hedge_flags=not args.no_hedge_flags,
     )
     ends = source.end_offsets()
     t0 = time.perf_counter()
@@ -80,7 +90,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=200_000)
     parser.add_argument("--paths", default="raw")
     parser.add_argument("--archive", default="off", help="off, on or off,on")
+    parser.add_argument(
+        "--postgres", metavar="URL", help="also read into PostgreSQL (this server)"
+    )
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-hedge-flags", action="store_true")
     args = parser.parse_args()
+    if args.postgres and args.archive != "off":
+        raise SystemExit(
+            "--postgres: the tick archive is DuckDB's; leave --archive off"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="kafka-e2e-"))
     ticks = make_ticks(tmp / "ticks.parquet", args.ticks, args.accounts)
     topic, admin = create_bench_topic(args.bootstrap, "bench-e2e", args.partitions)
@@ -88,6 +107,11 @@ def main() -> None:
     produce_file(ticks, bootstrap=args.bootstrap, topic=topic, encoding=args.encoding)
     produced = time.perf_counter() - t0
 
+    if args.postgres:
+        _backend_compare(tmp, topic, args, produced)
+        admin.delete_topics([topic])
+        admin.close()
+        return
     runs = [(p, a) for p in args.paths.split(",") for a in args.archive.split(",")]
     for path, archive in runs:
         if archive not in ("off", "on"):
@@ -103,6 +127,47 @@ def main() -> None:
         )
     admin.delete_topics([topic])
     admin.close()
+
+
+def _backend_compare(
+    tmp: Path, topic: str, args: argparse.Namespace, produced: float
+) -> None:
+    """The topic into DuckDB and into PostgreSQL, alternately, per path and round."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    for path in args.paths.split(","):
+        for round_ in range(args.rounds):
+            # Alternate which backend goes first so both see the same warm-up.
+            backends = (
+                ("duckdb", "postgres") if round_ % 2 == 0 else ("postgres", "duckdb")
+            )
+            for backend in backends:
+                with contextlib.ExitStack() as stack:
+                    if backend == "postgres":
+                        db: Path | str = stack.enter_context(
+                            fresh_pg_database(args.postgres, "bench_e2e")
+                        )
+                    else:
+                        db = tmp / f"{path}-{round_}.duckdb"
+                    seconds, loop = consume(db, topic, path, args, archive=False)
+                rate = args.ticks / seconds
+                rates.setdefault((path, backend), []).append(rate)
+                print(
+                    f"{args.encoding} [{path}, {backend}, round {round_ + 1}]: "
+                    f"{args.ticks:,} ticks, {loop.stats.batches} batches, evaluated "
+                    f"{loop.stats.evaluated:,}; produce {produced:.1f} s; "
+                    f"topic→{backend} {seconds:.2f} s = {rate:,.0f} ticks/s",
+                    flush=True,
+                )
+    for path in args.paths.split(","):
+        duck, pg = rates[(path, "duckdb")], rates[(path, "postgres")]
+        print(
+            f"{args.encoding} [{path}], hedge flags "
+            f"{'off' if args.no_hedge_flags else 'on'}, {args.rounds} rounds: "
+            f"DuckDB best {max(duck):,.0f} median {statistics.median(duck):,.0f}; "
+            f"PostgreSQL best {max(pg):,.0f} median {statistics.median(pg):,.0f} "
+            f"ticks/s; PostgreSQL / DuckDB best {max(pg) / max(duck):.2f}, "
+            f"median {statistics.median(pg) / statistics.median(duck):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from prop_stream.store.db import Connection, query_frame
+from prop_stream.store.db import Connection, bulk_frame
 
 MetricRow = Mapping[str, Any]
 
@@ -150,7 +150,7 @@ class LatestMetrics:
         Args:
             conn: A store connection.
         """
-        frame = query_frame(conn, "SELECT * FROM metrics_latest")
+        frame = bulk_frame(conn, "SELECT * FROM metrics_latest")
         with self._lock:
             self._reset()
         self.update(frame)

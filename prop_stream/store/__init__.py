@@ -20,6 +20,7 @@ from prop_stream.store.catalog import (
 )
 from prop_stream.store.db import (
     Connection,
+    bulk_frame,
     connect,
     cursor,
     is_postgres,
@@ -102,6 +103,7 @@ __all__ = [
     "advance_phase",
     "apply_transition",
     "apply_transitions",
+    "bulk_frame",
     "cancel_challenge",
     "connect",
     "create_account_group",

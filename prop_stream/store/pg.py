@@ -141,6 +141,20 @@ class PgConnection:
         ) as copy:
             copy.write(data)
 
+    def copy_out_csv(self, query: str) -> bytes:
+        """The rows of a query as header-less CSV (``COPY (query) TO STDOUT``).
+
+        Args:
+            query: One ``SELECT`` without placeholders.
+
+        Returns:
+            The CSV text (NULL as an empty unquoted field).
+        """
+        chunks: list[bytes] = []
+        with self._cur.copy(f"COPY ({query}) TO STDOUT WITH (FORMAT csv)") as copy:
+            chunks.extend(bytes(chunk) for chunk in copy)
+        return b"".join(chunks)
+
     # ---------------------------------------------------------------- session
 
     def cursor(self) -> PgConnection:

@@ -131,6 +131,9 @@ class FakeTopic(TickSource):
     def last_deals(self) -> dict[int, pl.DataFrame]:
         return {}
 
+    def last_deal_cuts(self, committed: Mapping[str, int]) -> dict[int, int]:
+        return {}
+
     def partition_of(self, account_id: int) -> int | None:
         return _partition_of(account_id)
 

@@ -148,7 +148,7 @@ def test_archive_holds_every_polled_deal_once_in_the_deals_format(
     path, _ = uninterrupted
     root = path.with_name(path.name + ".archive")
     got = _archived_deals(root)
-    assert got.schema == pl.Schema(pl.from_arrow(DEAL_SCHEMA.empty_table()).schema)
+    assert got.schema == pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
     assert polled_deals.height > 100
     assert got.height == polled_deals.height
     assert _sorted_deals(got).equals(_sorted_deals(polled_deals))

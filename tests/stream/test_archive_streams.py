@@ -206,3 +206,62 @@ def test_an_archiver_needs_a_file_or_a_root(tmp_path: Path) -> None:
             TickArchiver(cursor(conn), None)
     finally:
         conn.close()
+
+
+def test_migration_8_keeps_the_staged_ticks_and_their_numbers(
+    store_db: Path | str,
+) -> None:
+    from prop_stream.store.db import transaction
+    from prop_stream.store.migrations import _LEDGER as LEDGER
+    from prop_stream.store.migrations import MIGRATIONS, migrate
+
+    conn = connect(store_db)
+    try:
+        # A store at version 7 with ticks staged by the one-row counter.
+        conn.execute(LEDGER)
+        for migration in MIGRATIONS[:7]:
+            with transaction(conn):
+                for statement in migration.statements_for(conn):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                    [migration.version, migration.name],
+                )
+        conn.execute(
+            "INSERT INTO tick_archive_staging (seq, account_id, ts, equity, balance) "
+            "VALUES (5, 1000, ?, 1.0, 1.0), (6, 1000, ?, 2.0, 1.0)",
+            [START, START + timedelta(seconds=1)],
+        )
+        conn.execute("UPDATE tick_archive_state SET next_seq = 7")
+        assert migrate(conn) == [8]
+        assert conn.execute(
+            "SELECT stream, next_tick_seq, next_deal_seq FROM archive_streams"
+        ).fetchall() == [("", 7, 0)]
+        assert conn.execute(
+            "SELECT stream, seq FROM tick_archive_staging ORDER BY seq"
+        ).fetchall() == [("", 5), ("", 6)]
+        # The single evaluator numbers on after them.
+        _stage(conn, "", 0, n=4).flush()
+        assert conn.execute(
+            "SELECT max(seq) FROM tick_archive_staging WHERE stream = ''"
+        ).fetchall() == [(10,)]
+    finally:
+        conn.close()
+
+
+def test_the_archive_is_on_for_postgresql_only_with_a_directory(
+    tmp_path: Path,
+) -> None:
+    from prop_stream.config import StreamSettings
+    from prop_stream.evaluator.service import archives
+    from prop_stream.store.archive import archive_dir, archive_root
+
+    url = "postgresql://u@localhost/prop"
+    assert not archives(StreamSettings(db=url))
+    assert archives(StreamSettings(db=url, archive_dir=tmp_path))
+    assert not archives(StreamSettings(db=url, archive_dir=tmp_path, archive=False))
+    assert archives(StreamSettings(db=tmp_path / "prop.duckdb"))
+    assert archive_root(url, None) is None
+    assert archive_root(url, tmp_path) == tmp_path.resolve()
+    db = tmp_path / "prop.duckdb"
+    assert archive_root(db, None) == archive_dir(db)

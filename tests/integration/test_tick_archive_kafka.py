@@ -179,8 +179,9 @@ def _parts(db: Path, table: str) -> int:
     return len(list((archive_dir(db) / table).rglob("part-*.parquet")))
 
 
+@pytest.mark.parametrize("mode", ["embedded", "group"])
 def test_serve_killed_mid_run_archives_each_kafka_tick_and_deal_once(
-    tmp_path: Path, kafka_bootstrap: str, topic_factory: TopicFactory
+    tmp_path: Path, kafka_bootstrap: str, topic_factory: TopicFactory, mode: str
 ) -> None:
     topic = topic_factory(partitions=3)
     ticks = _ticks(tmp_path / "all-ticks.parquet")
@@ -210,6 +211,10 @@ def test_serve_killed_mid_run_archives_each_kafka_tick_and_deal_once(
     init_database(db)
     args = ["serve", "--db", str(db), "--source", "kafka", "--kafka-bootstrap",
             kafka_bootstrap, "--topic", topic, "--port", "0"]  # fmt: skip
+    if mode == "group":
+        # A consumer-group member: one stream (and file name) per partition,
+        # the deals of a replayed partition cut by KafkaSource.last_deal_cuts.
+        args += ["--group", f"archive-{topic}"]
     env = {
         "PROP_STREAM_KAFKA_GROUP_ID": f"archive-{topic}",
         # Accounts the store doesn't have still reach the engine (and the archive).
@@ -266,6 +271,11 @@ def test_serve_killed_mid_run_archives_each_kafka_tick_and_deal_once(
     archived = pl.read_parquet(root / "ticks" / "**" / "*.parquet")
     assert archived.height == TICKS
     assert archived.sort(_SORT).equals(ticks.sort(_SORT))
+    names = {p.name for p in (root / "ticks").rglob("part-*.parquet")}
+    if mode == "group":
+        assert all(name.startswith(f"part-{topic}_") for name in names), names
+    else:
+        assert all(name.count("-") == 2 for name in names), names
     archived_deals = pl.read_parquet(root / "deals" / "**" / "*.parquet")
     assert archived_deals.schema == pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
     assert archived_deals.height == DEALS

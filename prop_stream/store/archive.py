@@ -222,8 +222,8 @@ class TickArchiver:
             its rows leave staging (tests cut a run short there).
 
     Raises:
-        ValueError: ``retention_days`` is negative, or neither ``db`` nor
-            ``root`` is given.
+        ValueError: ``retention_days`` is negative, or there is no root: no
+            ``root`` and ``db`` is None or a PostgreSQL URL.
     """
 
     def __init__(
@@ -238,10 +238,16 @@ class TickArchiver:
     ) -> None:
         if retention_days < 0:
             raise ValueError(f"retention_days must be 0 or more, got {retention_days}")
-        if root is None and db is None:
-            raise ValueError("the archive needs a database file or a root directory")
+        where = root if root is not None else None
+        if where is None and db is not None:
+            where = archive_root(db, None)  # None for a PostgreSQL URL
+        if where is None:
+            raise ValueError(
+                "the archive needs a database file or a root directory "
+                "(archive_dir on PostgreSQL)"
+            )
         self._conn = conn
-        self._root = (root if root is not None else archive_dir(str(db))).resolve()
+        self._root = where.resolve()
         self._retention = retention_days
         self._today = today or (lambda: datetime.now(UTC).date())
         self._after_write = after_write

@@ -1,5 +1,9 @@
 """Scale-out on one machine: evaluator processes in one group over PostgreSQL.
 
+The evaluators stage their partitions' ticks for the archive in a shared
+directory (``PROP_STREAM_ARCHIVE_DIR``); moved at the end, the archive holds
+every produced tick once.
+
 Real Kafka (the shared broker) and a real PostgreSQL (``scripts/pg-local``): a
 6-partition topic, three ``serve --role evaluator`` processes in one group, then
 one is SIGKILLed mid-stream, another SIGSTOPped past the session timeout and
@@ -37,7 +41,8 @@ from replay_support import assert_matches_backtest, stored_outputs
 from service_process import PROP_STREAM, ServiceProcess, run_prop_stream
 
 from integration.conftest import REPO, TopicFactory
-from prop_stream.store import connect
+from prop_stream.store import connect, cursor
+from prop_stream.store.archive import TickArchiver
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +174,7 @@ def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
         seen = end
     topic = topic_factory(partitions=PARTITIONS)
     group = f"group-{topic}"
+    archive_root = tmp_path / "shared-archive"
 
     def produce(path: Path) -> None:
         done = subprocess.run(  # noqa: S603 - our own command
@@ -189,6 +195,9 @@ def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
                 "PROP_STREAM_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
                 "PROP_STREAM_CHECKPOINT_EVERY": "5",
                 "PROP_STREAM_MAX_BATCH_RECORDS": "2000",
+                # The archive's shared directory: each member stages its
+                # partitions' ticks in their own streams.
+                "PROP_STREAM_ARCHIVE_DIR": str(archive_root),
             },
         )  # fmt: skip
 
@@ -304,3 +313,24 @@ def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
         phases["account_id"], phases["status"], strict=True
     ):
         assert status[int(account)] == phase_status
+
+    # The archive: every produced tick once, whoever was killed, paused or
+    # fenced, each partition's ticks in its own stream and files.
+    conn = connect(pg_url)
+    try:
+        streams = conn.execute(
+            "SELECT stream FROM archive_streams WHERE next_tick_seq > 0"
+        ).fetchall()
+        assert {row[0] for row in streams} <= {
+            f"{topic}:{n}" for n in range(PARTITIONS)
+        }
+        moved = TickArchiver(cursor(conn), None, root=archive_root).archive_once()
+        assert moved.rows == ticks.height
+    finally:
+        conn.close()
+    archived = pl.read_parquet(archive_root / "ticks" / "**" / "*.parquet")
+    order = ["account_id", "ts", "equity", "balance"]
+    assert archived.sort(order).equals(ticks.cast(archived.schema).sort(order))
+    names = [p.name for p in (archive_root / "ticks").rglob("part-*.parquet")]
+    assert names
+    assert all(name.startswith(f"part-{topic}_") for name in names)

@@ -204,6 +204,8 @@ def test_an_archiver_needs_a_file_or_a_root(tmp_path: Path) -> None:
     try:
         with pytest.raises(ValueError, match="root"):
             TickArchiver(cursor(conn), None)
+        with pytest.raises(ValueError, match="archive_dir"):
+            TickArchiver(cursor(conn), "postgresql://u@localhost/prop")
     finally:
         conn.close()
 

@@ -198,6 +198,10 @@ def test_three_evaluators_kill_pause_and_add_one_equal_the_backtest(
                 # The archive's shared directory: each member stages its
                 # partitions' ticks in their own streams.
                 "PROP_STREAM_ARCHIVE_DIR": str(archive_root),
+                # The ticks run up to 400 s ahead of now: none dead-lettered as
+                # future_ts, so every produced tick reaches the engine (and the
+                # archive), as the backtest reads them all.
+                "PROP_STREAM_MAX_CLOCK_SKEW": "0",
             },
         )  # fmt: skip
 

@@ -217,6 +217,19 @@ def test_a_max_open_lots_limit_fails_exactly_the_phases_that_held_more(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["staged_deals"] > 0
     assert summary["deals"] > summary["staged_deals"]  # archived ones too
+    # The hedge flags of the replayed deals (customers from the store): the
+    # what-if loses exactly flags of the phases it ends earlier (an ended
+    # phase processes no more deals), never gains one.
+    pair = ["account_id_1", "deal_id_1", "account_id_2", "deal_id_2"]
+    before = pl.read_parquet(out / "baseline" / "flags.parquet")
+    after = pl.read_parquet(out / "whatif" / "flags.parquet")
+    assert before.height > 0
+    assert after.join(before, on=pair, how="anti").is_empty()
+    lost = before.join(after, on=pair, how="anti")
+    assert all(
+        a in expected or b in expected
+        for a, b in lost.select("account_id_1", "account_id_2").iter_rows()
+    )
     # The what-if's deal-rule breaches are there, each over the limit.
     breaches = pl.read_parquet(out / "whatif" / "breaches.parquet").filter(
         pl.col("rule") == "max_position_size"

@@ -38,7 +38,12 @@ from prop_stream.evaluator.faults import transient_reason
 from prop_stream.evaluator.service import SupervisedEvaluator
 from prop_stream.jobs import JobWorker
 from prop_stream.jobs.worker import WorkerStats
-from prop_stream.store.archive import TickArchiver, staged_rows
+from prop_stream.store.archive import (
+    TickArchiver,
+    archive_root,
+    staged_deals,
+    staged_rows,
+)
 from prop_stream.store.db import Connection, connect, cursor
 from prop_stream.store.init import init_database
 from prop_stream.store.job_worker import outbox_summary
@@ -147,23 +152,28 @@ def run(
         store=functools.partial(_store_numbers, conn),
     )
     postgres = is_url(settings.db)
-    if postgres and (settings.risk_mirror_interval_s > 0 or settings.archive):
+    archive_to = archive_root(settings.db, settings.archive_dir)
+    if postgres and settings.risk_mirror_interval_s > 0:
         # DuckDB-only by design (docs/scale-out.md): on PostgreSQL the risk team
-        # reads the database itself (role prop_stream_risk), and the tick archive
-        # (staged ticks moved to Parquet beside the DuckDB file) is not written.
-        log.info("postgresql: no risk mirror file and no tick archive (DuckDB only)")
+        # reads the database itself (role prop_stream_risk).
+        log.info("postgresql: no risk mirror file (DuckDB only)")
+    if postgres and settings.archive and archive_to is None:
+        log.info("postgresql: no archive (set PROP_STREAM_ARCHIVE_DIR to keep one)")
     # The risk team's read-only copy of the store (docs/store.md).
     db_file = settings.db if isinstance(settings.db, Path) else None
     if settings.risk_mirror_interval_s > 0 and role == "all" and db_file is not None:
         interval = settings.risk_mirror_interval_s
         supervisor.add("risk", lambda: _RiskMirrorComponent(conn, db_file, interval))
-    # The tick archive: staged ticks moved to DB.archive/ticks (docs/store.md).
-    if settings.archive and runs_jobs and db_file is not None:
+    # The archive: staged ticks and deals moved to ROOT/ticks and ROOT/deals
+    # (docs/store.md); on PostgreSQL every jobs process runs one, each stream
+    # moved by one at a time (docs/scale-out.md).
+    if settings.archive and runs_jobs and archive_to is not None:
+        root = archive_to
         supervisor.add(
             "archive",
             lambda: _ArchiveComponent(
                 conn,
-                db_file,
+                root,
                 settings.archive_interval_s,
                 settings.archive_retention_days,
             ),
@@ -254,13 +264,15 @@ class _RiskMirrorComponent:
 
 
 class _ArchiveComponent:
-    """The tick archiver as a supervised component (its own cursor per run)."""
+    """The archiver as a supervised component (its own cursor per run)."""
 
     def __init__(
-        self, conn: Connection, db: Path, interval_s: float, retention_days: int
+        self, conn: Connection, root: Path, interval_s: float, retention_days: int
     ) -> None:
         self._cursor = cursor(conn)
-        self._archiver = TickArchiver(self._cursor, db, retention_days=retention_days)
+        self._archiver = TickArchiver(
+            self._cursor, None, root=root, retention_days=retention_days
+        )
         self._interval = interval_s
 
     def run(self, stop: threading.Event) -> None:
@@ -290,6 +302,7 @@ def _store_numbers(conn: Connection) -> dict[str, object]:
         return {
             **outbox_summary(cur, now=datetime.now(UTC)),
             "archive_staged": staged_rows(cur),
+            "archive_staged_deals": staged_deals(cur),
         }
     finally:
         cur.close()

@@ -278,7 +278,8 @@ def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
         "whatif",
         help="replay recorded phases with changed rules, list the changed outcomes",
         description=(
-            "Replay the archived ticks of phases recorded in the store with the "
+            "Replay the archived ticks and deals of phases recorded in the store "
+            "with the "
             "rules they ran with and with --set changes, and write the phases "
             "whose outcome changes (docs/backtest.md, 'What if'). Exit status 0 "
             "on success, 2 on bad input (nothing is written then)."
@@ -316,6 +317,13 @@ def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="the tick archive (default: PATH.archive/ticks)",
     )
     parser.add_argument(
+        "--deals-archive",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the deal archive (default: deals beside the tick archive)",
+    )
+    parser.add_argument(
         "--max-rows-in-memory",
         type=_positive_int,
         default=DEFAULT_MAX_ROWS_IN_MEMORY,
@@ -349,6 +357,7 @@ def _run_whatif(args: argparse.Namespace) -> int:
         max_rows_in_memory=args.max_rows_in_memory,
         tmp_dir=args.tmp_dir,
         report=args.report,
+        deals_archive=args.deals_archive,
     )
     if result.staged is None:
         print(
@@ -360,7 +369,8 @@ def _run_whatif(args: argparse.Namespace) -> int:
     kinds = ", ".join(f"{kind} {n:,}" for kind, n in result.changes.items())
     print(
         f"{PROG}: whatif: {_count(result.phases, 'phase')}, "
-        f"{_count(result.ticks, 'tick')} replayed twice, "
+        f"{_count(result.ticks, 'tick')} and {_count(result.deals, 'deal')} "
+        "replayed twice, "
         f"{_count(sum(result.changes.values()), 'change')}"
         f"{f' ({kinds})' if kinds else ''}, "
         f"{result.mismatches:,} not as recorded in {result.seconds:.2f} s; "

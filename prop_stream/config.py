@@ -72,8 +72,13 @@ class StreamSettings(BaseSettings):
         risk_mirror_interval_s: Seconds between two refreshes of the risk team's
             copy of the store, ``<db>.risk/risk.duckdb`` (docs/store.md); 0 turns
             it off. Keep it at most 30 so the copy stays within 60 s.
-        archive: Keep every judged tick in the tick archive,
-            ``<db>.archive/ticks/`` (docs/store.md); off, nothing is staged.
+        archive: Keep every judged tick and deal in the archive,
+            ``<db>.archive/ticks/`` and ``deals/`` (docs/store.md); off,
+            nothing is staged.
+        archive_dir: The archive's directory instead of ``<db>.archive``. On
+            PostgreSQL the archive needs it (there is no file to sit beside): a
+            directory every process of the deployment shares
+            (docs/scale-out.md); unset there, nothing is staged.
         archive_interval_s: Seconds between two moves of the staged ticks from
             the database to the archive's Parquet files.
         archive_retention_days: Days of the archive kept before today (UTC); older
@@ -120,6 +125,7 @@ class StreamSettings(BaseSettings):
     kafka_raw_records: bool = True
     risk_mirror_interval_s: float = Field(default=30.0, ge=0)
     archive: bool = True
+    archive_dir: Path | None = None
     archive_interval_s: float = Field(default=300.0, gt=0)
     archive_retention_days: int = Field(default=0, ge=0)
     max_clock_skew_s: float = Field(

@@ -377,3 +377,8 @@ def _store_metrics(store: Mapping[str, Any]) -> Iterator[Metric]:
         "Judged ticks staged in the store, not yet moved to the tick archive.",
         value=store.get("archive_staged", 0),
     )
+    yield GaugeMetricFamily(
+        "prop_stream_archive_staged_deals",
+        "Judged deals staged in the store, not yet moved to the archive.",
+        value=store.get("archive_staged_deals", 0),
+    )

@@ -111,6 +111,18 @@ def stored_outputs(
     return out
 
 
+def _frame_diff(got: pl.DataFrame, want: pl.DataFrame, rows: int = 8) -> str:
+    """Rows only the store has and rows only the backtest has (a failure's detail)."""
+    got_s = got.cast(want.schema, strict=False)
+    only_got = got_s.join(want, on=want.columns, how="anti", nulls_equal=True)
+    only_want = want.join(got_s, on=want.columns, how="anti", nulls_equal=True)
+    return (
+        f"store {got.height} rows, backtest {want.height} rows\n"
+        f"only in the store ({only_got.height}):\n{only_got.head(rows)}\n"
+        f"only in the backtest ({only_want.height}):\n{only_want.head(rows)}"
+    )
+
+
 def assert_matches_backtest(stored: dict[str, pl.DataFrame], backtest: Path) -> None:
     """The stored daily snapshots and breaches equal a backtest's output files.
 
@@ -119,7 +131,8 @@ def assert_matches_backtest(stored: dict[str, pl.DataFrame], backtest: Path) -> 
         backtest: The backtest command's ``--out`` folder for the same ticks.
     """
     daily = pl.read_parquet(backtest / "daily.parquet")
-    assert stored["daily"].select(daily.columns).equals(daily)
+    got_daily = stored["daily"].select(daily.columns)
+    assert got_daily.equals(daily), _frame_diff(got_daily, daily)
     breaches = pl.read_parquet(backtest / "breaches.parquet")
     assert breaches.height > 0
     got = (
@@ -131,4 +144,4 @@ def assert_matches_backtest(stored: dict[str, pl.DataFrame], backtest: Path) -> 
         .sort(["account_id", "ts", "breach_seq"])
         .select(breaches.columns)
     )
-    assert got.equals(breaches)
+    assert got.equals(breaches), _frame_diff(got, breaches)

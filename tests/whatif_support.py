@@ -12,9 +12,13 @@ fails follow from them without the engine or the what-if code.
 from __future__ import annotations
 
 import json
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import duckdb
+import polars as pl
+
+from prop_stream.store.db import query_frame
 
 
 def worst_daily_loss(db: Path) -> dict[int, tuple[str, float]]:
@@ -81,3 +85,73 @@ def limit_failing(
     assert gap > min_gap, ratios
     limit = (ratios[count - 1][0] + ratios[count][0]) / 2
     return limit, {account for _, account in ratios[:count]}
+
+
+def peak_open_lots(db: Path, archive: Path) -> dict[int, tuple[str, float]]:
+    """Per started phase's account: its status and the most lots it held open.
+
+    Worked out from the deals alone (archived in ``archive/deals`` and still
+    staged in the store), as ``rules.md`` defines open lots: the deals from the
+    phase's start in ``ts`` order (ties in archive order, staged rows last),
+    a repeated ``deal_id`` skipped, each volume in whole hundredths (half to
+    even), an ``in`` deal adding to its position, an ``out`` deal taking off it
+    down to 0.
+
+    Args:
+        db: The store (not held by a running service).
+        archive: The archive's root (``DB.archive``).
+
+    Returns:
+        ``{account_id: (status, peak lots)}``; 0 for an account without deals.
+    """
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        phases = conn.execute(
+            "SELECT account_id, status, started_at FROM challenge_phases "
+            "WHERE account_id IS NOT NULL AND status <> 'pending'"
+        ).fetchall()
+        staged = query_frame(
+            conn,
+            "SELECT account_id, ts, deal_id, position_id, volume, entry "
+            "FROM deal_archive_staging ORDER BY stream, seq",
+        )
+    finally:
+        conn.close()
+    files = sorted((archive / "deals").rglob("*.parquet"))
+    frames = [
+        pl.read_parquet(f).select(
+            "account_id", "ts", "deal_id", "position_id", "volume", "entry"
+        )
+        for f in files
+    ]
+    staged = staged.with_columns(
+        pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    )
+    deals = pl.concat([*frames, staged.cast(frames[0].schema)]).sort(
+        "account_id", "ts", maintain_order=True
+    )
+    out: dict[int, tuple[str, float]] = {}
+    for account_id, status, started_at in phases:
+        mine = deals.filter(
+            (pl.col("account_id") == account_id)
+            & (pl.col("ts") >= pl.lit(started_at).dt.convert_time_zone("UTC"))
+        )
+        seen: set[int] = set()
+        held: dict[int, int] = {}
+        peak = 0
+        for deal_id, position, volume, entry in mine.select(
+            "deal_id", "position_id", "volume", "entry"
+        ).iter_rows():
+            if deal_id in seen:
+                continue
+            seen.add(deal_id)
+            lots = int(
+                (Decimal(volume) * 100).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
+            )
+            if entry == "in":
+                held[position] = held.get(position, 0) + lots
+            else:
+                held[position] = max(0, held.get(position, 0) - lots)
+            peak = max(peak, sum(held.values()))
+        out[int(account_id)] = (str(status), peak / 100)
+    return out

@@ -1,6 +1,6 @@
 """Rule-change impact: ``prop-stream whatif``.
 
-Replays the archived ticks of phases recorded in the service's store twice
+Replays the archived ticks and deals of phases recorded in the service's store twice
 through the backtest (:func:`prop_stream.backtest.run.judge`): once with the
 rules each phase ran with (the *baseline*) and once with ``--set`` changes
 applied (the *what-if*), and writes the phases whose outcome differs.
@@ -18,11 +18,14 @@ service dropped). A diff against the record would credit those to the change.
 snapshot, ``challenges.program_id``), the recorded breaches and daily snapshots
 are read read-only from ``DB``. While ``prop-stream serve`` holds ``DB`` (DuckDB
 lets no other process open it), they are read from the service's risk copy
-``DB.risk/risk.duckdb`` instead, which is at most a refresh behind; ticks are
-read from the archive ``DB.archive/ticks`` and, with the store open, also from
-``tick_archive_staging`` (judged, not archived yet). Through the risk copy the
-staged ticks can't be read: the summary says so, and phases they would change
-show up as mismatches.
+``DB.risk/risk.duckdb`` instead, which is at most a refresh behind; ticks and
+deals are read from the archive ``DB.archive/ticks`` and ``DB.archive/deals``
+and, with the store open, also from ``tick_archive_staging`` and
+``deal_archive_staging`` (judged, not archived yet). Through the risk copy the
+staged rows can't be read: the summary says so, and phases they would change
+show up as mismatches. The deals go through the engine with the ticks (deal
+rules such as ``max_open_lots`` and the hedge flags are part of both replays),
+merged as the backtest merges them (``docs/backtest.md``, "Deal files").
 
 Each phase is replayed on its own account from its own recorded start; a later
 phase is replayed even when the change fails the phase before it (it would not
@@ -46,19 +49,22 @@ import polars as pl
 
 from prop_stream.backtest.files import (
     TickFile,
+    check_deals,
     resolve_tick_files,
+    scan_deals,
     scan_ticks,
 )
 from prop_stream.backtest.run import (
     DEFAULT_MAX_ROWS_IN_MEMORY,
     REPORT_FILE,
     BacktestTables,
+    DealInput,
     judge,
     write_outputs,
 )
 from prop_stream.exceptions import InputFileError, RuleConfigError
-from prop_stream.rules import PhaseSpec, validate_rules
-from prop_stream.store.archive import TICKS_DIR, archive_dir
+from prop_stream.rules import DEAL_COLUMNS, PhaseSpec, validate_rules
+from prop_stream.store.archive import DEALS_DIR, TICKS_DIR, archive_dir
 from prop_stream.store.db import Connection, configure, connect, query_frame
 from prop_stream.store.exceptions import DatabaseLockedError
 
@@ -118,6 +124,8 @@ class WhatIfResult:
         ticks: Tick rows of those phases' accounts read.
         staged: Staged ticks read from the store (None: the store was held by a
             running service and its risk copy was read, so none could be).
+        deals: Deal rows of those phases' accounts read (archived and staged).
+        staged_deals: Staged deals read from the store (None as ``staged``).
         source: ``store`` or the risk copy's path, where the phases came from.
         changes: Changed phases per kind (kinds without a change left out).
         mismatches: Phases whose baseline differs from the store's record.
@@ -134,6 +142,8 @@ class WhatIfResult:
     mismatches: int
     seconds: float
     outputs: tuple[Path, ...]
+    deals: int = 0
+    staged_deals: int | None = None
 
 
 # ------------------------------------------------------------------ --set
@@ -443,11 +453,11 @@ def replay_outcomes(tables: BacktestTables) -> pl.DataFrame:
 # ------------------------------------------------------------------ ticks
 
 
-def _archive_files(archive: Path, since: date) -> list[TickFile]:
+def _archive_files(archive: Path, since: date, what: str = "tick") -> list[TickFile]:
     if not archive.is_dir():
         return []
     try:
-        files = resolve_tick_files(archive)
+        files = resolve_tick_files(archive, what)
     except InputFileError:
         return []  # an archive with no file yet
     # Day folders before the earliest start hold no tick a phase judged.
@@ -481,6 +491,45 @@ def _staged(conn: Connection, ids: Sequence[int]) -> pl.DataFrame | None:
         pl.col("equity").cast(pl.Float64),
         pl.col("balance").cast(pl.Float64),
     )
+
+
+def _staged_deals(conn: Connection, ids: Sequence[int]) -> pl.DataFrame | None:
+    try:
+        frame = query_frame(
+            conn,
+            f"SELECT {', '.join(DEAL_COLUMNS)} FROM deal_archive_staging "  # noqa: S608
+            "WHERE account_id IN (SELECT unnest(?)) ORDER BY stream, seq",
+            [list(ids)],
+        )
+    except duckdb.CatalogException:
+        return None  # a store from before the deals' archive
+    return frame.with_columns(
+        pl.col("account_id").cast(pl.Int64),
+        pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
+        pl.col("deal_id").cast(pl.Int64),
+        pl.col("position_id").cast(pl.Int64),
+        pl.col("volume").cast(pl.Float64),
+        pl.col("price").cast(pl.Float64),
+    )
+
+
+def _customers(conn: Connection, ids: Sequence[int]) -> dict[int, str]:
+    """``customer_id`` per account, for the hedge flags (none via the risk copy)."""
+    try:
+        frame = query_frame(
+            conn,
+            "SELECT account_id, customer_id FROM trading_accounts "
+            "WHERE account_id IN (SELECT unnest(?))",
+            [list(ids)],
+        )
+    except duckdb.CatalogException:
+        return {}  # the risk copy has no trading_accounts
+    return {
+        int(a): str(c)
+        for a, c in zip(
+            frame["account_id"].to_list(), frame["customer_id"].to_list(), strict=True
+        )
+    }
 
 
 # ------------------------------------------------------------------ the diff
@@ -617,6 +666,7 @@ def run_whatif(
     max_rows_in_memory: int = DEFAULT_MAX_ROWS_IN_MEMORY,
     tmp_dir: str | Path | None = None,
     report: bool = False,
+    deals_archive: str | Path | None = None,
 ) -> WhatIfResult:
     """Replay recorded phases with and without rule changes; write the difference.
 
@@ -637,6 +687,8 @@ def run_whatif(
         max_rows_in_memory: As the backtest's.
         tmp_dir: As the backtest's.
         report: Also write ``report.html``.
+        deals_archive: The deal archive (default: ``deals`` beside the tick
+            archive); a missing directory means no archived deals.
 
     Returns:
         Counts and timings.
@@ -656,6 +708,8 @@ def run_whatif(
         recorded = recorded_outcomes(conn, phases)
         ids = [s.account_id for s in specs]
         staged = _staged(conn, ids) if source == "store" else None
+        staged_deals = _staged_deals(conn, ids) if source == "store" else None
+        customers = _customers(conn, ids)
     finally:
         conn.close()
     out = Path(out_dir)
@@ -671,8 +725,14 @@ def run_whatif(
     ticks_dir = (
         Path(archive) if archive is not None else archive_dir(db_path) / TICKS_DIR
     )
+    deals_dir = (
+        Path(deals_archive)
+        if deals_archive is not None
+        else ticks_dir.parent / DEALS_DIR
+    )
     since = min(s.started_at for s in specs).astimezone(UTC).date()
     files = _archive_files(ticks_dir, since)
+    deal_files = _archive_files(deals_dir, since, "deal")
     if not files and (staged is None or staged.height == 0):
         raise InputFileError(
             f"no archived ticks in {ticks_dir}"
@@ -685,6 +745,12 @@ def run_whatif(
             path = Path(tmp) / "staged.parquet"
             staged.write_parquet(path)
             files.append(TickFile(path=path, format="parquet", index=len(files)))
+        if staged_deals is not None and staged_deals.height:
+            path = Path(tmp) / "staged-deals.parquet"
+            staged_deals.write_parquet(path)
+            deal_files.append(
+                TickFile(path=path, format="parquet", index=len(deal_files))
+            )
         wanted = pl.Series(ids, dtype=pl.Int64).implode()
         # The archive keeps the ticks the engine skipped as invalid (NaN,
         # infinite); the backtest refuses them, so they are dropped here, as
@@ -710,10 +776,36 @@ def run_whatif(
         total = int(tally["valid"].item())
         invalid = int(tally["rows"].item()) - total
         lazies = [lf.filter(valid) for lf in scans]
-        if total <= max_rows_in_memory:
+        deal_lazies = [
+            scan_deals(f).filter(pl.col("account_id").is_in(wanted)) for f in deal_files
+        ]
+        deal_rows = (
+            int(
+                pl.concat([lf.select(pl.len()) for lf in deal_lazies])
+                .sum()
+                .collect()
+                .item()
+            )
+            if deal_lazies
+            else 0
+        )
+        deal_input = DealInput(
+            files=deal_files,
+            lazies=deal_lazies,
+            rows=deal_rows,
+            customers=customers,
+        )
+        if total + deal_rows <= max_rows_in_memory:
             # Read once, replay twice.
             frame = pl.concat(lazies, how="vertical").collect()
             inputs: tuple[list[TickFile], list[pl.LazyFrame]] = ([], [frame.lazy()])
+            if deal_rows:
+                deal_frame = pl.concat(deal_lazies, how="vertical").collect()
+                if not check_deals(deal_frame):
+                    raise InputFileError(
+                        f"archived deals in {deals_dir} hold missing or invalid values"
+                    )
+                deal_input = replace(deal_input, files=(), lazies=[deal_frame.lazy()])
         else:
             inputs = (files, lazies)
         runs = [
@@ -725,6 +817,7 @@ def run_whatif(
                 max_rows_in_memory=max_rows_in_memory,
                 tmp_dir=tmp_dir,
                 progress=False,
+                deals=deal_input,
             )[0]
             for run_specs in (specs, changed_specs)
         ]
@@ -771,6 +864,8 @@ def run_whatif(
         mismatches=mismatches.height,
         seconds=time.perf_counter() - started,
         outputs=outputs,
+        deals=deal_rows,
+        staged_deals=None if staged_deals is None else staged_deals.height,
     )
     summary = out / SUMMARY_FILE
     summary.write_text(
@@ -779,7 +874,9 @@ def run_whatif(
                 "db": str(db_path),
                 "read_from": source,
                 "archive": str(ticks_dir),
+                "deals_archive": str(deals_dir),
                 "staged_ticks": result.staged,
+                "staged_deals": result.staged_deals,
                 "staged_ticks_included": result.staged is not None,
                 "set": dict(changes),
                 "program": program,
@@ -790,6 +887,7 @@ def run_whatif(
                 "cancelled_left_out": cancelled,
                 "ticks": total,
                 "invalid_ticks_skipped": invalid,
+                "deals": deal_rows,
                 "changes": counts,
                 "changed_phases": changed.height,
                 "mismatches": result.mismatches,

@@ -108,6 +108,9 @@ class GroupSource(Protocol):
     def last_deals(self) -> dict[int, pl.DataFrame]:
         """The last poll's deals by partition, ``before_tick`` within its slice."""
 
+    def last_deal_cuts(self, committed: Mapping[str, int]) -> dict[int, int]:
+        """Per replayed partition, its first deal row not committed yet."""
+
     def partition_of(self, account_id: int) -> int | None:
         """The partition an account's ticks go to, if known."""
 
@@ -157,7 +160,8 @@ class GroupEvaluatorLoop(BatchDriver):
         hook_interval_s: See ``hooks``; also the phase-change poll's interval.
         stats: The counters to add to (kept over rebuilds).
         on_batch: Called after each committed partition batch.
-        archive: Stage each batch's ticks for the tick archive.
+        archive: Stage each batch's ticks and deals for the archive, numbered
+            in the partition's own archive stream (its key, ``topic:N``).
         owner: Who takes the epochs (default ``host:pid``), for operators.
         stall_timeout_s: On PostgreSQL, a batch transaction idle this long
             between two statements is ended by the server, and a member taking
@@ -295,6 +299,7 @@ class GroupEvaluatorLoop(BatchDriver):
         deals = self._source.last_deals()
         if not ticks.height and not deals:
             return False
+        deal_cuts = self._source.last_deal_cuts(committed) if self._archive else {}
         began = time.perf_counter()
         # Phases registered while the poll waited may own ticks in this batch.
         self._apply_ops()
@@ -305,13 +310,23 @@ class GroupEvaluatorLoop(BatchDriver):
             if part is None or key not in position:
                 continue  # dropped under the poll: its ticks are not ours
             sub = ticks.slice(start, end - start)
-            archive = None
+            sub_deals = deals.get(number)
+            archive = archive_deals = None
             if self._archive:
                 archive = (
                     sub.slice(archive_from - start) if archive_from > start else sub
                 )
+                cut = deal_cuts.get(number, 0)
+                archive_deals = (
+                    sub_deals.slice(cut) if sub_deals is not None and cut else sub_deals
+                )
             if self._commit(
-                part, sub, deals.get(number), {key: position[key]}, archive, began
+                part,
+                sub,
+                sub_deals,
+                {key: position[key]},
+                (archive, archive_deals),
+                began,
             ):
                 any_batch = True
         return any_batch
@@ -329,7 +344,7 @@ class GroupEvaluatorLoop(BatchDriver):
         ticks: pl.DataFrame,
         deals: pl.DataFrame | None,
         position: Position,
-        archive: pl.DataFrame | None,
+        archive: tuple[pl.DataFrame | None, pl.DataFrame | None],
         began: float,
     ) -> bool:
         self._register_new(part, ticks, deals)
@@ -342,7 +357,13 @@ class GroupEvaluatorLoop(BatchDriver):
         also = None
         if part.since_checkpoint >= self._checkpoint_every:
             also = self._checkpoint_writer(part, offset)
-        part.sink.add(evaluation, position=position, ticks=archive)
+        part.sink.add(
+            evaluation,
+            position=position,
+            ticks=archive[0],
+            deals=archive[1],
+            stream=part.key,
+        )
         try:
             part.sink.flush(fence=self._fence(part), also=also)
         except PartitionFencedError as exc:

@@ -14,11 +14,12 @@ nothing that was committed (``docs/store.md``, "Checkpoints and replay"). Phases
 activated in the store since the checkpoint are registered, phases cancelled since
 are removed.
 
-**Tick archive.** With ``archive`` on, each batch's ticks are staged in its own
-flush (:mod:`prop_stream.store.archive`). A replay stages only the ticks past the
-position the store had committed when the loop started
-(:meth:`~prop_stream.evaluator.sources.TickSource.unseen`), so a crash never
-doubles an archived tick and never loses one.
+**Archive.** With ``archive`` on, each batch's ticks and deals are staged in its
+own flush (:mod:`prop_stream.store.archive`). A replay stages only the ticks and
+deals past the position the store had committed when the loop started
+(:meth:`~prop_stream.evaluator.sources.TickSource.unseen`,
+:meth:`~prop_stream.evaluator.sources.TickSource.unseen_deals`), so a crash never
+doubles an archived tick or deal and never loses one.
 
 **Threads.** :meth:`run` blocks; ``serve`` runs it in a background thread beside
 the web server. :meth:`register_phase` and :meth:`remove_phase` may be called from
@@ -230,7 +231,7 @@ class EvaluatorLoop(BatchDriver):
             same one, so ``/metrics`` counts over restarts); a new one if None.
         on_batch: Called after each committed batch with its evaluation and the
             seconds from the end of its poll to its commit (``/metrics``).
-        archive: Stage each batch's ticks for the tick archive in its flush.
+        archive: Stage each batch's ticks and deals for the archive in its flush.
     """
 
     def __init__(
@@ -385,19 +386,25 @@ class EvaluatorLoop(BatchDriver):
             return False
         # One call judges the batch's ticks and deals in delivery order.
         evaluation = self._engine.process(ticks, deals)
-        archive = None
+        archive = archive_deals = None
         if self._archive:
-            archive = ticks
+            archive, archive_deals = ticks, deals
             if archived_to is not None and before is not None:
                 archive = self._source.unseen(
                     ticks, before=before, committed=archived_to
                 )
+                if deals is not None:
+                    archive_deals = self._source.unseen_deals(
+                        deals, before=before, committed=archived_to
+                    )
         self.stats.batch_seq += 1
         self._since_checkpoint += 1
         checkpoint = None
         if self._since_checkpoint >= self._checkpoint_every:
             checkpoint = self._checkpoint(position)
-        self._sink.add(evaluation, position=position, ticks=archive)
+        self._sink.add(
+            evaluation, position=position, ticks=archive, deals=archive_deals
+        )
         self._sink.flush(checkpoint=checkpoint)
         if archived_to is not None and reached(position, archived_to):
             self._archived_to = None  # the replay is over

@@ -83,6 +83,18 @@ def build_source(settings: StreamSettings) -> TickSource:
     return NoneSource()
 
 
+def archives(settings: StreamSettings) -> bool:
+    """Whether the evaluator stages what it judged for the archive.
+
+    On PostgreSQL only with ``archive_dir`` (the archive has no file to sit
+    beside): without a directory no archiver runs, and staged rows would only
+    pile up in the database.
+    """
+    return settings.archive and (
+        not is_url(settings.db) or settings.archive_dir is not None
+    )
+
+
 def build_loop(
     settings: StreamSettings,
     conn: Connection,
@@ -135,9 +147,7 @@ def build_loop(
         hooks=hooks,
         stats=stats,
         on_batch=on_batch,
-        # The tick archive is DuckDB's (Parquet beside the file): on PostgreSQL
-        # nothing is staged, or the staging table would only grow.
-        archive=settings.archive and not is_url(settings.db),
+        archive=archives(settings),
     )
 
 
@@ -189,7 +199,7 @@ def build_group_loop(
         hooks=[source.refresh_accounts, source.commit_async],
         stats=stats,
         on_batch=on_batch,
-        archive=settings.archive,
+        archive=archives(settings),
         stall_timeout_s=settings.group_stall_timeout_s,
     )
 

@@ -96,6 +96,26 @@ class TickSource(ABC):
             return ticks
         return ticks.clear()
 
+    def unseen_deals(
+        self, deals: pl.DataFrame, *, before: Position, committed: Position
+    ) -> pl.DataFrame:
+        """The deals of the batch just polled that lie at or after ``committed``.
+
+        :meth:`unseen` for the batch's deals (:meth:`deals`), with the same
+        default: the whole batch or nothing.
+
+        Args:
+            deals: The deals of the batch :meth:`poll` just returned.
+            before: The position :meth:`poll` started from.
+            committed: The store's committed position.
+
+        Returns:
+            The rows of ``deals`` the store has not committed, in order.
+        """
+        if reached(before, committed):
+            return deals
+        return deals.clear()
+
     def healthy(self) -> bool:
         """Whether the source can deliver ticks now (``/readyz``); True by default."""
         return True

@@ -639,28 +639,38 @@ class KafkaSource:
             return ticks
         if records is None or messages is None or len(messages) != ticks.height:
             raise KafkaSourceError("unseen() takes the ticks of the last poll")
-        drop: list[tuple[int, int]] = []
-        for topic, partition, first, end in _spans(records):
-            offset = committed.get(_key(topic, partition))
-            if offset is None:
-                continue
-            lo, hi = first, end
-            while lo < hi:  # the first record at or after the committed offset
-                mid = (lo + hi) // 2
-                if int(records[mid].offset) < offset:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo > first:
-                drop.append((first, lo))
-        if not drop:
-            return ticks
-        old = pl.lit(False)
-        for first, end in drop:
-            old = old | pl.col("_message").is_between(first, end, closed="left")
-        return (
-            ticks.with_columns(messages.alias("_message")).filter(~old).drop("_message")
-        )
+        return _drop_committed(ticks, messages, records, committed)
+
+    def unseen_deals(
+        self,
+        deals: pl.DataFrame,
+        *,
+        before: Mapping[str, int],
+        committed: Mapping[str, int],
+    ) -> pl.DataFrame:
+        """The deals of the last poll whose message offset is at or after ``committed``.
+
+        :meth:`unseen` for the poll's deals: each deal row knows the record it
+        came from, so a replayed poll is cut at the committed offsets as its
+        ticks are.
+
+        Args:
+            deals: The deals the last poll returned (:meth:`deals`).
+            before: The position the poll started from (unused).
+            committed: The store's committed position.
+
+        Returns:
+            The rows of ``deals`` from messages not committed yet, in order.
+
+        Raises:
+            KafkaSourceError: ``deals`` are not the last poll's.
+        """
+        records, messages = self._last_records, self._last_deal_messages
+        if not deals.height:
+            return deals
+        if records is None or messages is None or len(messages) != deals.height:
+            raise KafkaSourceError("unseen_deals() takes the deals of the last poll")
+        return _drop_committed(deals, messages, records, committed)
 
     # ------------------------------------------------------------------- extras
 
@@ -854,15 +864,37 @@ class KafkaSource:
             archive_from = start
             offset = committed.get(_key(topic, partition))
             if offset is not None:
-                lo, hi = first, end
-                while lo < hi:  # the first record at or after the committed offset
-                    mid = (lo + hi) // 2
-                    if int(records[mid].offset) < offset:
-                        lo = mid + 1
-                    else:
-                        hi = mid
+                lo = _first_at(records, first, end, offset)
                 archive_from = int(messages.search_sorted(lo, "left"))
             out.append((partition, start, stop, archive_from))
+        return out
+
+    def last_deal_cuts(self, committed: Mapping[str, int]) -> dict[int, int]:
+        """Where each replayed partition's deals of the last poll start to count.
+
+        Args:
+            committed: The store's committed offsets of partitions being
+                replayed (as for :meth:`last_slices`).
+
+        Returns:
+            Per partition of ``committed`` with deals in the last poll, the
+            first row of its :meth:`last_deals` frame that comes from a message
+            at or after the committed offset (the rows before it are archived
+            already); partitions not listed keep all their deals.
+        """
+        records, found = self._last_records, self._last_deal_messages
+        if records is None or found is None or not committed:
+            return {}
+        out: dict[int, int] = {}
+        for topic, partition, first, end in _spans(records):
+            offset = committed.get(_key(topic, partition))
+            if offset is None:
+                continue
+            lo, count = self._deal_span(first, end)
+            if not count:
+                continue
+            at = _first_at(records, first, end, offset)
+            out[partition] = int(found.search_sorted(at, "left")) - lo
         return out
 
     def last_deals(self) -> dict[int, pl.DataFrame]:
@@ -1165,6 +1197,41 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped kaf
 
     def on_partitions_lost(self, lost: Any) -> None:
         self._source._rebalanced("lost", lost)
+
+
+def _first_at(records: _Records, first: int, end: int, offset: int) -> int:
+    """The first record of ``first:end`` (one partition's) at or after ``offset``."""
+    lo, hi = first, end
+    while lo < hi:  # a binary search: the records are in offset order
+        mid = (lo + hi) // 2
+        if int(records[mid].offset) < offset:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _drop_committed(
+    frame: pl.DataFrame,
+    messages: pl.Series,
+    records: _Records,
+    committed: Mapping[str, int],
+) -> pl.DataFrame:
+    """The rows of ``frame`` whose record (``messages``) is not committed yet."""
+    drop: list[tuple[int, int]] = []
+    for topic, partition, first, end in _spans(records):
+        offset = committed.get(_key(topic, partition))
+        if offset is None:
+            continue
+        lo = _first_at(records, first, end, offset)
+        if lo > first:
+            drop.append((first, lo))
+    if not drop:
+        return frame
+    old = pl.lit(False)
+    for first, end in drop:
+        old = old | pl.col("_message").is_between(first, end, closed="left")
+    return frame.with_columns(messages.alias("_message")).filter(~old).drop("_message")
 
 
 def _spans(records: _Records) -> list[tuple[str, int, int, int]]:

@@ -31,14 +31,19 @@ class BaseSink(ABC):
         *,
         position: Position,
         ticks: pl.DataFrame | None = None,
+        deals: pl.DataFrame | None = None,
+        stream: str = "",
     ) -> None:
         """Buffer one batch's outputs.
 
         Args:
             evaluation: What the engine produced for the batch.
             position: The source position after the batch.
-            ticks: The batch's ticks to keep in the tick archive, committed with
-                the outputs (None: keep none); sinks without an archive ignore it.
+            ticks: The batch's ticks to keep in the archive, committed with the
+                outputs (None: keep none); sinks without an archive ignore it.
+            deals: The batch's deals to keep in the archive, likewise.
+            stream: The archive stream the rows belong to ('' for the single
+                evaluator, the partition key for a group member's partition).
         """
 
     @abstractmethod

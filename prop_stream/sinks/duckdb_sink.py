@@ -12,15 +12,16 @@ A flush writes, in one transaction, every batch added since the last one:
   (``Evaluation.deal_opens``) and the hedge flags they form with the deals
   recorded before (:func:`prop_stream.store.flags.record_deal_opens`, keyed by
   ``(account_id, deal_id)`` and by the pair);
-- ``tick_archive_staging``: the batches' ticks handed to :meth:`DuckDBSink.add`,
-  numbered on from ``tick_archive_state.next_seq`` (the tick archive,
-  :mod:`prop_stream.store.archive`);
+- ``tick_archive_staging`` and ``deal_archive_staging``: the batches' ticks and
+  deals handed to :meth:`DuckDBSink.add`, each numbered on from its stream's
+  ``archive_streams`` row (the archive, :mod:`prop_stream.store.archive`);
 - the source position after the last batch, and an engine checkpoint if given.
 
 Everything is keyed by the engine's identities, so writing the same
 :class:`~prop_stream.rules.Evaluation` twice leaves the same rows. The staged ticks
-are not keyed: the loop hands a replayed batch's ticks over only when the store
-has not committed them yet (:meth:`~prop_stream.evaluator.sources.TickSource.unseen`).
+and deals are not keyed: the loop hands a replayed batch's ticks and deals over
+only when the store has not committed them yet
+(:meth:`~prop_stream.evaluator.sources.TickSource.unseen`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Final
 import polars as pl
 import pyarrow as pa
 
-from prop_stream.rules import BREACH_KEY, DAILY_KEY, Evaluation
+from prop_stream.rules import BREACH_KEY, DAILY_KEY, DEAL_COLUMNS, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
 from prop_stream.store.db import (
@@ -163,9 +164,25 @@ _PG_INSERT_HISTORY: Final = (
     f"{_select(METRIC_COLUMNS, '_sink_metrics')} WHERE _first "
     "ON CONFLICT (account_id, ts) DO NOTHING"
 )
+_TICK_COLUMNS: Final = ("account_id", "ts", "equity", "balance")
 _STAGE_TICKS: Final = (
-    "INSERT INTO tick_archive_staging (seq, account_id, ts, equity, balance) "
-    "SELECT seq, account_id, ts, equity, balance FROM _sink_ticks"
+    "INSERT INTO tick_archive_staging (stream, seq, account_id, ts, equity, balance) "
+    "SELECT stream, seq, account_id, ts, equity, balance FROM _sink_ticks"
+)
+# Column names are the engine's constants, never input.
+_STAGE_DEALS: Final = (
+    f"INSERT INTO deal_archive_staging (stream, seq, {', '.join(DEAL_COLUMNS)}) "  # noqa: S608
+    f"SELECT stream, seq, {', '.join(DEAL_COLUMNS)} FROM _sink_deals"
+)
+# One statement takes a stream's numbers: the row is created on the stream's
+# first batch, and the update's row lock orders two writers of one stream (a
+# group member fenced out a moment later) instead of letting both read one value.
+_TAKE_SEQS: Final = (
+    "INSERT INTO archive_streams (stream, next_tick_seq, next_deal_seq) "
+    "VALUES (?, ?, ?) ON CONFLICT (stream) DO UPDATE SET "
+    "next_tick_seq = archive_streams.next_tick_seq + excluded.next_tick_seq, "
+    "next_deal_seq = archive_streams.next_deal_seq + excluded.next_deal_seq "
+    "RETURNING next_tick_seq, next_deal_seq"
 )
 
 
@@ -194,6 +211,8 @@ class DuckDBSink(BaseSink):
         self._hedge_window = hedge_window_seconds
         self._pending: list[Evaluation] = []
         self._ticks: list[pl.DataFrame] = []
+        self._deals: list[pl.DataFrame] = []
+        self._stream = ""
         self._position: Position | None = None
 
     @property
@@ -220,11 +239,27 @@ class DuckDBSink(BaseSink):
         *,
         position: Position,
         ticks: pl.DataFrame | None = None,
+        deals: pl.DataFrame | None = None,
+        stream: str = "",
     ) -> None:
-        """Buffer one batch's outputs, its ticks to archive and the position after."""
+        """Buffer one batch's outputs, what to archive and the position after.
+
+        Args:
+            evaluation: The engine's result of the batch.
+            position: The source position after the batch.
+            ticks: The batch's ticks to archive (None: none).
+            deals: The batch's deals to archive, with the deal columns (extra
+                columns such as ``before_tick`` are dropped; None: none).
+            stream: The archive stream the rows are numbered in: '' for the
+                single evaluator, the partition key for a group member's
+                partition (``docs/store.md``, "The archive").
+        """
         self._pending.append(evaluation)
         if ticks is not None and ticks.height:
             self._ticks.append(ticks)
+        if deals is not None and deals.height:
+            self._deals.append(deals.select(DEAL_COLUMNS))
+        self._stream = stream
         self._position = dict(position)
 
     def flush(
@@ -287,8 +322,8 @@ class DuckDBSink(BaseSink):
                         pa.concat_tables(opens),
                         self._hedge_window,
                     )
-                if self._ticks:
-                    _stage_ticks(conn, self._ticks)
+                if self._ticks or self._deals:
+                    _stage(conn, self._stream, self._ticks, self._deals)
                 position = self._position
                 if checkpoint is not None:
                     position = checkpoint.position
@@ -302,6 +337,7 @@ class DuckDBSink(BaseSink):
             raise SinkError(f"could not commit a batch to the store: {exc}") from exc
         self._pending.clear()
         self._ticks.clear()
+        self._deals.clear()
         self._position = None
 
 
@@ -344,25 +380,42 @@ def _write_metrics_pg(conn: Connection, metrics: pl.DataFrame) -> None:
         conn.execute(_PG_INSERT_HISTORY)
 
 
-def _stage_ticks(conn: Connection, batches: Sequence[pl.DataFrame]) -> None:
-    """Append the batches' ticks to the archive's staging table, in order."""
-    ticks = batches[0] if len(batches) == 1 else pl.concat(batches, how="vertical")
-    # The flush's transaction takes the numbers (one writer: the loop's sink).
-    rows = conn.execute("SELECT next_seq FROM tick_archive_state").fetchall()
-    if not rows:
-        raise SinkError("tick_archive_state has no row: run prop-stream init")
-    conn.execute(
-        "UPDATE tick_archive_state SET next_seq = next_seq + ?", [ticks.height]
-    )
-    staged = ticks.select(
-        (pl.int_range(pl.len(), dtype=pl.Int64) + int(rows[0][0])).alias("seq"),
-        "account_id",
-        "ts",
-        "equity",
-        "balance",
-    )
-    with frame_table(conn, "_sink_ticks", staged):
-        conn.execute(_STAGE_TICKS)
+def _stage(
+    conn: Connection,
+    stream: str,
+    ticks: Sequence[pl.DataFrame],
+    deals: Sequence[pl.DataFrame],
+) -> None:
+    """Append the batches' ticks and deals to the archive's staging, in order."""
+    tick_rows = _concat(ticks)
+    deal_rows = _concat(deals)
+    n_ticks = 0 if tick_rows is None else tick_rows.height
+    n_deals = 0 if deal_rows is None else deal_rows.height
+    # The flush's transaction takes the numbers of its stream.
+    row = conn.execute(_TAKE_SEQS, [stream, n_ticks, n_deals]).fetchone()
+    if row is None:
+        raise SinkError(f"archive_streams: no numbers for stream {stream!r}")
+    for frame, end, name, statement, columns in (
+        (tick_rows, int(row[0]), "_sink_ticks", _STAGE_TICKS, _TICK_COLUMNS),
+        (deal_rows, int(row[1]), "_sink_deals", _STAGE_DEALS, DEAL_COLUMNS),
+    ):
+        if frame is None or not frame.height:
+            continue
+        staged = frame.select(
+            pl.lit(stream, dtype=pl.String).alias("stream"),
+            (pl.int_range(pl.len(), dtype=pl.Int64) + (end - frame.height)).alias(
+                "seq"
+            ),
+            *columns,
+        )
+        with frame_table(conn, name, staged):
+            conn.execute(statement)
+
+
+def _concat(frames: Sequence[pl.DataFrame]) -> pl.DataFrame | None:
+    if not frames:
+        return None
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
 
 
 def _merge(evaluations: Sequence[Evaluation]) -> dict[str, pl.DataFrame]:

@@ -566,6 +566,42 @@ _V7_DEAL_OPENS_INDEX_POSTGRES: Final = (
     "ON deal_opens (customer_id, symbol, ts)",
 )
 
+# Migration 8: the deals in the archive, and the archive's state per stream.
+# ``stream`` names the evaluator (or the partition of a consumer group) whose
+# sink staged a row: '' for the single evaluator, the Kafka partition key
+# (``topic:N``) for a group member's partition. Each stream numbers its rows on
+# from its own ``archive_streams`` row, so group members never update one shared
+# row (a single ``tick_archive_state`` row serialised every member's batch
+# commits on PostgreSQL); each stream's row is written only in its partition's
+# fenced transactions. Staged rows have no key or index, as in migration 4.
+_V8_ARCHIVE_STREAMS: Final = (
+    "ALTER TABLE tick_archive_staging ADD COLUMN stream VARCHAR DEFAULT ''",
+    """
+    CREATE TABLE deal_archive_staging (
+        stream VARCHAR DEFAULT '',
+        seq BIGINT NOT NULL,
+        account_id BIGINT NOT NULL,
+        ts TIMESTAMPTZ NOT NULL,
+        deal_id BIGINT NOT NULL,
+        position_id BIGINT NOT NULL,
+        symbol VARCHAR NOT NULL,
+        side VARCHAR NOT NULL,
+        volume DOUBLE NOT NULL,
+        price DOUBLE NOT NULL,
+        entry VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE archive_streams (
+        stream VARCHAR PRIMARY KEY,
+        next_tick_seq BIGINT NOT NULL,
+        next_deal_seq BIGINT NOT NULL
+    )
+    """,
+    "INSERT INTO archive_streams SELECT '', next_seq, 0 FROM tick_archive_state",
+    "DROP TABLE tick_archive_state",
+)
+
 #: Every migration, in order. Append only.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "reference data, challenges, engine outputs, stream progress", _V1),
@@ -584,6 +620,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         "deal_opens index for the hedge join on PostgreSQL",
         _V7_DEAL_OPENS_INDEX,
         _V7_DEAL_OPENS_INDEX_POSTGRES,
+    ),
+    Migration(
+        8,
+        "deals in the archive; the archive's state per stream",
+        _V8_ARCHIVE_STREAMS,
     ),
 )
 

@@ -26,6 +26,10 @@ phase's status and end; each challenge's status; and the deposits: one
 the next phase of every phase the backtest passed, started at the backtest's pass
 instant), of the phase's ``initial_balance``, none doubled, every challenge
 account's balance equal to its ledger.
+
+The evaluators stage their partitions' ticks for the archive in a shared
+directory (``PROP_STREAM_ARCHIVE_DIR``); moved at the end, the archive holds
+every produced tick once, each partition's in its own stream and files.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from service_process import ServiceProcess, run_prop_stream
 
 from integration.conftest import TopicFactory
 from prop_stream.kafka.produce import partition_of
-from prop_stream.store import connect
+from prop_stream.store import connect, cursor
+from prop_stream.store.archive import TickArchiver
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +236,7 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
     assert done.returncode == 0, done.stderr
     topic = topic_factory(partitions=PARTITIONS)
     group = f"group-{topic}"
+    archive_root = tmp_path / "shared-archive"
     procs: list[ServiceProcess] = []
 
     def service(
@@ -256,6 +262,9 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
                 "PROP_STREAM_CHECKPOINT_EVERY": "5",
                 "PROP_STREAM_MAX_BATCH_RECORDS": "2000",
                 "PROP_STREAM_MAX_CLOCK_SKEW": str(CLOCK_SKEW_S),
+                # The archive's shared directory: each member stages its
+                # partitions' ticks in their own streams.
+                "PROP_STREAM_ARCHIVE_DIR": str(archive_root),
             },
         )  # fmt: skip
 
@@ -413,6 +422,32 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
             assert "Traceback" not in "".join(proc.lines()), n
 
     _assert_equals_backtest(pg_url, tmp_path, files)
+    _assert_archived_once(pg_url, archive_root, topic, files)
+
+
+def _assert_archived_once(url: str, root: Path, topic: str, files: list[Path]) -> None:
+    # Every produced tick once, whoever was killed, paused or fenced; each
+    # partition's ticks in its own stream and files.
+    ticks = pl.concat([pl.read_parquet(f) for f in files])
+    conn = connect(url)
+    try:
+        streams = conn.execute(
+            "SELECT stream FROM archive_streams WHERE next_tick_seq > 0"
+        ).fetchall()
+        assert {row[0] for row in streams} <= {
+            f"{topic}:{n}" for n in range(PARTITIONS)
+        }
+        moved = TickArchiver(cursor(conn), None, root=root).archive_once()
+        assert moved.rows == ticks.height
+    finally:
+        conn.close()
+    archived = pl.read_parquet(root / "ticks" / "**" / "*.parquet")
+    order = ["account_id", "ts", "equity", "balance"]
+    got = archived.select(order).sort(order)
+    assert got.equals(ticks.select(order).cast(got.schema).sort(order))
+    names = [p.name for p in (root / "ticks").rglob("part-*.parquet")]
+    assert names
+    assert all(name.startswith(f"part-{topic}_") for name in names)
 
 
 # ------------------------------------------------------------- comparison

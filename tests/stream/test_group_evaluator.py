@@ -135,6 +135,9 @@ class FakeTopic(TickSource):
     def last_deals(self) -> dict[int, pl.DataFrame]:
         return {}
 
+    def last_deal_cuts(self, committed: Mapping[str, int]) -> dict[int, int]:
+        return {}
+
     def partition_of(self, account_id: int) -> int | None:
         return _partition_of(account_id)
 
@@ -243,6 +246,14 @@ def _assert_results(
     # Nothing doubled: one archived tick per tick, one position per partition.
     staged = conn.execute("SELECT count(*) FROM tick_archive_staging").fetchall()
     assert staged[0][0] == inputs[1].height
+    # Each partition's ticks in its own archive stream, numbered 0..n-1 once.
+    streams = conn.execute(
+        "SELECT stream, count(*), count(DISTINCT seq), min(seq), max(seq) "
+        "FROM tick_archive_staging WHERE stream <> '' GROUP BY stream"
+    ).fetchall()
+    for stream, rows, distinct, low, high in streams:
+        assert stream.startswith(f"{TOPIC}:")
+        assert (rows, low, high) == (distinct, 0, distinct - 1), stream
     positions = conn.execute(
         "SELECT \"partition\", next_offset FROM source_offsets WHERE source = 'kafka' "
         'ORDER BY "partition"'

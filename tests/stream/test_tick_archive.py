@@ -1,4 +1,4 @@
-"""The tick archive: staged in the batch's transaction, moved once, never doubled."""
+"""The archive: ticks and deals staged in the batch's transaction, moved once."""
 
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ from replay_support import assert_matches_backtest, demo_backtest_inputs, stored
 from prop_stream.backtest import run_backtest
 from prop_stream.evaluator import DemoConfig, DemoSource, EvaluatorLoop
 from prop_stream.kafka import KafkaSource
-from prop_stream.rules import TICK_SCHEMA
+from prop_stream.rules import DEAL_COLUMNS, DEAL_SCHEMA, TICK_SCHEMA
 from prop_stream.sinks import DuckDBSink
 from prop_stream.store import connect, cursor, init_database
-from prop_stream.store.archive import TickArchiver, part_name, staged_rows
+from prop_stream.store.archive import (
+    TickArchiver,
+    part_name,
+    staged_deals,
+    staged_rows,
+)
 from prop_stream.store.db import Connection
 from prop_stream.store.progress import Position
 
@@ -29,19 +34,24 @@ DEMO = DemoConfig(
 BATCHES = 120  # 40 demo hours: two UTC days
 CHECKPOINT_EVERY = 10
 _SORT = ["account_id", "ts", "equity", "balance"]
+_DEAL_SORT = ["account_id", "deal_id"]
 
 
 class _Recording(DemoSource):
-    """The demo source, keeping every batch it hands out."""
+    """The demo source, keeping every batch (ticks and deals) it hands out."""
 
     def __init__(self, config: DemoConfig) -> None:
         super().__init__(config)
         self.polled: list[pl.DataFrame] = []
+        self.polled_deals: list[pl.DataFrame] = []
 
     def poll(self, max_records: int, timeout: float) -> tuple[pl.DataFrame, Position]:
         ticks, position = super().poll(max_records, timeout)
         if ticks.height:
             self.polled.append(ticks)
+        deals = self.deals()
+        if deals is not None and deals.height:
+            self.polled_deals.append(deals.select(DEAL_COLUMNS))
         return ticks, position
 
 
@@ -65,15 +75,23 @@ def _archive(root: Path) -> pl.DataFrame:
     return pl.read_parquet(root / "ticks" / "**" / "*.parquet", hive_partitioning=False)
 
 
+def _archived_deals(root: Path) -> pl.DataFrame:
+    return pl.read_parquet(root / "deals" / "**" / "*.parquet", hive_partitioning=False)
+
+
 def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(list(TICK_SCHEMA)).sort(_SORT, maintain_order=True)
 
 
+def _sorted_deals(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(DEAL_COLUMNS).sort(_DEAL_SORT, maintain_order=True)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(
+def whole_run(
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, pl.DataFrame]:
-    """A run without a crash: its store and every tick its source handed out."""
+) -> tuple[Path, pl.DataFrame, pl.DataFrame]:
+    """A run without a crash: its store, every tick and every deal polled."""
     path = _fresh_db(tmp_path_factory.mktemp("whole") / "prop.duckdb")
     conn = connect(path)
     source = _Recording(DEMO)
@@ -81,7 +99,21 @@ def uninterrupted(
     assert stats.batches == BATCHES
     TickArchiver(cursor(conn), path).archive_once()
     conn.close()
-    return path, pl.concat(source.polled)
+    return path, pl.concat(source.polled), pl.concat(source.polled_deals)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    whole_run: tuple[Path, pl.DataFrame, pl.DataFrame],
+) -> tuple[Path, pl.DataFrame]:
+    """The uninterrupted run's store and every tick its source handed out."""
+    return whole_run[0], whole_run[1]
+
+
+@pytest.fixture(scope="module")
+def polled_deals(whole_run: tuple[Path, pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """Every deal the uninterrupted run's source handed out."""
+    return whole_run[2]
 
 
 def test_archive_holds_every_polled_tick_once_in_the_backtest_format(
@@ -106,7 +138,26 @@ def test_archive_holds_every_polled_tick_once_in_the_backtest_format(
     assert stat.S_IMODE((root / "ticks").stat().st_mode) == 0o700
     conn = connect(path, read_only=True)
     assert staged_rows(conn) == 0
+    assert staged_deals(conn) == 0
     conn.close()
+
+
+def test_archive_holds_every_polled_deal_once_in_the_deals_format(
+    uninterrupted: tuple[Path, pl.DataFrame], polled_deals: pl.DataFrame
+) -> None:
+    path, _ = uninterrupted
+    root = path.with_name(path.name + ".archive")
+    got = _archived_deals(root)
+    assert got.schema == pl.DataFrame(DEAL_SCHEMA.empty_table()).schema
+    assert polled_deals.height > 100
+    assert got.height == polled_deals.height
+    assert _sorted_deals(got).equals(_sorted_deals(polled_deals))
+    for day_dir in (root / "deals").iterdir():
+        for part in day_dir.iterdir():
+            assert pl.read_parquet(part)["ts"].dt.date().unique().to_list() == [
+                date.fromisoformat(day_dir.name.removeprefix("day="))
+            ]
+            assert stat.S_IMODE(part.stat().st_mode) == 0o600
 
 
 def test_archive_is_zstd_parquet(uninterrupted: tuple[Path, pl.DataFrame]) -> None:
@@ -128,8 +179,8 @@ def test_backtest_of_the_archive_equals_the_service_outputs(
     conn = connect(path, read_only=True)
     expected = stored_outputs(conn)
     conn.close()
-    ticks_dir = path.with_name(path.name + ".archive") / "ticks"
-    run_backtest(rules_file, ticks_dir, tmp_path / "out")
+    root = path.with_name(path.name + ".archive")
+    run_backtest(rules_file, root / "ticks", tmp_path / "out", deals=root / "deals")
     assert_matches_backtest(expected, tmp_path / "out")
 
 
@@ -141,6 +192,7 @@ def test_backtest_of_the_archive_equals_the_service_outputs(
 def test_restart_replay_neither_doubles_nor_loses_an_archived_tick(
     tmp_path: Path,
     uninterrupted: tuple[Path, pl.DataFrame],
+    polled_deals: pl.DataFrame,
     crash_after: int,
     rewind: int,
     archive_before_crash: bool,
@@ -154,8 +206,10 @@ def test_restart_replay_neither_doubles_nor_loses_an_archived_tick(
     if archive_before_crash:
         # The replayed batches' ticks are no longer staged: only the position
         # can tell that they were archived.
-        assert TickArchiver(cursor(conn), path).archive_once().rows > 0
-        assert staged_rows(conn) == 0
+        moved = TickArchiver(cursor(conn), path).archive_once()
+        assert moved.rows > 0
+        assert moved.deal_rows > 0
+        assert staged_rows(conn) == staged_deals(conn) == 0
     if rewind:
         conn.execute(
             "DELETE FROM engine_checkpoints WHERE id IN (SELECT id FROM "
@@ -172,9 +226,13 @@ def test_restart_replay_neither_doubles_nor_loses_an_archived_tick(
     loop.run(max_batches=BATCHES - restored)
     TickArchiver(cursor(conn), path).archive_once()
     conn.close()
-    got = _archive(path.with_name(path.name + ".archive"))
+    root = path.with_name(path.name + ".archive")
+    got = _archive(root)
     assert got.height == polled.height
     assert _sorted(got).equals(_sorted(polled))
+    deals = _archived_deals(root)
+    assert deals.height == polled_deals.height
+    assert _sorted_deals(deals).equals(_sorted_deals(polled_deals))
 
 
 def test_archiver_cut_short_between_rename_and_delete_moves_each_tick_once(
@@ -210,7 +268,9 @@ def test_archiver_cut_short_between_rename_and_delete_moves_each_tick_once(
     redo = archiver.archive_once()
     assert (redo.first_seq, redo.last_seq) == (0, staged - 1)  # the same range
     assert redo.files_found == len(written) - 1
-    assert redo.files_written == 1
+    deal_files = list((root / "deals").rglob("part-*.parquet"))
+    assert len(deal_files) == 2  # the deals were not reached before the kill
+    assert redo.files_written == 1 + len(deal_files)
     assert redo.rows == staged
     assert staged_rows(conn) > 0  # what came after waits for the next run
     rest = archiver.archive_once()
@@ -224,6 +284,45 @@ def test_archiver_cut_short_between_rename_and_delete_moves_each_tick_once(
     assert part_name(0, staged - 1) in names
 
 
+def test_archiver_cut_short_after_the_ticks_moves_each_deal_once(
+    tmp_path: Path, polled_deals: pl.DataFrame
+) -> None:
+    path = _fresh_db(tmp_path / "prop.duckdb")
+    conn = connect(path)
+    loop = _loop(conn, DemoSource(DEMO))
+    loop.run(max_batches=90)
+    deals = staged_deals(conn)
+    assert deals > 0
+    calls: list[int] = []
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_deals() -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the ticks' range is moved, the deals' written
+            raise Killed
+
+    with pytest.raises(Killed):
+        TickArchiver(cursor(conn), path, after_write=kill_at_deals).archive_once()
+    root = path.with_name(path.name + ".archive")
+    assert staged_rows(conn) == 0
+    assert staged_deals(conn) == deals  # the deals' files are there, rows too
+    written = sorted((root / "deals").rglob("part-*.parquet"))
+    assert written
+    loop.run(max_batches=BATCHES - loop.stats.batch_seq)
+    archiver = TickArchiver(cursor(conn), path)
+    redo = archiver.archive_once()
+    assert redo.deal_rows == deals  # the same range, no more
+    assert redo.files_found == len(written)
+    archiver.archive_once()
+    assert staged_deals(conn) == 0
+    conn.close()
+    got = _archived_deals(root)
+    assert got.height == polled_deals.height
+    assert _sorted_deals(got).equals(_sorted_deals(polled_deals))
+
+
 def test_archive_off_stages_nothing(tmp_path: Path) -> None:
     path = _fresh_db(tmp_path / "prop.duckdb")
     conn = connect(path)
@@ -233,7 +332,8 @@ def test_archive_off_stages_nothing(tmp_path: Path) -> None:
     )
     loop.run(max_batches=5)
     assert loop.stats.ticks > 0
-    assert staged_rows(conn) == 0
+    assert loop.stats.deals > 0
+    assert staged_rows(conn) == staged_deals(conn) == 0
     conn.close()
 
 
@@ -249,10 +349,11 @@ def test_retention_removes_day_folders_older_than_kept(
     )
     assert archiver.archive_once().days_removed == 0  # yesterday is kept
     today[0] = date(2026, 1, 7)
-    assert archiver.archive_once().days_removed == 1
+    assert archiver.archive_once().days_removed == 2  # its ticks and deals folders
     conn.close()
     days = sorted(p.name for p in archiver.ticks_dir.iterdir())
     assert days == ["day=2026-01-06"]
+    assert sorted(p.name for p in archiver.deals_dir.iterdir()) == days
     with pytest.raises(ValueError, match="retention_days"):
         TickArchiver(cursor(connect(path)), path, retention_days=-1)
 
@@ -290,3 +391,28 @@ def test_kafka_unseen_cuts_each_partition_at_its_committed_offset() -> None:
     kept = source.unseen(ticks, before={}, committed={"ticks:0": 99, "ticks:1": 5})
     assert kept["account_id"].to_list() == [7]
     assert source.unseen(ticks, before={}, committed={}).equals(ticks)
+
+
+def test_kafka_deal_cuts_follow_the_committed_offsets() -> None:
+    source = KafkaSource(bootstrap="127.0.0.1:1", topic="ticks")
+    # Partition 0 offsets 10..13, partition 1 offsets 3..5; deals came from the
+    # records at indexes 0, 2, 2, 3 (partition 0) and 5, 6 (partition 1).
+    records = [_record(0, o) for o in range(10, 14)] + [
+        _record(1, o) for o in range(3, 6)
+    ]
+    deal_messages = [0, 2, 2, 3, 5, 6]
+    deals = pl.DataFrame(
+        {"deal_id": list(range(len(deal_messages)))}, schema={"deal_id": pl.Int64}
+    )
+    source._last_records = records
+    source._last_messages = pl.Series("message", [1, 4], dtype=pl.Int64)
+    source._last_deal_messages = pl.Series("message", deal_messages)
+    source._last_deals = deals
+    committed = {"ticks:0": 12, "ticks:1": 5}
+    kept = source.unseen_deals(deals, before={}, committed=committed)
+    # Partition 0 from offset 12 (index 2 on), partition 1 from offset 5 (index 6).
+    assert kept["deal_id"].to_list() == [1, 2, 3, 5]
+    # The group loop's view: per partition, the first of its deals to archive.
+    assert source.last_deal_cuts(committed) == {0: 1, 1: 1}
+    assert source.last_deal_cuts({"ticks:0": 99}) == {0: 4}
+    assert source.unseen_deals(deals, before={}, committed={}).equals(deals)

@@ -1,8 +1,9 @@
-"""``prop-stream whatif``: rule changes replayed over a store's archived ticks.
+"""``prop-stream whatif``: rule changes replayed over a store's archive.
 
-The store is a real one: the demo evaluator loop judges demo ticks into a DuckDB
-file, the archiver moves most of them to ``DB.archive/ticks`` and the rest stay
-staged. Two of its phases run with a daily limit so tight that they fail. What a
+The store is a real one: the demo evaluator loop judges demo ticks (and deals)
+into a DuckDB file, the archiver moves most of them to ``DB.archive/ticks`` (and
+``deals``) and the rest stay staged. Two of its phases run with a daily limit so
+tight that they fail. What a
 tighter or looser daily limit must change is worked out from the store's daily
 snapshots alone (``tests/whatif_support.py``), and the what-if must change
 exactly those phases.
@@ -18,14 +19,19 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from whatif_support import limit_failing, worst_daily_loss
+from whatif_support import limit_failing, peak_open_lots, worst_daily_loss
 
 from prop_stream.backtest.whatif import CHANGE_KINDS, change_kind
 from prop_stream.cli import main
 from prop_stream.config import StreamSettings
 from prop_stream.evaluator import DemoConfig, DemoSource, build_loop
 from prop_stream.store import connect, cursor, init_database
-from prop_stream.store.archive import TickArchiver, archive_dir, staged_rows
+from prop_stream.store.archive import (
+    TickArchiver,
+    archive_dir,
+    staged_deals,
+    staged_rows,
+)
 
 # The phases run with a tight daily limit, so that the store records failures.
 _TIGHT = {3: 0.001, 5: 0.001}
@@ -145,6 +151,109 @@ def test_a_tighter_daily_limit_fails_exactly_the_phases_whose_worst_day_exceeds_
         ).rows()
         == stored
     )
+
+
+@pytest.fixture(scope="module")
+def deal_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of 40 demo hours with deals, part archived, part staged."""
+    start = datetime(2026, 1, 5, tzinfo=UTC)
+    db = tmp_path_factory.mktemp("whatif-deals") / "prop.duckdb"
+    init_database(db, demo=True, now=start)
+    conn = connect(db)
+    try:
+        source = DemoSource(
+            DemoConfig(
+                seed=11, rate=5 / 60, batch_ms=20 * 60_000, realtime=False, epoch=start
+            )
+        )
+        loop = build_loop(StreamSettings(db=db, source="demo"), conn, source=source)
+        loop.run(max_batches=80)
+        TickArchiver(cursor(conn), db).archive_once()
+        loop.run(max_batches=40)
+        assert loop.stats.deals > 0
+        assert staged_deals(conn) > 0  # the what-if reads these from the store
+    finally:
+        conn.close()
+    return db
+
+
+def test_a_max_open_lots_limit_fails_exactly_the_phases_that_held_more(
+    deal_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The demo's rules have no deal rule: each phase's most open lots, worked
+    # out from the archived and staged deals alone, says whom a limit fails.
+    store = deal_store
+    peaks = peak_open_lots(store, archive_dir(store))
+    active = {a: v for a, v in peaks.items() if v[0] == "active"}
+    ranked = sorted(((lots, a) for a, (_, lots) in active.items()), reverse=True)
+    assert len(ranked) >= 2, peaks
+    assert ranked[0][0] > 0, peaks
+    gap, count = max(
+        (ranked[i - 1][0] - ranked[i][0], i) for i in range(1, len(ranked))
+    )
+    assert gap >= 0.02, ranked  # two hundredths: no rounding crosses the limit
+    limit = round((ranked[count - 1][0] + ranked[count][0]) / 2, 2)
+    expected = {a for lots, a in ranked[:count]}
+    challenges = _challenges_of(store, set(active))
+    out = tmp_path / "out"
+    code, err = _whatif(
+        capsys,
+        "--db",
+        str(store),
+        "--phase-ids",
+        *[str(c) for c in challenges],
+        "--set",
+        f"max_open_lots={limit}",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    outcomes = _outcomes(out)
+    assert outcomes["as_recorded"].all(), outcomes.filter(~pl.col("as_recorded"))
+    changed = outcomes.filter(pl.col("change").is_not_null())
+    assert set(changed["account_id"]) == expected
+    assert set(changed["change"]) == {"active_to_failed"}
+    assert set(changed["whatif_rule"]) == {"max_position_size"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["staged_deals"] > 0
+    assert summary["deals"] > summary["staged_deals"]  # archived ones too
+    # The hedge flags of the replayed deals (customers from the store): the
+    # what-if loses exactly flags of the phases it ends earlier (an ended
+    # phase processes no more deals), never gains one.
+    pair = ["account_id_1", "deal_id_1", "account_id_2", "deal_id_2"]
+    before = pl.read_parquet(out / "baseline" / "flags.parquet")
+    after = pl.read_parquet(out / "whatif" / "flags.parquet")
+    assert before.height > 0
+    assert after.join(before, on=pair, how="anti").is_empty()
+    lost = before.join(after, on=pair, how="anti")
+    assert all(
+        a in expected or b in expected
+        for a, b in lost.select("account_id_1", "account_id_2").iter_rows()
+    )
+    # The what-if's deal-rule breaches are there, each over the limit.
+    breaches = pl.read_parquet(out / "whatif" / "breaches.parquet").filter(
+        pl.col("rule") == "max_position_size"
+    )
+    assert set(breaches["account_id"]) == expected
+    assert (breaches["actual"] > limit).all()
+    assert (
+        pl.read_parquet(out / "baseline" / "breaches.parquet")
+        .filter(pl.col("rule") == "max_position_size")
+        .is_empty()
+    )
+
+
+def _challenges_of(db: Path, accounts: set[int]) -> list[int]:
+    conn = connect(db, read_only=True)
+    try:
+        rows = conn.execute(
+            "SELECT DISTINCT challenge_id FROM challenge_phases "
+            "WHERE account_id IN (SELECT unnest(?)) ORDER BY 1",
+            [sorted(accounts)],
+        ).fetchall()
+    finally:
+        conn.close()
+    return [int(r[0]) for r in rows]
 
 
 def test_a_looser_daily_limit_lets_the_failed_phases_go_on(

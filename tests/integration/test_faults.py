@@ -66,11 +66,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=False)  # noqa: S603, S607 - fixed arguments
 
 
-def _fill(disk: Path) -> Path:
-    """Write a ballast file until the disk is full."""
+def _fill(disk: Path, *, top_up: bool = False) -> Path:
+    """Write a ballast file until the disk is full (``top_up``: grow the one there)."""
     ballast = disk / "ballast"
     chunk = b"\0" * (1 << 20)
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    mode = os.O_APPEND if top_up else os.O_TRUNC
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | mode, 0o600)
     try:
         for size in (1 << 20, 1 << 12, 1):
             while True:
@@ -121,6 +122,7 @@ def test_serve_recovers_from_a_full_disk_and_judges_every_tick_once(
     init_database(db, demo=True)
     clean = tmp_path / "clean.duckdb"
     shutil.copy(db, clean)
+    client: httpx.Client | None = None
     proc = ServiceProcess(
         ["serve", "--db", str(db), "--source", "demo", "--port", "0"],
         tmp_path,
@@ -152,6 +154,9 @@ def test_serve_recovers_from_a_full_disk_and_judges_every_tick_once(
         assert status == 503
         # Selling goes on as far as the store can: while nothing can be
         # written a purchase is refused with 503 and Retry-After, never a 500.
+        # The evaluator's failed commits may have given back a few pages
+        # meanwhile (a rolled-back write-ahead log): fill them again first.
+        _fill(small_disk, top_up=True)
         answer = client.post(
             "/prop/purchases", json=body, headers={"Idempotency-Key": "disk-full"}
         )
@@ -169,7 +174,6 @@ def test_serve_recovers_from_a_full_disk_and_judges_every_tick_once(
             "/prop/purchases", json=body, headers={"Idempotency-Key": "disk-free"}
         )
         assert bought.status_code == 201, bought.text
-        client.close()
         outage = proc.lines()[fault_from:]
         # The rebuilt loop replays from its checkpoint (at most the batches
         # committed before the fault) and then judges new ones: wait until it
@@ -180,6 +184,10 @@ def test_serve_recovers_from_a_full_disk_and_judges_every_tick_once(
             "the recovered loop to pass the batches committed before the fault",
         )
     finally:
+        # Closed whatever happened: a socket left open is reported by the
+        # garbage collector in whichever test runs next.
+        if client is not None:
+            client.close()
         code = proc.stop(90)
     assert code == 0
     records = _log_records(outage)

@@ -2249,6 +2249,21 @@ impl Engine {
         }
     }
 
+    /// Judge one tick of a phase.
+    #[inline]
+    pub(crate) fn judge_tick(
+        &mut self,
+        slot: u32,
+        epoch: u64,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        let i = slot as usize;
+        self.phases[i].accept(&mut self.hot[i], slot, epoch, t, equity, balance, out);
+    }
+
     /// Finish a batch begun with [`Engine::begin_unordered`].
     pub(crate) fn finish_unordered(&mut self, out: &mut BatchOutput) {
         self.finish(out);

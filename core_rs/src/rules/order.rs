@@ -21,6 +21,17 @@ const NONE: u32 = u32::MAX;
 /// How many runs ahead a phase's state is prefetched while one run is judged.
 const PREFETCH_RUNS_AHEAD: usize = 2;
 
+/// How many rows ahead a phase's state is prefetched when rows are judged in
+/// arrival order: enough to cover a memory access with a few ticks' work.
+const PREFETCH_ROWS_AHEAD: usize = 16;
+
+/// Stable-sort `rows` by `key` (a phase's rank), if not in that order already.
+fn group_order<T>(rows: &mut [T], key: impl Fn(&T) -> u32) {
+    if !rows.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+        rows.sort_by_key(key);
+    }
+}
+
 /// A tick of one run: `ts`, equity, balance.
 type Tick = (i64, f64, f64);
 
@@ -33,8 +44,8 @@ pub struct OrderStats {
     pub sorted_runs: u64,
 }
 
-/// Rows per block when judging accounts whose ticks are in order: the block's
-/// grouped ticks (24 bytes a row) stay in the L3 cache.
+/// Rows per block when judging accounts whose ticks are in order: the unit
+/// whose outputs are put in grouped order.
 const BLOCK_ROWS: usize = 1 << 20;
 
 /// Consecutive phase slots per bucket: the state of this many phases (464 bytes
@@ -154,8 +165,14 @@ impl Engine {
     }
 
     /// Judge the ticks of the accounts whose ticks are in order, in blocks of
-    /// [`BLOCK_ROWS`] rows: each block is grouped by phase with a stable counting
-    /// sort into a buffer that stays in cache, and each group judged whole.
+    /// [`BLOCK_ROWS`] rows, each row straight from the input in arrival order
+    /// with the phase state of the row [`PREFETCH_ROWS_AHEAD`] rows on
+    /// prefetched (the per-tick state is two cache lines, see `Hot` in
+    /// `engine.rs`: no grouping pass, no staging buffer). Each block's outputs
+    /// are then put in the order a grouping gives — by the phase's first row in
+    /// the block, each phase's own rows in order (a stable sort) — so the
+    /// outputs are the same, row for row and in order, as judging each phase's
+    /// ticks of the block together.
     fn judge_in_order(
         &mut self,
         chunks: &[TickColumns<'_>],
@@ -164,9 +181,10 @@ impl Engine {
         epoch: u64,
         out: &mut BatchOutput,
     ) {
-        let mut counts = vec![0u32; self.len()];
+        // Each phase's rank among the block's phases by first row; NONE if not
+        // in the block.
+        let mut rank = vec![NONE; self.len()];
         let mut groups: Vec<u32> = Vec::new();
-        let mut grouped: Vec<Tick> = Vec::new();
         let mut offset = 0usize;
         for c in chunks {
             let len = c.ts.len();
@@ -174,41 +192,37 @@ impl Engine {
             while lo < len {
                 let hi = (lo + BLOCK_ROWS).min(len);
                 let slots = &slot_of[offset + lo..offset + hi];
+                let marks = (
+                    out.breaches.len(),
+                    out.daily.len(),
+                    out.transitions.len(),
+                    out.touched.len(),
+                );
                 groups.clear();
-                for &slot in slots {
-                    if slot != NONE && !disordered[slot as usize] {
-                        let k = &mut counts[slot as usize];
-                        if *k == 0 {
-                            groups.push(slot);
+                for (j, &slot) in slots.iter().enumerate() {
+                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD) {
+                        if ahead != NONE {
+                            self.prefetch_slot(ahead);
                         }
-                        *k += 1;
                     }
+                    if slot == NONE || disordered[slot as usize] {
+                        continue;
+                    }
+                    let k = &mut rank[slot as usize];
+                    if *k == NONE {
+                        *k = u32::try_from(groups.len()).expect("fewer than 2^32 phases");
+                        groups.push(slot);
+                    }
+                    let r = lo + j;
+                    self.judge_tick(slot, epoch, c.ts[r], c.equity[r], c.balance[r], out);
                 }
-                let mut total = 0u32;
+                let key = |slot: u32| rank[slot as usize];
+                group_order(&mut out.breaches[marks.0..], |b| key(b.slot));
+                group_order(&mut out.daily[marks.1..], |d| key(d.slot));
+                group_order(&mut out.transitions[marks.2..], |t| key(t.slot));
+                group_order(&mut out.touched[marks.3..], |&s| key(s));
                 for &g in &groups {
-                    let k = counts[g as usize];
-                    counts[g as usize] = total;
-                    total += k;
-                }
-                if grouped.len() < total as usize {
-                    grouped.resize(total as usize, (0, 0.0, 0.0));
-                }
-                for (r, &slot) in (lo..hi).zip(slots) {
-                    if slot != NONE && !disordered[slot as usize] {
-                        let p = &mut counts[slot as usize];
-                        grouped[*p as usize] = (c.ts[r], c.equity[r], c.balance[r]);
-                        *p += 1;
-                    }
-                }
-                let mut start = 0usize;
-                for (g, &slot) in groups.iter().enumerate() {
-                    if let Some(&ahead) = groups.get(g + PREFETCH_RUNS_AHEAD) {
-                        self.prefetch_slot(ahead);
-                    }
-                    let end = counts[slot as usize] as usize;
-                    counts[slot as usize] = 0;
-                    self.judge_run(slot, epoch, grouped[start..end].iter().copied(), out);
-                    start = end;
+                    rank[g as usize] = NONE;
                 }
                 lo = hi;
             }
@@ -379,7 +393,7 @@ fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResu
 mod tests {
     use super::*;
     use crate::rules::config::{RuleSet, RuleValue};
-    use crate::rules::engine::{PhaseSpec, Status};
+    use crate::rules::engine::{Grouping, PhaseSpec, Status};
 
     fn rules() -> RuleSet {
         RuleSet::from_pairs(vec![
@@ -497,6 +511,42 @@ mod tests {
             .collect();
         states.sort();
         (breaches, daily, format!("{states:?} {:?}", out.counts))
+    }
+
+    #[test]
+    fn in_order_accounts_keep_the_grouped_output_order() {
+        // Every account in order but all interleaved (sorted by ts only): the
+        // arrival-order path must give the outputs of a grouped `run` over the
+        // same rows (one chunk, under one block), row for row and in order.
+        let accounts: Vec<i64> = (100..400).collect();
+        let rows = random_rows(4, 20_000, &accounts);
+        let mut idx: Vec<usize> = (0..rows.ts.len()).collect();
+        idx.sort_by_key(|&i| rows.ts[i]);
+        let rows = rows.permuted(&idx);
+        let mut grouped = Engine::with_grouping(Grouping::Always);
+        let mut e = Engine::new();
+        for &a in &accounts {
+            for engine in [&mut grouped, &mut e] {
+                engine
+                    .register(PhaseSpec {
+                        account_id: a,
+                        challenge_id: format!("c-{a}"),
+                        phase_index: 0,
+                        started_at_us: 0,
+                        rules: rules(),
+                    })
+                    .expect("register");
+            }
+        }
+        let expected = grouped.run(&[rows.cols()]).expect("run");
+        let (out, stats) = e.run_unordered(&[rows.cols()], None).expect("unordered");
+        assert_eq!(stats.sorted_runs, 0);
+        assert!(out.breaches.len() > 10 && !out.transitions.is_empty());
+        assert_eq!(out.breaches, expected.breaches);
+        assert_eq!(out.daily, expected.daily);
+        assert_eq!(out.transitions, expected.transitions);
+        assert_eq!(out.touched, expected.touched);
+        assert_eq!(out.counts, expected.counts);
     }
 
     #[test]

@@ -1243,6 +1243,10 @@ pub struct Engine {
     // the ids are too spread out; rebuilt on the next batch after a change.
     dense: Vec<u32>,
     dense_base: i64,
+    // Whether `dense[k] == k` for every `k` (accounts registered in id order,
+    // without gaps): then the slot is the offset itself, and a tick's lookup
+    // reads no table.
+    dense_identity: bool,
     dense_stale: bool,
     phases: Vec<Phase>,
     // The per-tick state of `phases[i]` at `hot[i]` (see [`Hot`]).
@@ -1627,6 +1631,14 @@ impl Engine {
         // Ids below the base wrap to huge offsets and miss like ids above the end.
         #[allow(clippy::cast_sign_loss)]
         let offset = account_id.wrapping_sub(self.dense_base) as u64;
+        if self.dense_identity {
+            #[allow(clippy::cast_possible_truncation)]
+            return if offset < self.dense.len() as u64 {
+                offset as u32
+            } else {
+                NONE
+            };
+        }
         usize::try_from(offset)
             .ok()
             .and_then(|k| self.dense.get(k).copied())
@@ -1639,6 +1651,7 @@ impl Engine {
         const DENSE_SPREAD: i128 = 8;
         const DENSE_SLACK: i128 = 4096;
         self.dense_stale = false;
+        self.dense_identity = false;
         self.dense.clear();
         let (Some(&lo), Some(&hi)) = (self.index.keys().min(), self.index.keys().max()) else {
             return;
@@ -1658,6 +1671,11 @@ impl Engine {
             let k = account.wrapping_sub(lo) as u64 as usize;
             self.dense[k] = slot;
         }
+        self.dense_identity = self
+            .dense
+            .iter()
+            .enumerate()
+            .all(|(k, &slot)| slot as usize == k);
     }
 
     /// Judge one batch given as chunks of columns (e.g. the record batches of one
@@ -2499,6 +2517,33 @@ mod hot_tests {
         }
         // The data does break, warn and pass: the comparison has teeth.
         assert!(judged_something > 100, "{judged_something}");
+    }
+
+    #[test]
+    fn account_lookup_with_ids_in_slot_order_and_after_a_removal() {
+        let mut e = engine(1, 6);
+        let tick = |e: &mut Engine, account: i64, t: i64| {
+            let cols = TickColumns {
+                account_id: &[account],
+                ts: &[t],
+                equity: &[100_000.0],
+                balance: &[100_000.0],
+            };
+            e.run(&[cols]).unwrap().counts
+        };
+        // Ids 0..6 registered in order: slot = id - 0, no table read.
+        assert_eq!(tick(&mut e, 6, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, -1, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, 5, MONDAY + DAY).evaluated, 1);
+        assert!(e.dense_identity);
+        // Removing id 2 moves id 5 into slot 2: the table is needed again.
+        assert!(e.remove(2));
+        assert_eq!(tick(&mut e, 2, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, 5, MONDAY + DAY + 1).evaluated, 1);
+        assert!(!e.dense_identity);
+        let five = e.phases().iter().find(|p| p.spec.account_id == 5).unwrap();
+        assert_eq!(five.state.ticks, 2);
+        assert_eq!(five.state.last_ts(), MONDAY + DAY + 1);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use crate::rules::output::BatchOutput;
 /// Slot of a row that no phase takes (unknown account or invalid values).
 const NONE: u32 = u32::MAX;
 
+/// The rank of a phase whose ticks are out of order (judged after the others).
+const SKIP: u32 = NONE - 1;
+
 /// How many runs ahead a phase's state is prefetched while one run is judged.
 const PREFETCH_RUNS_AHEAD: usize = 2;
 
@@ -124,11 +127,24 @@ impl Engine {
         seq: Option<&[&[u64]]>,
         out: &mut BatchOutput,
     ) -> (Vec<u32>, Vec<u32>, Vec<bool>) {
+        /// What the pass keeps per phase, together so that a row touches one
+        /// place (a random access per row is what this pass costs).
+        #[derive(Clone, Copy)]
+        struct Seen {
+            latest: (i64, u64),
+            count: u32,
+            disordered: bool,
+        }
         let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
         let mut slot_of = Vec::with_capacity(n);
-        let mut counts = vec![0u32; self.len()];
-        let mut latest = vec![(i64::MIN, 0u64); self.len()];
-        let mut disordered = vec![false; self.len()];
+        let mut seen = vec![
+            Seen {
+                latest: (i64::MIN, 0),
+                count: 0,
+                disordered: false,
+            };
+            self.len()
+        ];
         let mut last: Option<(i64, u32)> = None;
         for (k, c) in chunks.iter().enumerate() {
             for r in 0..c.account_id.len() {
@@ -149,18 +165,20 @@ impl Engine {
                 if slot == NONE {
                     out.counts.unknown += 1;
                 } else {
-                    let s = slot as usize;
-                    counts[s] += 1;
+                    let p = &mut seen[slot as usize];
+                    p.count += 1;
                     let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
-                    if key < latest[s] {
-                        disordered[s] = true;
+                    if key < p.latest {
+                        p.disordered = true;
                     } else {
-                        latest[s] = key;
+                        p.latest = key;
                     }
                 }
                 slot_of.push(slot);
             }
         }
+        let counts = seen.iter().map(|p| p.count).collect();
+        let disordered = seen.iter().map(|p| p.disordered).collect();
         (slot_of, counts, disordered)
     }
 
@@ -182,8 +200,12 @@ impl Engine {
         out: &mut BatchOutput,
     ) {
         // Each phase's rank among the block's phases by first row; NONE if not
-        // in the block.
-        let mut rank = vec![NONE; self.len()];
+        // in the block, SKIP if its ticks are out of order (judged later). One
+        // array: one random access per row besides the phase state.
+        let mut rank: Vec<u32> = disordered
+            .iter()
+            .map(|&bad| if bad { SKIP } else { NONE })
+            .collect();
         let mut groups: Vec<u32> = Vec::new();
         let mut offset = 0usize;
         for c in chunks {
@@ -205,10 +227,13 @@ impl Engine {
                             self.prefetch_slot(ahead);
                         }
                     }
-                    if slot == NONE || disordered[slot as usize] {
+                    if slot == NONE {
                         continue;
                     }
                     let k = &mut rank[slot as usize];
+                    if *k == SKIP {
+                        continue;
+                    }
                     if *k == NONE {
                         *k = u32::try_from(groups.len()).expect("fewer than 2^32 phases");
                         groups.push(slot);

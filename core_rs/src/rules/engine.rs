@@ -2267,6 +2267,19 @@ impl Engine {
         }
     }
 
+    /// Ask the CPU for a phase's cold state when its hot state (prefetched
+    /// earlier) says a tick at `t` will take the cold path: a new day, the first
+    /// tick. A hint only; reads the hot state, changes nothing.
+    #[inline]
+    pub(crate) fn prefetch_cold_if_due(&self, slot: u32, t: i64) {
+        let i = slot as usize;
+        if t >= self.hot[i].next_due {
+            let phase = &self.phases[i];
+            prefetch(&phase.state);
+            prefetch(&phase.spec.rules);
+        }
+    }
+
     /// Judge one tick of a phase.
     #[inline]
     pub(crate) fn judge_tick(

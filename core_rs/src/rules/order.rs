@@ -12,7 +12,7 @@
 //! phases' state prefetched.
 
 use crate::error::{RuleError, RuleResult};
-use crate::rules::engine::{Engine, TickColumns};
+use crate::rules::engine::{prefetch, Engine, TickColumns};
 use crate::rules::output::BatchOutput;
 
 /// Slot of a row that no phase takes (unknown account or invalid values).
@@ -146,7 +146,7 @@ impl Engine {
             self.len()
         ];
         let mut last: Option<(i64, u32)> = None;
-        for (k, c) in chunks.iter().enumerate() {
+        for c in chunks {
             for r in 0..c.account_id.len() {
                 if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
                     out.counts.invalid += 1;
@@ -164,7 +164,23 @@ impl Engine {
                 };
                 if slot == NONE {
                     out.counts.unknown += 1;
-                } else {
+                }
+                slot_of.push(slot);
+            }
+        }
+        // A second pass over the slots found, so that each row's record can be
+        // asked for ahead of its use (with many phases it is a memory access).
+        let mut i = 0usize;
+        for (k, c) in chunks.iter().enumerate() {
+            for r in 0..c.account_id.len() {
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD) {
+                    if ahead != NONE {
+                        prefetch(&seen[ahead as usize]);
+                    }
+                }
+                let slot = slot_of[i];
+                i += 1;
+                if slot != NONE {
                     let p = &mut seen[slot as usize];
                     p.count += 1;
                     let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
@@ -174,7 +190,6 @@ impl Engine {
                         p.latest = key;
                     }
                 }
-                slot_of.push(slot);
             }
         }
         let counts = seen.iter().map(|p| p.count).collect();
@@ -225,6 +240,13 @@ impl Engine {
                     if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD) {
                         if ahead != NONE {
                             self.prefetch_slot(ahead);
+                        }
+                    }
+                    // Half way, the hot state is in: if that tick will take the
+                    // cold path (a new day, the first tick), fetch that too.
+                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD / 2) {
+                        if ahead != NONE {
+                            self.prefetch_cold_if_due(ahead, c.ts[lo + j + PREFETCH_ROWS_AHEAD / 2]);
                         }
                     }
                     if slot == NONE {

@@ -1256,7 +1256,6 @@ pub struct Engine {
     // Buffers reused across batches by `process`.
     scratch_slots: Vec<u32>,
     scratch_counts: Vec<u32>,
-    scratch_ticks: Vec<(i64, f64, f64)>,
     // The grouped ticks with their rows, for chunks with deals.
     scratch_deal_ticks: Vec<(i64, f64, f64, u64)>,
 }
@@ -1400,8 +1399,18 @@ mod v1 {
     }
 }
 
-/// How many groups ahead [`Engine::process`] prefetches a phase's state.
-const PREFETCH_GROUPS_AHEAD: usize = 2;
+/// How many rows ahead a phase's state is prefetched when rows are judged in
+/// arrival order: enough to cover a memory access with a few ticks' work.
+pub(crate) const PREFETCH_ROWS_AHEAD: usize = 16;
+
+/// Stable-sort `rows` by `key` (a phase's rank), if not in that order already:
+/// outputs judged in arrival order put in the order of judging each phase's
+/// rows together.
+pub(crate) fn group_order<T>(rows: &mut [T], key: impl Fn(&T) -> u32) {
+    if !rows.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+        rows.sort_by_key(key);
+    }
+}
 
 /// Ask the CPU to bring a value's cache lines in (a hint: no effect on results).
 #[inline]
@@ -1559,46 +1568,55 @@ impl Engine {
         }
         let epoch = self.epoch;
         if self.grouping.applies(self.phases.len(), groups.len()) {
-            // Exclusive prefix sums turn counts into each group's write position.
-            let mut total = 0u32;
-            for &g in &groups {
-                let k = counts[g as usize];
-                counts[g as usize] = total;
-                total += k;
+            // The outputs of judging each phase's ticks together, in the order
+            // of the phases' first rows: judged row by row in arrival order with
+            // the state of the row PREFETCH_ROWS_AHEAD on asked for (two cache
+            // lines: no staging of the ticks pays off), then each output put
+            // back in that order by its phase's rank (a stable sort keeps each
+            // phase's own order).
+            for (rank, &g) in groups.iter().enumerate() {
+                #[allow(clippy::cast_possible_truncation)]
+                let rank = rank as u32;
+                counts[g as usize] = rank;
             }
-            // Scatter the ticks themselves (not their indices) so that judging a
-            // group reads one contiguous run.
-            // Every position below `total` is written by the scatter, so the
-            // buffer kept from the last batch is only grown, never cleared.
-            let mut grouped = std::mem::take(&mut self.scratch_ticks);
-            if grouped.len() < total as usize {
-                grouped.resize(total as usize, (0, 0.0, 0.0));
-            }
+            let marks = (
+                out.breaches.len(),
+                out.daily.len(),
+                out.transitions.len(),
+                out.touched.len(),
+            );
             for (i, &slot) in slot_of.iter().enumerate() {
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD) {
+                    if ahead != NONE {
+                        prefetch(&self.hot[ahead as usize]);
+                    }
+                }
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD / 2) {
+                    if ahead != NONE {
+                        self.prefetch_cold_if_due(ahead, c.ts[i + PREFETCH_ROWS_AHEAD / 2]);
+                    }
+                }
                 if slot != NONE {
-                    let pos = &mut counts[slot as usize];
-                    grouped[*pos as usize] = (c.ts[i], c.equity[i], c.balance[i]);
-                    *pos += 1;
+                    let k = slot as usize;
+                    self.phases[k].accept(
+                        &mut self.hot[k],
+                        slot,
+                        epoch,
+                        c.ts[i],
+                        c.equity[i],
+                        c.balance[i],
+                        out,
+                    );
                 }
             }
-            let mut start = 0usize;
-            for (g, &slot) in groups.iter().enumerate() {
-                // Load the phase two groups ahead while this one is judged: with
-                // more phases than the caches hold, each group's first touch of its
-                // state would otherwise wait for memory.
-                if let Some(&ahead) = groups.get(g + PREFETCH_GROUPS_AHEAD) {
-                    prefetch(&self.hot[ahead as usize]);
-                }
-                let end = counts[slot as usize] as usize;
-                counts[slot as usize] = 0;
-                let phase = &mut self.phases[slot as usize];
-                let hot = &mut self.hot[slot as usize];
-                for &(t, eq, bal) in &grouped[start..end] {
-                    phase.accept(hot, slot, epoch, t, eq, bal, out);
-                }
-                start = end;
+            let rank = |slot: u32| counts[slot as usize];
+            group_order(&mut out.breaches[marks.0..], |b| rank(b.slot));
+            group_order(&mut out.daily[marks.1..], |d| rank(d.slot));
+            group_order(&mut out.transitions[marks.2..], |t| rank(t.slot));
+            group_order(&mut out.touched[marks.3..], |&s| rank(s));
+            for &g in &groups {
+                counts[g as usize] = 0;
             }
-            self.scratch_ticks = grouped;
         } else {
             for &g in &groups {
                 counts[g as usize] = 0;
@@ -2557,6 +2575,54 @@ mod hot_tests {
         let five = e.phases().iter().find(|p| p.spec.account_id == 5).unwrap();
         assert_eq!(five.state.ticks, 2);
         assert_eq!(five.state.last_ts(), MONDAY + DAY + 1);
+    }
+
+    #[test]
+    fn grouped_outputs_come_in_the_order_of_the_phases_first_rows() {
+        // `Always` judges in arrival order and reorders; `Never` judges in
+        // arrival order as is. Put `Never`'s rows in the order of each
+        // account's first row in the batch (stable): the two must be equal.
+        for seed in 1..=10u64 {
+            let bs = batches(seed, 12);
+            let mut grouped = engine(0, 12);
+            let mut plain = engine(1, 12);
+            for b in &bs {
+                let c = TickColumns {
+                    account_id: &b.account,
+                    ts: &b.ts,
+                    equity: &b.equity,
+                    balance: &b.balance,
+                };
+                let x = grouped.run(&[c]).unwrap();
+                let mut y = plain.run(&[c]).unwrap();
+                let mut rank = [u32::MAX; 12];
+                let mut next = 0;
+                for &a in &b.account {
+                    if rank[a as usize] == u32::MAX {
+                        rank[a as usize] = next;
+                        next += 1;
+                    }
+                }
+                let r = |slot: u32| rank[slot as usize];
+                y.breaches.sort_by_key(|b| r(b.slot));
+                // The open days `finish` writes come after the ticks' rows, in
+                // touched order (a day row of a tick is of an earlier day).
+                let today = |d: &DailyRow| plain.phases()[d.slot as usize].state.day == d.day;
+                let (mut ended, mut open): (Vec<DailyRow>, Vec<DailyRow>) =
+                    y.daily.iter().partition(|d| !today(d));
+                ended.sort_by_key(|d| r(d.slot));
+                open.sort_by_key(|d| r(d.slot));
+                y.daily = ended.into_iter().chain(open).collect();
+                y.transitions.sort_by_key(|t| r(t.slot));
+                y.touched.sort_by_key(|&s| r(s));
+                assert_eq!(x.breaches, y.breaches, "seed {seed}");
+                assert_eq!(x.daily, y.daily, "seed {seed}");
+                assert_eq!(x.transitions, y.transitions, "seed {seed}");
+                assert_eq!(x.touched, y.touched, "seed {seed}");
+                assert_eq!(x.counts, y.counts, "seed {seed}");
+            }
+            assert_eq!(grouped.snapshot(), plain.snapshot());
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! phases' state prefetched.
 
 use crate::error::{RuleError, RuleResult};
-use crate::rules::engine::{prefetch, Engine, TickColumns};
+use crate::rules::engine::{group_order, prefetch, Engine, TickColumns, PREFETCH_ROWS_AHEAD};
 use crate::rules::output::BatchOutput;
 
 /// Slot of a row that no phase takes (unknown account or invalid values).
@@ -24,16 +24,7 @@ const SKIP: u32 = NONE - 1;
 /// How many runs ahead a phase's state is prefetched while one run is judged.
 const PREFETCH_RUNS_AHEAD: usize = 2;
 
-/// How many rows ahead a phase's state is prefetched when rows are judged in
-/// arrival order: enough to cover a memory access with a few ticks' work.
-const PREFETCH_ROWS_AHEAD: usize = 16;
 
-/// Stable-sort `rows` by `key` (a phase's rank), if not in that order already.
-fn group_order<T>(rows: &mut [T], key: impl Fn(&T) -> u32) {
-    if !rows.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
-        rows.sort_by_key(key);
-    }
-}
 
 /// A tick of one run: `ts`, equity, balance.
 type Tick = (i64, f64, f64);

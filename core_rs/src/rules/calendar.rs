@@ -136,7 +136,9 @@ impl DayEnds {
         } else if day > last {
             self.ends.extend((last + 1..=day).map(|d| clock.day_end(d)));
         } else if day < self.first {
-            let mut ends: Vec<i64> = (day - 1..self.first - 1).map(|d| clock.day_end(d)).collect();
+            let mut ends: Vec<i64> = (day - 1..self.first - 1)
+                .map(|d| clock.day_end(d))
+                .collect();
             ends.extend_from_slice(&self.ends);
             self.ends = ends;
             self.first = day;
@@ -265,7 +267,11 @@ mod tests {
             x ^= x << 17;
             order.swap(i, (x % (i as u64 + 1)) as usize);
         }
-        for (tz, rollover) in [("Europe/Prague", 0), ("America/New_York", 1020), ("Asia/Kolkata", 90)] {
+        for (tz, rollover) in [
+            ("Europe/Prague", 0),
+            ("America/New_York", 1020),
+            ("Asia/Kolkata", 90),
+        ] {
             let c = DayClock::new(tz, rollover);
             for &k in &order {
                 let ts = start + k * step;

@@ -2498,7 +2498,7 @@ mod hot_tests {
         DealCounts,
     );
 
-    fn run(seed: u64, slow: bool, with_deals: bool) -> (Vec<Seen>, Vec<u8>) {
+    fn judge_all(seed: u64, slow: bool, with_deals: bool) -> (Vec<Seen>, Vec<u8>) {
         let accounts = 12;
         let mut e = engine(seed, accounts);
         if slow {
@@ -2507,7 +2507,7 @@ mod hot_tests {
                 h.next_due = i64::MIN;
             }
         }
-        let mut seen = Vec::new();
+        let mut outputs = Vec::new();
         for (k, b) in batches(seed, accounts).iter().enumerate() {
             let c = TickColumns {
                 account_id: &b.account,
@@ -2521,7 +2521,7 @@ mod hot_tests {
                 vec![]
             };
             let out = e.run_with_deals(&[c], &deals).unwrap();
-            seen.push((
+            outputs.push((
                 out.breaches,
                 out.daily,
                 out.transitions,
@@ -2530,7 +2530,7 @@ mod hot_tests {
                 out.deal_counts,
             ));
         }
-        (seen, e.snapshot())
+        (outputs, e.snapshot())
     }
 
     #[test]
@@ -2538,8 +2538,8 @@ mod hot_tests {
         let mut judged_something = 0;
         for seed in 1..=40u64 {
             for with_deals in [false, true] {
-                let fast = run(seed, false, with_deals);
-                let slow = run(seed, true, with_deals);
+                let fast = judge_all(seed, false, with_deals);
+                let slow = judge_all(seed, true, with_deals);
                 assert_eq!(fast.0, slow.0, "seed {seed} deals {with_deals}");
                 // The states, the open warnings and counters included.
                 assert_eq!(fast.1, slow.1, "seed {seed} deals {with_deals}");
@@ -2627,8 +2627,6 @@ mod hot_tests {
 
     #[test]
     fn snapshot_after_the_hot_path_restores_and_goes_on_alike() {
-        let accounts = 12;
-        let bs = batches(5, accounts);
         fn cols(b: &Batch) -> TickColumns<'_> {
             TickColumns {
                 account_id: &b.account,
@@ -2637,6 +2635,8 @@ mod hot_tests {
                 balance: &b.balance,
             }
         }
+        let accounts = 12;
+        let bs = batches(5, accounts);
         let mut a = engine(5, accounts);
         for b in &bs[..3] {
             a.run(&[cols(b)]).unwrap();

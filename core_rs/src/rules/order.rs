@@ -24,8 +24,6 @@ const SKIP: u32 = NONE - 1;
 /// How many runs ahead a phase's state is prefetched while one run is judged.
 const PREFETCH_RUNS_AHEAD: usize = 2;
 
-
-
 /// A tick of one run: `ts`, equity, balance.
 type Tick = (i64, f64, f64);
 
@@ -237,7 +235,10 @@ impl Engine {
                     // cold path (a new day, the first tick), fetch that too.
                     if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD / 2) {
                         if ahead != NONE {
-                            self.prefetch_cold_if_due(ahead, c.ts[lo + j + PREFETCH_ROWS_AHEAD / 2]);
+                            self.prefetch_cold_if_due(
+                                ahead,
+                                c.ts[lo + j + PREFETCH_ROWS_AHEAD / 2],
+                            );
                         }
                     }
                     if slot == NONE {

@@ -6,6 +6,7 @@
 //! or after that time (the end of a DST gap, the first instant of a DST fold), which
 //! keeps days monotone in time.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
@@ -37,8 +38,32 @@ impl DayClock {
 
     /// The day (days since 1970-01-01) of the instant `ts_us` (UTC microseconds) and
     /// the UTC instant at which that day ends.
+    ///
+    /// Every phase on the same zone and rollover crosses the same day boundaries,
+    /// so their ends are kept per thread in a table of consecutive days (each end
+    /// computed once by [`DayClock::day_end`]); an instant inside the table is
+    /// located by a binary search, with the same answer as the time zone
+    /// arithmetic (day ends grow strictly with the day).
     #[must_use]
     pub fn locate(&self, ts_us: i64) -> (i32, i64) {
+        let key = (self.tz, self.shift_minutes);
+        let hit = DAY_ENDS.with(|c| c.borrow().get(&key).and_then(|t| t.find(ts_us)));
+        if let Some(found) = hit {
+            return found;
+        }
+        let (day, end) = self.locate_uncached(ts_us);
+        DAY_ENDS.with(|c| {
+            c.borrow_mut()
+                .entry(key)
+                .or_insert_with(DayEnds::default)
+                .cover(self, day);
+        });
+        (day, end)
+    }
+
+    /// [`DayClock::locate`] by the time zone arithmetic alone.
+    #[must_use]
+    pub fn locate_uncached(&self, ts_us: i64) -> (i32, i64) {
         let utc = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
         let local = utc.with_timezone(&self.tz).naive_local();
         let shifted = local + Duration::minutes(self.shift_minutes);
@@ -64,6 +89,60 @@ impl DayClock {
         let wall =
             date.and_hms_opt(0, 0, 0).unwrap_or_default() - Duration::minutes(self.shift_minutes);
         first_instant_at_or_after(self.tz, wall)
+    }
+}
+
+/// Most days one table keeps (about 180 years); a day further away starts a new
+/// table.
+const MAX_CACHED_DAYS: i32 = 1 << 16;
+
+thread_local! {
+    /// The day ends of each (zone, shift) seen on this thread.
+    static DAY_ENDS: std::cell::RefCell<HashMap<(Tz, i64), DayEnds>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// `ends[k]` is the end of day `first - 1 + k`: the days `first..first + ends.len() - 1`
+/// with the start (the previous day's end) of the first.
+#[derive(Default)]
+struct DayEnds {
+    first: i32,
+    ends: Vec<i64>,
+}
+
+impl DayEnds {
+    /// The day of `ts_us` and its end, if the table holds that day.
+    fn find(&self, ts_us: i64) -> Option<(i32, i64)> {
+        let (&lo, &hi) = (self.ends.first()?, self.ends.last()?);
+        if ts_us < lo || ts_us >= hi {
+            return None;
+        }
+        // ends[k - 1] <= ts < ends[k], k >= 1.
+        let k = self.ends.partition_point(|&e| e <= ts_us);
+        let day = self.first - 1 + i32::try_from(k).ok()?;
+        Some((day, self.ends[k]))
+    }
+
+    /// Grow the table to hold `day` (or start it again at `day` if far away).
+    fn cover(&mut self, clock: &DayClock, day: i32) {
+        let last = self.first - 2 + i32::try_from(self.ends.len()).unwrap_or(i32::MAX);
+        if self.ends.is_empty()
+            || day < self.first - MAX_CACHED_DAYS
+            || day > last + MAX_CACHED_DAYS
+            || last - self.first > MAX_CACHED_DAYS
+        {
+            self.first = day;
+            self.ends = vec![clock.day_end(day - 1), clock.day_end(day)];
+        } else if day > last {
+            self.ends.extend((last + 1..=day).map(|d| clock.day_end(d)));
+        } else if day < self.first {
+            let mut ends: Vec<i64> = (day - 1..self.first - 1)
+                .map(|d| clock.day_end(d))
+                .collect();
+            ends.extend_from_slice(&self.ends);
+            self.ends = ends;
+            self.first = day;
+        }
     }
 }
 
@@ -173,6 +252,38 @@ impl WeeklyClock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cached_days_locate_as_the_time_zone_arithmetic() {
+        // Instants an hour and a bit apart over two years (DST changes in both
+        // directions), visited out of order so the table grows both ways and
+        // restarts; three zones and rollovers.
+        let start = 1_735_689_600_000_000_i64; // 2025-01-01
+        let step = 3_900_000_000_i64;
+        let mut order: Vec<i64> = (0..2 * 365 * 24).collect();
+        let mut x = 88_172_645_463_325_252_u64;
+        for i in (1..order.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        for (tz, rollover) in [
+            ("Europe/Prague", 0),
+            ("America/New_York", 1020),
+            ("Asia/Kolkata", 90),
+        ] {
+            let c = DayClock::new(tz, rollover);
+            for &k in &order {
+                let ts = start + k * step;
+                assert_eq!(c.locate(ts), c.locate_uncached(ts), "{tz} {ts}");
+            }
+            // A day far away restarts the table; near ones still agree.
+            let far = start + 400 * 365 * 86_400_000_000;
+            assert_eq!(c.locate(far), c.locate_uncached(far));
+            assert_eq!(c.locate(start), c.locate_uncached(start));
+        }
+    }
+
     use super::*;
 
     fn us(s: &str) -> i64 {

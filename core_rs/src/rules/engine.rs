@@ -326,10 +326,93 @@ pub struct Phase {
     /// Where the judging stands.
     pub state: PhaseState,
     derived: Derived,
-    touched_epoch: u64,
     /// Deal state (cold: deals and the rare weekend check only); `None` until the
     /// first deal reaches the phase.
     deals: Option<Box<DealState>>,
+}
+
+/// The flag bits of [`Hot::flags`].
+mod bits {
+    /// The phase is being judged (status `active`).
+    pub(super) const ACTIVE: u32 = 1;
+    /// The current day counts as a trading day already.
+    pub(super) const DAY_COUNTED: u32 = 1 << 1;
+    /// The current day changed since its last daily row.
+    pub(super) const DAY_DIRTY: u32 = 1 << 2;
+    /// A deal was processed since the last evaluated tick.
+    pub(super) const DEAL_SINCE_TICK: u32 = 1 << 3;
+    /// `total_loss_mode = trailing`: a new high moves the overall floor.
+    pub(super) const TRAILING: u32 = 1 << 4;
+    /// Tests only: every tick takes the cold path (the full rules on
+    /// `PhaseState`), the yardstick the hot path is held equal to.
+    pub(super) const FORCE_SLOW: u32 = 1 << 5;
+}
+
+/// What a tick reads and writes, for one phase: two cache lines, in a `Vec`
+/// beside the phases (`Engine::hot`, same slot). Everything else — the spec and
+/// rules, the day clock, `PhaseState` with the open warnings and counters, the
+/// deal state — is touched only on the cold path (see [`Phase::accept`]), which
+/// copies the moving fields into `PhaseState` (`Phase::load`), judges there and
+/// refreshes this copy and its cached bounds (`Phase::store`). Between calls the
+/// engine leaves the two equal (`Engine::finish`), so `PhaseState`, the
+/// snapshots and the outputs read as before.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Hot {
+    // Line 1: the checks every tick makes.
+    /// `max(started_at_us, last_event_ts)`: earlier ticks are late.
+    late_before: i64,
+    /// The earliest instant with something time-based to judge: the next day
+    /// boundary, the next weekly close with positions open, just past the
+    /// `max_days` deadline; `i64::MIN` before the first tick.
+    next_due: i64,
+    last_ts: i64,
+    equity: f64,
+    balance: f64,
+    /// The highest of the daily and overall floors and warning levels that
+    /// apply (cents), `+inf` while a warning is open: equity above it breaks,
+    /// fires and resolves nothing.
+    alert: f64,
+    /// The target `T`, `+inf` without one.
+    target: f64,
+    hwm: f64,
+    // Line 2: what a judged tick moves.
+    day_min_equity: f64,
+    ticks: u64,
+    last_event_ts: i64,
+    touched_epoch: u64,
+    flags: u32,
+}
+
+impl Hot {
+    /// A copy of `phase`'s state with its cached bounds.
+    fn of(phase: &Phase) -> Self {
+        let mut hot = Self {
+            late_before: i64::MIN,
+            next_due: i64::MIN,
+            last_ts: i64::MIN,
+            equity: f64::NAN,
+            balance: f64::NAN,
+            alert: f64::INFINITY,
+            target: f64::INFINITY,
+            hwm: f64::NAN,
+            day_min_equity: f64::NAN,
+            ticks: 0,
+            last_event_ts: i64::MIN,
+            touched_epoch: 0,
+            flags: 0,
+        };
+        phase.store(&mut hot);
+        hot
+    }
+
+    #[inline]
+    fn touch(&mut self, slot: u32, epoch: u64, out: &mut BatchOutput) {
+        if self.touched_epoch != epoch {
+            self.touched_epoch = epoch;
+            out.touched.push(slot);
+        }
+    }
 }
 
 /// Levels of the current tick, shared by the rules and the metrics.
@@ -351,7 +434,6 @@ impl Phase {
             spec,
             state,
             derived,
-            touched_epoch: 0,
             deals: deals.map(Box::new),
         }
     }
@@ -377,14 +459,6 @@ impl Phase {
         let r = &self.spec.rules;
         r.weekend_close
             .map(|w| WeeklyClock::new(&r.timezone, w.weekday, w.minutes))
-    }
-
-    #[inline]
-    fn touch(&mut self, slot: u32, epoch: u64, out: &mut BatchOutput) {
-        if self.touched_epoch != epoch {
-            self.touched_epoch = epoch;
-            out.touched.push(slot);
-        }
     }
 
     /// The target level `T`, rounded to the cent.
@@ -422,10 +496,18 @@ impl Phase {
         }
     }
 
-    /// The skip checks of `rules.md` step 1, then [`Phase::evaluate`].
+    /// The skip checks of `rules.md` step 1, then [`Phase::evaluate`]: the hot
+    /// path. It reads and writes `hot` only, and takes the cold path (the whole
+    /// of steps 1 to 5 on `PhaseState`, [`Phase::accept_slow`] and
+    /// [`Phase::evaluate_slow`]) whenever the tick could do more than move the
+    /// state: something time-based is due (`next_due`), equity is at or below
+    /// the highest floor or warning level (`alert`), the target is reached, a
+    /// new high under `trailing`, or the day's first trading tick.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn accept(
         &mut self,
+        hot: &mut Hot,
         slot: u32,
         epoch: u64,
         t: i64,
@@ -433,33 +515,193 @@ impl Phase {
         balance: f64,
         out: &mut BatchOutput,
     ) {
-        if self.state.status != Status::Active {
+        if hot.flags & bits::ACTIVE == 0 {
             out.counts.inactive += 1;
             return;
         }
-        if t < self.spec.started_at_us || t < self.state.last_event_ts {
+        if t < hot.late_before {
+            // Rare: the counter lives in the cold state.
             self.state.late_ticks += 1;
             out.counts.late += 1;
             return;
         }
-        if t >= self.state.next_weekend && self.weekend_hold(slot, t, self.open_positions().0, out)
-        {
-            // The phase failed at the weekly close: this tick came after its end.
-            self.touch(slot, epoch, out);
-            out.counts.inactive += 1;
+        if t >= hot.next_due {
+            self.accept_slow(hot, slot, epoch, t, equity, balance, out);
             return;
         }
-        self.touch(slot, epoch, out);
+        hot.touch(slot, epoch, out);
         out.counts.evaluated += 1;
-        let st = &mut self.state;
-        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick {
+        if t == hot.last_ts
+            && equity == hot.equity
+            && balance == hot.balance
+            && hot.flags & bits::DEAL_SINCE_TICK == 0
+        {
             // An exact duplicate changes nothing (rules.md step 1). Judging it again
             // could: a tick that paused the day skipped the warnings, its twin
             // would not. After a deal the same values are a new observation.
-            st.ticks += 1;
+            hot.ticks += 1;
             return;
         }
+        // `balance` is the previous balance here: `next_due` sends a phase's
+        // first tick to the cold path.
+        let counts_day =
+            hot.flags & bits::DAY_COUNTED == 0 && (balance != hot.balance || equity != balance);
+        let new_high = hot.flags & bits::TRAILING != 0 && equity > hot.hwm;
+        if counts_day
+            || new_high
+            || equity <= hot.alert
+            || (equity >= hot.target && balance >= hot.target)
+        {
+            self.evaluate_slow(hot, slot, t, equity, balance, out);
+            return;
+        }
+        // Steps 2 to 5 with nothing due: no boundary, the floors and levels as
+        // cached, no breach, no warning to fire or resolve, no pass.
+        hot.ticks += 1;
+        hot.last_ts = t;
+        hot.last_event_ts = t;
+        // `t >= late_before >= started_at_us`: the new bound is `t` itself.
+        hot.late_before = t;
+        hot.equity = equity;
+        hot.balance = balance;
+        hot.day_min_equity = hot.day_min_equity.min(equity);
+        hot.flags = (hot.flags & !bits::DEAL_SINCE_TICK) | bits::DAY_DIRTY;
+    }
+
+    /// The cold path of [`Phase::accept`] after the inactive and late checks:
+    /// `rules.md` step 1 to 5 on the full state, then the hot copy refreshed.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn accept_slow(
+        &mut self,
+        hot: &mut Hot,
+        slot: u32,
+        epoch: u64,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        self.load(hot);
+        if t >= self.state.next_weekend && self.weekend_hold(slot, t, self.open_positions().0, out)
+        {
+            // The phase failed at the weekly close: this tick came after its end.
+            hot.touch(slot, epoch, out);
+            out.counts.inactive += 1;
+            self.store(hot);
+            return;
+        }
+        hot.touch(slot, epoch, out);
+        out.counts.evaluated += 1;
+        let st = &mut self.state;
+        if t == st.last_ts && equity == st.equity && balance == st.balance && !st.deal_since_tick {
+            st.ticks += 1;
+        } else {
+            self.evaluate(slot, t, equity, balance, out);
+        }
+        self.store(hot);
+    }
+
+    /// [`Phase::evaluate`] on the full state, for a tick the hot path found
+    /// something to do for.
+    #[cold]
+    #[inline(never)]
+    fn evaluate_slow(
+        &mut self,
+        hot: &mut Hot,
+        slot: u32,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        self.load(hot);
         self.evaluate(slot, t, equity, balance, out);
+        self.store(hot);
+    }
+
+    /// Copy the fields the hot path moves from `hot` into `state`.
+    #[inline]
+    fn load(&mut self, hot: &Hot) {
+        let s = &mut self.state;
+        s.last_ts = hot.last_ts;
+        s.last_event_ts = hot.last_event_ts;
+        s.equity = hot.equity;
+        s.balance = hot.balance;
+        s.hwm = hot.hwm;
+        s.day_min_equity = hot.day_min_equity;
+        s.ticks = hot.ticks;
+        s.day_counted = hot.flags & bits::DAY_COUNTED != 0;
+        s.day_dirty = hot.flags & bits::DAY_DIRTY != 0;
+        s.deal_since_tick = hot.flags & bits::DEAL_SINCE_TICK != 0;
+    }
+
+    /// Refresh `hot` from `state`: the moving fields, and the cached bounds
+    /// recomputed from the rules (`rules.md` steps 3 to 5, the same formulas).
+    fn store(&self, hot: &mut Hot) {
+        let s = &self.state;
+        let r = &self.spec.rules;
+        hot.last_ts = s.last_ts;
+        hot.last_event_ts = s.last_event_ts;
+        hot.equity = s.equity;
+        hot.balance = s.balance;
+        hot.hwm = s.hwm;
+        hot.day_min_equity = s.day_min_equity;
+        hot.ticks = s.ticks;
+        hot.late_before = self.spec.started_at_us.max(s.last_event_ts);
+        let force_slow = hot.flags & bits::FORCE_SLOW != 0;
+        let mut flags = hot.flags & bits::FORCE_SLOW;
+        for (on, bit) in [
+            (s.status == Status::Active, bits::ACTIVE),
+            (s.day_counted, bits::DAY_COUNTED),
+            (s.day_dirty, bits::DAY_DIRTY),
+            (s.deal_since_tick, bits::DEAL_SINCE_TICK),
+            (r.total_loss_mode == TotalLossMode::Trailing, bits::TRAILING),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        hot.flags = flags;
+        // Anything time-based: the next day, the weekly close with positions
+        // open, the `max_days` deadline (broken by `ts > deadline`). Before the
+        // first tick the day is unknown: the cold path locates it.
+        hot.next_due = if s.ticks == 0 || force_slow {
+            i64::MIN
+        } else {
+            let deadline = self
+                .derived
+                .deadline
+                .map_or(i64::MAX, |d| d.saturating_add(1));
+            s.next_boundary.min(s.next_weekend).min(deadline)
+        };
+        hot.target = self.derived.target.unwrap_or(f64::INFINITY);
+        hot.alert = if s.max_warning.is_some() || s.daily_warning.is_some() || s.ticks == 0 {
+            // An open warning is judged on every tick (resolved above its level).
+            f64::INFINITY
+        } else {
+            let lv = self.levels();
+            let mut alert = f64::NEG_INFINITY;
+            if let Some(lm) = lv.overall_limit {
+                alert = alert.max(cent(lv.overall_reference - lm));
+                if let Some(wl) = r.warning_level {
+                    alert = alert.max(cent(lv.overall_reference - wl * lm));
+                }
+            }
+            if let (Some(ld), false) = (lv.daily_limit, s.day_paused) {
+                alert = alert.max(cent(lv.daily_reference - ld));
+                if let Some(wl) = r.warning_level {
+                    alert = alert.max(cent(lv.daily_reference - wl * ld));
+                }
+            }
+            // NaN (no reference yet) would skip every check: judge instead.
+            if alert.is_nan() {
+                f64::INFINITY
+            } else {
+                alert
+            }
+        };
     }
 
     /// One warning of `rules.md` step 4: resolve the open one if equity is back above
@@ -759,8 +1001,8 @@ impl Phase {
 
     /// Judge one valid deal of this phase's account (`rules.md`, "Deal rules";
     /// the order of the checks is docs/rules.md's).
-    fn deal(&mut self, slot: u32, epoch: u64, d: &Deal<'_>, out: &mut BatchOutput) {
-        if self.state.status != Status::Active {
+    fn deal(&mut self, hot: &mut Hot, slot: u32, epoch: u64, d: &Deal<'_>, out: &mut BatchOutput) {
+        if hot.flags & bits::ACTIVE == 0 {
             out.deal_counts.inactive += 1;
             return;
         }
@@ -768,12 +1010,15 @@ impl Phase {
             .deals
             .take()
             .unwrap_or_else(|| Box::new(DealState::new()));
-        self.judge_deal(slot, epoch, &mut ds, d, out);
+        self.load(hot);
+        self.judge_deal(hot, slot, epoch, &mut ds, d, out);
+        self.store(hot);
         self.deals = Some(ds);
     }
 
     fn judge_deal(
         &mut self,
+        hot: &mut Hot,
         slot: u32,
         epoch: u64,
         ds: &mut DealState,
@@ -794,7 +1039,7 @@ impl Phase {
         if d.ts >= self.state.next_weekend
             && self.weekend_hold(slot, d.ts, ds.open_hundredths(), out)
         {
-            self.touch(slot, epoch, out);
+            hot.touch(slot, epoch, out);
             out.deal_counts.inactive += 1;
             return;
         }
@@ -805,7 +1050,7 @@ impl Phase {
         ds.take_id(d.deal_id);
         self.state.last_event_ts = d.ts;
         self.state.deal_since_tick = true;
-        self.touch(slot, epoch, out);
+        hot.touch(slot, epoch, out);
         if d.entry == Entry::In {
             out.deal_opens.push(DealOpen {
                 account_id: d.account_id,
@@ -998,14 +1243,19 @@ pub struct Engine {
     // the ids are too spread out; rebuilt on the next batch after a change.
     dense: Vec<u32>,
     dense_base: i64,
+    // Whether `dense[k] == k` for every `k` (accounts registered in id order,
+    // without gaps): then the slot is the offset itself, and a tick's lookup
+    // reads no table.
+    dense_identity: bool,
     dense_stale: bool,
     phases: Vec<Phase>,
+    // The per-tick state of `phases[i]` at `hot[i]` (see [`Hot`]).
+    hot: Vec<Hot>,
     epoch: u64,
     grouping: Grouping,
     // Buffers reused across batches by `process`.
     scratch_slots: Vec<u32>,
     scratch_counts: Vec<u32>,
-    scratch_ticks: Vec<(i64, f64, f64)>,
     // The grouped ticks with their rows, for chunks with deals.
     scratch_deal_ticks: Vec<(i64, f64, f64, u64)>,
 }
@@ -1149,8 +1399,18 @@ mod v1 {
     }
 }
 
-/// How many groups ahead [`Engine::process`] prefetches a phase's state.
-const PREFETCH_GROUPS_AHEAD: usize = 2;
+/// How many rows ahead a phase's state is prefetched when rows are judged in
+/// arrival order: enough to cover a memory access with a few ticks' work.
+pub(crate) const PREFETCH_ROWS_AHEAD: usize = 16;
+
+/// Stable-sort `rows` by `key` (a phase's rank), if not in that order already:
+/// outputs judged in arrival order put in the order of judging each phase's
+/// rows together.
+pub(crate) fn group_order<T>(rows: &mut [T], key: impl Fn(&T) -> u32) {
+    if !rows.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+        rows.sort_by_key(key);
+    }
+}
 
 /// Ask the CPU to bring a value's cache lines in (a hint: no effect on results).
 #[inline]
@@ -1238,7 +1498,9 @@ impl Engine {
         let slot = u32::try_from(self.phases.len()).expect("fewer than 2^32 phases");
         self.index.insert(spec.account_id, slot);
         self.dense_stale = true;
-        self.phases.push(Phase::new(spec, state, deals));
+        let phase = Phase::new(spec, state, deals);
+        self.hot.push(Hot::of(&phase));
+        self.phases.push(phase);
     }
 
     /// Forget a phase; `false` if the account had none.
@@ -1248,6 +1510,7 @@ impl Engine {
         };
         self.dense_stale = true;
         self.phases.swap_remove(slot as usize);
+        self.hot.swap_remove(slot as usize);
         if let Some(moved) = self.phases.get(slot as usize) {
             self.index.insert(moved.spec.account_id, slot);
         }
@@ -1305,45 +1568,55 @@ impl Engine {
         }
         let epoch = self.epoch;
         if self.grouping.applies(self.phases.len(), groups.len()) {
-            // Exclusive prefix sums turn counts into each group's write position.
-            let mut total = 0u32;
-            for &g in &groups {
-                let k = counts[g as usize];
-                counts[g as usize] = total;
-                total += k;
+            // The outputs of judging each phase's ticks together, in the order
+            // of the phases' first rows: judged row by row in arrival order with
+            // the state of the row PREFETCH_ROWS_AHEAD on asked for (two cache
+            // lines: no staging of the ticks pays off), then each output put
+            // back in that order by its phase's rank (a stable sort keeps each
+            // phase's own order).
+            for (rank, &g) in groups.iter().enumerate() {
+                #[allow(clippy::cast_possible_truncation)]
+                let rank = rank as u32;
+                counts[g as usize] = rank;
             }
-            // Scatter the ticks themselves (not their indices) so that judging a
-            // group reads one contiguous run.
-            // Every position below `total` is written by the scatter, so the
-            // buffer kept from the last batch is only grown, never cleared.
-            let mut grouped = std::mem::take(&mut self.scratch_ticks);
-            if grouped.len() < total as usize {
-                grouped.resize(total as usize, (0, 0.0, 0.0));
-            }
+            let marks = (
+                out.breaches.len(),
+                out.daily.len(),
+                out.transitions.len(),
+                out.touched.len(),
+            );
             for (i, &slot) in slot_of.iter().enumerate() {
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD) {
+                    if ahead != NONE {
+                        prefetch(&self.hot[ahead as usize]);
+                    }
+                }
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD / 2) {
+                    if ahead != NONE {
+                        self.prefetch_cold_if_due(ahead, c.ts[i + PREFETCH_ROWS_AHEAD / 2]);
+                    }
+                }
                 if slot != NONE {
-                    let pos = &mut counts[slot as usize];
-                    grouped[*pos as usize] = (c.ts[i], c.equity[i], c.balance[i]);
-                    *pos += 1;
+                    let k = slot as usize;
+                    self.phases[k].accept(
+                        &mut self.hot[k],
+                        slot,
+                        epoch,
+                        c.ts[i],
+                        c.equity[i],
+                        c.balance[i],
+                        out,
+                    );
                 }
             }
-            let mut start = 0usize;
-            for (g, &slot) in groups.iter().enumerate() {
-                // Load the phase two groups ahead while this one is judged: with
-                // more phases than the caches hold, each group's first touch of its
-                // state would otherwise wait for memory.
-                if let Some(&ahead) = groups.get(g + PREFETCH_GROUPS_AHEAD) {
-                    prefetch(&self.phases[ahead as usize]);
-                }
-                let end = counts[slot as usize] as usize;
-                counts[slot as usize] = 0;
-                let phase = &mut self.phases[slot as usize];
-                for &(t, eq, bal) in &grouped[start..end] {
-                    phase.accept(slot, epoch, t, eq, bal, out);
-                }
-                start = end;
+            let rank = |slot: u32| counts[slot as usize];
+            group_order(&mut out.breaches[marks.0..], |b| rank(b.slot));
+            group_order(&mut out.daily[marks.1..], |d| rank(d.slot));
+            group_order(&mut out.transitions[marks.2..], |t| rank(t.slot));
+            group_order(&mut out.touched[marks.3..], |&s| rank(s));
+            for &g in &groups {
+                counts[g as usize] = 0;
             }
-            self.scratch_ticks = grouped;
         } else {
             for &g in &groups {
                 counts[g as usize] = 0;
@@ -1351,6 +1624,7 @@ impl Engine {
             for (i, &slot) in slot_of.iter().enumerate() {
                 if slot != NONE {
                     self.phases[slot as usize].accept(
+                        &mut self.hot[slot as usize],
                         slot,
                         epoch,
                         c.ts[i],
@@ -1375,6 +1649,14 @@ impl Engine {
         // Ids below the base wrap to huge offsets and miss like ids above the end.
         #[allow(clippy::cast_sign_loss)]
         let offset = account_id.wrapping_sub(self.dense_base) as u64;
+        if self.dense_identity {
+            #[allow(clippy::cast_possible_truncation)]
+            return if offset < self.dense.len() as u64 {
+                offset as u32
+            } else {
+                NONE
+            };
+        }
         usize::try_from(offset)
             .ok()
             .and_then(|k| self.dense.get(k).copied())
@@ -1387,6 +1669,7 @@ impl Engine {
         const DENSE_SPREAD: i128 = 8;
         const DENSE_SLACK: i128 = 4096;
         self.dense_stale = false;
+        self.dense_identity = false;
         self.dense.clear();
         let (Some(&lo), Some(&hi)) = (self.index.keys().min(), self.index.keys().max()) else {
             return;
@@ -1406,6 +1689,11 @@ impl Engine {
             let k = account.wrapping_sub(lo) as u64 as usize;
             self.dense[k] = slot;
         }
+        self.dense_identity = self
+            .dense
+            .iter()
+            .enumerate()
+            .all(|(k, &slot)| slot as usize == k);
     }
 
     /// Judge one batch given as chunks of columns (e.g. the record batches of one
@@ -1433,7 +1721,15 @@ impl Engine {
     ) -> RuleResult<BatchOutput> {
         let mut rows = 0u64;
         for c in chunks {
-            rows += c.check_lengths()? as u64;
+            let n = c.check_lengths()?;
+            // Checked here too (as `process` does), so that no chunk is refused
+            // after another was judged: `finish` must see every judged phase.
+            if u32::try_from(n).is_err() {
+                return Err(RuleError::BadBatch(
+                    "more than 2^32 ticks in one chunk".to_owned(),
+                ));
+            }
+            rows += n as u64;
         }
         let mut previous = 0u64;
         for (i, d) in deals.iter().enumerate() {
@@ -1599,24 +1895,25 @@ impl Engine {
             let mut k = placed.partition_point(|p| p.0 < slot);
             let last = placed.partition_point(|p| p.0 <= slot);
             let phase = &mut self.phases[slot as usize];
+            let hot = &mut self.hot[slot as usize];
             for &(t, eq, bal, r) in &grouped[start..end] {
                 while k < last && placed[k].1 <= r {
                     out.deal_row = placed[k].4;
-                    phase.deal(slot, epoch, &placed[k].3, out);
+                    phase.deal(hot, slot, epoch, &placed[k].3, out);
                     k += 1;
                 }
-                phase.accept(slot, epoch, t, eq, bal, out);
+                phase.accept(hot, slot, epoch, t, eq, bal, out);
             }
             for p in &placed[k..last] {
                 out.deal_row = p.4;
-                phase.deal(slot, epoch, &p.3, out);
+                phase.deal(hot, slot, epoch, &p.3, out);
             }
             start = end;
         }
         for &(slot, _, has_ticks, ref d, index) in &placed {
             if !has_ticks {
                 out.deal_row = index;
-                self.phases[slot as usize].deal(slot, epoch, d, out);
+                self.phases[slot as usize].deal(&mut self.hot[slot as usize], slot, epoch, d, out);
             }
         }
         self.scratch_counts = counts;
@@ -1638,16 +1935,22 @@ impl Engine {
             return;
         }
         let epoch = self.epoch;
-        self.phases[slot as usize].deal(slot, epoch, &d, out);
+        self.phases[slot as usize].deal(&mut self.hot[slot as usize], slot, epoch, &d, out);
     }
 
-    /// Finish a batch: the open day of every touched phase goes into `daily`.
+    /// Finish a batch: every touched phase's `PhaseState` catches up with its
+    /// hot copy (the outputs, `phases()` and snapshots read it), and its open
+    /// day goes into `daily`.
     fn finish(&mut self, out: &mut BatchOutput) {
         for &slot in &out.touched {
-            let st = &mut self.phases[slot as usize].state;
+            let phase = &mut self.phases[slot as usize];
+            let hot = &mut self.hot[slot as usize];
+            phase.load(hot);
+            let st = &mut phase.state;
             if st.day_dirty {
                 out.daily.push(DailyRow::of(slot, st.day, st));
                 st.day_dirty = false;
+                hot.flags &= !bits::DAY_DIRTY;
             }
         }
     }
@@ -1963,7 +2266,7 @@ impl Engine {
     /// Ask the CPU for a phase's state ahead of its use.
     #[inline]
     pub(crate) fn prefetch_slot(&self, slot: u32) {
-        prefetch(&self.phases[slot as usize]);
+        prefetch(&self.hot[slot as usize]);
     }
 
     /// Judge one phase's ticks, in the order given.
@@ -1976,13 +2279,378 @@ impl Engine {
         out: &mut BatchOutput,
     ) {
         let phase = &mut self.phases[slot as usize];
+        let hot = &mut self.hot[slot as usize];
         for (t, equity, balance) in ticks {
-            phase.accept(slot, epoch, t, equity, balance, out);
+            phase.accept(hot, slot, epoch, t, equity, balance, out);
         }
+    }
+
+    /// Ask the CPU for a phase's cold state when its hot state (prefetched
+    /// earlier) says a tick at `t` will take the cold path: a new day, the first
+    /// tick. A hint only; reads the hot state, changes nothing.
+    #[inline]
+    pub(crate) fn prefetch_cold_if_due(&self, slot: u32, t: i64) {
+        let i = slot as usize;
+        if t >= self.hot[i].next_due {
+            let phase = &self.phases[i];
+            prefetch(&phase.state);
+            prefetch(&phase.spec.rules);
+        }
+    }
+
+    /// Judge one tick of a phase.
+    #[inline]
+    pub(crate) fn judge_tick(
+        &mut self,
+        slot: u32,
+        epoch: u64,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        let i = slot as usize;
+        self.phases[i].accept(&mut self.hot[i], slot, epoch, t, equity, balance, out);
     }
 
     /// Finish a batch begun with [`Engine::begin_unordered`].
     pub(crate) fn finish_unordered(&mut self, out: &mut BatchOutput) {
         self.finish(out);
+    }
+}
+
+#[cfg(test)]
+mod hot_tests {
+    use super::*;
+    use crate::rules::config::RuleValue;
+    use crate::rules::deals::{DealInput, Entry, Side};
+
+    const DAY: i64 = 86_400_000_000;
+    /// 2026-03-02 00:00 UTC, a Monday.
+    const MONDAY: i64 = 1_772_409_600_000_000;
+
+    #[test]
+    #[allow(clippy::print_stdout)] // the size, for `-- --nocapture`
+    fn hot_state_is_two_cache_lines() {
+        let hot = std::mem::size_of::<Hot>();
+        println!("Hot {hot} B, align {}", std::mem::align_of::<Hot>());
+        assert!(hot <= 128, "Hot grew to {hot} bytes");
+        assert_eq!(std::mem::align_of::<Hot>(), 64);
+    }
+
+    /// A small xorshift: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Rule sets that between them use every branch of the hot path's bounds.
+    fn rule_sets() -> Vec<Vec<(&'static str, RuleValue)>> {
+        let s = |v: &str| RuleValue::Str(v.to_owned());
+        let f = RuleValue::Float;
+        vec![
+            vec![
+                ("max_daily_loss", f(0.02)),
+                ("max_total_loss", f(0.04)),
+                ("total_loss_mode", s("trailing")),
+                ("warning_level", f(0.5)),
+                ("profit_target", f(0.03)),
+                ("min_trading_days", RuleValue::Int(2)),
+            ],
+            vec![
+                ("max_daily_loss", f(0.02)),
+                ("daily_loss_action", s("pause")),
+                ("daily_reference", s("day_start_max")),
+                ("daily_loss_base", s("day_start")),
+                ("warning_level", f(0.7)),
+                ("max_total_loss", f(0.05)),
+                ("total_loss_mode", s("trailing_eod")),
+                ("timezone", s("America/New_York")),
+                ("day_rollover", s("17:00")),
+            ],
+            vec![
+                ("profit_target", f(0.02)),
+                ("max_best_day_share", f(0.5)),
+                ("max_days", RuleValue::Int(3)),
+                ("min_trading_days", RuleValue::Int(1)),
+            ],
+            vec![
+                ("max_total_loss", f(0.03)),
+                ("daily_reference", s("day_start_balance")),
+                ("max_daily_loss", f(0.01)),
+                ("daily_loss_action", s("pause")),
+                ("weekend_close", s("FRI 22:00")),
+                ("deal_violation_action", s("flag")),
+                ("min_hold_seconds", RuleValue::Int(600)),
+            ],
+            vec![],
+        ]
+    }
+
+    fn engine(rng_seed: u64, accounts: i64) -> Engine {
+        let sets = rule_sets();
+        let mut e = Engine::with_grouping(if rng_seed % 2 == 0 {
+            Grouping::Always
+        } else {
+            Grouping::Never
+        });
+        for a in 0..accounts {
+            let mut pairs = vec![("initial_balance", RuleValue::Int(100_000))];
+            pairs.extend(sets[(a as usize) % sets.len()].iter().cloned());
+            e.register(PhaseSpec {
+                account_id: a,
+                challenge_id: format!("c-{a}"),
+                phase_index: 0,
+                started_at_us: MONDAY + (a % 3) * 3_600_000_000,
+                rules: RuleSet::from_pairs(pairs).unwrap(),
+            })
+            .unwrap();
+        }
+        e
+    }
+
+    struct Batch {
+        account: Vec<i64>,
+        ts: Vec<i64>,
+        equity: Vec<f64>,
+        balance: Vec<f64>,
+    }
+
+    /// Random ticks over 9 days: swings that break, warn, resolve and pass,
+    /// duplicates, late ticks, balance moves.
+    fn batches(seed: u64, accounts: i64) -> Vec<Batch> {
+        let mut rng = Rng(seed);
+        let mut eq: Vec<f64> = vec![100_000.0; accounts as usize];
+        let mut bal: Vec<f64> = vec![100_000.0; accounts as usize];
+        let mut t = MONDAY;
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            let mut b = Batch {
+                account: vec![],
+                ts: vec![],
+                equity: vec![],
+                balance: vec![],
+            };
+            for _ in 0..400 {
+                let a = rng.below(accounts as u64) as usize;
+                t += i64::try_from(rng.below(DAY as u64 / 70)).unwrap();
+                match rng.below(10) {
+                    0 => {}
+                    1 => bal[a] = eq[a],
+                    2 => eq[a] += (rng.below(6000) as f64) - 3000.0,
+                    _ => eq[a] += ((rng.below(40_000) as f64) - 20_000.0) / 100.0,
+                }
+                let late = rng.below(25) == 0;
+                b.account.push(a as i64);
+                b.ts.push(if late { t - DAY / 3 } else { t });
+                b.equity.push(eq[a]);
+                b.balance.push(bal[a]);
+                if rng.below(15) == 0 {
+                    // An exact duplicate.
+                    b.account.push(a as i64);
+                    b.ts.push(t);
+                    b.equity.push(eq[a]);
+                    b.balance.push(bal[a]);
+                }
+            }
+            out.push(b);
+        }
+        out
+    }
+
+    fn deals_for(b: &Batch, seed: u64) -> Vec<DealInput<'static>> {
+        let mut rng = Rng(seed ^ 0x9e37);
+        let mut deals = Vec::new();
+        for (row, (&a, &ts)) in b.account.iter().zip(&b.ts).enumerate() {
+            if rng.below(6) == 0 {
+                let id = i64::try_from(rng.below(1 << 40)).unwrap();
+                deals.push(DealInput {
+                    account_id: Some(a),
+                    ts: Some(ts),
+                    deal_id: Some(id),
+                    position_id: Some(i64::try_from(rng.below(3)).unwrap()),
+                    symbol: Some("EURUSD"),
+                    side: Some(Side::Buy),
+                    volume: Some(1.0),
+                    price: Some(1.1),
+                    entry: Entry::parse(if rng.below(2) == 0 { "in" } else { "out" }),
+                    before_tick: row as u64,
+                });
+            }
+        }
+        deals
+    }
+
+    type Seen = (
+        Vec<BreachRow>,
+        Vec<DailyRow>,
+        Vec<TransitionRow>,
+        Vec<u32>,
+        TickCounts,
+        DealCounts,
+    );
+
+    fn judge_all(seed: u64, slow: bool, with_deals: bool) -> (Vec<Seen>, Vec<u8>) {
+        let accounts = 12;
+        let mut e = engine(seed, accounts);
+        if slow {
+            for h in &mut e.hot {
+                h.flags |= bits::FORCE_SLOW;
+                h.next_due = i64::MIN;
+            }
+        }
+        let mut outputs = Vec::new();
+        for (k, b) in batches(seed, accounts).iter().enumerate() {
+            let c = TickColumns {
+                account_id: &b.account,
+                ts: &b.ts,
+                equity: &b.equity,
+                balance: &b.balance,
+            };
+            let deals = if with_deals {
+                deals_for(b, seed + k as u64)
+            } else {
+                vec![]
+            };
+            let out = e.run_with_deals(&[c], &deals).unwrap();
+            outputs.push((
+                out.breaches,
+                out.daily,
+                out.transitions,
+                out.touched,
+                out.counts,
+                out.deal_counts,
+            ));
+        }
+        (outputs, e.snapshot())
+    }
+
+    #[test]
+    fn hot_path_equals_the_full_rules_on_every_tick() {
+        let mut judged_something = 0;
+        for seed in 1..=40u64 {
+            for with_deals in [false, true] {
+                let fast = judge_all(seed, false, with_deals);
+                let slow = judge_all(seed, true, with_deals);
+                assert_eq!(fast.0, slow.0, "seed {seed} deals {with_deals}");
+                // The states, the open warnings and counters included.
+                assert_eq!(fast.1, slow.1, "seed {seed} deals {with_deals}");
+                judged_something += fast.0.iter().map(|s| s.0.len() + s.2.len()).sum::<usize>();
+            }
+        }
+        // The data does break, warn and pass: the comparison has teeth.
+        assert!(judged_something > 100, "{judged_something}");
+    }
+
+    #[test]
+    fn account_lookup_with_ids_in_slot_order_and_after_a_removal() {
+        let mut e = engine(1, 6);
+        let tick = |e: &mut Engine, account: i64, t: i64| {
+            let cols = TickColumns {
+                account_id: &[account],
+                ts: &[t],
+                equity: &[100_000.0],
+                balance: &[100_000.0],
+            };
+            e.run(&[cols]).unwrap().counts
+        };
+        // Ids 0..6 registered in order: slot = id - 0, no table read.
+        assert_eq!(tick(&mut e, 6, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, -1, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, 5, MONDAY + DAY).evaluated, 1);
+        assert!(e.dense_identity);
+        // Removing id 2 moves id 5 into slot 2: the table is needed again.
+        assert!(e.remove(2));
+        assert_eq!(tick(&mut e, 2, MONDAY + DAY).unknown, 1);
+        assert_eq!(tick(&mut e, 5, MONDAY + DAY + 1).evaluated, 1);
+        assert!(!e.dense_identity);
+        let five = e.phases().iter().find(|p| p.spec.account_id == 5).unwrap();
+        assert_eq!(five.state.ticks, 2);
+        assert_eq!(five.state.last_ts(), MONDAY + DAY + 1);
+    }
+
+    #[test]
+    fn grouped_outputs_come_in_the_order_of_the_phases_first_rows() {
+        // `Always` judges in arrival order and reorders; `Never` judges in
+        // arrival order as is. Put `Never`'s rows in the order of each
+        // account's first row in the batch (stable): the two must be equal.
+        for seed in 1..=10u64 {
+            let bs = batches(seed, 12);
+            let mut grouped = engine(0, 12);
+            let mut plain = engine(1, 12);
+            for b in &bs {
+                let c = TickColumns {
+                    account_id: &b.account,
+                    ts: &b.ts,
+                    equity: &b.equity,
+                    balance: &b.balance,
+                };
+                let x = grouped.run(&[c]).unwrap();
+                let mut y = plain.run(&[c]).unwrap();
+                let mut rank = [u32::MAX; 12];
+                let mut next = 0;
+                for &a in &b.account {
+                    if rank[a as usize] == u32::MAX {
+                        rank[a as usize] = next;
+                        next += 1;
+                    }
+                }
+                let r = |slot: u32| rank[slot as usize];
+                y.breaches.sort_by_key(|b| r(b.slot));
+                // The open days `finish` writes come after the ticks' rows, in
+                // touched order (a day row of a tick is of an earlier day).
+                let today = |d: &DailyRow| plain.phases()[d.slot as usize].state.day == d.day;
+                let (mut ended, mut open): (Vec<DailyRow>, Vec<DailyRow>) =
+                    y.daily.iter().partition(|d| !today(d));
+                ended.sort_by_key(|d| r(d.slot));
+                open.sort_by_key(|d| r(d.slot));
+                y.daily = ended.into_iter().chain(open).collect();
+                y.transitions.sort_by_key(|t| r(t.slot));
+                y.touched.sort_by_key(|&s| r(s));
+                assert_eq!(x.breaches, y.breaches, "seed {seed}");
+                assert_eq!(x.daily, y.daily, "seed {seed}");
+                assert_eq!(x.transitions, y.transitions, "seed {seed}");
+                assert_eq!(x.touched, y.touched, "seed {seed}");
+                assert_eq!(x.counts, y.counts, "seed {seed}");
+            }
+            assert_eq!(grouped.snapshot(), plain.snapshot());
+        }
+    }
+
+    #[test]
+    fn snapshot_after_the_hot_path_restores_and_goes_on_alike() {
+        fn cols(b: &Batch) -> TickColumns<'_> {
+            TickColumns {
+                account_id: &b.account,
+                ts: &b.ts,
+                equity: &b.equity,
+                balance: &b.balance,
+            }
+        }
+        let accounts = 12;
+        let bs = batches(5, accounts);
+        let mut a = engine(5, accounts);
+        for b in &bs[..3] {
+            a.run(&[cols(b)]).unwrap();
+        }
+        // Seed 5 judges in arrival order (`Never`): the restored engine too.
+        let mut r = Engine::restore(&a.snapshot(), Grouping::Never).unwrap();
+        for b in &bs[3..] {
+            let x = a.run(&[cols(b)]).unwrap();
+            let y = r.run(&[cols(b)]).unwrap();
+            assert_eq!(x.breaches, y.breaches);
+            assert_eq!(x.daily, y.daily);
+            assert_eq!(x.transitions, y.transitions);
+            assert_eq!(x.counts, y.counts);
+        }
+        assert_eq!(a.snapshot(), r.snapshot());
     }
 }

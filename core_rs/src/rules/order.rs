@@ -12,11 +12,14 @@
 //! phases' state prefetched.
 
 use crate::error::{RuleError, RuleResult};
-use crate::rules::engine::{Engine, TickColumns};
+use crate::rules::engine::{group_order, prefetch, Engine, TickColumns, PREFETCH_ROWS_AHEAD};
 use crate::rules::output::BatchOutput;
 
 /// Slot of a row that no phase takes (unknown account or invalid values).
 const NONE: u32 = u32::MAX;
+
+/// The rank of a phase whose ticks are out of order (judged after the others).
+const SKIP: u32 = NONE - 1;
 
 /// How many runs ahead a phase's state is prefetched while one run is judged.
 const PREFETCH_RUNS_AHEAD: usize = 2;
@@ -33,8 +36,8 @@ pub struct OrderStats {
     pub sorted_runs: u64,
 }
 
-/// Rows per block when judging accounts whose ticks are in order: the block's
-/// grouped ticks (24 bytes a row) stay in the L3 cache.
+/// Rows per block when judging accounts whose ticks are in order: the unit
+/// whose outputs are put in grouped order.
 const BLOCK_ROWS: usize = 1 << 20;
 
 /// Consecutive phase slots per bucket: the state of this many phases (464 bytes
@@ -113,13 +116,26 @@ impl Engine {
         seq: Option<&[&[u64]]>,
         out: &mut BatchOutput,
     ) -> (Vec<u32>, Vec<u32>, Vec<bool>) {
+        /// What the pass keeps per phase, together so that a row touches one
+        /// place (a random access per row is what this pass costs).
+        #[derive(Clone, Copy)]
+        struct Seen {
+            latest: (i64, u64),
+            count: u32,
+            disordered: bool,
+        }
         let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
         let mut slot_of = Vec::with_capacity(n);
-        let mut counts = vec![0u32; self.len()];
-        let mut latest = vec![(i64::MIN, 0u64); self.len()];
-        let mut disordered = vec![false; self.len()];
+        let mut seen = vec![
+            Seen {
+                latest: (i64::MIN, 0),
+                count: 0,
+                disordered: false,
+            };
+            self.len()
+        ];
         let mut last: Option<(i64, u32)> = None;
-        for (k, c) in chunks.iter().enumerate() {
+        for c in chunks {
             for r in 0..c.account_id.len() {
                 if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
                     out.counts.invalid += 1;
@@ -137,25 +153,48 @@ impl Engine {
                 };
                 if slot == NONE {
                     out.counts.unknown += 1;
-                } else {
-                    let s = slot as usize;
-                    counts[s] += 1;
-                    let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
-                    if key < latest[s] {
-                        disordered[s] = true;
-                    } else {
-                        latest[s] = key;
-                    }
                 }
                 slot_of.push(slot);
             }
         }
+        // A second pass over the slots found, so that each row's record can be
+        // asked for ahead of its use (with many phases it is a memory access).
+        let mut i = 0usize;
+        for (k, c) in chunks.iter().enumerate() {
+            for r in 0..c.account_id.len() {
+                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD) {
+                    if ahead != NONE {
+                        prefetch(&seen[ahead as usize]);
+                    }
+                }
+                let slot = slot_of[i];
+                i += 1;
+                if slot != NONE {
+                    let p = &mut seen[slot as usize];
+                    p.count += 1;
+                    let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
+                    if key < p.latest {
+                        p.disordered = true;
+                    } else {
+                        p.latest = key;
+                    }
+                }
+            }
+        }
+        let counts = seen.iter().map(|p| p.count).collect();
+        let disordered = seen.iter().map(|p| p.disordered).collect();
         (slot_of, counts, disordered)
     }
 
     /// Judge the ticks of the accounts whose ticks are in order, in blocks of
-    /// [`BLOCK_ROWS`] rows: each block is grouped by phase with a stable counting
-    /// sort into a buffer that stays in cache, and each group judged whole.
+    /// [`BLOCK_ROWS`] rows, each row straight from the input in arrival order
+    /// with the phase state of the row [`PREFETCH_ROWS_AHEAD`] rows on
+    /// prefetched (the per-tick state is two cache lines, see `Hot` in
+    /// `engine.rs`: no grouping pass, no staging buffer). Each block's outputs
+    /// are then put in the order a grouping gives — by the phase's first row in
+    /// the block, each phase's own rows in order (a stable sort) — so the
+    /// outputs are the same, row for row and in order, as judging each phase's
+    /// ticks of the block together.
     fn judge_in_order(
         &mut self,
         chunks: &[TickColumns<'_>],
@@ -164,9 +203,14 @@ impl Engine {
         epoch: u64,
         out: &mut BatchOutput,
     ) {
-        let mut counts = vec![0u32; self.len()];
+        // Each phase's rank among the block's phases by first row; NONE if not
+        // in the block, SKIP if its ticks are out of order (judged later). One
+        // array: one random access per row besides the phase state.
+        let mut rank: Vec<u32> = disordered
+            .iter()
+            .map(|&bad| if bad { SKIP } else { NONE })
+            .collect();
         let mut groups: Vec<u32> = Vec::new();
-        let mut grouped: Vec<Tick> = Vec::new();
         let mut offset = 0usize;
         for c in chunks {
             let len = c.ts.len();
@@ -174,41 +218,50 @@ impl Engine {
             while lo < len {
                 let hi = (lo + BLOCK_ROWS).min(len);
                 let slots = &slot_of[offset + lo..offset + hi];
+                let marks = (
+                    out.breaches.len(),
+                    out.daily.len(),
+                    out.transitions.len(),
+                    out.touched.len(),
+                );
                 groups.clear();
-                for &slot in slots {
-                    if slot != NONE && !disordered[slot as usize] {
-                        let k = &mut counts[slot as usize];
-                        if *k == 0 {
-                            groups.push(slot);
+                for (j, &slot) in slots.iter().enumerate() {
+                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD) {
+                        if ahead != NONE {
+                            self.prefetch_slot(ahead);
                         }
-                        *k += 1;
                     }
+                    // Half way, the hot state is in: if that tick will take the
+                    // cold path (a new day, the first tick), fetch that too.
+                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD / 2) {
+                        if ahead != NONE {
+                            self.prefetch_cold_if_due(
+                                ahead,
+                                c.ts[lo + j + PREFETCH_ROWS_AHEAD / 2],
+                            );
+                        }
+                    }
+                    if slot == NONE {
+                        continue;
+                    }
+                    let k = &mut rank[slot as usize];
+                    if *k == SKIP {
+                        continue;
+                    }
+                    if *k == NONE {
+                        *k = u32::try_from(groups.len()).expect("fewer than 2^32 phases");
+                        groups.push(slot);
+                    }
+                    let r = lo + j;
+                    self.judge_tick(slot, epoch, c.ts[r], c.equity[r], c.balance[r], out);
                 }
-                let mut total = 0u32;
+                let key = |slot: u32| rank[slot as usize];
+                group_order(&mut out.breaches[marks.0..], |b| key(b.slot));
+                group_order(&mut out.daily[marks.1..], |d| key(d.slot));
+                group_order(&mut out.transitions[marks.2..], |t| key(t.slot));
+                group_order(&mut out.touched[marks.3..], |&s| key(s));
                 for &g in &groups {
-                    let k = counts[g as usize];
-                    counts[g as usize] = total;
-                    total += k;
-                }
-                if grouped.len() < total as usize {
-                    grouped.resize(total as usize, (0, 0.0, 0.0));
-                }
-                for (r, &slot) in (lo..hi).zip(slots) {
-                    if slot != NONE && !disordered[slot as usize] {
-                        let p = &mut counts[slot as usize];
-                        grouped[*p as usize] = (c.ts[r], c.equity[r], c.balance[r]);
-                        *p += 1;
-                    }
-                }
-                let mut start = 0usize;
-                for (g, &slot) in groups.iter().enumerate() {
-                    if let Some(&ahead) = groups.get(g + PREFETCH_RUNS_AHEAD) {
-                        self.prefetch_slot(ahead);
-                    }
-                    let end = counts[slot as usize] as usize;
-                    counts[slot as usize] = 0;
-                    self.judge_run(slot, epoch, grouped[start..end].iter().copied(), out);
-                    start = end;
+                    rank[g as usize] = NONE;
                 }
                 lo = hi;
             }
@@ -379,7 +432,7 @@ fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResu
 mod tests {
     use super::*;
     use crate::rules::config::{RuleSet, RuleValue};
-    use crate::rules::engine::{PhaseSpec, Status};
+    use crate::rules::engine::{Grouping, PhaseSpec, Status};
 
     fn rules() -> RuleSet {
         RuleSet::from_pairs(vec![
@@ -497,6 +550,42 @@ mod tests {
             .collect();
         states.sort();
         (breaches, daily, format!("{states:?} {:?}", out.counts))
+    }
+
+    #[test]
+    fn in_order_accounts_keep_the_grouped_output_order() {
+        // Every account in order but all interleaved (sorted by ts only): the
+        // arrival-order path must give the outputs of a grouped `run` over the
+        // same rows (one chunk, under one block), row for row and in order.
+        let accounts: Vec<i64> = (100..400).collect();
+        let rows = random_rows(4, 20_000, &accounts);
+        let mut idx: Vec<usize> = (0..rows.ts.len()).collect();
+        idx.sort_by_key(|&i| rows.ts[i]);
+        let rows = rows.permuted(&idx);
+        let mut grouped = Engine::with_grouping(Grouping::Always);
+        let mut e = Engine::new();
+        for &a in &accounts {
+            for engine in [&mut grouped, &mut e] {
+                engine
+                    .register(PhaseSpec {
+                        account_id: a,
+                        challenge_id: format!("c-{a}"),
+                        phase_index: 0,
+                        started_at_us: 0,
+                        rules: rules(),
+                    })
+                    .expect("register");
+            }
+        }
+        let expected = grouped.run(&[rows.cols()]).expect("run");
+        let (out, stats) = e.run_unordered(&[rows.cols()], None).expect("unordered");
+        assert_eq!(stats.sorted_runs, 0);
+        assert!(out.breaches.len() > 10 && !out.transitions.is_empty());
+        assert_eq!(out.breaches, expected.breaches);
+        assert_eq!(out.daily, expected.daily);
+        assert_eq!(out.transitions, expected.transitions);
+        assert_eq!(out.touched, expected.touched);
+        assert_eq!(out.counts, expected.counts);
     }
 
     #[test]

@@ -286,7 +286,11 @@ def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
         ),
     )
     parser.add_argument(
-        "--db", required=True, type=Path, metavar="PATH", help="the service's database"
+        "--db",
+        required=True,
+        type=parse_db,
+        metavar="DB",
+        help="the service's DuckDB file, or the postgresql:// URL of its database",
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -314,7 +318,10 @@ def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the tick archive (default: PATH.archive/ticks)",
+        help=(
+            "the tick archive (default: PATH.archive/ticks; with a PostgreSQL "
+            "--db, $PROP_STREAM_ARCHIVE_DIR/ticks)"
+        ),
     )
     parser.add_argument(
         "--deals-archive",
@@ -361,7 +368,7 @@ def _run_whatif(args: argparse.Namespace) -> int:
     )
     if result.staged is None:
         print(
-            f"{PROG}: whatif: {args.db} is held by a running service: read its "
+            f"{PROG}: whatif: {_shown(args.db)} is held by a running service: read its "
             f"risk copy {result.source}; ticks judged since the archive's last "
             "move are not in the replay (phases they decide are in mismatches)",
             file=sys.stderr,

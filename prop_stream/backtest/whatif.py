@@ -46,6 +46,7 @@ from typing import Any, Final
 
 import duckdb
 import polars as pl
+import psycopg
 
 from prop_stream.backtest.files import (
     TickFile,
@@ -62,11 +63,15 @@ from prop_stream.backtest.run import (
     judge,
     write_outputs,
 )
+from prop_stream.dburl import is_url, redact
 from prop_stream.exceptions import InputFileError, RuleConfigError
 from prop_stream.rules import DEAL_COLUMNS, PhaseSpec, validate_rules
 from prop_stream.store.archive import DEALS_DIR, TICKS_DIR, archive_dir
 from prop_stream.store.db import Connection, configure, connect, query_frame
-from prop_stream.store.exceptions import DatabaseLockedError
+from prop_stream.store.exceptions import DatabaseLockedError, StoreError
+
+#: A table the store does not have (an older store, the risk copy).
+MISSING_TABLE: Final = (duckdb.CatalogException, psycopg.errors.UndefinedTable)
 
 #: Where the risk copy lives beside ``DB`` (``docs/store.md``).
 RISK_COPY: Final = "risk.duckdb"
@@ -274,19 +279,27 @@ def parse_phase_ids(items: Sequence[str]) -> list[tuple[int, int | None]]:
     return out
 
 
-def open_store(db: Path) -> tuple[Connection, str]:
+def open_store(db: Path | str) -> tuple[Connection, str]:
     """Open the store read-only, or its risk copy while a service holds it.
 
     Args:
-        db: The service's DuckDB file.
+        db: The service's DuckDB file, or the ``postgresql://`` URL of the
+            scale-out deployment's database (read as it is: PostgreSQL has
+            no writer lock to wait for).
 
     Returns:
         The connection and what it is (``store`` or the risk copy's path).
 
     Raises:
-        InputFileError: ``db`` does not exist, or a process holds it and there is
-            no risk copy beside it.
+        InputFileError: ``db`` does not exist or can't be reached, or a process
+            holds the DuckDB file and there is no risk copy beside it.
     """
+    if is_url(db):
+        try:
+            return connect(db), "store"
+        except StoreError as exc:
+            raise InputFileError(f"--db {exc}") from None
+    db = Path(db)
     if not db.is_file():
         raise InputFileError(f"--db {db}: database not found")
     try:
@@ -303,6 +316,23 @@ def open_store(db: Path) -> tuple[Connection, str]:
     conn = duckdb.connect(str(copy), read_only=True)
     configure(conn)
     return conn, str(copy)
+
+
+def _default_archive(db: Path | str) -> Path:
+    # Beside a DuckDB file; on PostgreSQL the deployment's shared directory.
+    if not is_url(db):
+        return archive_dir(db)
+    # Imported here: only a what-if over PostgreSQL reads the service's settings.
+    from prop_stream.config import StreamSettings
+
+    setting = StreamSettings().archive_dir
+    if setting is None:
+        raise InputFileError(
+            f"--db {redact(str(db))}: a PostgreSQL store keeps its archive in the "
+            "shared directory PROP_STREAM_ARCHIVE_DIR (docs/scale-out.md): set it, "
+            "or give --archive DIR/ticks"
+        )
+    return Path(setting).resolve()
 
 
 _PHASES_QUERY: Final = (
@@ -393,12 +423,18 @@ def recorded_outcomes(conn: Connection, phases: Sequence[StoredPhase]) -> pl.Dat
         trading day with a snapshot, for ended phases).
     """
     ids = [p.spec.account_id for p in phases]
-    fails = query_frame(
-        conn,
-        "SELECT account_id, arg_min(rule, ts) AS rule FROM breaches "
-        "WHERE action = 'phase_failed' AND account_id IN (SELECT unnest(?)) "
-        "GROUP BY account_id",
-        [ids],
+    # The first failing breach per phase, picked here rather than with an
+    # aggregate only DuckDB has (arg_min): the same SQL on both backends.
+    fails = (
+        query_frame(
+            conn,
+            "SELECT account_id, rule, ts, breach_seq FROM breaches "
+            "WHERE action = 'phase_failed' AND account_id IN (SELECT unnest(?))",
+            [ids],
+        )
+        .sort("account_id", "ts", "breach_seq")
+        .unique("account_id", keep="first", maintain_order=True)
+        .select("account_id", "rule")
     )
     days = query_frame(
         conn,
@@ -483,7 +519,7 @@ def _staged(conn: Connection, ids: Sequence[int]) -> pl.DataFrame | None:
             "WHERE account_id IN (SELECT unnest(?)) ORDER BY seq",
             [list(ids)],
         )
-    except duckdb.CatalogException:
+    except MISSING_TABLE:
         return None  # a store from before the archive
     return frame.select(
         pl.col("account_id").cast(pl.Int64),
@@ -501,7 +537,7 @@ def _staged_deals(conn: Connection, ids: Sequence[int]) -> pl.DataFrame | None:
             "WHERE account_id IN (SELECT unnest(?)) ORDER BY stream, seq",
             [list(ids)],
         )
-    except duckdb.CatalogException:
+    except MISSING_TABLE:
         return None  # a store from before the deals' archive
     return frame.with_columns(
         pl.col("account_id").cast(pl.Int64),
@@ -522,7 +558,7 @@ def _customers(conn: Connection, ids: Sequence[int]) -> dict[int, str]:
             "WHERE account_id IN (SELECT unnest(?))",
             [list(ids)],
         )
-    except duckdb.CatalogException:
+    except MISSING_TABLE:
         return {}  # the risk copy has no trading_accounts
     return {
         int(a): str(c)
@@ -699,8 +735,7 @@ def run_whatif(
     started = time.perf_counter()
     if (program is None) == (not phase_ids):
         raise InputFileError("give either --program or --phase-ids")
-    db_path = Path(db)
-    conn, source = open_store(db_path)
+    conn, source = open_store(db)
     try:
         phases, cancelled = select_phases(conn, program=program, phase_ids=phase_ids)
         specs = [p.spec for p in phases]
@@ -723,7 +758,7 @@ def run_whatif(
     if tmp_dir is not None and not Path(tmp_dir).is_dir():
         raise InputFileError(f"--tmp-dir {tmp_dir}: not a directory")
     ticks_dir = (
-        Path(archive) if archive is not None else archive_dir(db_path) / TICKS_DIR
+        Path(archive) if archive is not None else _default_archive(db) / TICKS_DIR
     )
     deals_dir = (
         Path(deals_archive)
@@ -871,7 +906,7 @@ def run_whatif(
     summary.write_text(
         json.dumps(
             {
-                "db": str(db_path),
+                "db": redact(str(db)) if is_url(db) else str(Path(db)),
                 "read_from": source,
                 "archive": str(ticks_dir),
                 "deals_archive": str(deals_dir),

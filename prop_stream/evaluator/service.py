@@ -25,7 +25,7 @@ from prop_stream.evaluator.sources import NoneSource, TickSource
 from prop_stream.kafka.source import KafkaSource
 from prop_stream.rules import Evaluation, PhaseSpec
 from prop_stream.sinks.duckdb_sink import DuckDBSink
-from prop_stream.store.catalog import account_ids
+from prop_stream.store.catalog import account_ids, known_account_ids
 from prop_stream.store.db import Connection, cursor
 
 
@@ -95,6 +95,19 @@ def archives(settings: StreamSettings) -> bool:
     )
 
 
+def _use_directory(source: KafkaSource, conn: Connection) -> None:
+    """Give the source the store's accounts, to tell unknown accounts apart.
+
+    Read from the loop's thread only (between batches and in a poll), on a
+    cursor of its own.
+    """
+    directory = cursor(conn)
+    source.set_account_directory(
+        functools.partial(account_ids, directory),
+        functools.partial(known_account_ids, directory),
+    )
+
+
 def build_loop(
     settings: StreamSettings,
     conn: Connection,
@@ -127,7 +140,7 @@ def build_loop(
     hooks: list[Callable[[], object]] = []
     if isinstance(source, KafkaSource):
         # Unknown accounts are those the store doesn't have (docs/kafka.md).
-        source.set_account_directory(functools.partial(account_ids, cursor(conn)))
+        _use_directory(source, conn)
         hooks.append(source.refresh_accounts)
         # Hooks run after a batch's commit, so the position is durable by then.
         hooks.append(source.commit_async)
@@ -182,7 +195,7 @@ def build_group_loop(
         built = build_source(settings.model_copy(update={"kafka_consumer_group": True}))
         assert isinstance(built, KafkaTickSource)  # noqa: S101 - source is kafka
         source = built
-    source.set_account_directory(functools.partial(account_ids, cursor(conn)))
+    _use_directory(source, conn)
     return GroupEvaluatorLoop(
         cursor(conn),
         source,

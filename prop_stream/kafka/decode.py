@@ -177,11 +177,15 @@ class Decoded:
             ``message`` (UInt32) and ``before_tick`` (Int64): the number of
             ``ticks`` rows delivered before the deal, so the engine judges the
             events in delivery order.
+        unknown_accounts: The distinct accounts whose ticks or deals were
+            rejected with :attr:`Reason.UNKNOWN_ACCOUNT` (Int64, ascending), so
+            a caller can look them up in its directory before dead-lettering.
     """
 
     ticks: pl.DataFrame
     rejections: list[Rejection] = field(default_factory=list)
     deals: pl.DataFrame = field(default_factory=lambda: _empty_deals())
+    unknown_accounts: pl.Series = field(default_factory=lambda: _no_accounts())
 
 
 #: The ``ticks`` of a :class:`Decoded` with no ticks.
@@ -196,6 +200,19 @@ EMPTY_DECODED_DEALS: Final = pl.DataFrame(
 
 def _empty_deals() -> pl.DataFrame:
     return EMPTY_DECODED_DEALS
+
+
+def _no_accounts() -> pl.Series:
+    return pl.Series("account_id", [], dtype=pl.Int64)
+
+
+def _unknown_of(bad: pl.DataFrame) -> pl.Series:
+    """The accounts of rejected rows whose reason is an unknown account."""
+    return (
+        bad.filter(pl.col("reason") == Reason.UNKNOWN_ACCOUNT.value)
+        .get_column("account_id")
+        .cast(pl.Int64)
+    )
 
 
 #: Good ticks or deals before :func:`_finish`: ``message`` and ``row`` in it.
@@ -214,6 +231,7 @@ class _Rows:
     ticks: pl.DataFrame
     deals: pl.DataFrame
     rejections: list[Rejection]
+    unknown: pl.Series = field(default_factory=lambda: _no_accounts())
 
 
 def _finish(parts: Sequence[_Rows], *, resort: bool) -> Decoded:
@@ -239,7 +257,14 @@ def _finish(parts: Sequence[_Rows], *, resort: bool) -> Decoded:
         deals = deals.with_columns(before.cast(pl.Int64).alias("before_tick"))
     else:
         deals = deals.with_columns(pl.lit(None, pl.Int64).alias("before_tick"))
-    return Decoded(ticks.drop("row"), rejections, deals.drop("row"))
+    return Decoded(ticks.drop("row"), rejections, deals.drop("row"), _unknown_in(parts))
+
+
+def _unknown_in(parts: Sequence[_Rows]) -> pl.Series:
+    found = [p.unknown for p in parts if p.unknown.len()]
+    if not found:
+        return _no_accounts()
+    return pl.concat(found).unique().sort()
 
 
 def _order_key(rows: pl.DataFrame) -> pl.Series:
@@ -291,6 +316,7 @@ def decode_messages(
                     )
                     for r in decoded.rejections
                 ],
+                decoded.unknown,
             )
         )
     arrow: list[tuple[int, bytes | None]] = []
@@ -406,7 +432,7 @@ def _json_rows(
     )
     rejections.sort(key=lambda r: r.index)
     ticks, deals = _good(checked)
-    return _Rows(ticks, deals, rejections)
+    return _Rows(ticks, deals, rejections, _unknown_of(bad))
 
 
 def _good(checked: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -804,7 +830,7 @@ def _split(
                     rows=rows.height,
                 )
             )
-    return _Rows(ticks, deals, rejections)
+    return _Rows(ticks, deals, rejections, _unknown_of(bad))
 
 
 def decode_arrow_many(
@@ -882,7 +908,7 @@ def _arrow_many_rows(
         deals = deals.sort("message", "row", maintain_order=True)
     rejections = [r for p in parts for r in p.rejections]
     rejections.sort(key=lambda r: r.index)
-    return _Rows(ticks, deals, rejections)
+    return _Rows(ticks, deals, rejections, _unknown_in(parts))
 
 
 def _decode_group(

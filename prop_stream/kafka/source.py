@@ -79,6 +79,7 @@ from prop_stream.kafka.admin import (
 )
 from prop_stream.kafka.decode import (
     JSON_ENCODING,
+    Decoded,
     Rejection,
     decode_json,
     decode_messages,
@@ -362,6 +363,7 @@ class KafkaSource:
         self._known: set[int] = set()
         self._known_series: pl.Series | None = None
         self._directory = account_directory
+        self._lookup: Callable[[Sequence[int]], Iterable[int]] | None = None
         self._directory_read = False
         self._ticks_per_message = 1.0
         self._closed = threading.Event()
@@ -427,11 +429,50 @@ class KafkaSource:
         DLQ.
         """
 
-    def set_account_directory(self, directory: Callable[[], Iterable[int]]) -> None:
-        """Use the store's accounts to tell unknown accounts (see ``__init__``)."""
+    def set_account_directory(
+        self,
+        directory: Callable[[], Iterable[int]],
+        lookup: Callable[[Sequence[int]], Iterable[int]] | None = None,
+    ) -> None:
+        """Use the store's accounts to tell unknown accounts (see ``__init__``).
+
+        Args:
+            directory: Every account id the store has.
+            lookup: Which of some account ids the store has (one indexed
+                query); without it the whole ``directory`` is read instead.
+        """
         with self._lock:
             self._directory = directory
+            self._lookup = lookup
             self._directory_read = False
+
+    def _look_up(self, accounts: pl.Series) -> bool:
+        """Add those of ``accounts`` the directory has now; True if any were.
+
+        Called for the accounts a poll would dead-letter as unknown: the
+        directory is read between batches (``refresh_accounts``), so an account
+        another process opened since (a purchase on an API process, a pass on
+        another evaluator) would otherwise lose its first ticks to the DLQ. A
+        failing read is logged and the ticks are dead-lettered.
+        """
+        directory, lookup = self._directory, self._lookup
+        if directory is None:
+            return False
+        wanted = [int(a) for a in accounts.to_list()]
+        try:
+            if lookup is not None:
+                found = {int(a) for a in lookup(wanted)}
+            else:
+                found = {int(a) for a in directory()} & set(wanted)
+        except Exception:  # a failing read must not stop the loop
+            logger.exception("looking up unknown accounts in the directory failed")
+            return False
+        if not found:
+            return False
+        with self._lock:
+            self._known |= found
+            self._known_series = None
+        return True
 
     def refresh_accounts(self) -> None:
         """Read the account directory again (accounts opened since are known).
@@ -533,22 +574,27 @@ class KafkaSource:
             else None
         )
         records: _Records
+        decode: Callable[[pl.Series | None], Decoded]
         if self._raw:
             raw = RawValues(
                 [c for tp in sorted(fetched) for c in chunks_of(fetched[tp])]
             )
             records = raw
             if raw.json_only:
-                decoded = decode_json(
-                    raw, known_accounts=self._known_accounts(), not_after=not_after
-                )
+
+                def decode(known: pl.Series | None) -> Decoded:
+                    return decode_json(raw, known_accounts=known, not_after=not_after)
+
             else:
-                decoded = decode_messages(
-                    raw.values(),
-                    raw.encodings(),
-                    known_accounts=self._known_accounts(),
-                    not_after=not_after,
-                )
+
+                def decode(known: pl.Series | None) -> Decoded:
+                    return decode_messages(
+                        raw.values(),
+                        raw.encodings(),
+                        known_accounts=known,
+                        not_after=not_after,
+                    )
+
             for tp, part in fetched.items():
                 self._next[_key(tp.topic, tp.partition)] = part[-1].last_offset + 1
         else:
@@ -556,14 +602,22 @@ class KafkaSource:
             values = [record.value for record in records]
             encodings = [_encoding(record.headers) for record in records]
             has_batches = any(e is not None and e != JSON_ENCODING for e in encodings)
-            decoded = decode_messages(
-                values,
-                encodings if has_batches else None,
-                known_accounts=self._known_accounts(),
-                not_after=not_after,
-            )
+
+            def decode(known: pl.Series | None) -> Decoded:
+                return decode_messages(
+                    values,
+                    encodings if has_batches else None,
+                    known_accounts=known,
+                    not_after=not_after,
+                )
+
             for tp, part in fetched.items():
                 self._next[_key(tp.topic, tp.partition)] = part[-1].offset + 1
+        decoded = decode(self._known_accounts())
+        if decoded.unknown_accounts.len() and self._look_up(decoded.unknown_accounts):
+            # Accounts opened since the directory was last read (by another
+            # process, moments before their first ticks): judged, not DLQ'd.
+            decoded = decode(self._known_accounts())
         if decoded.rejections:
             try:
                 self._dead_letters(decoded.rejections, records)

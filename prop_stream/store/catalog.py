@@ -175,6 +175,29 @@ def account_ids(conn: Connection) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
+def known_account_ids(conn: Connection, account_ids: Sequence[int]) -> list[int]:
+    """Which of ``account_ids`` are trading accounts (one indexed query).
+
+    The Kafka source's lookup for the accounts a poll would dead-letter as
+    unknown, opened since it last read :func:`account_ids`.
+
+    Args:
+        conn: The connection.
+        account_ids: The logins to look up.
+
+    Returns:
+        Those the store has, ascending.
+    """
+    if not account_ids:
+        return []
+    rows = conn.execute(
+        "SELECT account_id FROM trading_accounts "
+        "WHERE account_id IN (SELECT unnest(?)) ORDER BY account_id",
+        [[int(a) for a in account_ids]],
+    ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
 def validate_program(conn: Connection, program: ProgramIn) -> list[dict[str, object]]:
     """Check a program against the rules of ``api.md``.
 

@@ -470,17 +470,21 @@ def test_kafka_unknown_accounts_are_those_the_store_lacks(
     assert source.stats.rejected["unknown_account"] == 1
     assert loop.stats.unknown == 1  # the idle account's tick, counted
 
-    # An account opened while the service runs is known from the next refresh
-    # (the loop calls it between batches).
-    with transaction(conn):
+    # An account opened while the service runs (here by another connection,
+    # as an API process or another evaluator would) is known at its first
+    # tick, before the loop's next directory refresh: the poll looks the
+    # accounts it would dead-letter up in the store.
+    other = connect(db)
+    with transaction(other):
         opened = open_account(
-            conn, customer_id=payer, account_group="DEMO", balance=Decimal(10)
+            other, customer_id=payer, account_group="DEMO", balance=Decimal(10)
         )
-    source.refresh_accounts()
+    other.close()
     send(opened, 999_992)
     _drain(loop, source, _end_offsets(kafka_bootstrap, topic))
     source.close()
     conn.close()
+    assert loop.stats.unknown == 2  # the opened account's tick reached the engine
     assert source.stats.rejected["unknown_account"] == 2
     dead = _dlq_records(kafka_bootstrap, dlq, 2)
     assert [d["error"] for d in dead] == ["unknown_account"] * 2

@@ -56,6 +56,7 @@ from service_process import ServiceProcess, run_prop_stream
 
 from integration.conftest import TopicFactory
 from prop_stream.kafka.produce import partition_of
+from prop_stream.kafka.source import dlq_topic_for
 from prop_stream.store import connect, cursor
 from prop_stream.store.archive import TickArchiver
 
@@ -409,6 +410,12 @@ def test_purchases_passes_across_partitions_kill_pause_and_join_equal_the_backte
             120,
             "every job done",
         )  # fmt: skip
+        # No tick was a dead letter: the accounts the passes opened were known
+        # at their first tick, on whichever member owns their partition.
+        dlq = dlq_topic_for(topic)
+        dlq_parts = consumer.partitions_for_topic(dlq)
+        ends = consumer.end_offsets([TopicPartition(dlq, p) for p in dlq_parts])
+        assert sum(ends.values()) == 0, ends
     finally:
         consumer.close()
         for proc in procs:

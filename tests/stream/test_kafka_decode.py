@@ -97,6 +97,19 @@ def test_decode_unknown_accounts_are_rejected_when_asked() -> None:
         (0, Reason.UNKNOWN_ACCOUNT)
     ]
     assert decode_messages(values).ticks.height == 2
+    assert decoded.unknown_accounts.to_list() == [1]
+
+
+def test_decode_names_each_unknown_account_once_across_encodings() -> None:
+    batch = _ticks(4).with_columns(pl.Series("account_id", [7, 2, 7, 9]))
+    decoded = decode_messages(
+        [_json(account_id=9), encode_arrow(batch), _json(account_id=2)],
+        [None, ARROW_ENCODING, None],
+        known_accounts=pl.Series([2]),
+    )
+    assert decoded.unknown_accounts.to_list() == [7, 9]
+    assert decoded.ticks["account_id"].to_list() == [2, 2]
+    assert not decode_messages([_json(account_id=2)]).unknown_accounts.len()
 
 
 def _ticks(n: int) -> pl.DataFrame:

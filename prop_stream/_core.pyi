@@ -109,11 +109,17 @@ class Evaluator:
         Each deal is judged right before tick row ``before_tick`` of the call.
         """
     def process_unordered(
-        self, ticks: Any, *, seq_column: str | None = None
+        self,
+        ticks: Any,
+        *,
+        seq_column: str | None = None,
+        threads: int | None = None,
     ) -> BatchResult:
         """Judge a table in any order as if stably sorted by (account_id, ts) first.
 
         With ``seq_column`` (uint64) the order is (account_id, ts, seq_column).
+        ``threads``: most threads to judge on (None: one per core; the outputs
+        are the same on any number).
         ``counts`` also has ``runs`` (phases with ticks) and ``sorted_runs``
         (those whose ticks were out of order). Releases the GIL while it works.
         """

@@ -452,7 +452,7 @@ class RuleEngine:
         return _evaluation(self._ev.process(table, deals))
 
     def process_unordered(
-        self, table: Any, *, seq_column: str | None = None
+        self, table: Any, *, seq_column: str | None = None, threads: int | None = None
     ) -> tuple[Evaluation, RunOrder]:
         """Judge a whole table in any row order, as if stably sorted first.
 
@@ -471,6 +471,9 @@ class RuleEngine:
             seq_column: A ``UInt64`` column holding each row's position in the
                 original input, for rows that were reordered on the way (e.g.
                 through hash partitions).
+            threads: Most threads to judge on; None: one per core. A large
+                table's phases are split among them (``rules::order``); the
+                outputs are the same on any number.
 
         Returns:
             The evaluation, and how many accounts had ticks and had to be sorted.
@@ -478,7 +481,7 @@ class RuleEngine:
         Raises:
             TickBatchError: A column is missing, has nulls or another type.
         """
-        out = self._ev.process_unordered(table, seq_column=seq_column)
+        out = self._ev.process_unordered(table, seq_column=seq_column, threads=threads)
         c = out.counts
         return _evaluation(out), RunOrder(runs=c["runs"], sorted_runs=c["sorted_runs"])
 

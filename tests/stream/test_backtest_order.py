@@ -263,3 +263,52 @@ def test_seq_column_orders_ties_and_is_checked() -> None:
         _engine(1).process_unordered(frame, seq_column="nope")
     with pytest.raises(TickBatchError, match="equity"):
         _engine(1).process_unordered(frame.drop("equity"))
+
+
+def _wide_engine(accounts: int) -> RuleEngine:
+    engine = RuleEngine()
+    for account in range(1, accounts + 1):
+        rules = {"initial_balance": 100_000, **_RULES[account % len(_RULES)]}
+        engine.register(PhaseSpec(account, f"c-{account}", 0, START, rules))
+    return engine
+
+
+def test_threads_give_the_outputs_of_one_thread() -> None:
+    # Large enough for the core to split the phases among threads (at least
+    # 2^16 rows and 1,024 phases a thread): interleaved in time with wide
+    # swings (breaches, pauses, passes, failures), one account in ten shuffled.
+    accounts, n = 4_096, 200_000
+    rng = np.random.default_rng(5)
+    account = rng.integers(1, accounts + 1, n)
+    seconds = np.sort(rng.integers(0, 5 * 86_400, n))
+    shuffled = np.flatnonzero(account % 10 == 0)
+    seconds[shuffled] = rng.permutation(seconds[shuffled])
+    frame = pl.DataFrame(
+        {
+            "account_id": account,
+            "ts": pl.Series(START.timestamp() * 1e6 + seconds * 1e6).cast(pl.Int64),
+            "equity": 100_000.0 + rng.normal(0, 1_500, n).round(2),
+            "balance": 100_000.0,
+        }
+    ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+    expected, expected_order = _wide_engine(accounts).process_unordered(
+        frame, threads=1
+    )
+    assert expected.breaches.height
+    assert expected.transitions.height
+    assert expected_order.sorted_runs > 0
+    for threads in (2, 3):
+        engine = _wide_engine(accounts)
+        got, order = engine.process_unordered(frame, threads=threads)
+        assert order == expected_order
+        assert got.counts == expected.counts
+        for name in ("breaches", "metrics", "daily", "transitions"):
+            assert_frame_equal(getattr(got, name), getattr(expected, name))
+    # And the one-thread outputs are those of the sorted ticks in one batch
+    # (in another row order: blocks of rows in arrival order, not accounts).
+    reference = _wide_engine(accounts).process(
+        frame.sort("account_id", "ts", maintain_order=True)
+    )
+    for name in ("breaches", "daily", "transitions"):
+        got, want = getattr(expected, name), getattr(reference, name)
+        assert_frame_equal(got.sort(got.columns), want.sort(want.columns))

@@ -300,15 +300,16 @@ impl Evaluator {
 
     /// Judge a table of ticks in any order as if stably sorted by (`account_id`,
     /// `ts`) first, or by (`account_id`, `ts`, `seq_column`) when given
-    /// (`rules::order`).
-    #[pyo3(signature = (ticks, *, seq_column = None))]
+    /// (`rules::order`), on at most `threads` threads (None: one per core).
+    #[pyo3(signature = (ticks, *, seq_column = None, threads = None))]
     fn process_unordered(
         &mut self,
         py: Python<'_>,
         ticks: PyTable,
         seq_column: Option<String>,
+        threads: Option<usize>,
     ) -> PyResult<BatchResult> {
-        order::process_unordered(&mut self.engine, py, ticks, seq_column.as_deref())
+        order::process_unordered(&mut self.engine, py, ticks, seq_column.as_deref(), threads)
     }
 
     /// The state of every registered phase, as a pyarrow table.

@@ -20,7 +20,9 @@ pub(super) fn process_unordered(
     py: Python<'_>,
     ticks: PyTable,
     seq_column: Option<&str>,
+    threads: Option<usize>,
 ) -> PyResult<BatchResult> {
+    engine.set_threads(threads.unwrap_or(0));
     let (batches, _schema) = ticks.into_inner();
     let result = py.detach(|| {
         let chunks = batches

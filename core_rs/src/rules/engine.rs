@@ -1258,6 +1258,95 @@ pub struct Engine {
     scratch_counts: Vec<u32>,
     // The grouped ticks with their rows, for chunks with deals.
     scratch_deal_ticks: Vec<(i64, f64, f64, u64)>,
+    // How many threads `run_unordered` may judge on (`rules::order`).
+    parallel: Parallel,
+}
+
+/// How many threads [`Engine::run_unordered`] judges on, and from what size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Parallel {
+    /// Most threads; 0: one per core.
+    pub(crate) threads: usize,
+    /// Fewest rows worth more than one thread.
+    pub(crate) min_rows: usize,
+    /// Fewest phases per thread.
+    pub(crate) min_phases: usize,
+}
+
+impl Default for Parallel {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            min_rows: 1 << 16,
+            min_phases: 1 << 10,
+        }
+    }
+}
+
+impl Parallel {
+    /// The threads to judge `rows` rows of `phases` phases on (at least 1).
+    pub(crate) fn threads_for(self, rows: usize, phases: usize) -> usize {
+        let most = if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        } else {
+            self.threads
+        };
+        if rows < self.min_rows.max(1) {
+            return 1;
+        }
+        most.min(phases / self.min_phases.max(1)).max(1)
+    }
+}
+
+/// The phases of a range of slots, apart from the others: each part is judged
+/// on a thread of its own (`rules::order`). Slots are the engine's.
+pub(crate) struct PhasePart<'a> {
+    base: u32,
+    phases: &'a mut [Phase],
+    hot: &'a mut [Hot],
+}
+
+impl PhasePart<'_> {
+    /// The first slot of the part.
+    pub(crate) fn base(&self) -> u32 {
+        self.base
+    }
+
+    /// Number of phases in the part.
+    pub(crate) fn len(&self) -> usize {
+        self.phases.len()
+    }
+
+    /// Ask the CPU for a phase's hot state ahead of its use.
+    #[inline]
+    pub(crate) fn prefetch(&self, i: usize) {
+        prefetch(&self.hot[i]);
+    }
+
+    /// As [`Engine::prefetch_cold_if_due`], by index in the part.
+    #[inline]
+    pub(crate) fn prefetch_cold_if_due(&self, i: usize, t: i64) {
+        if t >= self.hot[i].next_due {
+            let phase = &self.phases[i];
+            prefetch(&phase.state);
+            prefetch(&phase.spec.rules);
+        }
+    }
+
+    /// Judge one tick of the part's phase `i`.
+    #[inline]
+    pub(crate) fn judge_tick(
+        &mut self,
+        i: usize,
+        epoch: u64,
+        t: i64,
+        equity: f64,
+        balance: f64,
+        out: &mut BatchOutput,
+    ) {
+        let slot = self.base + u32::try_from(i).expect("fewer than 2^32 phases");
+        self.phases[i].accept(&mut self.hot[i], slot, epoch, t, equity, balance, out);
+    }
 }
 
 /// The serialized form of an [`Engine`] (format v2: with deal state).
@@ -1445,6 +1534,23 @@ impl Engine {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Judge [`Engine::run_unordered`]'s tables on at most `threads` threads
+    /// (0, the default: one per core). Large tables only: the outputs are the
+    /// same on any number.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.parallel.threads = threads;
+    }
+
+    /// Tests: judge on `threads` threads whatever the table's size.
+    #[cfg(test)]
+    pub(crate) fn force_threads(&mut self, threads: usize) {
+        self.parallel = Parallel {
+            threads,
+            min_rows: 0,
+            min_phases: 1,
+        };
     }
 
     /// An engine with no phases and a fixed grouping policy (tests use it to prove
@@ -2269,6 +2375,27 @@ impl Engine {
         prefetch(&self.hot[slot as usize]);
     }
 
+    /// The threads `run_unordered` judges on (see [`Parallel`]).
+    pub(crate) fn parallel(&self) -> Parallel {
+        self.parallel
+    }
+
+    /// The phases in `parts` contiguous ranges of slots of about equal size
+    /// (fewer if there are fewer phases), each borrowed apart.
+    pub(crate) fn phase_parts(&mut self, parts: usize) -> Vec<PhasePart<'_>> {
+        let size = self.phases.len().div_ceil(parts.max(1)).max(1);
+        let mut base = 0u32;
+        self.phases
+            .chunks_mut(size)
+            .zip(self.hot.chunks_mut(size))
+            .map(|(phases, hot)| {
+                let part = PhasePart { base, phases, hot };
+                base += u32::try_from(part.len()).expect("fewer than 2^32 phases");
+                part
+            })
+            .collect()
+    }
+
     /// Judge one phase's ticks, in the order given.
     #[inline]
     pub(crate) fn judge_run(
@@ -2296,21 +2423,6 @@ impl Engine {
             prefetch(&phase.state);
             prefetch(&phase.spec.rules);
         }
-    }
-
-    /// Judge one tick of a phase.
-    #[inline]
-    pub(crate) fn judge_tick(
-        &mut self,
-        slot: u32,
-        epoch: u64,
-        t: i64,
-        equity: f64,
-        balance: f64,
-        out: &mut BatchOutput,
-    ) {
-        let i = slot as usize;
-        self.phases[i].accept(&mut self.hot[i], slot, epoch, t, equity, balance, out);
     }
 
     /// Finish a batch begun with [`Engine::begin_unordered`].

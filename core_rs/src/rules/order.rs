@@ -12,7 +12,9 @@
 //! phases' state prefetched.
 
 use crate::error::{RuleError, RuleResult};
-use crate::rules::engine::{group_order, prefetch, Engine, TickColumns, PREFETCH_ROWS_AHEAD};
+use crate::rules::engine::{
+    group_order, prefetch, Engine, PhasePart, TickColumns, PREFETCH_ROWS_AHEAD,
+};
 use crate::rules::output::BatchOutput;
 
 /// Slot of a row that no phase takes (unknown account or invalid values).
@@ -110,80 +112,101 @@ impl Engine {
     /// Each row's phase slot (or [`NONE`]), each slot's row count, and whether
     /// each slot's ticks are out of (`ts`, `seq`) order; unknown and invalid rows
     /// are counted in `out`.
+    ///
+    /// Two passes, each on the threads of [`Engine::run_unordered`]'s judging:
+    /// the rows' slots (rows split in ranges), then each slot's count and order
+    /// (slots split in ranges, every thread reading every row's slot).
     fn slots_of(
         &self,
         chunks: &[TickColumns<'_>],
         seq: Option<&[&[u64]]>,
         out: &mut BatchOutput,
     ) -> (Vec<u32>, Vec<u32>, Vec<bool>) {
-        /// What the pass keeps per phase, together so that a row touches one
-        /// place (a random access per row is what this pass costs).
-        #[derive(Clone, Copy)]
-        struct Seen {
-            latest: (i64, u64),
-            count: u32,
-            disordered: bool,
-        }
         let n: usize = chunks.iter().map(|c| c.account_id.len()).sum();
-        let mut slot_of = Vec::with_capacity(n);
-        let mut seen = vec![
-            Seen {
-                latest: (i64::MIN, 0),
-                count: 0,
-                disordered: false,
-            };
-            self.len()
-        ];
-        let mut last: Option<(i64, u32)> = None;
-        for c in chunks {
-            for r in 0..c.account_id.len() {
-                if !(c.equity[r].is_finite() && c.balance[r].is_finite()) {
-                    out.counts.invalid += 1;
-                    slot_of.push(NONE);
-                    continue;
-                }
-                let account = c.account_id[r];
-                let slot = match last {
-                    Some((a, s)) if a == account => s,
-                    _ => {
-                        let s = self.lookup_slot(account);
-                        last = Some((account, s));
-                        s
-                    }
-                };
-                if slot == NONE {
-                    out.counts.unknown += 1;
-                }
-                slot_of.push(slot);
-            }
+        let threads = self.parallel().threads_for(n, self.len());
+        let mut slot_of = vec![NONE; n];
+        let size = n.div_ceil(threads).max(1);
+        let counted: Vec<(u64, u64)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = slot_of
+                .chunks_mut(size)
+                .enumerate()
+                .map(|(k, range)| scope.spawn(move || self.lookup_rows(chunks, k * size, range)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        for (invalid, unknown) in counted {
+            out.counts.invalid += invalid;
+            out.counts.unknown += unknown;
         }
-        // A second pass over the slots found, so that each row's record can be
-        // asked for ahead of its use (with many phases it is a memory access).
-        let mut i = 0usize;
-        for (k, c) in chunks.iter().enumerate() {
-            for r in 0..c.account_id.len() {
-                if let Some(&ahead) = slot_of.get(i + PREFETCH_ROWS_AHEAD) {
-                    if ahead != NONE {
-                        prefetch(&seen[ahead as usize]);
-                    }
-                }
-                let slot = slot_of[i];
-                i += 1;
-                if slot != NONE {
-                    let p = &mut seen[slot as usize];
-                    p.count += 1;
-                    let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
-                    if key < p.latest {
-                        p.disordered = true;
-                    } else {
-                        p.latest = key;
-                    }
-                }
+        let mut seen = vec![Seen::default(); self.len()];
+        let size = self.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = seen
+                .chunks_mut(size)
+                .enumerate()
+                .map(|(k, part)| {
+                    let slot_of = &slot_of;
+                    let base = u32::try_from(k * size).expect("fewer than 2^32 phases");
+                    scope.spawn(move || count_rows(chunks, seq, slot_of, base, part))
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
             }
-        }
+        });
         let counts = seen.iter().map(|p| p.count).collect();
         let disordered = seen.iter().map(|p| p.disordered).collect();
         (slot_of, counts, disordered)
+    }
+
+    /// The slots of the rows `start..start + slots.len()` (counting across
+    /// `chunks`) into `slots`; returns the invalid and unknown rows' counts.
+    fn lookup_rows(
+        &self,
+        chunks: &[TickColumns<'_>],
+        start: usize,
+        slots: &mut [u32],
+    ) -> (u64, u64) {
+        let (mut invalid, mut unknown) = (0u64, 0u64);
+        let mut last: Option<(i64, u32)> = None;
+        let mut skip = start;
+        let mut at = 0usize;
+        for c in chunks {
+            let len = c.account_id.len();
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let take = (len - skip).min(slots.len() - at);
+            for r in skip..skip + take {
+                let slot = if c.equity[r].is_finite() && c.balance[r].is_finite() {
+                    let account = c.account_id[r];
+                    let slot = match last {
+                        Some((a, s)) if a == account => s,
+                        _ => {
+                            let s = self.lookup_slot(account);
+                            last = Some((account, s));
+                            s
+                        }
+                    };
+                    unknown += u64::from(slot == NONE);
+                    slot
+                } else {
+                    invalid += 1;
+                    NONE
+                };
+                slots[at] = slot;
+                at += 1;
+            }
+            skip = 0;
+            if at == slots.len() {
+                break;
+            }
+        }
+        (invalid, unknown)
     }
 
     /// Judge the ticks of the accounts whose ticks are in order, in blocks of
@@ -195,6 +218,11 @@ impl Engine {
     /// the block, each phase's own rows in order (a stable sort) — so the
     /// outputs are the same, row for row and in order, as judging each phase's
     /// ticks of the block together.
+    ///
+    /// On a large table the phases are split into contiguous ranges of slots,
+    /// one per thread (`Parallel`); every thread reads every row and judges
+    /// those of its phases into outputs of its own, and each block's outputs
+    /// of all threads are merged by that same key.
     fn judge_in_order(
         &mut self,
         chunks: &[TickColumns<'_>],
@@ -203,70 +231,52 @@ impl Engine {
         epoch: u64,
         out: &mut BatchOutput,
     ) {
-        // Each phase's rank among the block's phases by first row; NONE if not
-        // in the block, SKIP if its ticks are out of order (judged later). One
-        // array: one random access per row besides the phase state.
-        let mut rank: Vec<u32> = disordered
-            .iter()
-            .map(|&bad| if bad { SKIP } else { NONE })
-            .collect();
-        let mut groups: Vec<u32> = Vec::new();
-        let mut offset = 0usize;
-        for c in chunks {
-            let len = c.ts.len();
-            let mut lo = 0usize;
-            while lo < len {
-                let hi = (lo + BLOCK_ROWS).min(len);
-                let slots = &slot_of[offset + lo..offset + hi];
-                let marks = (
-                    out.breaches.len(),
-                    out.daily.len(),
-                    out.transitions.len(),
-                    out.touched.len(),
-                );
-                groups.clear();
-                for (j, &slot) in slots.iter().enumerate() {
-                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD) {
-                        if ahead != NONE {
-                            self.prefetch_slot(ahead);
-                        }
-                    }
-                    // Half way, the hot state is in: if that tick will take the
-                    // cold path (a new day, the first tick), fetch that too.
-                    if let Some(&ahead) = slots.get(j + PREFETCH_ROWS_AHEAD / 2) {
-                        if ahead != NONE {
-                            self.prefetch_cold_if_due(
-                                ahead,
-                                c.ts[lo + j + PREFETCH_ROWS_AHEAD / 2],
-                            );
-                        }
-                    }
-                    if slot == NONE {
-                        continue;
-                    }
-                    let k = &mut rank[slot as usize];
-                    if *k == SKIP {
-                        continue;
-                    }
-                    if *k == NONE {
-                        *k = u32::try_from(groups.len()).expect("fewer than 2^32 phases");
-                        groups.push(slot);
-                    }
-                    let r = lo + j;
-                    self.judge_tick(slot, epoch, c.ts[r], c.equity[r], c.balance[r], out);
-                }
-                let key = |slot: u32| rank[slot as usize];
-                group_order(&mut out.breaches[marks.0..], |b| key(b.slot));
-                group_order(&mut out.daily[marks.1..], |d| key(d.slot));
-                group_order(&mut out.transitions[marks.2..], |t| key(t.slot));
-                group_order(&mut out.touched[marks.3..], |&s| key(s));
-                for &g in &groups {
-                    rank[g as usize] = NONE;
-                }
-                lo = hi;
+        let threads = self.parallel().threads_for(slot_of.len(), self.len());
+        let mut parts = self.phase_parts(threads);
+        // Each phase's first row in the block (its key); NONE if not in the
+        // block, SKIP if its ticks are out of order (judged later). One array
+        // per part: one random access per row besides the phase state.
+        let first_of = |part: &PhasePart<'_>| -> Vec<u32> {
+            let lo = part.base() as usize;
+            disordered[lo..lo + part.len()]
+                .iter()
+                .map(|&bad| if bad { SKIP } else { NONE })
+                .collect()
+        };
+        if parts.len() <= 1 {
+            if let Some(part) = parts.first_mut() {
+                let mut first = first_of(part);
+                judge_blocks(part, chunks, slot_of, &mut first, epoch, out, None);
             }
-            offset += len;
+            return;
         }
+        let judged: Vec<(BatchOutput, BlockKeys)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|mut part| {
+                    let mut first = first_of(&part);
+                    scope.spawn(move || {
+                        let mut own = BatchOutput::default();
+                        let mut keys = BlockKeys::default();
+                        judge_blocks(
+                            &mut part,
+                            chunks,
+                            slot_of,
+                            &mut first,
+                            epoch,
+                            &mut own,
+                            Some(&mut keys),
+                        );
+                        (own, keys)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        merge_parts(judged, out);
     }
 
     /// Scatter the rows of the slots with a count into buckets of phases, then
@@ -428,6 +438,237 @@ fn check_lengths(chunks: &[TickColumns<'_>], seq: Option<&[&[u64]]>) -> RuleResu
     Ok(n)
 }
 
+/// What the order pass keeps per phase, together so that a row touches one
+/// place (a random access per row is what this pass costs).
+#[derive(Clone, Copy)]
+struct Seen {
+    latest: (i64, u64),
+    count: u32,
+    disordered: bool,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            latest: (i64::MIN, 0),
+            count: 0,
+            disordered: false,
+        }
+    }
+}
+
+/// Rows per block of the order pass's compaction (`count_rows`).
+const COUNT_BLOCK_ROWS: usize = 1 << 16;
+
+/// Count the rows of the phases `base..base + part.len()` and check their
+/// order, reading every row's slot: each block's rows of the part are listed
+/// first (no branch per row), then taken with the record of the row
+/// [`PREFETCH_ROWS_AHEAD`] on asked for ahead of its use.
+fn count_rows(
+    chunks: &[TickColumns<'_>],
+    seq: Option<&[&[u64]]>,
+    slot_of: &[u32],
+    base: u32,
+    part: &mut [Seen],
+) {
+    let phases = part.len();
+    let mut own: Vec<u32> = vec![0; COUNT_BLOCK_ROWS + 1];
+    let mut offset = 0usize;
+    for (k, c) in chunks.iter().enumerate() {
+        let len = c.ts.len();
+        let mut lo = 0usize;
+        while lo < len {
+            let hi = (lo + COUNT_BLOCK_ROWS).min(len);
+            let slots = &slot_of[offset + lo..offset + hi];
+            let mut n = 0usize;
+            for (j, &slot) in slots.iter().enumerate() {
+                own[n] = u32::try_from(j).expect("a block has fewer than 2^32 rows");
+                n += usize::from((slot.wrapping_sub(base) as usize) < phases);
+            }
+            let local = |j: u32| (slots[j as usize] - base) as usize;
+            for (m, &j) in own[..n].iter().enumerate() {
+                if let Some(&ahead) = own[..n].get(m + PREFETCH_ROWS_AHEAD) {
+                    prefetch(&part[local(ahead)]);
+                }
+                let p = &mut part[local(j)];
+                p.count += 1;
+                let r = lo + j as usize;
+                let key = (c.ts[r], seq.map_or(0, |q| q[k][r]));
+                if key < p.latest {
+                    p.disordered = true;
+                } else {
+                    p.latest = key;
+                }
+            }
+            lo = hi;
+        }
+        offset += len;
+    }
+}
+
+/// Judge one part's phases of the rows in order, block by block (see
+/// [`Engine::run_unordered`]); with `keys`, record each output's key and each
+/// block's end for [`merge_parts`].
+fn judge_blocks(
+    part: &mut PhasePart<'_>,
+    chunks: &[TickColumns<'_>],
+    slot_of: &[u32],
+    first: &mut [u32],
+    epoch: u64,
+    out: &mut BatchOutput,
+    mut keys: Option<&mut BlockKeys>,
+) {
+    let mut groups: Vec<u32> = Vec::new();
+    // The block's rows of this part's phases, found without a branch per row
+    // (with several parts, whether a row is the part's is a coin toss).
+    let mut own: Vec<u32> = Vec::new();
+    let (base, phases) = (part.base(), part.len());
+    let mut offset = 0usize;
+    for c in chunks {
+        let len = c.ts.len();
+        let mut lo = 0usize;
+        while lo < len {
+            let hi = (lo + BLOCK_ROWS).min(len);
+            let slots = &slot_of[offset + lo..offset + hi];
+            let marks = (
+                out.breaches.len(),
+                out.daily.len(),
+                out.transitions.len(),
+                out.touched.len(),
+            );
+            groups.clear();
+            own.clear();
+            own.resize(slots.len() + 1, 0);
+            let mut n = 0usize;
+            for (j, &slot) in slots.iter().enumerate() {
+                own[n] = u32::try_from(j).expect("a block has fewer than 2^32 rows");
+                n += usize::from((slot.wrapping_sub(base) as usize) < phases);
+            }
+            let own = &own[..n];
+            let local = |j: u32| (slots[j as usize] - base) as usize;
+            for (k, &j) in own.iter().enumerate() {
+                if let Some(&ahead) = own.get(k + PREFETCH_ROWS_AHEAD) {
+                    part.prefetch(local(ahead));
+                }
+                // Half way, the hot state is in: if that tick will take the
+                // cold path (a new day, the first tick), fetch that too.
+                if let Some(&ahead) = own.get(k + PREFETCH_ROWS_AHEAD / 2) {
+                    part.prefetch_cold_if_due(local(ahead), c.ts[lo + ahead as usize]);
+                }
+                let i = local(j);
+                let key = &mut first[i];
+                if *key == SKIP {
+                    continue;
+                }
+                if *key == NONE {
+                    *key = j;
+                    groups.push(u32::try_from(i).expect("fewer than 2^32 phases"));
+                }
+                let r = lo + j as usize;
+                part.judge_tick(i, epoch, c.ts[r], c.equity[r], c.balance[r], out);
+            }
+            let key = |slot: u32| first[(slot - base) as usize];
+            group_order(&mut out.breaches[marks.0..], |b| key(b.slot));
+            group_order(&mut out.daily[marks.1..], |d| key(d.slot));
+            group_order(&mut out.transitions[marks.2..], |t| key(t.slot));
+            group_order(&mut out.touched[marks.3..], |&s| key(s));
+            if let Some(keys) = keys.as_deref_mut() {
+                keys.breaches
+                    .extend(out.breaches[marks.0..].iter().map(|b| key(b.slot)));
+                keys.daily
+                    .extend(out.daily[marks.1..].iter().map(|d| key(d.slot)));
+                keys.transitions
+                    .extend(out.transitions[marks.2..].iter().map(|t| key(t.slot)));
+                keys.touched
+                    .extend(out.touched[marks.3..].iter().map(|&s| key(s)));
+                keys.ends.push([
+                    out.breaches.len(),
+                    out.daily.len(),
+                    out.transitions.len(),
+                    out.touched.len(),
+                ]);
+            }
+            for &g in &groups {
+                first[g as usize] = NONE;
+            }
+            lo = hi;
+        }
+        offset += len;
+    }
+}
+
+/// The key (the phase's first row in its block) of each output of one part,
+/// and where each block's outputs end.
+#[derive(Default)]
+struct BlockKeys {
+    breaches: Vec<u32>,
+    daily: Vec<u32>,
+    transitions: Vec<u32>,
+    touched: Vec<u32>,
+    ends: Vec<[usize; 4]>,
+}
+
+/// Append the parts' outputs to `out`, block by block, each block's merged by
+/// key: the order one thread judging every phase gives (the parts' phases
+/// differ, so no key is in two parts; one part's outputs of a key keep their
+/// order).
+fn merge_parts(judged: Vec<(BatchOutput, BlockKeys)>, out: &mut BatchOutput) {
+    let blocks = judged.first().map_or(0, |(_, k)| k.ends.len());
+    let mut breaches = Vec::with_capacity(judged.len());
+    let mut daily = Vec::with_capacity(judged.len());
+    let mut transitions = Vec::with_capacity(judged.len());
+    let mut touched = Vec::with_capacity(judged.len());
+    for (own, keys) in judged {
+        let c = own.counts;
+        out.counts.evaluated += c.evaluated;
+        out.counts.late += c.late;
+        out.counts.unknown += c.unknown;
+        out.counts.inactive += c.inactive;
+        out.counts.invalid += c.invalid;
+        let ends = |n: usize| keys.ends.iter().map(|e| e[n]).collect::<Vec<_>>();
+        breaches.push((own.breaches, keys.breaches, ends(0)));
+        daily.push((own.daily, keys.daily, ends(1)));
+        transitions.push((own.transitions, keys.transitions, ends(2)));
+        touched.push((own.touched, keys.touched, ends(3)));
+    }
+    merge_by_key(breaches, blocks, &mut out.breaches);
+    merge_by_key(daily, blocks, &mut out.daily);
+    merge_by_key(transitions, blocks, &mut out.transitions);
+    merge_by_key(touched, blocks, &mut out.touched);
+}
+
+/// A k-way merge by key, block by block, of `(rows, keys, block ends)` parts
+/// whose rows are in key order within each block.
+fn merge_by_key<T>(parts: Vec<(Vec<T>, Vec<u32>, Vec<usize>)>, blocks: usize, into: &mut Vec<T>) {
+    into.reserve(parts.iter().map(|(rows, _, _)| rows.len()).sum());
+    let mut heads: Vec<_> = parts
+        .into_iter()
+        .map(|(rows, keys, ends)| (rows.into_iter().zip(keys).peekable(), ends, 0usize))
+        .collect();
+    for b in 0..blocks {
+        loop {
+            let mut best: Option<(usize, u32)> = None;
+            for (p, (rows, ends, taken)) in heads.iter_mut().enumerate() {
+                if *taken < ends[b] {
+                    if let Some(&(_, key)) = rows.peek() {
+                        if best.is_none_or(|(_, k)| key < k) {
+                            best = Some((p, key));
+                        }
+                    }
+                }
+            }
+            let Some((p, _)) = best else {
+                break;
+            };
+            let (rows, _, taken) = &mut heads[p];
+            if let Some((row, _)) = rows.next() {
+                into.push(row);
+                *taken += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +791,59 @@ mod tests {
             .collect();
         states.sort();
         (breaches, daily, format!("{states:?} {:?}", out.counts))
+    }
+
+    #[test]
+    fn threads_give_the_outputs_of_one_thread_row_for_row() {
+        // Accounts split among 2, 3 and 7 threads: the same outputs, in the
+        // same order, and the same phase states as on one thread; interleaved
+        // in time, with one account's ticks reversed (judged after the others),
+        // fully shuffled, and in three chunks (several blocks to merge).
+        let accounts: Vec<i64> = (100..400).collect();
+        for seed in [4u64, 5, 6] {
+            let rows = random_rows(seed, 20_000, &accounts);
+            let mut in_time: Vec<usize> = (0..rows.ts.len()).collect();
+            in_time.sort_by_key(|&i| rows.ts[i]);
+            let mut one_reversed = in_time.clone();
+            let at: Vec<usize> = (0..one_reversed.len())
+                .filter(|&j| rows.account[one_reversed[j]] == accounts[1])
+                .collect();
+            for (&a, &b) in at.iter().zip(at.iter().rev()).take(at.len() / 2) {
+                one_reversed.swap(a, b);
+            }
+            let shuffled: Vec<usize> = (0..rows.ts.len()).collect();
+            for order in [in_time, one_reversed, shuffled] {
+                let case = rows.permuted(&order);
+                let all = case.cols();
+                let cuts = [0, 5_000, 5_001, all.ts.len()];
+                let parts: Vec<TickColumns<'_>> = cuts
+                    .windows(2)
+                    .map(|w| TickColumns {
+                        account_id: &all.account_id[w[0]..w[1]],
+                        ts: &all.ts[w[0]..w[1]],
+                        equity: &all.equity[w[0]..w[1]],
+                        balance: &all.balance[w[0]..w[1]],
+                    })
+                    .collect();
+                let mut one = engine(&accounts);
+                one.set_threads(1);
+                let (expected, expected_stats) =
+                    one.run_unordered(&parts, None).expect("one thread");
+                assert!(!expected.breaches.is_empty() && !expected.daily.is_empty());
+                for threads in [2, 3, 7] {
+                    let mut e = engine(&accounts);
+                    e.force_threads(threads);
+                    let (out, stats) = e.run_unordered(&parts, None).expect("threads");
+                    assert_eq!(out.breaches, expected.breaches, "{seed} {threads}");
+                    assert_eq!(out.daily, expected.daily, "{seed} {threads}");
+                    assert_eq!(out.transitions, expected.transitions);
+                    assert_eq!(out.touched, expected.touched);
+                    assert_eq!(out.counts, expected.counts);
+                    assert_eq!(stats, expected_stats);
+                    assert_eq!(outcome(&e, &out), outcome(&one, &expected));
+                }
+            }
+        }
     }
 
     #[test]

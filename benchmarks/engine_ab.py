@@ -31,6 +31,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {bench!r})
+import os, prop_stream
+if not os.path.realpath(prop_stream.__file__).startswith(os.path.realpath({build!r})):
+    sys.exit("prop_stream came from " + prop_stream.__file__ + ", not {build}")
 import test_engine_bench as b
 accounts, order, ticks = {accounts}, {order!r}, {ticks}
 table = b.make_ticks(accounts, ticks, order)
@@ -50,11 +53,13 @@ print(json.dumps({{"seconds": best, "cpu_seconds": best_cpu}}))
 def measure(path: str, accounts: int, order: str, ticks: int) -> tuple[float, float]:
     """Wall and CPU seconds of the fastest of three runs in a child process."""
     code = CHILD.format(
-        bench=str(BENCH_DIR), accounts=accounts, order=order, ticks=ticks
+        bench=str(BENCH_DIR), build=path, accounts=accounts, order=order, ticks=ticks
     )
     env = {**os.environ, "PYTHONPATH": path}
     out = subprocess.run(  # noqa: S603 - our own interpreter and code
-        [sys.executable, "-c", code],
+        # -P: without it the working directory's prop_stream (a checkout run
+        # from its root) would shadow PYTHONPATH's, and both "builds" be one.
+        [sys.executable, "-P", "-c", code],
         env=env,
         check=True,
         capture_output=True,

@@ -30,6 +30,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {bench!r})
+import os, prop_stream
+if not os.path.realpath(prop_stream.__file__).startswith(os.path.realpath({build!r})):
+    sys.exit("prop_stream came from " + prop_stream.__file__ + ", not {build}")
 import test_engine_bench as b
 from prop_stream.rules import dense_baseline
 accounts, order, path = {accounts}, {order!r}, {path!r}
@@ -51,9 +54,13 @@ print(json.dumps([seconds, time.perf_counter() - start]))
 
 def measure(build: str, accounts: int, order: str, path: str) -> tuple[float, float]:
     """Engine and baseline seconds of one run in a child process."""
-    code = CHILD.format(bench=str(BENCH_DIR), accounts=accounts, order=order, path=path)
+    code = CHILD.format(
+        bench=str(BENCH_DIR), build=build, accounts=accounts, order=order, path=path
+    )
     out = subprocess.run(  # noqa: S603 - our own interpreter and code
-        [sys.executable, "-c", code],
+        # -P: without it the working directory's prop_stream (a checkout run
+        # from its root) would shadow PYTHONPATH's, and both "builds" be one.
+        [sys.executable, "-P", "-c", code],
         env={**os.environ, "PYTHONPATH": build},
         check=True,
         capture_output=True,

@@ -183,8 +183,9 @@ def parse_rules_config(doc: object) -> RulesConfig:
     customers: dict[int, str] = {}
     seen: dict[int, int] = {}
     valid: set[RulesKey] = set()
+    starts: dict[str, datetime] = {}
     for index, entry in enumerate(accounts):
-        spec = _parse_account(index, entry, valid)
+        spec = _parse_account(index, entry, valid, starts)
         if spec.account_id in seen:
             raise InputFileError(
                 f"account {spec.account_id}: listed twice "
@@ -225,7 +226,15 @@ def _parse_hedge_window(value: object) -> float | None:
     return window
 
 
-def _parse_account(index: int, entry: object, valid: set[RulesKey]) -> PhaseSpec:
+def _parse_account(
+    index: int, entry: object, valid: set[RulesKey], starts: dict[str, datetime]
+) -> PhaseSpec:
+    """One account of the rules file.
+
+    ``valid`` holds the rule sets validated so far and ``starts`` the
+    ``started_at`` texts parsed so far: a file repeats a few of each over
+    thousands of accounts, and each is checked once.
+    """
     where = f"accounts[{index}]"
     if not isinstance(entry, dict):
         raise InputFileError(f"{where}: must be an object, got {_kind(entry)}")
@@ -237,8 +246,8 @@ def _parse_account(index: int, entry: object, valid: set[RulesKey]) -> PhaseSpec
             f"{where}: account_id: must be a 64-bit integer, got {account_id!r}"
         )
     where = f"account {account_id}"
-    unknown = sorted(set(entry) - _ACCOUNT_KEYS)
-    if unknown:
+    if not entry.keys() <= _ACCOUNT_KEYS:
+        unknown = sorted(entry.keys() - _ACCOUNT_KEYS)
         raise InputFileError(f"{where}: unknown key(s): {', '.join(unknown)}")
     for key in ("challenge_id", "started_at", "rules"):
         if key not in entry:
@@ -254,7 +263,12 @@ def _parse_account(index: int, entry: object, valid: set[RulesKey]) -> PhaseSpec
         raise InputFileError(
             f"{where}: phase_index: must be an integer >= 0, got {phase_index!r}"
         )
-    started_at = _parse_started_at(where, entry["started_at"])
+    start = entry["started_at"]
+    started_at = starts.get(start) if isinstance(start, str) else None
+    if started_at is None:
+        started_at = _parse_started_at(where, start)
+        if isinstance(start, str):
+            starts[start] = started_at
 
     rules = entry["rules"]
     if not isinstance(rules, dict):

@@ -381,6 +381,12 @@ pub(crate) struct Hot {
     ticks: u64,
     last_event_ts: i64,
     touched_epoch: u64,
+    /// Under `trailing`, what a new high needs to move the overall floor and
+    /// warning level in the hot path: the cap of the reference
+    /// (`initial_balance + L`), `L` and `warning_level × L` (NaN when absent).
+    trail_cap: f64,
+    trail_limit: f64,
+    trail_warning: f64,
     flags: u32,
 }
 
@@ -400,6 +406,9 @@ impl Hot {
             ticks: 0,
             last_event_ts: i64::MIN,
             touched_epoch: 0,
+            trail_cap: f64::NAN,
+            trail_limit: f64::NAN,
+            trail_warning: f64::NAN,
             flags: 0,
         };
         phase.store(&mut hot);
@@ -501,8 +510,9 @@ impl Phase {
     /// of steps 1 to 5 on `PhaseState`, [`Phase::accept_slow`] and
     /// [`Phase::evaluate_slow`]) whenever the tick could do more than move the
     /// state: something time-based is due (`next_due`), equity is at or below
-    /// the highest floor or warning level (`alert`), the target is reached, a
-    /// new high under `trailing`, or the day's first trading tick.
+    /// the highest floor or warning level (`alert`), the target is reached, or
+    /// the day's first trading tick. A new high under `trailing` raises the
+    /// cached overall levels here.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn accept(
@@ -546,14 +556,28 @@ impl Phase {
         // first tick to the cold path.
         let counts_day =
             hot.flags & bits::DAY_COUNTED == 0 && (balance != hot.balance || equity != balance);
-        let new_high = hot.flags & bits::TRAILING != 0 && equity > hot.hwm;
-        if counts_day
-            || new_high
-            || equity <= hot.alert
-            || (equity >= hot.target && balance >= hot.target)
-        {
+        if counts_day || equity <= hot.alert || (equity >= hot.target && balance >= hot.target) {
             self.evaluate_slow(hot, slot, t, equity, balance, out);
             return;
+        }
+        if hot.flags & bits::TRAILING != 0 && equity > hot.hwm {
+            // A new high under `trailing` raises the overall reference
+            // (`min(hwm, cap)`, `Phase::levels`), so the overall floor and
+            // warning level; the daily ones stay. Each only rises, so the new
+            // `alert` is the old one or a raised overall level (the maximum
+            // `store` takes over the same values).
+            let reference = equity.min(hot.trail_cap);
+            let alert = hot
+                .alert
+                .max(cent(reference - hot.trail_limit))
+                .max(cent(reference - hot.trail_warning));
+            if equity <= alert {
+                // At a level already (a limit under a cent): judge it fully.
+                self.evaluate_slow(hot, slot, t, equity, balance, out);
+                return;
+            }
+            hot.alert = alert;
+            hot.hwm = equity;
         }
         // Steps 2 to 5 with nothing due: no boundary, the floors and levels as
         // cached, no breach, no warning to fire or resolve, no pass.
@@ -677,6 +701,10 @@ impl Phase {
             s.next_boundary.min(s.next_weekend).min(deadline)
         };
         hot.target = self.derived.target.unwrap_or(f64::INFINITY);
+        let limit = self.derived.overall_limit.unwrap_or(f64::NAN);
+        hot.trail_cap = r.initial_balance + limit;
+        hot.trail_limit = limit;
+        hot.trail_warning = r.warning_level.map_or(f64::NAN, |wl| wl * limit);
         hot.alert = if s.max_warning.is_some() || s.daily_warning.is_some() || s.ticks == 0 {
             // An open warning is judged on every tick (resolved above its level).
             f64::INFINITY
@@ -2504,6 +2532,20 @@ mod hot_tests {
                 ("min_hold_seconds", RuleValue::Int(600)),
             ],
             vec![],
+            // Trailing with a cap below the target: new highs past the cap
+            // (the reference stops at `initial_balance + L`), with and
+            // without a warning level.
+            vec![
+                ("max_total_loss", f(0.02)),
+                ("total_loss_mode", s("trailing")),
+                ("warning_level", f(0.6)),
+                ("profit_target", f(0.08)),
+                ("max_daily_loss", f(0.03)),
+            ],
+            vec![
+                ("max_total_loss", f(0.015)),
+                ("total_loss_mode", s("trailing")),
+            ],
         ]
     }
 

@@ -51,11 +51,26 @@ pub(super) fn process_unordered(
         };
         let (out, stats) = engine.run_unordered(&chunks, seq.as_deref())?;
         let engine = &*engine;
+        // The two large tables (a metric row per phase, a daily row per phase
+        // and day) are built on two threads: at a million phases they are a
+        // good part of the call.
+        let (metrics, (breaches, daily, transitions)) = std::thread::scope(|scope| {
+            let metrics = scope.spawn(|| output::metrics_batch(engine, &out.touched));
+            let rest = (
+                output::breaches_batch(engine, &out.breaches),
+                output::daily_batch(engine, &out.daily),
+                output::transitions_batch(engine, &out.transitions),
+            );
+            let metrics = metrics
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (metrics, rest)
+        });
         Ok::<_, RuleError>((
-            output::breaches_batch(engine, &out.breaches),
-            output::metrics_batch(engine, &out.touched),
-            output::daily_batch(engine, &out.daily),
-            output::transitions_batch(engine, &out.transitions),
+            breaches,
+            metrics,
+            daily,
+            transitions,
             output::deal_opens_batch(&out.deal_opens),
             out.counts,
             out.deal_counts,

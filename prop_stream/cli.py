@@ -230,6 +230,7 @@ def _add_backtest(
             "against its floors, one file that works offline"
         ),
     )
+    _add_threads(parser)
     parser.add_argument(
         "--chunk-rows",
         type=_positive_int,
@@ -237,6 +238,19 @@ def _add_backtest(
         help=argparse.SUPPRESS,
     )
     parser.set_defaults(handler=_run_backtest)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "judge on at most N threads (default: one per core); the outputs "
+            "are the same on any number"
+        ),
+    )
 
 
 def _run_backtest(args: argparse.Namespace) -> int:
@@ -250,6 +264,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         report=args.report,
         deals=args.deals,
+        threads=args.threads,
     )
     skipped = [f"{result.late:,} late"]
     if result.unknown:
@@ -345,6 +360,7 @@ def _add_whatif(commands: argparse._SubParsersAction[_Parser]) -> None:
         action="store_true",
         help="also write DIR/report.html with the floors before and after the change",
     )
+    _add_threads(parser)
     parser.set_defaults(handler=_run_whatif)
 
 
@@ -365,6 +381,7 @@ def _run_whatif(args: argparse.Namespace) -> int:
         tmp_dir=args.tmp_dir,
         report=args.report,
         deals_archive=args.deals_archive,
+        threads=args.threads,
     )
     if result.staged is None:
         print(

@@ -39,6 +39,7 @@ def backtest(
     *,
     max_rows_in_memory: int = DEFAULT_MAX_ROWS_IN_MEMORY,
     tmp_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> BacktestTables:
     """Replay ticks and deals through the rules engine, return the outputs as frames.
 
@@ -63,6 +64,8 @@ def backtest(
             temporary partitions (as ``--max-rows-in-memory``). In-memory tables
             are judged in memory.
         tmp_dir: Where those partitions go (default: the system temp directory).
+        threads: Most threads the engine judges on (as ``--threads``); None:
+            one per core.
 
     Returns:
         ``breaches``, ``accounts``, ``daily`` and ``flags`` (schemas of
@@ -118,6 +121,7 @@ def backtest(
         tmp_dir=tmp_dir,
         progress=False,
         deals=deal_input,
+        threads=threads,
     )
     return tables
 

@@ -228,6 +228,7 @@ def run_backtest(
     progress: bool = False,
     report: bool = False,
     deals: str | Path | None = None,
+    threads: int | None = None,
 ) -> BacktestResult:
     """Replay tick (and deal) files through the rules engine and write the results.
 
@@ -247,6 +248,8 @@ def run_backtest(
         report: Also write ``report.html`` (:mod:`prop_stream.backtest.report`).
         deals: Deal files (``--deals``): a Parquet or CSV file, a directory or a
             glob, with the deal columns of ``rules.md``.
+        threads: Most threads the engine judges on (``--threads``); None: one
+            per core. The outputs are the same on any number.
 
     Returns:
         Counts and timings of the run.
@@ -282,6 +285,7 @@ def run_backtest(
         tmp_dir=tmp_dir,
         progress=progress,
         deals=deal_input,
+        threads=threads,
     )
     outputs = write_outputs(out, tables.as_dict())
     if report:
@@ -349,6 +353,7 @@ def judge(
     tmp_dir: str | Path | None,
     progress: bool,
     deals: DealInput | None = None,
+    threads: int | None = None,
 ) -> tuple[BacktestTables, _Upserts, int]:
     """Judge the ticks and deals and build the output tables, writing nothing.
 
@@ -364,6 +369,7 @@ def judge(
         tmp_dir: Where the temporary partitions go.
         progress: Show a progress bar on stderr.
         deals: The deals of the run, if any.
+        threads: Most threads the engine judges on; None: one per core.
 
     Returns:
         The tables, the engine's counts and the number of partitions used.
@@ -398,7 +404,7 @@ def judge(
                 del deal_frame
             else:
                 bar.set_description("backtest")
-                _evaluate(engine, frame, None, upserts, bar)
+                _evaluate(engine, frame, None, upserts, bar, threads)
             del frame
         else:
             partitions = min(
@@ -423,7 +429,7 @@ def judge(
                         _evaluate_with_deals(engine, frame, deal_frame, upserts, bar)
                         del deal_frame
                     else:
-                        _evaluate(engine, frame, _SEQ, upserts, bar)
+                        _evaluate(engine, frame, _SEQ, upserts, bar, threads)
                     del frame
 
     try:
@@ -615,9 +621,12 @@ def _evaluate(
     seq_column: str | None,
     upserts: _Upserts,
     bar: tqdm,
+    threads: int | None,
 ) -> None:
     if frame.height:
-        evaluation, _ = engine.process_unordered(frame, seq_column=seq_column)
+        evaluation, _ = engine.process_unordered(
+            frame, seq_column=seq_column, threads=threads
+        )
         upserts.add(evaluation)
     bar.update(frame.height)
 

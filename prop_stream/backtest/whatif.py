@@ -703,6 +703,7 @@ def run_whatif(
     tmp_dir: str | Path | None = None,
     report: bool = False,
     deals_archive: str | Path | None = None,
+    threads: int | None = None,
 ) -> WhatIfResult:
     """Replay recorded phases with and without rule changes; write the difference.
 
@@ -725,6 +726,7 @@ def run_whatif(
         report: Also write ``report.html``.
         deals_archive: The deal archive (default: ``deals`` beside the tick
             archive); a missing directory means no archived deals.
+        threads: As the backtest's.
 
     Returns:
         Counts and timings.
@@ -853,6 +855,7 @@ def run_whatif(
                 tmp_dir=tmp_dir,
                 progress=False,
                 deals=deal_input,
+                threads=threads,
             )[0]
             for run_specs in (specs, changed_specs)
         ]

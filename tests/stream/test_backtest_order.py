@@ -28,6 +28,7 @@ from prop_stream.backtest import OUTPUT_TABLES, read_rules, run_backtest
 from prop_stream.backtest import run as run_module
 from prop_stream.backtest.flags import FLAGS_SCHEMA
 from prop_stream.backtest.frames import backtest
+from prop_stream.cli import main
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
 ACCOUNTS = (1001, 1002, 1003, 1004, 1005)
@@ -273,17 +274,16 @@ def _wide_engine(accounts: int) -> RuleEngine:
     return engine
 
 
-def test_threads_give_the_outputs_of_one_thread() -> None:
-    # Large enough for the core to split the phases among threads (at least
-    # 2^16 rows and 1,024 phases a thread): interleaved in time with wide
-    # swings (breaches, pauses, passes, failures), one account in ten shuffled.
-    accounts, n = 4_096, 200_000
+def _split_input(accounts: int, n: int) -> pl.DataFrame:
+    """Ticks large enough for the core to split the phases among threads (at
+    least 2^16 rows and 1,024 phases a thread): interleaved in time with wide
+    swings (breaches, pauses, passes, failures), one account in ten shuffled."""
     rng = np.random.default_rng(5)
     account = rng.integers(1, accounts + 1, n)
     seconds = np.sort(rng.integers(0, 5 * 86_400, n))
     shuffled = np.flatnonzero(account % 10 == 0)
     seconds[shuffled] = rng.permutation(seconds[shuffled])
-    frame = pl.DataFrame(
+    return pl.DataFrame(
         {
             "account_id": account,
             "ts": pl.Series(START.timestamp() * 1e6 + seconds * 1e6).cast(pl.Int64),
@@ -291,6 +291,11 @@ def test_threads_give_the_outputs_of_one_thread() -> None:
             "balance": 100_000.0,
         }
     ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+
+
+def test_threads_give_the_outputs_of_one_thread() -> None:
+    accounts = 4_096
+    frame = _split_input(accounts, 200_000)
     expected, expected_order = _wide_engine(accounts).process_unordered(
         frame, threads=1
     )
@@ -312,3 +317,40 @@ def test_threads_give_the_outputs_of_one_thread() -> None:
     for name in ("breaches", "daily", "transitions"):
         got, want = getattr(expected, name), getattr(reference, name)
         assert_frame_equal(got.sort(got.columns), want.sort(want.columns))
+
+
+def test_backtest_threads_option_changes_nothing_but_the_threads(
+    tmp_path: Path,
+) -> None:
+    accounts = 2_048
+    doc = {
+        "accounts": [
+            {
+                "account_id": a,
+                "challenge_id": f"c-{a}",
+                "started_at": START.isoformat(),
+                "rules": {"initial_balance": 100_000, **_RULES[a % len(_RULES)]},
+            }
+            for a in range(1, accounts + 1)
+        ]
+    }
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(doc))
+    ticks = tmp_path / "ticks.parquet"
+    _split_input(accounts, 100_000).write_parquet(ticks)
+    one = run_backtest(rules, ticks, tmp_path / "one", threads=1)
+    assert one.breaches
+    assert one.passed + one.failed
+    argv = ["backtest", "--rules", str(rules), "--ticks", str(ticks), "--out"]
+    assert main([*argv, str(tmp_path / "two"), "--threads", "2"]) == 0
+    assert main([*argv, str(tmp_path / "none"), "--threads", "0"]) == 2
+    assert not (tmp_path / "none").exists()
+    for name in OUTPUT_TABLES:
+        assert_frame_equal(
+            pl.read_parquet(tmp_path / "two" / f"{name}.parquet"),
+            pl.read_parquet(tmp_path / "one" / f"{name}.parquet"),
+        )
+    tables = backtest(doc, pl.read_parquet(ticks), threads=2)
+    assert_frame_equal(
+        tables.daily, pl.read_parquet(tmp_path / "one" / "daily.parquet")
+    )

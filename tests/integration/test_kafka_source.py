@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ from prop_stream.store import (
     query_frame,
     transaction,
 )
+from prop_stream.store.catalog import account_ids
 
 pytestmark = pytest.mark.integration
 
@@ -422,11 +424,13 @@ def test_kafka_bad_messages_go_to_the_dlq_and_good_ones_flow(
     assert history.height >= 1
 
 
+@pytest.mark.parametrize("lookup", [True, False], ids=["lookup", "directory-only"])
 def test_kafka_unknown_accounts_are_those_the_store_lacks(
     tmp_path: Path,
     replay: Replay,
     kafka_bootstrap: str,
     topic_factory: TopicFactory,
+    lookup: bool,
 ) -> None:
     topic = topic_factory(partitions=1)
     dlq = topic_factory(partitions=1)
@@ -450,6 +454,9 @@ def test_kafka_unknown_accounts_are_those_the_store_lacks(
     source = build_source(settings)
     assert isinstance(source, KafkaTickSource)
     loop = build_loop(settings, conn, source=source)
+    if not lookup:
+        # A directory without a lookup: the poll reads all of it instead.
+        source.set_account_directory(functools.partial(account_ids, cursor(conn)))
 
     def send(*accounts: int) -> None:
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)

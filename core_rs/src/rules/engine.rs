@@ -1354,11 +1354,7 @@ impl PhasePart<'_> {
     /// As [`Engine::prefetch_cold_if_due`], by index in the part.
     #[inline]
     pub(crate) fn prefetch_cold_if_due(&self, i: usize, t: i64) {
-        if t >= self.hot[i].next_due {
-            let phase = &self.phases[i];
-            prefetch(&phase.state);
-            prefetch(&phase.spec.rules);
-        }
+        prefetch_cold_if_due(&self.hot[i], &self.phases[i], t);
     }
 
     /// Judge one tick of the part's phase `i`.
@@ -1547,6 +1543,16 @@ pub(crate) fn prefetch<T>(value: &T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
+}
+
+/// Ask the CPU for `phase`'s cold state if `hot` says a tick at `t` will take
+/// the cold path (a new day, the first tick). A hint only.
+#[inline]
+fn prefetch_cold_if_due(hot: &Hot, phase: &Phase, t: i64) {
+    if t >= hot.next_due {
+        prefetch(&phase.state);
+        prefetch(&phase.spec.rules);
+    }
 }
 
 /// Slot of a tick that no phase takes (unknown account or invalid values).
@@ -2446,11 +2452,7 @@ impl Engine {
     #[inline]
     pub(crate) fn prefetch_cold_if_due(&self, slot: u32, t: i64) {
         let i = slot as usize;
-        if t >= self.hot[i].next_due {
-            let phase = &self.phases[i];
-            prefetch(&phase.state);
-            prefetch(&phase.spec.rules);
-        }
+        prefetch_cold_if_due(&self.hot[i], &self.phases[i], t);
     }
 
     /// Finish a batch begun with [`Engine::begin_unordered`].

@@ -58,16 +58,18 @@ impl Engine {
     /// partitions); without it the rows' position in `chunks` is their order.
     ///
     /// A first pass finds each row's phase and whether each phase's ticks are in
-    /// order. The phases in order are judged from the input in blocks of
-    /// [`BLOCK_ROWS`] rows, each grouped by phase with a stable counting sort.
-    /// The rows of the others go through two stable counting-sort passes, each
+    /// order. The phases in order are judged from the input in arrival order,
+    /// in blocks of [`BLOCK_ROWS`] rows whose outputs are put in grouped order;
+    /// both on every thread of `Parallel` (the phases split among them). The
+    /// rows of the others go through two stable counting-sort passes, each
     /// friendly to the caches — into buckets of [`BUCKET_SLOTS`] consecutive
     /// phases (few write streams), then each bucket's rows into one run per
     /// phase — and each run is sorted and judged.
     ///
-    /// Memory: 4 bytes a row for the slots and 24 MB for a block; then, for the
-    /// rows of the phases out of order only, 28 bytes a row (36 with `seq`) plus
-    /// their largest bucket once more.
+    /// Memory: 4 bytes a row for the slots, 24 bytes a phase for the order
+    /// pass, 4 MB a thread for a block's rows, and the threads' outputs until
+    /// merged; then, for the rows of the phases out of order only, 28 bytes a
+    /// row (36 with `seq`) plus their largest bucket once more.
     ///
     /// # Errors
     /// [`RuleError::BadBatch`] if columns differ in length or there are 2^32 rows
@@ -469,6 +471,19 @@ impl Default for Seen {
     }
 }
 
+/// List in `own` the rows of `slots` whose phase is one of `base..base +
+/// phases`, in order, without a branch per row (with several threads, whether a
+/// row is a thread's own is a coin toss); returns how many. `own` holds at
+/// least `slots.len() + 1` entries.
+fn own_rows(slots: &[u32], base: u32, phases: usize, own: &mut [u32]) -> usize {
+    let mut n = 0usize;
+    for (j, &slot) in slots.iter().enumerate() {
+        own[n] = u32::try_from(j).expect("a block has fewer than 2^32 rows");
+        n += usize::from((slot.wrapping_sub(base) as usize) < phases);
+    }
+    n
+}
+
 /// Rows per block of the order pass's compaction (`count_rows`).
 const COUNT_BLOCK_ROWS: usize = 1 << 16;
 
@@ -492,11 +507,7 @@ fn count_rows(
         while lo < len {
             let hi = (lo + COUNT_BLOCK_ROWS).min(len);
             let slots = &slot_of[offset + lo..offset + hi];
-            let mut n = 0usize;
-            for (j, &slot) in slots.iter().enumerate() {
-                own[n] = u32::try_from(j).expect("a block has fewer than 2^32 rows");
-                n += usize::from((slot.wrapping_sub(base) as usize) < phases);
-            }
+            let n = own_rows(slots, base, phases, &mut own);
             let local = |j: u32| (slots[j as usize] - base) as usize;
             for (m, &j) in own[..n].iter().enumerate() {
                 if let Some(&ahead) = own[..n].get(m + PREFETCH_ROWS_AHEAD) {
@@ -531,9 +542,8 @@ fn judge_blocks(
     mut keys: Option<&mut BlockKeys>,
 ) {
     let mut groups: Vec<u32> = Vec::new();
-    // The block's rows of this part's phases, found without a branch per row
-    // (with several parts, whether a row is the part's is a coin toss).
-    // Written up to the block's row count before each read: sized once.
+    // The block's rows of this part's phases (`own_rows`), written up to the
+    // block's row count before each read: sized once.
     let most = chunks
         .iter()
         .map(|c| c.ts.len().min(BLOCK_ROWS))
@@ -555,11 +565,7 @@ fn judge_blocks(
                 out.touched.len(),
             );
             groups.clear();
-            let mut n = 0usize;
-            for (j, &slot) in slots.iter().enumerate() {
-                own[n] = u32::try_from(j).expect("a block has fewer than 2^32 rows");
-                n += usize::from((slot.wrapping_sub(base) as usize) < phases);
-            }
+            let n = own_rows(slots, base, phases, &mut own);
             let own = &own[..n];
             let local = |j: u32| (slots[j as usize] - base) as usize;
             for (k, &j) in own.iter().enumerate() {

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,12 +78,32 @@ def fresh_database(server: str) -> Iterator[str]:
     try:
         yield _with_database(server, name)
     finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
+        _drop_database(server, name)
+
+
+def _drop_database(server: str, name: str, timeout_s: float = 60.0) -> None:
+    """Drop a test's database, waiting out an autovacuum worker in it.
+
+    ``WITH (FORCE)`` ends the test's own sessions, but PostgreSQL 15 refuses to
+    end an autovacuum worker's for a role that is not a superuser
+    (``InsufficientPrivilege``): the worker finishes in moments, so the drop is
+    tried again until it goes through or the deadline passes.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with psycopg.connect(server, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(name)
+                    )
                 )
-            )
+        except psycopg.errors.InsufficientPrivilege:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # between polls of the condition, not a sync point
+        else:
+            return
 
 
 @pytest.fixture

@@ -22,6 +22,10 @@ How it stays current (``docs/api.md``, "Hot reads"):
   doesn't know is read from DuckDB on first request, and :meth:`RuntimeCache.sync`
   (run every ``cache_sync_interval_s`` by the app) re-reads every challenge whose
   row or phases changed, as a safety net.
+- **PostgreSQL** (other processes write): :meth:`RuntimeCache.sync` re-reads the
+  challenges the store notified since the last sync, and the ``metrics_latest``
+  rows the evaluators committed since (:mod:`prop_stream.store.changes`): a sync
+  reads what changed, not the tables.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ from prop_stream.evaluator import LatestMetrics
 from prop_stream.store import (
     CHALLENGE_STATUS_NAMES,
     Connection,
-    bulk_frame,
     is_postgres,
 )
+from prop_stream.store.changes import MetricFeed
 
 MetricRow = Mapping[str, Any]
 
@@ -230,9 +234,10 @@ class RuntimeCache:
     Args:
         db: The store, read at :meth:`load`, on a miss and to re-read a challenge.
         metrics: The latest metrics the evaluator keeps current.
-        reload_metrics: Re-read ``metrics_latest`` at every :meth:`sync`: this
-            process runs no evaluator that updates ``metrics`` (an ``api``
-            process on PostgreSQL, whose evaluators run elsewhere).
+        reload_metrics: Read the metrics the store's evaluators commit (the
+            metric feed, at :meth:`load` and every :meth:`sync`): on PostgreSQL,
+            where evaluators run in other processes (the ``api`` role) or some
+            partitions' evaluators do (several ``all`` processes in a group).
     """
 
     def __init__(
@@ -241,6 +246,8 @@ class RuntimeCache:
         self._db = db
         self.metrics = metrics
         self._reload_metrics = reload_metrics
+        self._feed = MetricFeed()
+        self._listener = db.challenge_listener()
         self._challenges: dict[int, ChallengeRecord] = {}
         self._by_customer: dict[int, list[int]] = {}
         self._fingerprints: dict[int, int] = {}
@@ -252,19 +259,35 @@ class RuntimeCache:
     # -------------------------------------------------------------- loading
 
     def load(self) -> int:
-        """Read every challenge from the store (at start-up).
+        """Read every challenge from the store (at start-up), and the metrics.
+
+        On PostgreSQL the challenge listener starts first, so a change committed
+        while the challenges are read is notified; on DuckDB each challenge's
+        fingerprint is kept for :meth:`sync`. With ``reload_metrics`` the whole
+        of ``metrics_latest`` is read too (the metric feed's first read).
 
         Returns:
             How many challenges were loaded.
         """
+        self._listener.start()
         with self._db.cursor() as conn:
             records = _read(conn, None)
-            fingerprints = dict(conn.execute(_fingerprint_sql(conn)).fetchall())
+            fingerprints = (
+                {}
+                if self._listener.enabled
+                else dict(conn.execute(_fingerprint_sql(conn)).fetchall())
+            )
         with self._lock:
             self._challenges = {r.id: r for r in records}
             self._fingerprints = {int(k): int(v) for k, v in fingerprints.items()}
             self._reindex()
+        if self._reload_metrics:
+            self._sync_metrics()
         return len(records)
+
+    def close(self) -> None:
+        """End the challenge listener's session (at shutdown)."""
+        self._listener.close()
 
     def refresh(self, challenge_ids: Iterable[int]) -> None:
         """Re-read some challenges from the store (after another writer's commit).
@@ -284,26 +307,32 @@ class RuntimeCache:
         self._store(ids, records)
 
     def sync(self) -> int:
-        """Re-read every challenge whose row or phases changed in the store.
+        """Re-read the challenges that changed in the store, and new metrics.
 
-        A safety net for writers that don't call :meth:`refresh`; the app runs
-        it periodically off the event loop.
+        On PostgreSQL the challenges notified since the last sync are re-read
+        (all of them when the listener is new or lost its session), and with
+        ``reload_metrics`` the metric rows the evaluators committed since (the
+        metric feed, :mod:`prop_stream.store.changes`). On DuckDB, whose writers
+        update the cache themselves, it is a safety net: every challenge whose
+        fingerprint moved is re-read. The app runs it periodically off the event
+        loop.
 
         Returns:
             How many challenges were re-read.
         """
+        if self._reload_metrics:
+            self._sync_metrics()
+        if self._listener.enabled:
+            notified = self._listener.drain()
+            if notified is None:
+                return self._reload_all()
+            self.refresh(notified)
+            return len(notified)
         with self._db.cursor() as conn:
             current = {
                 int(k): int(v)
                 for k, v in conn.execute(_fingerprint_sql(conn)).fetchall()
             }
-            if self._reload_metrics:
-                # Newer rows replace older ones; the whole table each time, so
-                # the served metric trails the evaluators by up to one interval
-                # (docs/scale-out.md, "What breaks next": fine well below 10M).
-                # One COPY, not a tuple per row: the read holds the GIL, and
-                # requests wait for it (docs/benchmarks.md, "32 connections").
-                self.metrics.update(bulk_frame(conn, "SELECT * FROM metrics_latest"))
         changed = [
             cid for cid, h in current.items() if self._fingerprints.get(cid) != h
         ]
@@ -313,6 +342,24 @@ class RuntimeCache:
         with self._lock:
             self._fingerprints = current
         return len(changed) + len(gone)
+
+    def _sync_metrics(self) -> None:
+        # Rows committed since the last read (the first read, or one after
+        # falling behind the feed, is the whole table): one COPY through
+        # bulk_frame, since the read holds the GIL that requests wait for
+        # (docs/benchmarks.md, "32 connections").
+        with self._db.cursor() as conn:
+            frame, _whole = self._feed.read(conn)
+        if frame is not None:
+            self.metrics.update(frame)
+
+    def _reload_all(self) -> int:
+        with self._db.cursor() as conn:
+            records = _read(conn, None)
+        with self._lock:
+            self._challenges = {r.id: r for r in records}
+            self._reindex()
+        return len(records)
 
     def _store(self, ids: Sequence[int], records: Sequence[ChallengeRecord]) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prop_stream.store import Connection, cursor
+from prop_stream.store.changes import ChallengeListener
 from prop_stream.store.pg import PgConnection, SessionPool
 
 
@@ -60,6 +61,14 @@ class Database:
             cur.close()
             raise
         self._idle.put(cur)
+
+    def challenge_listener(self) -> ChallengeListener:
+        """A listener of the store's challenge changes (inert on DuckDB).
+
+        Returns:
+            A :class:`~prop_stream.store.changes.ChallengeListener`, not started.
+        """
+        return ChallengeListener.of(self._conn)
 
     def ping(self) -> bool:
         """Whether the database answers a trivial query.

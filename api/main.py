@@ -103,16 +103,18 @@ def create_app(
         config = current_settings()
         owned = conn is None
         db = Database(conn if conn is not None else connect(config.db), owned=owned)
+        # On PostgreSQL metrics_latest is where the evaluators of other
+        # processes commit (the `api` role; the other members of a group): the
+        # cache reads their rows from the metric feed, from its first load on.
+        with db.cursor() as cur:
+            shared = is_postgres(cur)
         latest = metrics
         if latest is None:
             latest = LatestMetrics()
-            with db.cursor() as cur:
-                latest.load(cur)
-        # Without an evaluator in this process, PostgreSQL's metrics_latest is
-        # where the evaluators' results arrive (the `api` role).
-        with db.cursor() as cur:
-            shared = is_postgres(cur)
-        cache = RuntimeCache(db, latest, reload_metrics=metrics is None and shared)
+            if not shared:
+                with db.cursor() as cur:
+                    latest.load(cur)
+        cache = RuntimeCache(db, latest, reload_metrics=shared)
         loaded = cache.load() if api_routes else 0
         app.state.runtime = AppState(
             db=db,
@@ -153,6 +155,7 @@ def create_app(
             elif supervisor is not None:
                 await asyncio.to_thread(supervisor.remove, "cache")
             app.state.runtime = None
+            cache.close()
             db.close()
 
     config = current_settings()

@@ -20,11 +20,14 @@ The server (``--source``):
 ``--postgres URL --replicas N`` seeds the PostgreSQL database ``URL`` (empty)
 instead, starts ``N`` processes of ``prop-stream serve --role api`` on it and drives
 them all at once with wrk (the connections split among them); it reports the
-requests per second summed and the worst p50/p99 of the replicas.
+requests per second summed and the worst p50/p99 of the replicas. ``--writer-rate
+R`` adds a ``serve --role evaluator --source demo`` process committing ``R`` demo
+ticks/s meanwhile, so the replicas' cache syncs read metrics while they answer.
 
 Examples:
     .venv/bin/python benchmarks/api_load.py --duration 10 --connections 32
     .venv/bin/python benchmarks/api_load.py --postgres URL --replicas 2
+    .venv/bin/python benchmarks/api_load.py --postgres URL --writer-rate 20000
     .venv/bin/python benchmarks/api_load.py --source api
     .venv/bin/python benchmarks/api_load.py --no-hot-reads
 """
@@ -227,16 +230,54 @@ def start_api_role(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("prop-stream serve --role api did not start within 120 s")
 
 
-def run_replicas(url: str, replicas: int, connections: int, duration: int) -> Result:
-    """``replicas`` API processes on PostgreSQL, driven at once by wrk."""
+def start_writer(
+    url: str, port: int, rate: float, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``serve --role evaluator --source demo``: commits while the API reads."""
+    process = _launch(
+        f"prop_stream.cli serve --role evaluator --port {port} --source demo "
+        f"--demo-rate {rate} --db",
+        log,
+        extra=[url],
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"prop-stream serve --role evaluator exited: {text}")
+        if "ready on" in text:
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("prop-stream serve --role evaluator did not start in 120 s")
+
+
+def run_replicas(
+    url: str,
+    replicas: int,
+    connections: int,
+    duration: int,
+    *,
+    challenges: int = 2_000,
+    writer_rate: float = 0.0,
+) -> Result:
+    """``replicas`` API processes on PostgreSQL, driven at once by wrk.
+
+    With ``writer_rate`` a ``--role evaluator`` process judges that many demo
+    ticks per second meanwhile, so the replicas' cache syncs have metrics to read.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    token, owned = seed(url, 2_000)
+    token, owned = seed(url, challenges)
     path = f"/prop/challenges/{owned[len(owned) // 2]}"
     with tempfile.TemporaryDirectory() as tmp:
         ports = [_free_port() for _ in range(replicas)]
         servers = []
         try:
+            if writer_rate > 0:
+                servers.append(
+                    start_writer(url, _free_port(), writer_rate, Path(tmp) / "w.log")
+                )
             for i, port in enumerate(ports):
                 servers.append(start_api_role(url, port, Path(tmp) / f"api{i}.log"))
             for port in ports:
@@ -455,12 +496,23 @@ def main(argv: list[str] | None = None) -> Result:
     )
     parser.add_argument("--postgres", metavar="URL", help="serve from this database")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--writer-rate",
+        type=float,
+        default=0.0,
+        help="with --postgres: demo ticks/s a --role evaluator process commits",
+    )
     args = parser.parse_args(argv)
     if args.postgres:
         if args.no_hot_reads:
             os.environ["PROP_STREAM_API_HOT_READS"] = "false"
         replicated = run_replicas(
-            args.postgres, args.replicas, args.connections, args.duration
+            args.postgres,
+            args.replicas,
+            args.connections,
+            args.duration,
+            challenges=args.challenges,
+            writer_rate=args.writer_rate,
         )
         replicated.hot_reads = not args.no_hot_reads
         print(json.dumps(asdict(replicated)))

@@ -29,11 +29,14 @@ harmlessly if the successor already took the epoch) and are dropped; lost ones
 (the member was evicted) are dropped at once.
 
 **Phase changes** made by other processes: between batches, at most every
-``hook_interval_s``, :func:`~prop_stream.store.partitions.phase_version` is
-compared with the last one; on a change the accounts known to have no active
-phase are forgotten (their next tick reads the store again) and phases
-cancelled since are removed. The same happens at once for changes made in this
-process (:meth:`GroupEvaluatorLoop.register_phase`, ``remove_phase``, a pass).
+``hook_interval_s``, the challenges the store notified since are read
+(PostgreSQL's ``NOTIFY``, :class:`~prop_stream.store.changes.ChallengeListener`):
+their accounts are no longer known to have no active phase (their next tick
+reads the store again) and their phases cancelled since are removed. Without
+notifications (DuckDB) :func:`~prop_stream.store.partitions.phase_version` is
+compared with the last one, and on a change every phase is checked. The same
+happens at once for changes made in this process
+(:meth:`GroupEvaluatorLoop.register_phase`, ``remove_phase``, a pass).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from prop_stream.evaluator.metrics import LatestMetrics
 from prop_stream.rules import Evaluation, PhaseSpec, RuleEngine, __version__
 from prop_stream.sinks.duckdb_sink import DuckDBSink
 from prop_stream.sinks.exceptions import SinkError
+from prop_stream.store.changes import ChallengeListener
 from prop_stream.store.db import Connection, is_postgres
 from prop_stream.store.partitions import (
     PartitionCheckpoint,
@@ -65,6 +69,7 @@ from prop_stream.store.partitions import (
     check_epoch,
     load_partition_checkpoint,
     phase_statuses,
+    phase_statuses_of_challenges,
     phase_version,
     save_partition_checkpoint,
     stored_offset,
@@ -212,6 +217,7 @@ class GroupEvaluatorLoop(BatchDriver):
         self._parts: dict[int, _Partition] = {}
         self._ops: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._version: tuple[object, ...] | None = None
+        self._listener = ChallengeListener.of(conn)
         self._stop = threading.Event()
         self._started = False
         #: Set once the loop has started and is taking batches.
@@ -270,7 +276,10 @@ class GroupEvaluatorLoop(BatchDriver):
             return
         self._sink_factory().setup()
         self.metrics.load(self._conn)
-        self._version = phase_version(self._conn)
+        # Listen before anything is read: a change committed after is notified.
+        self._listener.start()
+        if not self._listener.enabled:
+            self._version = phase_version(self._conn)
         self._started = True
         logger.info(
             "evaluator started as %s in a consumer group (source %s)",
@@ -280,6 +289,7 @@ class GroupEvaluatorLoop(BatchDriver):
 
     def _closing(self) -> None:
         self._source.close()
+        self._listener.close()
 
     def run_once(self) -> bool:
         """Handle rebalances and phase changes, poll one batch and commit it.
@@ -617,19 +627,48 @@ class GroupEvaluatorLoop(BatchDriver):
             self._forget_without_phase()
 
     def poll_phase_changes(self) -> None:
-        """Look for phase changes made by other processes (between batches).
+        """Take in phase changes made by other processes (between batches).
 
-        Called from the loop's thread every ``hook_interval_s``; the place where
-        a PostgreSQL ``LISTEN/NOTIFY`` wake-up plugs in. See the module's
-        docstring.
+        Called from the loop's thread every ``hook_interval_s``. On PostgreSQL
+        the challenges the store notified since the last call are read: their
+        accounts are no longer known to have no active phase (their next tick
+        reads the store again), and their phases cancelled since are removed.
+        Without notifications (DuckDB; a listener new or reconnected) the phase
+        table's fingerprint is compared and, when it moved, every phase is
+        checked. See the module's docstring.
         """
-        version = phase_version(self._conn)
-        if version == self._version:
-            return
-        self._version = version
+        if self._listener.enabled:
+            notified = self._listener.drain()
+            if notified is not None:
+                if notified:
+                    self._take_changes(notified)
+                return
+        else:
+            version = phase_version(self._conn)
+            if version == self._version:
+                return
+            self._version = version
         self._forget_without_phase()
         for part in self._parts.values():
             self._drop_ended(part.engine)
+
+    def _take_changes(self, challenge_ids: set[int]) -> None:
+        statuses = phase_statuses_of_challenges(
+            self._conn, challenge_ids=sorted(challenge_ids)
+        )
+        if len({challenge for challenge, _, _ in statuses}) < len(challenge_ids):
+            # A challenge without phases now (deleted): its accounts are unknown.
+            self._forget_without_phase()
+            for part in self._parts.values():
+                self._drop_ended(part.engine)
+            return
+        for _challenge, account_id, status in statuses:
+            if account_id is None:
+                continue
+            for part in self._parts.values():
+                part.without_phase.discard(account_id)
+                if status in ("cancelled", "pending") and account_id in part.engine:
+                    part.engine.remove(account_id)
 
     def _run_hooks(self) -> None:
         now = time.monotonic()

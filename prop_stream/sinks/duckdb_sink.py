@@ -35,6 +35,7 @@ import pyarrow as pa
 from prop_stream.rules import BREACH_KEY, DAILY_KEY, DEAL_COLUMNS, Evaluation
 from prop_stream.sinks.base import BaseSink
 from prop_stream.sinks.exceptions import SinkError
+from prop_stream.store.changes import record_metric_changes
 from prop_stream.store.db import (
     Connection,
     DatabaseError,
@@ -309,7 +310,7 @@ class DuckDBSink(BaseSink):
                     if not postgres:
                         _write(conn, name, frame)
                     elif name == "metrics":
-                        _write_metrics_pg(conn, frame)
+                        _write_metrics_pg(conn, frame, self._stream)
                     elif name not in ("latest", "history"):
                         _write(conn, name, frame)
                 apply_transitions(conn, frames["transitions"])
@@ -356,12 +357,16 @@ def _write(conn: Connection, name: str, frame: pl.DataFrame) -> None:
         conn.execute(_STATEMENTS[name])
 
 
-def _write_metrics_pg(conn: Connection, metrics: pl.DataFrame) -> None:
+def _write_metrics_pg(conn: Connection, metrics: pl.DataFrame, stream: str) -> None:
     """Upsert ``metrics_latest`` and insert ``metric_history`` from one ``COPY``.
+
+    The accounts written are recorded in the stream's metric changes, which the
+    ``api`` processes read (:mod:`prop_stream.store.changes`).
 
     Args:
         conn: A PostgreSQL connection, in the flush's transaction.
         metrics: Every metrics row of the flush, in commit order.
+        stream: The sink's stream ('' or the group member's partition key).
     """
     # A materialised row number: inside a window, pl.len() counts the group.
     index = pl.col("_row")
@@ -378,6 +383,7 @@ def _write_metrics_pg(conn: Connection, metrics: pl.DataFrame) -> None:
     with frame_table(conn, "_sink_metrics", flagged):
         conn.execute(_PG_UPSERT_LATEST)
         conn.execute(_PG_INSERT_HISTORY)
+        record_metric_changes(conn, stream=stream, table="_sink_metrics")
 
 
 def _stage(

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
+from prop_stream.store.changes import MIGRATION_9, MIGRATION_9_POSTGRES
 from prop_stream.store.db import Connection, is_postgres, transaction
 from prop_stream.store.partitions import MIGRATION_6
 
@@ -625,6 +626,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         8,
         "deals in the archive; the archive's state per stream",
         _V8_ARCHIVE_STREAMS,
+    ),
+    Migration(
+        9,
+        "change feeds: metric changes by stream, challenge NOTIFY triggers",
+        MIGRATION_9,
+        MIGRATION_9_POSTGRES,
     ),
 )
 

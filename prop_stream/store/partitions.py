@@ -403,6 +403,24 @@ def phase_statuses(conn: Connection, *, account_ids: Sequence[int]) -> dict[int,
     return {int(account): str(status) for account, status in rows}
 
 
+def phase_statuses_of_challenges(
+    conn: Connection, *, challenge_ids: Sequence[int]
+) -> list[tuple[int, int | None, str]]:
+    """The phases of some challenges: (challenge, account, status) each.
+
+    A phase not opened yet has no account (None); a challenge without phases
+    (or gone) has no row.
+    """
+    if not challenge_ids:
+        return []
+    rows = conn.execute(
+        "SELECT challenge_id, account_id, status FROM challenge_phases "
+        "WHERE challenge_id IN (SELECT unnest(?))",
+        [[int(c) for c in challenge_ids]],
+    ).fetchall()
+    return [(int(c), None if a is None else int(a), str(s)) for c, a, s in rows]
+
+
 def phase_version(conn: Connection) -> tuple[object, ...]:
     """A fingerprint of the phase table that any phase change moves.
 
@@ -432,6 +450,7 @@ __all__ = [
     "legacy_checkpoint",
     "load_partition_checkpoint",
     "phase_statuses",
+    "phase_statuses_of_challenges",
     "phase_version",
     "save_partition_checkpoint",
     "stored_offset",

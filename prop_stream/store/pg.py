@@ -155,6 +155,19 @@ class PgConnection:
             chunks.extend(bytes(chunk) for chunk in copy)
         return b"".join(chunks)
 
+    def notifications(self) -> list[str]:
+        """The payloads of the notifications received so far, without waiting.
+
+        The session must have run ``LISTEN`` (outside a transaction). One round
+        trip (``SELECT 1``) comes first: reading without it would not notice a
+        session the server ended, and the caller would wait for ever.
+
+        Raises:
+            psycopg.Error: The session was lost.
+        """
+        self.raw.execute("SELECT 1")
+        return [n.payload for n in self.raw.notifies(timeout=0)]
+
     # ---------------------------------------------------------------- session
 
     def cursor(self) -> PgConnection:

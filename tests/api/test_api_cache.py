@@ -190,3 +190,33 @@ def test_api_without_an_evaluator_reads_metrics_from_postgres(pg_url: str) -> No
     finally:
         writer.close()
         conn.close()
+
+
+def test_postgres_cache_sync_reads_what_the_store_notified(pg_url: str) -> None:
+    # On PostgreSQL the cache keeps no fingerprints: the store's triggers
+    # notify each changed challenge, and sync() re-reads those only.
+    fresh = seed_database(pg_url)
+    conn = connect(pg_url)
+    app = create_app(
+        settings=ApiSettings(db=pg_url, cache_sync_interval_s=0),
+        conn=conn,
+        evaluator_ready=lambda: True,
+    )
+    headers = fresh.headers(fresh.alice)
+    writer = cursor(conn)
+    try:
+        with TestClient(app) as client:
+            cache = app.state.runtime.cache
+            assert cache.sync() == 0  # nothing changed since the load
+            with transaction(writer):
+                writer.execute("UPDATE challenges SET status = 4 WHERE id = 1")
+            # Not told: the cached body stays until the sync.
+            stale = client.get("/prop/challenges/1", headers=headers).json()
+            assert stale["status_name"] != "cancelled"
+            assert cache.sync() == 1
+            cancelled = client.get("/prop/challenges/1", headers=headers).json()
+            assert cancelled["status_name"] == "cancelled"
+            assert cache.sync() == 0
+    finally:
+        writer.close()
+        conn.close()

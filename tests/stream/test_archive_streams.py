@@ -215,7 +215,7 @@ def test_migration_8_keeps_the_staged_ticks_and_their_numbers(
 ) -> None:
     from prop_stream.store.db import transaction
     from prop_stream.store.migrations import _LEDGER as LEDGER
-    from prop_stream.store.migrations import MIGRATIONS, migrate
+    from prop_stream.store.migrations import LATEST_VERSION, MIGRATIONS, migrate
 
     conn = connect(store_db)
     try:
@@ -235,7 +235,7 @@ def test_migration_8_keeps_the_staged_ticks_and_their_numbers(
             [START, START + timedelta(seconds=1)],
         )
         conn.execute("UPDATE tick_archive_state SET next_seq = 7")
-        assert migrate(conn) == [8]
+        assert migrate(conn) == list(range(8, LATEST_VERSION + 1))
         assert conn.execute(
             "SELECT stream, next_tick_seq, next_deal_seq FROM archive_streams"
         ).fetchall() == [("", 7, 0)]

@@ -349,7 +349,7 @@ class RuntimeCache:
         # bulk_frame, since the read holds the GIL that requests wait for
         # (docs/benchmarks.md, "32 connections").
         with self._db.cursor() as conn:
-            frame, _whole = self._feed.read(conn)
+            frame, _whole = self._feed.read(conn, held=len(self.metrics))
         if frame is not None:
             self.metrics.update(frame)
 
@@ -364,13 +364,43 @@ class RuntimeCache:
     def _store(self, ids: Sequence[int], records: Sequence[ChallengeRecord]) -> None:
         with self._lock:
             found = {r.id: r for r in records}
+            customers: set[int] = set()
             for cid in ids:
+                old = self._challenges.get(cid)
+                if old is not None:
+                    customers.add(old.customer_id)
                 record = found.get(cid)
                 if record is None:
                     self._challenges.pop(cid, None)
                 else:
                     self._challenges[cid] = record
-            self._reindex()
+                    customers.add(record.customer_id)
+            # Only the customers concerned are re-listed (not every challenge):
+            # a sync re-reads what changed, and so should the index. Each list
+            # is replaced, never edited, as readers take it without the lock.
+            changed = set(ids)
+            for customer in customers:
+                listed = [
+                    cid
+                    for cid in self._by_customer.get(customer, ())
+                    if cid not in changed
+                ]
+                listed += [
+                    cid
+                    for cid in changed
+                    if (r := self._challenges.get(cid)) is not None
+                    and r.customer_id == customer
+                ]
+                if listed:
+                    self._by_customer[customer] = sorted(
+                        listed, key=self._list_order, reverse=True
+                    )
+                else:
+                    self._by_customer.pop(customer, None)
+
+    def _list_order(self, challenge_id: int) -> tuple[datetime, int]:
+        record = self._challenges[challenge_id]
+        return record.created_at, record.id
 
     def _reindex(self) -> None:
         by_customer: dict[int, list[ChallengeRecord]] = {}

@@ -51,6 +51,12 @@ CHALLENGE_CHANNEL: Final = "prop_stream_challenges"
 #: behind reads all of ``metrics_latest`` once.
 METRIC_CHANGES_KEPT_S: Final = 60
 
+#: A feed reads the whole table instead when the changes since its last read
+#: name more accounts than this share of the rows it holds (measured in
+#: ``docs/benchmarks.md``, "Change feeds": an index probe per changed row costs
+#: about what scanning two or three rows does).
+WHOLE_READ_SHARE: Final = 0.25
+
 #: A writer prunes its stream's old changes every this many flushes.
 METRIC_CHANGES_PRUNE_EVERY: Final = 64
 
@@ -174,16 +180,22 @@ class MetricFeed:
         self.whole_reads = 0
         self.change_reads = 0
 
-    def read(self, conn: Connection) -> tuple[pl.DataFrame | None, bool]:
+    def read(
+        self, conn: Connection, *, held: int = 0
+    ) -> tuple[pl.DataFrame | None, bool]:
         """Read what changed since the last call.
 
         The first call (and a call after falling behind the kept changes) reads
-        the whole table; later ones read the rows of the accounts changed since.
-        A row may come again; newer rows win in
+        the whole table; later ones read the rows of the accounts changed since,
+        unless they are so many that one scan of the table is cheaper (more than
+        :data:`WHOLE_READ_SHARE` of ``held``: an index probe per row costs about
+        what scanning a few rows does). A row may come again; newer rows win in
         :class:`~prop_stream.evaluator.LatestMetrics`.
 
         Args:
             conn: The store (not in a transaction).
+            held: How many rows the reader holds (the table's size as it knows
+                it; 0: never read the whole table for size).
 
         Returns:
             The rows (None: nothing changed) and whether they are the whole table.
@@ -206,6 +218,9 @@ class MetricFeed:
                 if oldest is None or oldest > after + 1:
                     whole = True  # pruned past this reader (or a new reader)
                 ranges.append((stream, after, head))
+            if not whole and ranges and held > 0:
+                # So many changed that one scan is cheaper than a probe each.
+                whole = _changed_entries(conn, ranges) > held * WHOLE_READ_SHARE
             if whole:
                 frame: pl.DataFrame | None = bulk_frame(
                     conn, "SELECT * FROM metrics_latest"
@@ -220,14 +235,30 @@ class MetricFeed:
         return frame, whole
 
 
+def _in_ranges(ranges: list[tuple[str, int, int]]) -> str:
+    """A join of ``metrics_changes AS c`` to the changes in some ranges."""
+    values = ", ".join(f"({_literal(s)}, {lo:d}, {hi:d})" for s, lo, hi in ranges)
+    return (
+        f"JOIN (VALUES {values}) AS r(stream, lo, hi) "
+        "ON c.stream = r.stream AND c.seq > r.lo AND c.seq <= r.hi"
+    )
+
+
+def _changed_entries(conn: Connection, ranges: list[tuple[str, int, int]]) -> int:
+    """How many account entries the changes in some ranges hold (repeats too)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(cardinality(c.accounts)), 0) "  # noqa: S608 - numbers and quoted keys
+        f"FROM metrics_changes AS c {_in_ranges(ranges)}"
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def _changed_sql(ranges: list[tuple[str, int, int]]) -> str:
     """The ``metrics_latest`` rows of the accounts changed in some ranges."""
-    values = ", ".join(f"({_literal(s)}, {lo:d}, {hi:d})" for s, lo, hi in ranges)
     return (
         "SELECT m.* FROM metrics_latest AS m WHERE m.account_id IN ("  # noqa: S608 - numbers and quoted keys
         "SELECT DISTINCT unnest(c.accounts) FROM metrics_changes AS c "
-        f"JOIN (VALUES {values}) AS r(stream, lo, hi) "
-        "ON c.stream = r.stream AND c.seq > r.lo AND c.seq <= r.hi)"
+        f"{_in_ranges(ranges)})"
     )
 
 

@@ -10,7 +10,9 @@ import api_seed
 import polars as pl
 from api_seed import HOURS, T0, Seeded, TestClient, judge, seed_database
 
+from api.cache import RuntimeCache
 from api.core.config import ApiSettings
+from api.db import Database
 from api.main import create_app
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.rules import TICK_SCHEMA
@@ -219,4 +221,53 @@ def test_postgres_cache_sync_reads_what_the_store_notified(pg_url: str) -> None:
             assert cache.sync() == 0
     finally:
         writer.close()
+        conn.close()
+
+
+def test_refreshed_lists_equal_a_fresh_load(store_db: Path | str) -> None:
+    # refresh() re-lists only the customers concerned; after challenges are
+    # added for two customers, re-read unchanged and asked for in vain, every
+    # customer's list must be what a cache loading everything anew lists.
+    seed_database(store_db)
+    conn = connect(store_db)
+    db = Database(conn)
+    cache = RuntimeCache(db, LatestMetrics())
+    cache.load()
+    writer = cursor(conn)
+    try:
+        added = []
+        for n, customer in enumerate((1, 2, 1, 1, 2)):
+            with transaction(writer):
+                account = open_account(
+                    writer,
+                    customer_id=customer,
+                    account_group="DEMO",
+                    balance=Decimal(10_000),
+                )
+                added.append(
+                    start_challenge(
+                        writer,
+                        customer_id=customer,
+                        program_id=2,
+                        account_id=account,
+                        started_at=T0 + timedelta(days=3, hours=n),
+                    )
+                )
+            cache.refresh([added[-1]])
+        cache.refresh([added[0], 1, added[3]])  # again, unchanged
+        gone = 10**9  # an id that never existed
+        cache.refresh([gone])
+
+        again = RuntimeCache(db, LatestMetrics())
+        again.load()
+        for customer in (1, 2, 3):  # alice, bob, nobody
+            mine = cache.list_bodies(customer_id=customer, limit=1_000)
+            theirs = again.list_bodies(customer_id=customer, limit=1_000)
+            assert mine == theirs, customer
+        assert cache.list_bodies(customer_id=1, limit=1)[1] == 2 + 3
+        cache.close()
+        again.close()
+    finally:
+        writer.close()
+        db.close()
         conn.close()

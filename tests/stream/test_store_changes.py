@@ -217,3 +217,20 @@ def test_duckdb_records_no_change_and_its_feed_reads_the_whole_table(
         assert not listener.enabled
         listener.start()
         assert listener.drain() is None
+
+
+def test_a_feed_reads_the_whole_table_when_most_rows_changed(pg: Connection) -> None:
+    accounts = _accounts(pg)
+    engine = _engine(pg)
+    feed = MetricFeed()
+    _flush(pg, engine, accounts, stream="s", hour=1, offset=1)
+    feed.read(pg, held=0)
+    _flush(pg, engine, accounts[:3], stream="s", hour=2, offset=2)
+    # 3 changed of the 5 the reader holds: one scan, not a probe per row.
+    frame, whole = feed.read(pg, held=len(accounts))
+    assert whole
+    assert _ids(frame) == set(accounts)
+    _flush(pg, engine, accounts[:1], stream="s", hour=3, offset=3)
+    frame, whole = feed.read(pg, held=len(accounts))  # 1 of 5: the changes
+    assert not whole
+    assert _ids(frame) == {accounts[0]}

@@ -30,11 +30,12 @@ How it stays current (``docs/api.md``, "Hot reads"):
 
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -364,57 +365,51 @@ class RuntimeCache:
     def _store(self, ids: Sequence[int], records: Sequence[ChallengeRecord]) -> None:
         with self._lock:
             found = {r.id: r for r in records}
-            customers: set[int] = set()
+            leaving: dict[int, set[int]] = {}
+            joining: dict[int, list[int]] = {}
             for cid in ids:
                 old = self._challenges.get(cid)
-                if old is not None:
-                    customers.add(old.customer_id)
                 record = found.get(cid)
                 if record is None:
                     self._challenges.pop(cid, None)
                 else:
                     self._challenges[cid] = record
-                    customers.add(record.customer_id)
-            # Only the customers concerned are re-listed (not every challenge):
-            # a sync re-reads what changed, and so should the index. Each list
-            # is replaced, never edited, as readers take it without the lock.
-            changed = set(ids)
-            for customer in customers:
+                if old is not None and record is not None and _same_place(old, record):
+                    continue  # listed where it was (a status change, say)
+                if old is not None:
+                    leaving.setdefault(old.customer_id, set()).add(cid)
+                if record is not None:
+                    joining.setdefault(record.customer_id, []).append(cid)
+            # Only the lists of the customers concerned change, each by what
+            # left and what joined (a sync re-reads what changed, and so should
+            # the index); a list is replaced, never edited, as readers take it
+            # without the lock.
+            for customer in leaving.keys() | joining.keys():
+                gone = leaving.get(customer, set())
                 listed = [
                     cid
                     for cid in self._by_customer.get(customer, ())
-                    if cid not in changed
+                    if cid not in gone
                 ]
-                listed += [
-                    cid
-                    for cid in changed
-                    if (r := self._challenges.get(cid)) is not None
-                    and r.customer_id == customer
-                ]
+                for cid in joining.get(customer, ()):
+                    bisect.insort(listed, cid, key=self._list_key)
                 if listed:
-                    self._by_customer[customer] = sorted(
-                        listed, key=self._list_order, reverse=True
-                    )
+                    self._by_customer[customer] = listed
                 else:
                     self._by_customer.pop(customer, None)
 
-    def _list_order(self, challenge_id: int) -> tuple[datetime, int]:
+    def _list_key(self, challenge_id: int) -> tuple[int, int]:
+        """A customer's list order, newest first, as an ascending key."""
         record = self._challenges[challenge_id]
-        return record.created_at, record.id
+        return -_micros(record.created_at), -record.id
 
     def _reindex(self) -> None:
-        by_customer: dict[int, list[ChallengeRecord]] = {}
+        by_customer: dict[int, list[int]] = {}
         for record in self._challenges.values():
-            by_customer.setdefault(record.customer_id, []).append(record)
-        self._by_customer = {
-            customer: [
-                r.id
-                for r in sorted(
-                    records, key=lambda r: (r.created_at, r.id), reverse=True
-                )
-            ]
-            for customer, records in by_customer.items()
-        }
+            by_customer.setdefault(record.customer_id, []).append(record.id)
+        for listed in by_customer.values():
+            listed.sort(key=self._list_key)
+        self._by_customer = by_customer
 
     # ---------------------------------------------------------------- reads
 
@@ -525,6 +520,19 @@ class RuntimeCache:
             if current.status == status:
                 matching.append(body)
         return matching[offset : offset + limit], len(matching)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(when: datetime) -> int:
+    """Microseconds since 1970 (exact, unlike a float timestamp)."""
+    return (when - _EPOCH) // timedelta(microseconds=1)
+
+
+def _same_place(old: ChallengeRecord, new: ChallengeRecord) -> bool:
+    """Whether a re-read challenge keeps its owner and its place in the list."""
+    return old.customer_id == new.customer_id and old.created_at == new.created_at
 
 
 def _read(conn: Connection, ids: Sequence[int] | None) -> list[ChallengeRecord]:

@@ -44,7 +44,12 @@ from api.db import Database
 from prop_stream.evaluator import LatestMetrics
 from prop_stream.rules import TICK_SCHEMA, RuleEngine
 from prop_stream.sinks.duckdb_sink import DuckDBSink
-from prop_stream.store import active_phase_specs, connect
+from prop_stream.store import (
+    active_phase_specs,
+    cancel_challenge,
+    connect,
+    transaction,
+)
 
 
 def _database(prefix: str, name: str) -> str:
@@ -69,15 +74,24 @@ def _drop(prefix: str, name: str) -> None:
                 return
 
 
-def measure(url: str, challenges: int, changed: int, syncs: int) -> dict[str, float]:
-    """Seed ``url``; the medians of ``syncs`` syncs after ``changed`` accounts moved."""
-    seed(url, challenges)
+def measure(
+    url: str, challenges: int, changed: int, syncs: int, cancelled: int = 0
+) -> dict[str, float]:
+    """Seed ``url``; the medians of ``syncs`` syncs after ``changed`` accounts moved.
+
+    With ``cancelled``, that many challenges are also cancelled before each sync
+    (a status change, as the purchase flow's cancel or a pass makes).
+    """
+    _token, owned = seed(url, challenges)
     writer = connect(url)
     engine = RuleEngine()
     specs = active_phase_specs(writer)
     for spec in specs:
         engine.register(spec)
     accounts = [s.account_id for s in specs]
+    [(customer,)] = writer.execute(
+        "SELECT customer_id FROM challenges WHERE id = ?", [owned[0]]
+    ).fetchall()
     sink = DuckDBSink(writer, source="bench-writer")
     db = Database(connect(url), owned=True)
     cache = RuntimeCache(db, LatestMetrics(), reload_metrics=True)
@@ -99,6 +113,11 @@ def measure(url: str, challenges: int, changed: int, syncs: int) -> dict[str, fl
         )
         sink.add(engine.process(ticks), position={"0": round_no + 2})
         sink.flush()
+        ended = owned[len(owned) - (round_no + 1) * cancelled :][:cancelled]
+        if ended:
+            with transaction(writer):
+                for challenge_id in ended:
+                    cancel_challenge(writer, challenge_id=challenge_id, now=T0)
         t_cpu, t_wall = time.thread_time(), time.perf_counter()
         cache.sync()
         cpu.append(time.thread_time() - t_cpu)
@@ -106,6 +125,10 @@ def measure(url: str, challenges: int, changed: int, syncs: int) -> dict[str, fl
         served = cache.metrics.get(moved[0])
         if served is None or served["equity"] != 100_100.0 + round_no:
             raise RuntimeError(f"round {round_no}: the sync missed a change")
+        if ended:
+            body = cache.challenge_body(ended[0], customer_id=customer)
+            if body is None or json.loads(body)["status_name"] != "cancelled":
+                raise RuntimeError(f"round {round_no}: the sync missed a cancel")
     if hasattr(cache, "close"):
         cache.close()
     db.close()
@@ -123,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--challenges", default="2000,20000")
     parser.add_argument("--changed", type=int, default=100)
     parser.add_argument("--syncs", type=int, default=20)
+    parser.add_argument(
+        "--cancelled", type=int, default=0, help="challenges cancelled per round"
+    )
     parser.add_argument("--tag", default="run")
     args = parser.parse_args(argv)
     code = str(Path(prop_stream.__file__).resolve().parents[1])
@@ -132,11 +158,20 @@ def main(argv: list[str] | None = None) -> None:
         name = f"sync_{args.tag}_{n}"
         url = _database(args.postgres.rstrip("/"), name)
         try:
-            result = measure(url, n, args.changed, args.syncs)
+            result = measure(url, n, args.changed, args.syncs, args.cancelled)
         finally:
             _drop(args.postgres.rstrip("/"), name)
         print(
-            json.dumps({"code": code, "tag": args.tag, "challenges": n, **result}),
+            json.dumps(
+                {
+                    "code": code,
+                    "tag": args.tag,
+                    "challenges": n,
+                    "changed": args.changed,
+                    "cancelled": args.cancelled,
+                    **result,
+                }
+            ),
             flush=True,
         )
 

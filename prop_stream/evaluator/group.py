@@ -632,10 +632,10 @@ class GroupEvaluatorLoop(BatchDriver):
         Called from the loop's thread every ``hook_interval_s``. On PostgreSQL
         the challenges the store notified since the last call are read: their
         accounts are no longer known to have no active phase (their next tick
-        reads the store again), and their phases cancelled since are removed.
-        Without notifications (DuckDB; a listener new or reconnected) the phase
-        table's fingerprint is compared and, when it moved, every phase is
-        checked. See the module's docstring.
+        reads the store again), and their phases cancelled since are removed;
+        when the listener lost its session, every phase is checked once. On
+        DuckDB (no notifications) the phase table's fingerprint is compared
+        and, when it moved, every phase is checked. See the module's docstring.
         """
         if self._listener.enabled:
             notified = self._listener.drain()

@@ -188,6 +188,22 @@ def start_server(path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("uvicorn did not start within 60 s")
 
 
+def _ready(
+    process: subprocess.Popen[bytes], log: Path, what: str
+) -> subprocess.Popen[bytes]:
+    """Wait (120 s at most) for a ``serve`` process's ready line in its log."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {text}")
+        if "ready on" in text:
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{what} did not start within 120 s")
+
+
 def start_service(
     path: Path, port: int, log: Path, source: str, demo_rate: float
 ) -> subprocess.Popen[bytes]:
@@ -198,16 +214,7 @@ def start_service(
         log,
         extra=[str(path)],
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if process.poll() is not None:
-            raise RuntimeError(f"prop-stream serve exited: {text}")
-        if "ready on" in text:
-            return process
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("prop-stream serve did not start within 120 s")
+    return _ready(process, log, "prop-stream serve")
 
 
 def start_api_role(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -218,16 +225,7 @@ def start_api_role(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
         extra=[url],
         env={**os.environ, "PROP_STREAM_API_ACCESS_LOG": "false"},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if process.poll() is not None:
-            raise RuntimeError(f"prop-stream serve --role api exited: {text}")
-        if "ready on" in text:
-            return process
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("prop-stream serve --role api did not start within 120 s")
+    return _ready(process, log, "prop-stream serve --role api")
 
 
 def start_writer(
@@ -240,16 +238,7 @@ def start_writer(
         log,
         extra=[url],
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if process.poll() is not None:
-            raise RuntimeError(f"prop-stream serve --role evaluator exited: {text}")
-        if "ready on" in text:
-            return process
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("prop-stream serve --role evaluator did not start in 120 s")
+    return _ready(process, log, "prop-stream serve --role evaluator")
 
 
 def run_replicas(

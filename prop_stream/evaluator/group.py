@@ -648,6 +648,9 @@ class GroupEvaluatorLoop(BatchDriver):
             if version == self._version:
                 return
             self._version = version
+        self._check_every_phase()
+
+    def _check_every_phase(self) -> None:
         self._forget_without_phase()
         for part in self._parts.values():
             self._drop_ended(part.engine)
@@ -658,9 +661,7 @@ class GroupEvaluatorLoop(BatchDriver):
         )
         if len({challenge for challenge, _, _ in statuses}) < len(challenge_ids):
             # A challenge without phases now (deleted): its accounts are unknown.
-            self._forget_without_phase()
-            for part in self._parts.values():
-                self._drop_ended(part.engine)
+            self._check_every_phase()
             return
         for _challenge, account_id, status in statuses:
             if account_id is None:

@@ -32,14 +32,14 @@ the whole table and :class:`ChallengeListener` always answers None.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Final
 
 import polars as pl
 import psycopg
 
-from prop_stream.store.db import Connection, bulk_frame, is_postgres
+from prop_stream.dburl import is_url
+from prop_stream.store.db import Connection, bulk_frame, is_postgres, transaction
 from prop_stream.store.pg import PgConnection, connect_url
 
 logger = logging.getLogger(__name__)
@@ -152,18 +152,6 @@ def record_metric_changes(conn: Connection, *, stream: str, table: str) -> None:
         conn.execute(_PRUNE, [stream, seq])
 
 
-@contextmanager
-def _snapshot(conn: Connection) -> Iterator[None]:
-    """One read-only snapshot for a block of statements (PostgreSQL)."""
-    conn.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _literal(text: str) -> str:
     """A SQL string literal (standard-conforming strings: quotes doubled)."""
     return "'" + text.replace("'", "''") + "'"
@@ -203,7 +191,7 @@ class MetricFeed:
         if not is_postgres(conn):
             self.whole_reads += 1
             return bulk_frame(conn, "SELECT * FROM metrics_latest"), True
-        with _snapshot(conn):
+        with transaction(conn, snapshot=True):
             heads = {
                 str(stream): (int(head), None if oldest is None else int(oldest))
                 for stream, head, oldest in conn.execute(_HEADS).fetchall()
@@ -274,7 +262,7 @@ class ChallengeListener:
     """
 
     def __init__(self, url: str) -> None:
-        self._url = url if url.startswith(("postgresql://", "postgres://")) else None
+        self._url = url if is_url(url) else None
         self._conn: PgConnection | None = None
 
     @classmethod
@@ -291,8 +279,15 @@ class ChallengeListener:
         """Listen from now on; call it before reading what it keeps current."""
         if self._url is None or self._conn is not None:
             return
-        self._conn = connect_url(self._url)
-        self._conn.execute(f"LISTEN {CHALLENGE_CHANNEL}")
+        conn = connect_url(self._url)
+        try:
+            conn.execute(f"LISTEN {CHALLENGE_CHANNEL}")
+        except BaseException:
+            # Kept only once listening: a session without LISTEN would answer
+            # "nothing changed" for ever.
+            conn.close()
+            raise
+        self._conn = conn
 
     def drain(self) -> set[int] | None:
         """The challenges changed since the last call, without waiting.
@@ -312,10 +307,8 @@ class ChallengeListener:
         except psycopg.Error as exc:
             logger.warning("change listener lost its session (%s): reading all", exc)
             self.close()
-            try:
-                self.start()
-            except psycopg.Error:
-                self._conn = None
+            with suppress(psycopg.Error):
+                self.start()  # else the next drain tries again
             return None
         return {int(p) for p in payloads}
 

@@ -119,16 +119,23 @@ def cursor(conn: Connection) -> Connection:
 
 
 @contextmanager
-def transaction(conn: Connection) -> Iterator[Connection]:
+def transaction(conn: Connection, *, snapshot: bool = False) -> Iterator[Connection]:
     """Run a block in one transaction: commit at the end, roll back on error.
 
     Args:
         conn: The connection (or cursor) to use; it must not be in a transaction.
+        snapshot: A read-only block whose statements all see one snapshot
+            (PostgreSQL's ``REPEATABLE READ READ ONLY``; a DuckDB transaction
+            always reads one snapshot).
 
     Yields:
         The same connection.
     """
-    conn.execute("BEGIN TRANSACTION")
+    conn.execute(
+        "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        if snapshot and is_postgres(conn)
+        else "BEGIN TRANSACTION"
+    )
     try:
         yield conn
     except BaseException:
